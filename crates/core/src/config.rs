@@ -1,0 +1,144 @@
+//! Sampling and stopping settings for one inference request.
+
+use serde::{Deserialize, Serialize};
+
+/// How one `Infer` request samples tokens and when it stops.
+///
+/// Missing fields take their default when deserialising, so `{}` or
+/// `{"temperature": 0}` are complete configurations.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct InferenceConfig {
+    /// Softmax temperature. `0.0` means greedy decoding: always the most
+    /// likely token, fully deterministic. Default `0.7`.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability
+    /// adds up to `top_p`. `1.0` disables it. Default `0.9`.
+    pub top_p: f32,
+    /// Keep only the `top_k` most likely tokens. `0` disables it. Default `40`.
+    pub top_k: u32,
+    /// Drop tokens less likely than `min_p` times the most likely one.
+    /// `0.0` disables it. Default `0.05`.
+    pub min_p: f32,
+    /// Penalty applied to tokens already present in the recent context
+    /// (the last 64 tokens). `1.0` disables it. Default `1.1`.
+    pub repetition_penalty: f32,
+    /// Upper bound on generated tokens. `None` generates until the model
+    /// ends its answer or the context window is full. Default `None`.
+    pub max_tokens: Option<usize>,
+    /// Seed of the random sampler. With the same seed, prompt, model and
+    /// settings the output is reproduced exactly. `None` picks a fresh seed
+    /// for every request. Default `None`.
+    pub seed: Option<u32>,
+    /// Generation ends as soon as the output contains one of these strings;
+    /// the stop string itself is not emitted. Default: none.
+    pub stop: Vec<String>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 40,
+            min_p: 0.05,
+            repetition_penalty: 1.1,
+            max_tokens: None,
+            seed: None,
+            stop: Vec::new(),
+        }
+    }
+}
+
+impl InferenceConfig {
+    /// Greedy decoding: temperature `0`, every other filter off. The same
+    /// prompt always yields the same text.
+    pub fn greedy() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            ..Self::default()
+        }
+    }
+
+    /// Sets [`max_tokens`](Self::max_tokens).
+    pub fn with_max_tokens(mut self, max_tokens: usize) -> Self {
+        self.max_tokens = Some(max_tokens);
+        self
+    }
+
+    /// Sets [`seed`](Self::seed).
+    pub fn with_seed(mut self, seed: u32) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Sets [`temperature`](Self::temperature).
+    pub fn with_temperature(mut self, temperature: f32) -> Self {
+        self.temperature = temperature;
+        self
+    }
+
+    /// Adds a stop sequence.
+    pub fn with_stop(mut self, stop: impl Into<String>) -> Self {
+        self.stop.push(stop.into());
+        self
+    }
+
+    /// Checks that every value is in range, naming the first one that is not.
+    pub fn validate(&self) -> Result<(), crate::GeniusError> {
+        let bad = |field: &'static str, reason: &str| {
+            Err(crate::GeniusError::InvalidConfig {
+                field,
+                reason: reason.to_owned(),
+            })
+        };
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad("temperature", "must be a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", "must be in [0, 1]");
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad("repetition_penalty", "must be a finite number > 0");
+        }
+        if self.max_tokens == Some(0) {
+            return bad("max_tokens", "must be at least 1 (use None for no limit)");
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return bad("stop", "stop sequences must not be empty");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_fields_take_defaults() {
+        let config: InferenceConfig = serde_json::from_str(r#"{"temperature": 0}"#).unwrap();
+        assert_eq!(config.temperature, 0.0);
+        assert_eq!(config.top_k, InferenceConfig::default().top_k);
+        assert_eq!(config.max_tokens, None);
+    }
+
+    #[test]
+    fn validate_names_the_bad_field() {
+        let config = InferenceConfig {
+            top_p: 0.0,
+            ..InferenceConfig::default()
+        };
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("top_p"), "{err}");
+        assert!(InferenceConfig::default().validate().is_ok());
+        assert!(InferenceConfig::greedy().validate().is_ok());
+    }
+}

@@ -1,0 +1,17 @@
+//! The shared vocabulary of rusty-genius.
+//!
+//! Every other crate of the workspace speaks in these types: the messages an
+//! application exchanges with the Orchestrator ([`protocol`]), the sampling
+//! settings of one request ([`InferenceConfig`]), the description of a model
+//! ([`manifest`]) and the error type ([`GeniusError`]).
+//!
+//! This crate performs no I/O and links nothing native, so it can be used to
+//! talk to an Orchestrator from any process (all messages are serde types).
+
+mod config;
+mod error;
+pub mod manifest;
+pub mod protocol;
+
+pub use config::InferenceConfig;
+pub use error::{GeniusError, Result};

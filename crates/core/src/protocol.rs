@@ -1,0 +1,181 @@
+//! Messages exchanged between an application and the Orchestrator.
+//!
+//! The application sends [`BrainstemInput`]s and receives a stream of
+//! [`BrainstemOutput`]s. Requests are handled one at a time, in the order
+//! they were sent; outputs of one request never interleave with another's.
+
+use serde::{Deserialize, Serialize};
+
+use crate::InferenceConfig;
+
+/// A request to the Orchestrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum BrainstemInput {
+    /// Load a model: a path to a `.gguf` file, a registry name or a
+    /// HuggingFace id (resolved and fetched by facecrab).
+    LoadModel(String),
+    /// Complete `prompt` with the loaded model. If the model was hibernated
+    /// it is loaded again first.
+    Infer {
+        /// The text to complete, passed to the model as is.
+        prompt: String,
+        /// Sampling and stopping settings.
+        config: InferenceConfig,
+    },
+    /// End the generation in progress early. Its output still ends with
+    /// [`InferenceEvent::Usage`] and [`InferenceEvent::Complete`]. Requests
+    /// queued behind it are kept. Without a generation, does nothing.
+    Stop,
+    /// Unload the model and end the Orchestrator's loop. Closing the input
+    /// channel does the same.
+    Shutdown,
+}
+
+/// Something the Orchestrator reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum BrainstemOutput {
+    /// Progress of an inference.
+    Event(InferenceEvent),
+    /// Progress of resolving or downloading a model.
+    Asset(AssetEvent),
+    /// A request failed; the message says why and what to do. The
+    /// Orchestrator keeps running.
+    Error(String),
+    /// The engine changed state (loaded, hibernated, ...).
+    Status(EngineStatus),
+}
+
+/// The stream of one inference, from `ProcessStart` to `Complete`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum InferenceEvent {
+    /// The request was accepted and the prompt is being processed.
+    ProcessStart,
+    /// Reasoning the model wrapped in `<think>...</think>`.
+    Thought(ThoughtEvent),
+    /// A piece of the answer. Pieces are valid UTF-8 and concatenate to
+    /// the whole answer.
+    Content(String),
+    /// Token counts and timings of the request; sent just before `Complete`.
+    Usage(Usage),
+    /// The answer is finished.
+    Complete,
+}
+
+/// Reasoning output, wrapped by the model in `<think>` tags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ThoughtEvent {
+    /// `<think>` was seen.
+    Start,
+    /// A piece of reasoning text.
+    Delta(String),
+    /// `</think>` was seen (or the output ended inside a thought).
+    Stop,
+}
+
+/// Progress of making a model available locally.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum AssetEvent {
+    /// Work on the named model began.
+    Started(String),
+    /// Bytes downloaded so far, and the total (0 when unknown).
+    Progress(u64, u64),
+    /// The model is ready at this local path.
+    Complete(String),
+    /// Resolving or downloading failed.
+    Error(String),
+}
+
+/// A change of the engine's lifecycle state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum EngineStatus {
+    /// Loading the model with this name (as requested) into memory.
+    Loading(String),
+    /// The model is loaded and ready.
+    Loaded(String),
+    /// The model was unloaded after the idle time of the `CortexStrategy`;
+    /// the next `Infer` loads it again.
+    Hibernated(String),
+    /// No model is loaded.
+    Unloaded,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    EndOfGeneration,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The output reached one of the stop sequences.
+    StopSequence,
+    /// The context window is full.
+    ContextFull,
+    /// `Stop` was sent or the output receiver was dropped.
+    Cancelled,
+}
+
+/// Token counts and timings of one inference.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose state was already in the cache and so were not
+    /// decoded again.
+    pub cached_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Time spent decoding the uncached part of the prompt, in milliseconds.
+    pub prompt_ms: f64,
+    /// Time spent generating, in milliseconds.
+    pub generation_ms: f64,
+    /// Why generation ended.
+    pub finish_reason: FinishReason,
+}
+
+impl Usage {
+    /// Generated tokens per second (0 when nothing was generated).
+    pub fn generation_tokens_per_second(&self) -> f64 {
+        if self.generation_ms > 0.0 {
+            self.generated_tokens as f64 * 1000.0 / self.generation_ms
+        } else {
+            0.0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_through_json() {
+        let inputs = [
+            BrainstemInput::LoadModel("org/repo:Q4_K_M".into()),
+            BrainstemInput::Infer {
+                prompt: "hi".into(),
+                config: InferenceConfig::greedy().with_stop("\n"),
+            },
+            BrainstemInput::Stop,
+        ];
+        for input in inputs {
+            let json = serde_json::to_string(&input).unwrap();
+            assert_eq!(
+                serde_json::from_str::<BrainstemInput>(&json).unwrap(),
+                input
+            );
+        }
+        let output =
+            BrainstemOutput::Event(InferenceEvent::Thought(ThoughtEvent::Delta("x".into())));
+        let json = serde_json::to_string(&output).unwrap();
+        assert_eq!(
+            serde_json::from_str::<BrainstemOutput>(&json).unwrap(),
+            output
+        );
+    }
+}

@@ -1,0 +1,39 @@
+//! Inference engines for rusty-genius.
+//!
+//! An [`Engine`] loads one model and completes prompts, writing token bytes
+//! to an [`Output`], which turns them into protocol events (valid UTF-8,
+//! `<think>` tags as thought events, stop sequences applied). Engines block,
+//! so they always run on an [`EngineThread`] that owns them: llama.cpp never
+//! runs on an async executor, and its KV cache lives across requests.
+//!
+//! Two engines ship: [`LlamaEngine`] on llama.cpp (feature `llama`, on by
+//! default) and [`Pinky`], a deterministic stub for tests that is always
+//! compiled.
+
+mod engine;
+#[cfg(feature = "llama")]
+mod llama;
+mod pinky;
+pub mod text;
+mod thread;
+
+pub use engine::{check_gguf, Engine, Output};
+#[cfg(feature = "llama")]
+pub use llama::{LlamaEngine, LlamaOptions};
+pub use pinky::Pinky;
+pub use thread::{CancelToken, EngineFactory, EngineReport, EngineThread};
+
+/// The engine used when none is chosen: llama.cpp with options from the
+/// environment, or Pinky in builds without the `llama` feature.
+pub fn default_engine_factory() -> EngineFactory {
+    #[cfg(feature = "llama")]
+    {
+        std::sync::Arc::new(|| {
+            Ok(Box::new(LlamaEngine::new(LlamaOptions::from_env())?) as Box<dyn Engine>)
+        })
+    }
+    #[cfg(not(feature = "llama"))]
+    {
+        std::sync::Arc::new(|| Ok(Box::new(Pinky::new()) as Box<dyn Engine>))
+    }
+}

@@ -1,0 +1,424 @@
+//! The llama.cpp engine, on the `llama-cpp-2` bindings.
+
+use std::ffi::{c_char, c_void, CStr};
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::protocol::{FinishReason, Usage};
+use rusty_genius_core::{GeniusError, InferenceConfig};
+
+use crate::engine::{check_gguf, millis_since, Engine, Output};
+
+/// How many recent tokens the repetition penalty looks at.
+const PENALTY_WINDOW: usize = 64;
+
+/// Settings of the llama.cpp engine that hold for every request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LlamaOptions {
+    /// Context window in tokens; capped at what the model was trained for.
+    /// Default 4096 (`GENIUS_CONTEXT_SIZE`).
+    pub context_size: u32,
+    /// Threads for generation and prompt processing. Default: the
+    /// machine's available parallelism (`GENIUS_THREADS`).
+    pub threads: usize,
+    /// Tokens decoded per batch while processing a prompt. Default 512
+    /// (`GENIUS_BATCH_SIZE`).
+    pub batch_size: u32,
+    /// Layers to offload to the GPU in GPU builds; `None` keeps llama.cpp's
+    /// default (all of them when a GPU backend is compiled in).
+    /// `GENIUS_GPU_LAYERS`.
+    pub gpu_layers: Option<u32>,
+}
+
+impl Default for LlamaOptions {
+    fn default() -> Self {
+        Self {
+            context_size: 4096,
+            threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            batch_size: 512,
+            gpu_layers: None,
+        }
+    }
+}
+
+impl LlamaOptions {
+    /// The defaults, overridden by the `GENIUS_*` environment variables
+    /// named on each field. Unparsable values are ignored with a warning.
+    pub fn from_env() -> Self {
+        fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
+            let value = std::env::var(name).ok()?;
+            let parsed = value.trim().parse().ok();
+            if parsed.is_none() {
+                log::warn!("ignoring {name}={value:?}: not a number");
+            }
+            parsed
+        }
+        let defaults = Self::default();
+        Self {
+            context_size: var("GENIUS_CONTEXT_SIZE")
+                .filter(|&n| n > 0)
+                .unwrap_or(defaults.context_size),
+            threads: var("GENIUS_THREADS")
+                .filter(|&n| n > 0)
+                .unwrap_or(defaults.threads),
+            batch_size: var("GENIUS_BATCH_SIZE")
+                .filter(|&n| n > 0)
+                .unwrap_or(defaults.batch_size),
+            gpu_layers: var("GENIUS_GPU_LAYERS").or(defaults.gpu_layers),
+        }
+    }
+}
+
+/// The process-wide llama.cpp backend, initialised on first use.
+fn backend() -> Result<&'static LlamaBackend, GeniusError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            // SAFETY: `forward_log` is a plain function that only reads the
+            // NUL-terminated string llama.cpp passes it.
+            unsafe { llama_cpp_sys_2::llama_log_set(Some(forward_log), std::ptr::null_mut()) };
+            LlamaBackend::init().map_err(|err| format!("cannot initialise llama.cpp: {err}"))
+        })
+        .as_ref()
+        .map_err(|err| GeniusError::Engine(err.clone()))
+}
+
+/// Sends llama.cpp's own log lines to the `log` facade (target `llama.cpp`).
+unsafe extern "C" fn forward_log(
+    level: llama_cpp_sys_2::ggml_log_level,
+    text: *const c_char,
+    _: *mut c_void,
+) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: llama.cpp passes a valid NUL-terminated string for the call.
+    let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+    let text = text.trim_end();
+    if text.is_empty() {
+        return;
+    }
+    let level = match level {
+        llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR => log::Level::Error,
+        llama_cpp_sys_2::GGML_LOG_LEVEL_WARN => log::Level::Warn,
+        llama_cpp_sys_2::GGML_LOG_LEVEL_INFO => log::Level::Debug,
+        _ => log::Level::Trace,
+    };
+    log::log!(target: "llama.cpp", level, "{text}");
+}
+
+/// A loaded model, its context and the tokens whose state the context holds.
+///
+/// `LlamaContext` borrows the model, so the model is kept behind a raw
+/// pointer from `Box::into_raw` and freed only after the context is gone.
+struct Loaded {
+    name: String,
+    /// Invariant: dropped before `model` is freed (see `Drop`).
+    context: std::mem::ManuallyDrop<LlamaContext<'static>>,
+    model: std::ptr::NonNull<LlamaModel>,
+    batch: LlamaBatch<'static>,
+    /// Tokens whose keys and values sit in the KV cache, in position order.
+    cached: Vec<LlamaToken>,
+}
+
+impl Loaded {
+    fn new(name: &str, model: LlamaModel, options: &LlamaOptions) -> Result<Self, GeniusError> {
+        let backend = backend()?;
+        let model = std::ptr::NonNull::from(Box::leak(Box::new(model)));
+        // SAFETY: the model lives until `Drop` frees it, which happens after
+        // the context borrowing it is dropped; the pointee never moves.
+        let model_ref: &'static LlamaModel = unsafe { model.as_ref() };
+        let n_ctx = options.context_size.min(model_ref.n_ctx_train().max(1));
+        let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx))
+            .with_n_batch(options.batch_size)
+            .with_n_ubatch(options.batch_size)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            // Keep the full attention window of sliding-window models (such
+            // as Gemma 3) so that a cached prefix can always be reused.
+            .with_swa_full(true);
+        let context = match model_ref.new_context(backend, params) {
+            Ok(context) => context,
+            Err(err) => {
+                // SAFETY: no context was created, nothing borrows the model.
+                drop(unsafe { Box::from_raw(model.as_ptr()) });
+                return Err(GeniusError::Engine(format!(
+                    "cannot create a context of {n_ctx} tokens: {err} (try a smaller GENIUS_CONTEXT_SIZE)"
+                )));
+            }
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            context: std::mem::ManuallyDrop::new(context),
+            model,
+            batch: LlamaBatch::new(options.batch_size as usize, 1),
+            cached: Vec::new(),
+        })
+    }
+
+    fn model(&self) -> &LlamaModel {
+        // SAFETY: see `new`; the model outlives `self`.
+        unsafe { self.model.as_ref() }
+    }
+
+    /// Forgets the KV cache, e.g. after a failed decode.
+    fn reset(&mut self) {
+        self.context.clear_kv_cache();
+        self.cached.clear();
+    }
+
+    /// Brings the KV cache to hold exactly `tokens`, decoding only what
+    /// follows the longest prefix it already holds. Returns how many
+    /// tokens were reused; logits of the last token are ready afterwards.
+    fn feed_prompt(
+        &mut self,
+        tokens: &[LlamaToken],
+        output: &mut Output<'_>,
+    ) -> Result<Option<usize>, GeniusError> {
+        let mut reuse = self
+            .cached
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        // The last prompt token is always decoded again: its logits are
+        // what the first generated token is sampled from.
+        reuse = reuse.min(tokens.len() - 1);
+        if reuse < self.cached.len() {
+            let removed = self
+                .context
+                .clear_kv_cache_seq(Some(0), Some(reuse as u32), None);
+            if !matches!(removed, Ok(true)) {
+                log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
+                self.reset();
+                reuse = 0;
+            }
+            self.cached.truncate(reuse);
+        }
+        let chunk_size = self.context.n_batch().max(1) as usize;
+        for chunk in tokens[reuse..].chunks(chunk_size) {
+            if output.check_cancelled().is_some() {
+                return Ok(None);
+            }
+            self.batch.clear();
+            for &token in chunk {
+                let position = self.cached.len() as i32;
+                let last = position as usize + 1 == tokens.len();
+                self.batch
+                    .add(token, position, &[0], last)
+                    .map_err(|err| GeniusError::Engine(err.to_string()))?;
+                self.cached.push(token);
+            }
+            if let Err(err) = self.context.decode(&mut self.batch) {
+                self.reset();
+                return Err(GeniusError::Engine(format!(
+                    "decoding the prompt failed: {err}"
+                )));
+            }
+        }
+        Ok(Some(reuse))
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        // SAFETY: the context is dropped exactly once, here, before the
+        // model it borrows; then the model is freed from its original box.
+        unsafe {
+            std::mem::ManuallyDrop::drop(&mut self.context);
+            drop(Box::from_raw(self.model.as_ptr()));
+        }
+    }
+}
+
+/// The llama.cpp [`Engine`].
+///
+/// Keeps one model and one context; the context's KV cache survives between
+/// requests, so a prompt that extends the previous prompt (and answer) only
+/// decodes the new tokens. Create it on the thread that will use it (the
+/// [`EngineThread`](crate::EngineThread) does this).
+pub struct LlamaEngine {
+    options: LlamaOptions,
+    loaded: Option<Loaded>,
+}
+
+impl LlamaEngine {
+    /// Creates an engine; nothing is loaded yet.
+    pub fn new(options: LlamaOptions) -> Result<Self, GeniusError> {
+        backend()?;
+        Ok(Self {
+            options,
+            loaded: None,
+        })
+    }
+
+    /// The options this engine was created with.
+    pub fn options(&self) -> &LlamaOptions {
+        &self.options
+    }
+}
+
+impl Engine for LlamaEngine {
+    fn load(&mut self, name: &str, path: &Path) -> Result<ModelInfo, GeniusError> {
+        check_gguf(path)?;
+        // Free the old model first: two models may not fit in memory.
+        self.loaded = None;
+        let mut params = LlamaModelParams::default();
+        if let Some(layers) = self.options.gpu_layers {
+            params = params.with_n_gpu_layers(layers);
+        }
+        let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|err| {
+            GeniusError::InvalidModelFile {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "llama.cpp could not load it ({err}); set RUST_LOG=llama.cpp=debug for details"
+                ),
+            }
+        })?;
+        let loaded = Loaded::new(name, model, &self.options)?;
+        let info = ModelInfo {
+            name: loaded.name.clone(),
+            context_size: loaded.context.n_ctx() as usize,
+            vocab_size: loaded.model().n_vocab().max(0) as usize,
+        };
+        log::info!(
+            "loaded {} from {} (context {} tokens, {} threads)",
+            info.name,
+            path.display(),
+            info.context_size,
+            self.options.threads
+        );
+        self.loaded = Some(loaded);
+        Ok(info)
+    }
+
+    fn unload(&mut self) {
+        if let Some(loaded) = self.loaded.take() {
+            log::info!("unloaded {}", loaded.name);
+        }
+    }
+
+    fn infer(
+        &mut self,
+        prompt: &str,
+        config: &InferenceConfig,
+        output: &mut Output<'_>,
+    ) -> Result<Usage, GeniusError> {
+        let loaded = self.loaded.as_mut().ok_or(GeniusError::NoModelLoaded)?;
+        let tokens = loaded
+            .model()
+            .vocab()
+            .tokenize(prompt.as_bytes(), true, true);
+        if tokens.is_empty() {
+            return Err(GeniusError::EmptyPrompt);
+        }
+        let n_ctx = loaded.context.n_ctx() as usize;
+        if tokens.len() >= n_ctx {
+            return Err(GeniusError::PromptTooLong {
+                tokens: tokens.len(),
+                context: n_ctx,
+            });
+        }
+
+        let prompt_started = Instant::now();
+        let fed = loaded.feed_prompt(&tokens, output)?;
+        let prompt_ms = millis_since(prompt_started);
+        let mut usage = Usage {
+            prompt_tokens: tokens.len(),
+            cached_tokens: fed.unwrap_or(0),
+            generated_tokens: 0,
+            prompt_ms,
+            generation_ms: 0.0,
+            finish_reason: FinishReason::Cancelled,
+        };
+        if fed.is_none() {
+            return Ok(usage);
+        }
+
+        let mut sampler = sampler_for(config, loaded.model().n_vocab());
+        sampler.accept_many(&tokens[tokens.len().saturating_sub(PENALTY_WINDOW)..]);
+        let generation_started = Instant::now();
+        let mut logits_index = loaded.batch.n_tokens() - 1;
+        let mut piece = Vec::with_capacity(32);
+        usage.finish_reason = loop {
+            if config
+                .max_tokens
+                .is_some_and(|max| usage.generated_tokens >= max)
+            {
+                break FinishReason::MaxTokens;
+            }
+            if loaded.cached.len() >= n_ctx {
+                break FinishReason::ContextFull;
+            }
+            let token = sampler.sample(&loaded.context, logits_index);
+            let vocab = loaded.model().vocab();
+            if vocab.is_eog(token) {
+                break FinishReason::EndOfGeneration;
+            }
+            usage.generated_tokens += 1;
+            piece.clear();
+            vocab.token_to_piece_into(token, &mut piece, false, None);
+            if let Some(reason) = output.push(&piece) {
+                break reason;
+            }
+            loaded.batch.clear();
+            let position = loaded.cached.len() as i32;
+            loaded
+                .batch
+                .add(token, position, &[0], true)
+                .map_err(|err| GeniusError::Engine(err.to_string()))?;
+            if let Err(err) = loaded.context.decode(&mut loaded.batch) {
+                loaded.reset();
+                return Err(GeniusError::Engine(format!("decoding failed: {err}")));
+            }
+            loaded.cached.push(token);
+            logits_index = 0;
+        };
+        usage.generation_ms = millis_since(generation_started);
+        Ok(usage)
+    }
+}
+
+/// Builds llama.cpp's sampler chain for `config`.
+fn sampler_for(config: &InferenceConfig, n_vocab: i32) -> LlamaSampler {
+    let mut chain = Vec::with_capacity(6);
+    if config.repetition_penalty != 1.0 {
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            PENALTY_WINDOW as i32,
+            config.repetition_penalty,
+            0.0,
+            0.0,
+        ));
+    }
+    if config.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if config.top_k > 0 {
+            chain.push(LlamaSampler::top_k(config.top_k.min(i32::MAX as u32) as i32));
+        }
+        if config.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(config.top_p, 1));
+        }
+        if config.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(config.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(config.temperature));
+        // llama.cpp draws a random seed for LLAMA_DEFAULT_SEED (u32::MAX).
+        chain.push(LlamaSampler::dist(config.seed.unwrap_or(u32::MAX)));
+    }
+    LlamaSampler::chain_simple(chain)
+}

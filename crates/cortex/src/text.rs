@@ -1,0 +1,399 @@
+//! Turning a stream of token bytes into protocol events.
+//!
+//! Engines produce tokens as raw bytes; a character may be split across
+//! tokens, and a tag or stop sequence across several. The three stages here
+//! each hold back just enough text to decide, so what reaches the user is
+//! valid UTF-8, contains no stop sequence, and has `<think>` tags turned into
+//! [`ThoughtEvent`]s, however the model split its output.
+
+use rusty_genius_core::protocol::{InferenceEvent, ThoughtEvent};
+
+/// Reassembles UTF-8 text from byte pieces that may split characters.
+///
+/// Invalid sequences become U+FFFD, as in [`String::from_utf8_lossy`].
+#[derive(Debug, Default)]
+pub struct Utf8Decoder {
+    pending: Vec<u8>,
+}
+
+impl Utf8Decoder {
+    /// Creates an empty decoder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `bytes` and appends every complete character to `out`.
+    pub fn push(&mut self, bytes: &[u8], out: &mut String) {
+        self.pending.extend_from_slice(bytes);
+        let mut start = 0;
+        loop {
+            match std::str::from_utf8(&self.pending[start..]) {
+                Ok(text) => {
+                    out.push_str(text);
+                    start = self.pending.len();
+                    break;
+                }
+                Err(err) => {
+                    let valid = start + err.valid_up_to();
+                    // The prefix up to `valid` was just checked by from_utf8.
+                    out.push_str(
+                        std::str::from_utf8(&self.pending[start..valid]).unwrap_or_default(),
+                    );
+                    match err.error_len() {
+                        Some(bad) => {
+                            out.push(char::REPLACEMENT_CHARACTER);
+                            start = valid + bad;
+                        }
+                        // An incomplete character at the end: wait for more.
+                        None => {
+                            start = valid;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.pending.drain(..start);
+    }
+
+    /// Ends the stream: an incomplete trailing character becomes U+FFFD.
+    pub fn finish(&mut self, out: &mut String) {
+        if !self.pending.is_empty() {
+            self.pending.clear();
+            out.push(char::REPLACEMENT_CHARACTER);
+        }
+    }
+}
+
+/// The length of the longest suffix of `text` that is a proper prefix of
+/// `pattern`, cut at a character boundary.
+fn partial_suffix(text: &str, pattern: &str) -> usize {
+    let max = pattern.len().saturating_sub(1).min(text.len());
+    (1..=max)
+        .rev()
+        .find(|&n| {
+            text.is_char_boundary(text.len() - n) && pattern.starts_with(&text[text.len() - n..])
+        })
+        .unwrap_or(0)
+}
+
+/// Finds stop sequences in streamed text, holding back what might be the
+/// start of one.
+#[derive(Debug, Default)]
+pub struct StopScanner {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopScanner {
+    /// Creates a scanner for these stop sequences (empty ones are ignored).
+    pub fn new(stops: &[String]) -> Self {
+        Self {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+        }
+    }
+
+    /// Adds `text`; appends what is certainly not part of a stop sequence
+    /// to `out`. Returns `true` when a stop sequence was found: the text
+    /// before it is in `out`, and it and everything after are dropped.
+    pub fn push(&mut self, text: &str, out: &mut String) -> bool {
+        if self.stops.is_empty() {
+            out.push_str(text);
+            return false;
+        }
+        self.held.push_str(text);
+        let first = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min();
+        if let Some(at) = first {
+            out.push_str(&self.held[..at]);
+            self.held.clear();
+            return true;
+        }
+        let keep = self
+            .stops
+            .iter()
+            .map(|s| partial_suffix(&self.held, s))
+            .max()
+            .unwrap_or(0);
+        let emit = self.held.len() - keep;
+        out.push_str(&self.held[..emit]);
+        self.held.drain(..emit);
+        false
+    }
+
+    /// Ends the stream, releasing held text.
+    pub fn finish(&mut self, out: &mut String) {
+        out.push_str(&self.held);
+        self.held.clear();
+    }
+}
+
+const THINK_OPEN: &str = "<think>";
+const THINK_CLOSE: &str = "</think>";
+
+/// Splits text into answer content and `<think>` reasoning.
+#[derive(Debug, Default)]
+pub struct ThinkParser {
+    in_thought: bool,
+    held: String,
+}
+
+impl ThinkParser {
+    /// Creates a parser that starts outside a thought.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `text` and appends the events it completes to `events`.
+    pub fn push(&mut self, text: &str, events: &mut Vec<InferenceEvent>) {
+        self.held.push_str(text);
+        loop {
+            let tag = if self.in_thought {
+                THINK_CLOSE
+            } else {
+                THINK_OPEN
+            };
+            match self.held.find(tag) {
+                Some(at) => {
+                    let before: String = self.held.drain(..at + tag.len()).take(at).collect();
+                    self.emit_text(before, events);
+                    self.in_thought = !self.in_thought;
+                    events.push(InferenceEvent::Thought(if self.in_thought {
+                        ThoughtEvent::Start
+                    } else {
+                        ThoughtEvent::Stop
+                    }));
+                }
+                None => {
+                    let keep = partial_suffix(&self.held, tag);
+                    let ready: String = self.held.drain(..self.held.len() - keep).collect();
+                    self.emit_text(ready, events);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Ends the stream: held text is released and an open thought closed.
+    pub fn finish(&mut self, events: &mut Vec<InferenceEvent>) {
+        let rest = std::mem::take(&mut self.held);
+        self.emit_text(rest, events);
+        if self.in_thought {
+            self.in_thought = false;
+            events.push(InferenceEvent::Thought(ThoughtEvent::Stop));
+        }
+    }
+
+    fn emit_text(&self, text: String, events: &mut Vec<InferenceEvent>) {
+        if text.is_empty() {
+            return;
+        }
+        events.push(if self.in_thought {
+            InferenceEvent::Thought(ThoughtEvent::Delta(text))
+        } else {
+            InferenceEvent::Content(text)
+        });
+    }
+}
+
+/// The whole pipeline: bytes in, events out, stop sequences detected.
+#[derive(Debug)]
+pub(crate) struct TextPipeline {
+    utf8: Utf8Decoder,
+    stops: StopScanner,
+    think: ThinkParser,
+    scratch: String,
+    visible: String,
+}
+
+impl TextPipeline {
+    pub(crate) fn new(stops: &[String]) -> Self {
+        Self {
+            utf8: Utf8Decoder::new(),
+            stops: StopScanner::new(stops),
+            think: ThinkParser::new(),
+            scratch: String::new(),
+            visible: String::new(),
+        }
+    }
+
+    /// Feeds one token's bytes; returns `true` if a stop sequence ended the
+    /// output.
+    pub(crate) fn push(&mut self, bytes: &[u8], events: &mut Vec<InferenceEvent>) -> bool {
+        self.scratch.clear();
+        self.utf8.push(bytes, &mut self.scratch);
+        self.visible.clear();
+        let stopped = self.stops.push(&self.scratch, &mut self.visible);
+        self.think.push(&self.visible, events);
+        stopped
+    }
+
+    /// Flushes everything held back. `stopped` says whether a stop sequence
+    /// ended the output (then held text belonged to it and is dropped).
+    pub(crate) fn finish(&mut self, stopped: bool, events: &mut Vec<InferenceEvent>) {
+        self.visible.clear();
+        if !stopped {
+            self.scratch.clear();
+            self.utf8.finish(&mut self.scratch);
+            self.stops.push(&self.scratch, &mut self.visible);
+            self.stops.finish(&mut self.visible);
+        }
+        self.think.push(&self.visible, events);
+        self.think.finish(events);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(pieces: &[&[u8]]) -> Vec<String> {
+        let mut decoder = Utf8Decoder::new();
+        let mut out = Vec::new();
+        for piece in pieces {
+            let mut text = String::new();
+            decoder.push(piece, &mut text);
+            out.push(text);
+        }
+        let mut tail = String::new();
+        decoder.finish(&mut tail);
+        out.push(tail);
+        out
+    }
+
+    #[test]
+    fn characters_split_across_pieces_are_joined() {
+        let bytes = "Zoë 東京 🦀".as_bytes();
+        // Every split of the byte string into two pieces.
+        for cut in 0..=bytes.len() {
+            let parts = decode(&[&bytes[..cut], &bytes[cut..]]);
+            assert_eq!(parts.concat(), "Zoë 東京 🦀", "cut at {cut}");
+        }
+        // One byte at a time: nothing is emitted until a character completes.
+        let crab = "🦀".as_bytes();
+        let parts = decode(&[&crab[..1], &crab[1..2], &crab[2..3], &crab[3..]]);
+        assert_eq!(parts, ["", "", "", "🦀", ""]);
+    }
+
+    #[test]
+    fn invalid_bytes_become_replacement_characters() {
+        assert_eq!(decode(&[b"a\xffb"]).concat(), "a\u{fffd}b");
+        // A character cut off by the end of the stream.
+        assert_eq!(decode(&[&"é".as_bytes()[..1]]).concat(), "\u{fffd}");
+    }
+
+    fn think(pieces: &[&str]) -> Vec<InferenceEvent> {
+        let mut parser = ThinkParser::new();
+        let mut events = Vec::new();
+        for piece in pieces {
+            parser.push(piece, &mut events);
+        }
+        parser.finish(&mut events);
+        events
+    }
+
+    /// Merges adjacent text events so that results do not depend on how
+    /// the parser chose to chunk its output.
+    fn merged(events: Vec<InferenceEvent>) -> Vec<InferenceEvent> {
+        let mut out: Vec<InferenceEvent> = Vec::new();
+        for event in events {
+            match (out.last_mut(), event) {
+                (Some(InferenceEvent::Content(a)), InferenceEvent::Content(b)) => a.push_str(&b),
+                (
+                    Some(InferenceEvent::Thought(ThoughtEvent::Delta(a))),
+                    InferenceEvent::Thought(ThoughtEvent::Delta(b)),
+                ) => a.push_str(&b),
+                (_, event) => out.push(event),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn think_tags_split_anywhere_become_thought_events() {
+        use InferenceEvent::{Content, Thought};
+        let text = "<think>plan it</think>Answer <b>bold</b>";
+        let expected = vec![
+            Thought(ThoughtEvent::Start),
+            Thought(ThoughtEvent::Delta("plan it".into())),
+            Thought(ThoughtEvent::Stop),
+            Content("Answer <b>bold</b>".into()),
+        ];
+        for a in 0..=text.len() {
+            for b in a..=text.len() {
+                let events = think(&[&text[..a], &text[a..b], &text[b..]]);
+                assert_eq!(merged(events), expected, "cuts at {a} and {b}");
+            }
+        }
+        // One character per piece.
+        let pieces: Vec<String> = text.chars().map(String::from).collect();
+        let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
+        assert_eq!(merged(think(&pieces)), expected);
+    }
+
+    #[test]
+    fn unterminated_thought_is_closed_and_lone_angle_is_content() {
+        use InferenceEvent::{Content, Thought};
+        assert_eq!(
+            merged(think(&["<thi", "nk>still thinking"])),
+            vec![
+                Thought(ThoughtEvent::Start),
+                Thought(ThoughtEvent::Delta("still thinking".into())),
+                Thought(ThoughtEvent::Stop),
+            ]
+        );
+        assert_eq!(
+            merged(think(&["a <", "thin"])),
+            vec![Content("a <thin".into())]
+        );
+    }
+
+    #[test]
+    fn stop_sequences_are_found_across_pieces_and_removed() {
+        let stops = vec!["\n\n".to_string(), "END".to_string()];
+        let mut scanner = StopScanner::new(&stops);
+        let mut out = String::new();
+        assert!(!scanner.push("Tokyo is E", &mut out));
+        assert_eq!(out, "Tokyo is ", "the possible start of END is held back");
+        assert!(!scanner.push("N", &mut out));
+        assert!(scanner.push("Dless", &mut out));
+        assert_eq!(out, "Tokyo is ");
+
+        let mut scanner = StopScanner::new(&stops);
+        let mut out = String::new();
+        assert!(!scanner.push("a\n", &mut out));
+        assert!(!scanner.push("b E", &mut out));
+        scanner.finish(&mut out);
+        assert_eq!(out, "a\nb E", "a false start is released at the end");
+    }
+
+    #[test]
+    fn pipeline_joins_the_stages() {
+        let mut pipeline = TextPipeline::new(&["STOP".to_string()]);
+        let mut events = Vec::new();
+        let bytes = "<think>é</think>ok STOP hidden".as_bytes();
+        let mut stopped = false;
+        for byte in bytes {
+            if pipeline.push(std::slice::from_ref(byte), &mut events) {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped);
+        pipeline.finish(true, &mut events);
+        use InferenceEvent::{Content, Thought};
+        assert_eq!(
+            merged(events),
+            vec![
+                Thought(ThoughtEvent::Start),
+                Thought(ThoughtEvent::Delta("é".into())),
+                Thought(ThoughtEvent::Stop),
+                Content("ok ".into()),
+            ]
+        );
+    }
+}

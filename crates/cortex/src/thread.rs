@@ -1,0 +1,220 @@
+//! The engine's own thread.
+//!
+//! Engines block while they compute, and llama.cpp's context must stay on
+//! one thread. `EngineThread` owns an engine on a dedicated OS thread, takes
+//! commands through a channel and reports through an async channel, so an
+//! async caller never blocks and the KV cache lives across requests.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
+use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::protocol::{InferenceEvent, Usage};
+use rusty_genius_core::{GeniusError, InferenceConfig};
+
+use crate::engine::{Engine, Output};
+
+/// Creates an engine. Called on the engine thread, so the engine itself
+/// need not be `Send`.
+pub type EngineFactory = Arc<dyn Fn() -> Result<Box<dyn Engine>, GeniusError> + Send + Sync>;
+
+/// What the engine thread reports, in the order it happens.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EngineReport {
+    /// A `load` finished.
+    Loaded(Result<ModelInfo, GeniusError>),
+    /// An event of the running inference.
+    Event(InferenceEvent),
+    /// The running inference ended.
+    Finished(Result<Usage, GeniusError>),
+}
+
+enum Command {
+    Load {
+        name: String,
+        path: PathBuf,
+    },
+    Unload,
+    Infer {
+        prompt: String,
+        config: InferenceConfig,
+        cancel: CancelToken,
+    },
+}
+
+/// Ends a running inference early when [`cancel`](Self::cancel)led.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// Asks the inference to stop; it ends within one token.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// An engine running on a thread of its own.
+///
+/// Commands are carried out in order. Dropping the handle lets the thread
+/// finish its current command, unload and exit.
+pub struct EngineThread {
+    commands: Option<mpsc::Sender<Command>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EngineThread {
+    /// Starts the thread; `factory` creates the engine on it. Reports
+    /// arrive on the returned receiver.
+    pub fn spawn(
+        factory: EngineFactory,
+    ) -> Result<(Self, UnboundedReceiver<EngineReport>), GeniusError> {
+        let (commands, inbox) = mpsc::channel();
+        let (reports, receiver) = unbounded();
+        let thread = std::thread::Builder::new()
+            .name("genius-engine".into())
+            .spawn(move || serve(factory, inbox, reports))?;
+        Ok((
+            Self {
+                commands: Some(commands),
+                thread: Some(thread),
+            },
+            receiver,
+        ))
+    }
+
+    /// Loads a model; answered by [`EngineReport::Loaded`].
+    pub fn load(&self, name: impl Into<String>, path: impl Into<PathBuf>) {
+        self.send(Command::Load {
+            name: name.into(),
+            path: path.into(),
+        });
+    }
+
+    /// Unloads the model. Not answered.
+    pub fn unload(&self) {
+        self.send(Command::Unload);
+    }
+
+    /// Starts an inference; answered by [`EngineReport::Event`]s and one
+    /// [`EngineReport::Finished`]. The token stops it early.
+    pub fn infer(&self, prompt: impl Into<String>, config: InferenceConfig) -> CancelToken {
+        let cancel = CancelToken::default();
+        self.send(Command::Infer {
+            prompt: prompt.into(),
+            config,
+            cancel: cancel.clone(),
+        });
+        cancel
+    }
+
+    fn send(&self, command: Command) {
+        // If the thread is gone, the report channel is closed too, which
+        // is how the owner learns of it.
+        if let Some(commands) = &self.commands {
+            let _ = commands.send(command);
+        }
+    }
+}
+
+impl Drop for EngineThread {
+    fn drop(&mut self) {
+        self.commands = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn serve(
+    factory: EngineFactory,
+    inbox: mpsc::Receiver<Command>,
+    reports: UnboundedSender<EngineReport>,
+) {
+    let mut engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
+        Ok(result) => result.map_err(|err| err.to_string()),
+        Err(panic) => Err(format!(
+            "the engine panicked while starting: {}",
+            panic_message(&panic)
+        )),
+    };
+    if let Err(err) = &engine {
+        log::error!("{err}");
+    }
+    for command in inbox {
+        let report = match command {
+            Command::Load { name, path } => EngineReport::Loaded(match &mut engine {
+                Ok(engine) => guarded(engine.as_mut(), |engine| engine.load(&name, &path)),
+                Err(err) => Err(GeniusError::Engine(err.clone())),
+            }),
+            Command::Unload => {
+                if let Ok(engine) = &mut engine {
+                    let _ = guarded(engine.as_mut(), |engine| {
+                        engine.unload();
+                        Ok(())
+                    });
+                }
+                continue;
+            }
+            Command::Infer {
+                prompt,
+                config,
+                cancel,
+            } => EngineReport::Finished(match &mut engine {
+                Ok(engine) => guarded(engine.as_mut(), |engine| {
+                    let mut sink =
+                        |event| reports.unbounded_send(EngineReport::Event(event)).is_ok();
+                    let cancelled = || cancel.is_cancelled();
+                    let mut output = Output::new(&config, &mut sink, &cancelled);
+                    let result = engine.infer(&prompt, &config, &mut output);
+                    output.finish();
+                    result
+                }),
+                Err(err) => Err(GeniusError::Engine(err.clone())),
+            }),
+        };
+        if reports.unbounded_send(report).is_err() {
+            break;
+        }
+    }
+    if let Ok(engine) = &mut engine {
+        let _ = guarded(engine.as_mut(), |engine| {
+            engine.unload();
+            Ok(())
+        });
+    }
+}
+
+/// Runs `work`, turning a panic into an error and unloading the engine,
+/// whose state can no longer be trusted.
+fn guarded<T>(
+    engine: &mut dyn Engine,
+    work: impl FnOnce(&mut dyn Engine) -> Result<T, GeniusError>,
+) -> Result<T, GeniusError> {
+    match catch_unwind(AssertUnwindSafe(|| work(&mut *engine))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = format!("the engine panicked: {}", panic_message(&panic));
+            log::error!("{message}");
+            let _ = catch_unwind(AssertUnwindSafe(|| engine.unload()));
+            Err(GeniusError::Engine(message))
+        }
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}

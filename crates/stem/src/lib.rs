@@ -1,0 +1,16 @@
+//! The brainstem of rusty-genius: the [`Orchestrator`].
+//!
+//! The Orchestrator is an actor. An application sends it
+//! [`BrainstemInput`](rusty_genius_core::protocol::BrainstemInput)s over a
+//! `futures` channel and reads
+//! [`BrainstemOutput`](rusty_genius_core::protocol::BrainstemOutput)s from
+//! another. It resolves model names through facecrab, drives the engine on
+//! the engine's own thread, and frees memory when the model sits idle,
+//! following its [`CortexStrategy`].
+
+mod orchestrator;
+mod rt;
+mod strategy;
+
+pub use orchestrator::{Orchestrator, OrchestratorBuilder};
+pub use strategy::CortexStrategy;

@@ -1,0 +1,1 @@
+//! Fixture-driven integration tests for rusty-genius (in progress).

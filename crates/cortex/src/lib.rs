@@ -19,7 +19,7 @@ mod thread;
 
 pub use engine::{check_gguf, Engine, Output};
 #[cfg(feature = "llama")]
-pub use llama::{LlamaEngine, LlamaOptions};
+pub use llama::{llama_backend, LlamaEngine, LlamaOptions};
 pub use pinky::Pinky;
 pub use thread::{CancelToken, EngineFactory, EngineReport, EngineThread};
 

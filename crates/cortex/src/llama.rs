@@ -81,7 +81,10 @@ impl LlamaOptions {
 }
 
 /// The process-wide llama.cpp backend, initialised on first use.
-fn backend() -> Result<&'static LlamaBackend, GeniusError> {
+///
+/// llama.cpp may be initialised only once per process; code that uses
+/// `llama-cpp-2` beside this engine must take the backend from here.
+pub fn llama_backend() -> Result<&'static LlamaBackend, GeniusError> {
     static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
@@ -134,7 +137,7 @@ struct Loaded {
 
 impl Loaded {
     fn new(name: &str, model: LlamaModel, options: &LlamaOptions) -> Result<Self, GeniusError> {
-        let backend = backend()?;
+        let backend = llama_backend()?;
         let model = std::ptr::NonNull::from(Box::leak(Box::new(model)));
         // SAFETY: the model lives until `Drop` frees it, which happens after
         // the context borrowing it is dropped; the pointee never moves.
@@ -258,7 +261,7 @@ pub struct LlamaEngine {
 impl LlamaEngine {
     /// Creates an engine; nothing is loaded yet.
     pub fn new(options: LlamaOptions) -> Result<Self, GeniusError> {
-        backend()?;
+        llama_backend()?;
         Ok(Self {
             options,
             loaded: None,
@@ -280,7 +283,7 @@ impl Engine for LlamaEngine {
         if let Some(layers) = self.options.gpu_layers {
             params = params.with_n_gpu_layers(layers);
         }
-        let model = LlamaModel::load_from_file(backend()?, path, &params).map_err(|err| {
+        let model = LlamaModel::load_from_file(llama_backend()?, path, &params).map_err(|err| {
             GeniusError::InvalidModelFile {
                 path: path.to_path_buf(),
                 reason: format!(

@@ -1,12 +1,20 @@
 //! facecrab's error type.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// Why a model could not be made available.
+/// Why a model could not be made available. Each message says what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FacecrabError {
-    /// The name is neither a local file nor something facecrab can resolve.
+    /// The name is malformed or unsafe; nothing was written.
+    #[error("invalid model name `{name}`: {reason}")]
+    InvalidName {
+        /// The name as given (control characters escaped).
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No registry entry, repository or file of that name.
     #[error("model `{name}` not found: {reason}")]
     NotFound {
         /// The name as given.
@@ -20,15 +28,75 @@ pub enum FacecrabError {
         /// The path as given.
         path: PathBuf,
     },
-    /// The name is malformed or unsafe.
-    #[error("invalid model name `{name}`: {reason}")]
-    InvalidName {
+    /// The repository has no single GGUF file matching the request.
+    #[error("{repo} has {} GGUF file matching {wanted}; pick one with `{repo}:<QUANT>` or `{repo}/<file>`. Available: {}", if available_matches.is_empty() { "no" } else { "more than one" }, if files.is_empty() { "none".to_owned() } else { files.join(", ") })]
+    NoSingleFile {
+        /// `org/repo`.
+        repo: String,
+        /// The quantisation asked for.
+        wanted: String,
+        /// The GGUF files that matched (empty: none did).
+        available_matches: Vec<String>,
+        /// Every GGUF file in the repository.
+        files: Vec<String>,
+    },
+    /// The Hub refused access (401 or 403).
+    #[error("access to {repo} was refused (HTTP {status}): the repository may be private or gated; accept its terms on the Hub and set HF_TOKEN to a token that can read it")]
+    Unauthorized {
+        /// `org/repo`.
+        repo: String,
+        /// The HTTP status.
+        status: u16,
+    },
+    /// Offline mode is on and the model is not in the cache.
+    #[error("`{name}` is not in the cache at {} and HF_HUB_OFFLINE is set: download it once while online, or unset HF_HUB_OFFLINE", cache.display())]
+    NotCached {
         /// The name as given.
         name: String,
-        /// What is wrong with it.
+        /// The cache that was searched.
+        cache: PathBuf,
+    },
+    /// The network or the server failed.
+    #[error("download from {url} failed: {reason}; check the connection (or HF_ENDPOINT) and try again, it resumes where it stopped")]
+    Network {
+        /// The URL (never holds credentials).
+        url: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The downloaded bytes are not the expected ones; they were deleted.
+    #[error("checksum mismatch for {file}: expected sha256 {expected}, got {actual}; the corrupt download was deleted, try again")]
+    ChecksumMismatch {
+        /// The file in its repository.
+        file: String,
+        /// The sha256 the registry or Hub announced.
+        expected: String,
+        /// The sha256 of what arrived.
+        actual: String,
+    },
+    /// The user registry file is malformed.
+    #[error("registry {source_name} is invalid: {reason}")]
+    Registry {
+        /// The file (or `<built-in registry>`).
+        source_name: String,
+        /// What is wrong.
         reason: String,
     },
     /// A filesystem operation failed.
-    #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("i/o error on {}: {source}", path.display())]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+impl FacecrabError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }

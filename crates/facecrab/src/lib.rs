@@ -1,18 +1,38 @@
-//! facecrab: the asset authority of rusty-genius.
+//! facecrab: the asset authority of rusty-genius, usable on its own.
 //!
-//! Turns what a user calls a model — a local path, a registry name, or a
-//! HuggingFace id — into a local file that is ready to load.
+//! It turns what a person calls a model — a local path, a short registry
+//! name, or a HuggingFace id — into a verified local GGUF file:
+//!
+//! - names are parsed and validated ([`ModelRef`]); nothing can be written
+//!   outside the cache;
+//! - the cache uses the HuggingFace hub layout, so files are shared with the
+//!   HuggingFace tools, and a cached model costs no network request;
+//! - downloads stream to `*.incomplete`, resume after a dropped connection or
+//!   a restart, are checked against their sha256 while they arrive, and are
+//!   renamed into place under a cross-process lock.
 //!
 //! ```no_run
+//! use facecrab::AssetAuthority;
+//!
 //! # async fn demo() -> Result<(), facecrab::FacecrabError> {
-//! let authority = facecrab::AssetAuthority::new()?;
-//! let path = authority.ensure_model("/models/gemma-3-270m-q4_k_m.gguf").await?;
+//! let authority = AssetAuthority::new()?;
+//! let path = authority.ensure_model("gemma-3-270m").await?;
 //! println!("ready at {}", path.display());
 //! # Ok(()) }
 //! ```
 
 mod authority;
+mod cache;
+mod download;
 mod error;
+mod hub;
+mod name;
+mod registry;
+mod rt;
+#[cfg(feature = "test-hub")]
+pub mod testing;
 
-pub use authority::AssetAuthority;
+pub use authority::{AssetAuthority, AuthorityBuilder, CachedModel};
 pub use error::FacecrabError;
+pub use name::{FileChoice, HubRef, ModelRef};
+pub use registry::Registry;

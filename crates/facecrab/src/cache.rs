@@ -1,0 +1,219 @@
+//! The HuggingFace hub cache layout, as plain path logic.
+//!
+//! ```text
+//! <cache>/models--<org>--<repo>/
+//!     blobs/<etag>                    the file's bytes (etag = sha256 for LFS files)
+//!     blobs/<etag>.incomplete         a download in progress
+//!     blobs/<etag>.lock               the cross-process download lock
+//!     refs/<revision>                 the commit hash a branch or tag pointed to
+//!     snapshots/<commit>/<file path>  relative symlink to ../../blobs/<etag>
+//! ```
+//!
+//! The same layout as the `huggingface_hub` tools, so models are shared both
+//! ways. Nothing here touches the network.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// One repository's folder in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RepoCache {
+    root: PathBuf,
+}
+
+impl RepoCache {
+    /// The folder of `repo` (`org/repo`) under `cache`.
+    pub(crate) fn new(cache: &Path, repo: &str) -> Self {
+        Self {
+            root: cache.join(format!("models--{}", repo.replace('/', "--"))),
+        }
+    }
+
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub(crate) fn blob(&self, etag: &str) -> PathBuf {
+        self.root.join("blobs").join(etag)
+    }
+
+    pub(crate) fn incomplete(&self, etag: &str) -> PathBuf {
+        self.root.join("blobs").join(format!("{etag}.incomplete"))
+    }
+
+    pub(crate) fn lock_file(&self, etag: &str) -> PathBuf {
+        self.root.join("blobs").join(format!("{etag}.lock"))
+    }
+
+    pub(crate) fn snapshot_dir(&self, commit: &str) -> PathBuf {
+        self.root.join("snapshots").join(commit)
+    }
+
+    pub(crate) fn snapshot(&self, commit: &str, file: &str) -> PathBuf {
+        let mut path = self.snapshot_dir(commit);
+        path.extend(file.split('/'));
+        path
+    }
+
+    fn ref_path(&self, revision: &str) -> PathBuf {
+        let mut path = self.root.join("refs");
+        path.extend(revision.split('/'));
+        path
+    }
+
+    /// The commit a revision points to: a full commit hash stands for
+    /// itself, a branch or tag is looked up in `refs/`.
+    pub(crate) fn commit_of(&self, revision: &str) -> Option<String> {
+        if is_commit_hash(revision) {
+            return Some(revision.to_owned());
+        }
+        let commit = std::fs::read_to_string(self.ref_path(revision)).ok()?;
+        let commit = commit.trim();
+        is_commit_hash(commit).then(|| commit.to_owned())
+    }
+
+    /// Records that `revision` points at `commit`.
+    pub(crate) fn write_ref(&self, revision: &str, commit: &str) -> io::Result<()> {
+        if revision == commit {
+            return Ok(());
+        }
+        let path = self.ref_path(revision);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        write_atomically(&path, commit.as_bytes())
+    }
+
+    /// The cached file for `revision`, if it is there and complete.
+    pub(crate) fn cached_file(&self, revision: &str, file: &str) -> Option<PathBuf> {
+        let commit = self.commit_of(revision)?;
+        let path = self.snapshot(&commit, file);
+        // `is_file` follows the link: a dangling link is not a cached file.
+        path.is_file().then_some(path)
+    }
+
+    /// Every `.gguf` file in the snapshot of `revision` (paths relative to
+    /// the snapshot), for choosing by quantisation without the network.
+    pub(crate) fn cached_gguf_files(&self, revision: &str) -> Vec<String> {
+        let Some(commit) = self.commit_of(revision) else {
+            return Vec::new();
+        };
+        let mut files = Vec::new();
+        collect_gguf(&self.snapshot_dir(&commit), "", &mut files);
+        files.sort();
+        files
+    }
+
+    /// Points `snapshots/<commit>/<file>` at `blobs/<etag>` with a relative
+    /// symlink (a copy where links are not supported).
+    pub(crate) fn link_snapshot(
+        &self,
+        commit: &str,
+        file: &str,
+        etag: &str,
+    ) -> io::Result<PathBuf> {
+        let link = self.snapshot(commit, file);
+        let parent = link.parent().expect("a snapshot path has a parent");
+        std::fs::create_dir_all(parent)?;
+        // From snapshots/<commit>/<dirs...>/ back up to the repo folder.
+        let depth = 2 + file.matches('/').count();
+        let mut target = PathBuf::new();
+        for _ in 0..depth {
+            target.push("..");
+        }
+        target.push("blobs");
+        target.push(etag);
+        let staging = parent.join(format!(
+            ".{}.{}",
+            link.file_name().unwrap().to_string_lossy(),
+            unique_suffix()
+        ));
+        let _ = std::fs::remove_file(&staging);
+        symlink_or_copy(&target, &self.blob(etag), &staging)?;
+        std::fs::rename(&staging, &link)?;
+        Ok(link)
+    }
+}
+
+/// Whether `s` is a full 40-character git commit hash.
+pub(crate) fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Whether `s` is a lowercase or uppercase sha256 in hex.
+pub(crate) fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn collect_gguf(dir: &Path, prefix: &str, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let relative = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}/{name}")
+        };
+        let path = entry.path();
+        if path.is_dir() {
+            collect_gguf(&path, &relative, out);
+        } else if path.is_file() && name.to_ascii_lowercase().ends_with(".gguf") {
+            out.push(relative);
+        }
+    }
+}
+
+#[cfg(unix)]
+fn symlink_or_copy(target: &Path, _blob: &Path, link: &Path) -> io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(not(unix))]
+fn symlink_or_copy(_target: &Path, blob: &Path, link: &Path) -> io::Result<()> {
+    std::fs::copy(blob, link).map(|_| ())
+}
+
+/// A name suffix no other writer (thread or process) uses at the same time.
+fn unique_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "tmp-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes `bytes` to a temporary sibling of `path`, then renames it over
+/// `path`, so readers see the old or the new content, never half of it.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let staging = path.with_extension(unique_suffix());
+    std::fs::write(&staging, bytes)?;
+    std::fs::rename(&staging, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_the_hub_cache() {
+        let cache = RepoCache::new(Path::new("/c"), "org/Repo-GGUF");
+        assert_eq!(cache.root(), Path::new("/c/models--org--Repo-GGUF"));
+        assert_eq!(
+            cache.blob("abc"),
+            Path::new("/c/models--org--Repo-GGUF/blobs/abc")
+        );
+        assert_eq!(
+            cache.snapshot("0123", "sub/m.gguf"),
+            Path::new("/c/models--org--Repo-GGUF/snapshots/0123/sub/m.gguf")
+        );
+        assert!(is_commit_hash(&"a".repeat(40)));
+        assert!(!is_commit_hash("main"));
+    }
+}

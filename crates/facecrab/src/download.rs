@@ -1,0 +1,270 @@
+//! Downloading one blob into the cache: resumable, verified, locked.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rusty_genius_core::protocol::AssetEvent;
+use sha2::{Digest, Sha256};
+use surf::http::StatusCode;
+
+use crate::cache::RepoCache;
+use crate::hub::HubClient;
+use crate::FacecrabError;
+
+/// Report progress at most this often ...
+const PROGRESS_BYTES: u64 = 1 << 20;
+/// ... or after this long.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+const BUFFER: usize = 256 * 1024;
+
+/// What to fetch and how to check it.
+pub(crate) struct BlobRequest<'a> {
+    pub(crate) repo: &'a str,
+    pub(crate) file: &'a str,
+    pub(crate) url: String,
+    pub(crate) etag: &'a str,
+    pub(crate) size: Option<u64>,
+    /// The sha256 the bytes must have, when known.
+    pub(crate) sha256: Option<String>,
+    pub(crate) max_retries: u32,
+}
+
+/// Holds the cross-process lock of one blob; released on drop.
+struct BlobLock {
+    file: File,
+}
+
+impl Drop for BlobLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+async fn lock_blob(path: &Path) -> Result<BlobLock, FacecrabError> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|err| FacecrabError::io(path, err))?;
+    let mut waited = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(BlobLock { file }),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !waited {
+                    log::info!("waiting for another download of {}", path.display());
+                    waited = true;
+                }
+                crate::rt::sleep(Duration::from_millis(50)).await;
+            }
+            Err(std::fs::TryLockError::Error(err)) => return Err(FacecrabError::io(path, err)),
+        }
+    }
+}
+
+/// Makes `blobs/<etag>` exist with the right content, downloading what is
+/// missing. Returns its path.
+pub(crate) async fn ensure_blob(
+    client: &HubClient,
+    cache: &RepoCache,
+    request: &BlobRequest<'_>,
+    report: &mut (dyn FnMut(AssetEvent) + Send),
+) -> Result<PathBuf, FacecrabError> {
+    let blob = cache.blob(request.etag);
+    if blob.is_file() {
+        return Ok(blob);
+    }
+    let blobs = blob.parent().expect("blobs folder");
+    std::fs::create_dir_all(blobs).map_err(|err| FacecrabError::io(blobs, err))?;
+    let _lock = lock_blob(&cache.lock_file(request.etag)).await?;
+    // Someone else may have finished while we waited for the lock.
+    if blob.is_file() {
+        return Ok(blob);
+    }
+    let partial = cache.incomplete(request.etag);
+    let result = download(client, &partial, request, report).await;
+    match result {
+        Ok(()) => {
+            std::fs::rename(&partial, &blob).map_err(|err| FacecrabError::io(&blob, err))?;
+            Ok(blob)
+        }
+        Err(err @ FacecrabError::ChecksumMismatch { .. }) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(err)
+        }
+        // Anything else keeps the partial file, to resume next time.
+        Err(err) => Err(err),
+    }
+}
+
+/// Downloads into `partial` (resuming what it holds) and verifies it.
+async fn download(
+    client: &HubClient,
+    partial: &Path,
+    request: &BlobRequest<'_>,
+    report: &mut (dyn FnMut(AssetEvent) + Send),
+) -> Result<(), FacecrabError> {
+    let io = |err| FacecrabError::io(partial, err);
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(partial)
+        .map_err(io)?;
+    let mut have = file.metadata().map_err(io)?.len();
+    if request.size.is_some_and(|size| have > size) {
+        have = 0;
+    }
+    // Hash what an earlier attempt left, so the final hash covers it all.
+    let mut hasher = Sha256::new();
+    if have > 0 {
+        log::info!("resuming {} at {have} bytes", request.file);
+        file.seek(SeekFrom::Start(0)).map_err(io)?;
+        let mut buf = vec![0; BUFFER];
+        let mut left = have;
+        while left > 0 {
+            let n = file
+                .read(&mut buf[..BUFFER.min(left as usize)])
+                .map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        have -= left;
+    }
+    file.set_len(have).map_err(io)?;
+    file.seek(SeekFrom::Start(have)).map_err(io)?;
+
+    let total = request.size.unwrap_or(0);
+    let mut progress = Progress::new(have);
+    report(AssetEvent::Progress(have, total));
+    let mut buf = vec![0u8; BUFFER];
+    let mut failures = 0;
+    loop {
+        if request.size == Some(have) {
+            break;
+        }
+        let attempt = async {
+            let mut body = client.open(&request.url, request.repo, have).await?;
+            if body.status == StatusCode::RequestedRangeNotSatisfiable {
+                // Nothing more to send: either complete, or our part is bad.
+                return Ok(true);
+            }
+            if body.status == StatusCode::PartialContent && body.range_start != Some(have) {
+                return Err(FacecrabError::Network {
+                    url: request.url.clone(),
+                    reason: format!(
+                        "asked for bytes from {have}, got a range from {:?}",
+                        body.range_start
+                    ),
+                });
+            }
+            if have > 0 && body.status == StatusCode::Ok {
+                log::warn!(
+                    "the server ignored the range request; restarting {} from the start",
+                    request.file
+                );
+                have = 0;
+                hasher = Sha256::new();
+                progress = Progress::new(0);
+                file.set_len(0).map_err(io)?;
+                file.seek(SeekFrom::Start(0)).map_err(io)?;
+            }
+            loop {
+                let n = body.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(true);
+                }
+                file.write_all(&buf[..n]).map_err(io)?;
+                hasher.update(&buf[..n]);
+                have += n as u64;
+                if request.size.is_some_and(|size| have > size) {
+                    return Err(FacecrabError::Network {
+                        url: request.url.clone(),
+                        reason: "the server sent more bytes than announced".into(),
+                    });
+                }
+                if progress.due(have) {
+                    report(AssetEvent::Progress(have, total));
+                }
+            }
+        };
+        let outcome: Result<bool, FacecrabError> = attempt.await;
+        match outcome {
+            Ok(_) if request.size.is_none_or(|size| have == size) => break,
+            Ok(_) | Err(FacecrabError::Network { .. }) if failures < request.max_retries => {
+                failures += 1;
+                let pause = Duration::from_millis(200 << failures.min(5));
+                log::warn!(
+                    "download of {} stopped at {have} bytes; retry {failures}/{} in {pause:?}",
+                    request.file,
+                    request.max_retries
+                );
+                crate::rt::sleep(pause).await;
+            }
+            Ok(_) => {
+                return Err(FacecrabError::Network {
+                    url: request.url.clone(),
+                    reason: format!("the connection kept closing early ({have} of {total} bytes)"),
+                })
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    file.sync_all().map_err(io)?;
+    report(AssetEvent::Progress(have, total));
+
+    let actual = hex(&hasher.finalize());
+    if let Some(expected) = &request.sha256 {
+        if !expected.eq_ignore_ascii_case(&actual) {
+            return Err(FacecrabError::ChecksumMismatch {
+                file: format!("{}/{}", request.repo, request.file),
+                expected: expected.to_ascii_lowercase(),
+                actual,
+            });
+        }
+    } else {
+        log::warn!(
+            "{} has no sha256 to check against (not an LFS file); keeping it unverified",
+            request.file
+        );
+    }
+    Ok(())
+}
+
+/// Throttles progress reports.
+struct Progress {
+    bytes: u64,
+    at: Instant,
+}
+
+impl Progress {
+    fn new(bytes: u64) -> Self {
+        Self {
+            bytes,
+            at: Instant::now(),
+        }
+    }
+
+    fn due(&mut self, bytes: u64) -> bool {
+        if bytes.saturating_sub(self.bytes) >= PROGRESS_BYTES
+            || self.at.elapsed() >= PROGRESS_INTERVAL
+        {
+            self.bytes = bytes;
+            self.at = Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

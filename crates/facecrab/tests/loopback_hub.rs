@@ -1,0 +1,504 @@
+//! facecrab against a loopback server that behaves like the Hub.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use facecrab::testing::{Fault, Host, TestHub};
+use facecrab::{AssetAuthority, FacecrabError};
+use futures::StreamExt;
+use rusty_genius_core::protocol::AssetEvent;
+use sha2::{Digest, Sha256};
+
+const REPO: &str = "acme/tiny-GGUF";
+const FILE: &str = "tiny-Q4_K_M.gguf";
+const MIB: u64 = 1 << 20;
+
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn temp_dir(tag: &str) -> TempDir {
+    let dir = std::env::temp_dir().join(format!("facecrab-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    TempDir(dir)
+}
+
+/// A file of `size` deterministic pseudo-random bytes starting with the
+/// GGUF magic, and its sha256.
+fn make_model(dir: &Path, name: &str, size: u64) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let mut bytes = Vec::with_capacity(size as usize);
+    bytes.extend_from_slice(b"GGUF");
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ size;
+    while (bytes.len() as u64) < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes.truncate(size as usize);
+    std::fs::write(&path, &bytes).unwrap();
+    let sha = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    (path, sha)
+}
+
+struct Setup {
+    hub: TestHub,
+    dir: TempDir,
+    source: PathBuf,
+    sha: String,
+    commit: String,
+}
+
+fn setup(tag: &str, size: u64) -> Setup {
+    let dir = temp_dir(tag);
+    let (source, sha) = make_model(&dir.0, "source.gguf", size);
+    let hub = TestHub::start().unwrap();
+    let commit = hub.add_file(REPO, FILE, &source, None).unwrap();
+    Setup {
+        hub,
+        dir,
+        source,
+        sha,
+        commit,
+    }
+}
+
+impl Setup {
+    fn cache(&self) -> PathBuf {
+        self.dir.0.join("hub")
+    }
+
+    fn builder(&self) -> facecrab::AuthorityBuilder {
+        AssetAuthority::builder()
+            .endpoint(self.hub.endpoint())
+            .cache_dir(self.cache())
+            .registry_file(self.dir.0.join("no-registry.json"))
+            .token(None)
+            .offline(false)
+            .stall_timeout(Duration::from_secs(2))
+            .max_retries(5)
+    }
+
+    fn authority(&self) -> AssetAuthority {
+        self.builder().build().unwrap()
+    }
+
+    fn blob(&self) -> PathBuf {
+        self.cache()
+            .join("models--acme--tiny-GGUF")
+            .join("blobs")
+            .join(&self.sha)
+    }
+
+    fn snapshot(&self) -> PathBuf {
+        self.cache()
+            .join("models--acme--tiny-GGUF")
+            .join("snapshots")
+            .join(&self.commit)
+            .join(FILE)
+    }
+}
+
+fn same_content(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[async_std::test]
+async fn downloads_into_the_hub_layout_and_then_needs_no_network() {
+    let s = setup("layout", 3 * MIB + 17);
+    let authority = s.authority();
+    let path = authority.ensure_model(REPO).await.unwrap();
+    assert_eq!(path, s.snapshot());
+    assert!(same_content(&path, &s.source));
+    // The snapshot entry is a relative link to the blob, as the HF tools make.
+    let link = std::fs::read_link(&path).unwrap();
+    assert_eq!(link, Path::new("../../blobs").join(&s.sha));
+    let main_ref =
+        std::fs::read_to_string(s.cache().join("models--acme--tiny-GGUF/refs/main")).unwrap();
+    assert_eq!(main_ref, s.commit);
+    assert!(!s.blob().with_extension("incomplete").exists());
+
+    s.hub.clear_requests();
+    for name in [
+        REPO.to_owned(),
+        format!("{REPO}:q4_k_m"),
+        format!("{REPO}/{FILE}"),
+        format!("{REPO}/{FILE}@{}", s.commit),
+    ] {
+        assert_eq!(authority.ensure_model(&name).await.unwrap(), path, "{name}");
+    }
+    assert!(
+        s.hub.requests().is_empty(),
+        "cached models must not touch the network: {:?}",
+        s.hub.requests()
+    );
+
+    let cached = authority.cached_models().unwrap();
+    assert_eq!(cached.len(), 1);
+    assert_eq!(
+        (
+            cached[0].repo.as_str(),
+            cached[0].file.as_str(),
+            cached[0].size
+        ),
+        (REPO, FILE, 3 * MIB + 17)
+    );
+    assert!(authority.remove_repo(REPO).unwrap());
+    assert!(authority.cached_models().unwrap().is_empty());
+}
+
+#[async_std::test]
+async fn progress_events_are_throttled_and_end_with_the_path() {
+    let s = setup("events", 8 * MIB);
+    let events: Vec<AssetEvent> = s.authority().ensure_model_stream(REPO).collect().await;
+    assert_eq!(events.first(), Some(&AssetEvent::Started(REPO.into())));
+    assert_eq!(
+        events.last(),
+        Some(&AssetEvent::Complete(s.snapshot().display().to_string()))
+    );
+    let progress: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            AssetEvent::Progress(done, total) => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        progress.windows(2).all(|w| w[0].0 <= w[1].0),
+        "{progress:?}"
+    );
+    assert_eq!(progress.last(), Some(&(8 * MIB, 8 * MIB)));
+    // At most one report per MiB (plus the first and the last) or per 100 ms.
+    assert!(
+        progress.len() <= 8 + 2 + 20,
+        "{} progress events",
+        progress.len()
+    );
+}
+
+#[async_std::test]
+async fn a_download_cut_three_times_resumes_each_time() {
+    let size = 20 * MIB;
+    let s = setup("cut", size);
+    s.hub.set_fault(
+        REPO,
+        FILE,
+        Some(Fault::DropAfter {
+            bytes: 4 * MIB,
+            times: 3,
+        }),
+    );
+    let path = s.authority().ensure_model(REPO).await.unwrap();
+    assert!(same_content(&path, &s.source));
+    let downloads = s.hub.downloads();
+    assert_eq!(
+        downloads.len(),
+        4,
+        "one first try and three resumes: {downloads:?}"
+    );
+    let ranges: Vec<Option<&str>> = downloads.iter().map(|r| r.header("range")).collect();
+    assert_eq!(
+        ranges,
+        [
+            None,
+            Some("bytes=4194304-"),
+            Some("bytes=8388608-"),
+            Some("bytes=12582912-")
+        ]
+    );
+    let sent: u64 = downloads.iter().map(|r| r.body_bytes).sum();
+    assert!(
+        sent < size + 3 * MIB,
+        "sent {sent} bytes for a {size} byte file"
+    );
+}
+
+#[async_std::test]
+async fn a_server_ignoring_range_restarts_the_file_cleanly() {
+    let s = setup("norange", 2 * MIB);
+    // A previous run left a partial file with wrong bytes in it.
+    let partial = s.blob().with_extension("incomplete");
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    std::fs::write(&partial, vec![0xEE; 100_000]).unwrap();
+    s.hub.set_fault(REPO, FILE, Some(Fault::IgnoreRange));
+    let path = s.authority().ensure_model(REPO).await.unwrap();
+    assert!(same_content(&path, &s.source));
+    assert_eq!(s.hub.downloads()[0].header("range"), Some("bytes=100000-"));
+}
+
+#[async_std::test]
+async fn wrong_bytes_are_a_checksum_mismatch_and_leave_nothing_behind() {
+    let s = setup("corrupt", 2 * MIB);
+    s.hub.set_fault(REPO, FILE, Some(Fault::WrongBytes));
+    let err = s.authority().ensure_model(REPO).await.unwrap_err();
+    assert!(
+        matches!(err, FacecrabError::ChecksumMismatch { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains(&s.sha), "{err}");
+    assert!(!s.blob().exists());
+    assert!(!s.blob().with_extension("incomplete").exists());
+    let snapshots = s.cache().join("models--acme--tiny-GGUF/snapshots");
+    let entries = std::fs::read_dir(&snapshots)
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(entries, 0, "nothing may appear in snapshots/");
+
+    // Once the server is fixed, the same call succeeds.
+    s.hub.set_fault(REPO, FILE, None);
+    assert!(same_content(
+        &s.authority().ensure_model(REPO).await.unwrap(),
+        &s.source
+    ));
+}
+
+#[async_std::test]
+async fn eight_concurrent_calls_download_once() {
+    let s = setup("concurrent", 16 * MIB);
+    let authority = s.authority();
+    let calls = (0..8).map(|_| {
+        let authority = authority.clone();
+        async_std::task::spawn(async move { authority.ensure_model(REPO).await })
+    });
+    let paths = futures::future::join_all(calls).await;
+    for path in paths {
+        assert_eq!(path.unwrap(), s.snapshot());
+    }
+    assert_eq!(s.hub.downloads().len(), 1, "{:?}", s.hub.downloads());
+}
+
+#[async_std::test]
+async fn the_token_reaches_the_hub_but_never_the_redirect_host() {
+    let s = setup("token", MIB);
+    s.hub.set_redirect(true);
+    let secret = "hf_secret_value_123";
+    let authority = s.builder().token(Some(secret.into())).build().unwrap();
+    assert!(!format!("{authority:?}").contains(secret));
+    let path = authority.ensure_model(REPO).await.unwrap();
+    assert!(same_content(&path, &s.source));
+    let requests = s.hub.requests();
+    let bearer = format!("Bearer {secret}");
+    let hub: Vec<_> = requests.iter().filter(|r| r.host == Host::Hub).collect();
+    let cdn: Vec<_> = requests.iter().filter(|r| r.host == Host::Cdn).collect();
+    assert!(!hub.is_empty() && !cdn.is_empty(), "{requests:?}");
+    assert!(
+        hub.iter()
+            .all(|r| r.header("authorization") == Some(bearer.as_str())),
+        "{hub:?}"
+    );
+    assert!(
+        cdn.iter().all(|r| r.header("authorization").is_none()),
+        "{cdn:?}"
+    );
+
+    // Errors never carry the token either.
+    s.hub.set_fault(REPO, FILE, Some(Fault::Unauthorized));
+    authority.remove_repo(REPO).unwrap();
+    let err = authority.ensure_model(REPO).await.unwrap_err();
+    assert!(
+        matches!(err, FacecrabError::Unauthorized { status: 401, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("HF_TOKEN") && !err.to_string().contains(secret),
+        "{err}"
+    );
+}
+
+#[async_std::test]
+async fn a_hand_placed_file_is_found_offline_and_a_missing_one_is_explained() {
+    let s = setup("offline", MIB);
+    // Lay the file out by hand, as another HF tool would have.
+    let root = s.cache().join("models--acme--tiny-GGUF");
+    std::fs::create_dir_all(root.join("blobs")).unwrap();
+    std::fs::create_dir_all(root.join("refs")).unwrap();
+    std::fs::create_dir_all(root.join("snapshots").join(&s.commit)).unwrap();
+    std::fs::copy(&s.source, root.join("blobs").join(&s.sha)).unwrap();
+    std::fs::write(root.join("refs/main"), &s.commit).unwrap();
+    std::os::unix::fs::symlink(Path::new("../../blobs").join(&s.sha), s.snapshot()).unwrap();
+
+    let offline = s.builder().offline(true).build().unwrap();
+    assert_eq!(offline.ensure_model(REPO).await.unwrap(), s.snapshot());
+    let online = s.authority();
+    assert_eq!(
+        online
+            .ensure_model(&format!("{REPO}:Q4_K_M"))
+            .await
+            .unwrap(),
+        s.snapshot()
+    );
+    assert!(s.hub.requests().is_empty(), "{:?}", s.hub.requests());
+
+    let err = offline.ensure_model("acme/other-GGUF").await.unwrap_err();
+    assert!(matches!(err, FacecrabError::NotCached { .. }), "{err}");
+    assert!(err.to_string().contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(s.hub.requests().is_empty());
+}
+
+#[async_std::test]
+async fn hub_errors_are_typed() {
+    let s = setup("errors", MIB);
+    let authority = s.authority();
+
+    let err = authority
+        .ensure_model("acme/missing-GGUF")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FacecrabError::NotFound { .. }), "{err}");
+    let err = authority
+        .ensure_model(&format!("{REPO}/absent.gguf"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FacecrabError::NotFound { .. }), "{err}");
+    let err = authority
+        .ensure_model("acme/tiny-GGUF:Q8_0")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FacecrabError::NoSingleFile { .. }), "{err}");
+    assert!(
+        err.to_string().contains(FILE),
+        "the error lists what there is: {err}"
+    );
+    s.hub.set_fault(REPO, FILE, Some(Fault::NotFound));
+    let err = authority
+        .ensure_model(&format!("{REPO}/{FILE}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FacecrabError::NotFound { .. }), "{err}");
+
+    // A server that stops sending: bounded retries, then a network error,
+    // and the partial file stays only as `.incomplete`.
+    s.hub.set_fault(REPO, FILE, Some(Fault::StallAfter(1000)));
+    let impatient = s
+        .builder()
+        .max_retries(1)
+        .stall_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let err = impatient
+        .ensure_model(&format!("{REPO}/{FILE}"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FacecrabError::Network { .. }), "{err}");
+    assert!(!s.blob().exists() && !s.snapshot().exists());
+}
+
+#[async_std::test]
+async fn quantisation_picks_one_file_and_ambiguity_is_refused() {
+    let s = setup("quant", MIB);
+    let (q8, _) = make_model(&s.dir.0, "q8.gguf", MIB / 2);
+    s.hub.add_file(REPO, "tiny-Q8_0.gguf", &q8, None).unwrap();
+    let authority = s.authority();
+    let path = authority
+        .ensure_model(&format!("{REPO}:Q8_0"))
+        .await
+        .unwrap();
+    assert!(same_content(&path, &q8));
+
+    s.hub
+        .add_file(REPO, "sub/tiny-Q8_0.gguf", &q8, None)
+        .unwrap();
+    authority.remove_repo(REPO).unwrap();
+    let err = authority
+        .ensure_model(&format!("{REPO}:Q8_0"))
+        .await
+        .unwrap_err();
+    let message = err.to_string();
+    assert!(
+        message.contains("sub/tiny-Q8_0.gguf") && message.contains("more than one"),
+        "{message}"
+    );
+}
+
+#[async_std::test]
+async fn unsafe_names_are_refused_and_nothing_is_written_outside_the_cache() {
+    let s = setup("names", MIB);
+    let (evil, _) = make_model(&s.dir.0, "evil.gguf", 1000);
+    let repo = "acme/evil-GGUF";
+    s.hub
+        .add_file(repo, "../../../escape-Q4_K_M.gguf", &evil, None)
+        .unwrap();
+    let authority = s.authority();
+    let err = authority.ensure_model(repo).await.unwrap_err();
+    assert!(matches!(err, FacecrabError::InvalidName { .. }), "{err}");
+    for bad in [
+        "acme/x/../../y.gguf",
+        "acme/..",
+        "acme/x@../../main",
+        "bad\u{7}name",
+    ] {
+        let err = authority.ensure_model(bad).await.unwrap_err();
+        assert!(
+            matches!(err, FacecrabError::InvalidName { .. }),
+            "{bad}: {err}"
+        );
+    }
+    assert!(!s.dir.0.join("escape-Q4_K_M.gguf").exists());
+    assert!(!s.cache().join("escape-Q4_K_M.gguf").exists());
+}
+
+/// Run as a child process by the next test: downloads until killed.
+#[test]
+fn child_download_until_killed() {
+    let (Ok(endpoint), Ok(cache)) = (
+        std::env::var("FACECRAB_CHILD_ENDPOINT"),
+        std::env::var("FACECRAB_CHILD_CACHE"),
+    ) else {
+        return;
+    };
+    let authority = AssetAuthority::builder()
+        .endpoint(endpoint)
+        .cache_dir(cache)
+        .token(None)
+        .offline(false)
+        .stall_timeout(Duration::from_secs(600))
+        .build()
+        .unwrap();
+    let _ = async_std::task::block_on(authority.ensure_model(REPO));
+}
+
+#[async_std::test]
+async fn a_download_killed_with_its_process_resumes_in_the_next() {
+    let size = 12 * MIB;
+    let s = setup("killed", size);
+    let cut = 5 * MIB;
+    s.hub.set_fault(REPO, FILE, Some(Fault::StallAfter(cut)));
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["child_download_until_killed", "--exact", "--nocapture"])
+        .env("FACECRAB_CHILD_ENDPOINT", s.hub.endpoint())
+        .env("FACECRAB_CHILD_CACHE", s.cache())
+        .spawn()
+        .unwrap();
+    let partial = s.blob().with_extension("incomplete");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < cut {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never got {cut} bytes in"
+        );
+        async_std::task::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    s.hub.set_fault(REPO, FILE, None);
+    s.hub.clear_requests();
+    let path = s.authority().ensure_model(REPO).await.unwrap();
+    assert!(same_content(&path, &s.source));
+    let downloads = s.hub.downloads();
+    assert_eq!(downloads.len(), 1, "{downloads:?}");
+    assert_eq!(
+        downloads[0].header("range"),
+        Some(format!("bytes={cut}-").as_str())
+    );
+    assert_eq!(downloads[0].body_bytes, size - cut);
+}

@@ -140,11 +140,11 @@ async fn download(
     }
     file.set_len(have).map_err(io)?;
     file.seek(SeekFrom::Start(have)).map_err(io)?;
+    let mut writer = Writer::start(file, hasher).map_err(io)?;
 
     let total = request.size.unwrap_or(0);
     let mut progress = Progress::new(have);
     report(AssetEvent::Progress(have, total));
-    let mut buf = vec![0u8; BUFFER];
     let mut failures = 0;
     loop {
         if request.size == Some(have) {
@@ -171,18 +171,21 @@ async fn download(
                     request.file
                 );
                 have = 0;
-                hasher = Sha256::new();
                 progress = Progress::new(0);
-                file.set_len(0).map_err(io)?;
-                file.seek(SeekFrom::Start(0)).map_err(io)?;
+                if !writer.send(Chunk::Restart).await {
+                    return Ok(false);
+                }
             }
             loop {
+                let mut buf = vec![0u8; BUFFER];
                 let n = body.read(&mut buf).await?;
                 if n == 0 {
                     return Ok(true);
                 }
-                file.write_all(&buf[..n]).map_err(io)?;
-                hasher.update(&buf[..n]);
+                buf.truncate(n);
+                if !writer.send(Chunk::Data(buf)).await {
+                    return Ok(false);
+                }
                 have += n as u64;
                 if request.size.is_some_and(|size| have > size) {
                     return Err(FacecrabError::Network {
@@ -195,7 +198,14 @@ async fn download(
                 }
             }
         };
+        // `Ok(false)`: the writer failed; its error is the one to report.
         let outcome: Result<bool, FacecrabError> = attempt.await;
+        if let Ok(false) = outcome {
+            return Err(io(writer
+                .finish()
+                .err()
+                .unwrap_or_else(|| std::io::Error::other("the writer stopped"))));
+        }
         match outcome {
             Ok(_) if request.size.is_none_or(|size| have == size) => break,
             Ok(_) | Err(FacecrabError::Network { .. }) if failures < request.max_retries => {
@@ -217,7 +227,7 @@ async fn download(
             Err(err) => return Err(err),
         }
     }
-    file.sync_all().map_err(io)?;
+    let hasher = writer.finish().map_err(io)?;
     report(AssetEvent::Progress(have, total));
 
     let actual = hex(&hasher.finalize());
@@ -236,6 +246,79 @@ async fn download(
         );
     }
     Ok(())
+}
+
+/// Hashes and writes downloaded chunks on a thread of its own, so that
+/// receiving the next chunk overlaps with hashing and writing this one.
+struct Writer {
+    chunks: Option<futures::channel::mpsc::Sender<Chunk>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<(Sha256, File)>>>,
+}
+
+enum Chunk {
+    Data(Vec<u8>),
+    /// Start the file and the hash over.
+    Restart,
+}
+
+impl Writer {
+    fn start(mut file: File, mut hasher: Sha256) -> std::io::Result<Self> {
+        let (chunks, incoming) = futures::channel::mpsc::channel::<Chunk>(4);
+        let thread = std::thread::Builder::new()
+            .name("facecrab-writer".into())
+            .spawn(move || {
+                for chunk in futures::executor::block_on_stream(incoming) {
+                    match chunk {
+                        Chunk::Data(bytes) => {
+                            file.write_all(&bytes)?;
+                            hasher.update(&bytes);
+                        }
+                        Chunk::Restart => {
+                            file.set_len(0)?;
+                            file.seek(SeekFrom::Start(0))?;
+                            hasher = Sha256::new();
+                        }
+                    }
+                }
+                // Durable before it is renamed into place.
+                file.sync_all()?;
+                Ok((hasher, file))
+            })?;
+        Ok(Self {
+            chunks: Some(chunks),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a chunk; `false` if the writer has stopped (call `finish`
+    /// for its error).
+    async fn send(&mut self, chunk: Chunk) -> bool {
+        use futures::SinkExt;
+        match &mut self.chunks {
+            Some(chunks) => chunks.send(chunk).await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Waits for every queued chunk to be written and synced; returns the
+    /// hash of the whole file.
+    fn finish(mut self) -> std::io::Result<Sha256> {
+        self.chunks = None;
+        let thread = self.thread.take().expect("finish runs once");
+        thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")))
+            .map(|(hasher, _)| hasher)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.chunks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Throttles progress reports.

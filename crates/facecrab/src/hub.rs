@@ -62,16 +62,33 @@ pub(crate) struct Body {
 }
 
 impl Body {
-    /// Reads the next bytes; `Ok(0)` at the end.
+    /// Reads until `buf` is full or the body ends; `Ok(0)` at the end.
+    ///
+    /// The body arrives in pieces of a few KiB; handing whole buffers to
+    /// the caller keeps its per-chunk costs (write, hash) low. Bytes read
+    /// before an error are returned first; the error comes on the next call.
     pub(crate) async fn read(&mut self, buf: &mut [u8]) -> Result<usize, FacecrabError> {
-        match async_std::future::timeout(self.stall_timeout, self.response.read(buf)).await {
-            Ok(Ok(n)) => Ok(n),
-            Ok(Err(err)) => Err(network(&self.url, err.to_string())),
-            Err(_) => Err(network(
-                &self.url,
-                format!("no data for {:?}", self.stall_timeout),
-            )),
+        let mut filled = 0;
+        while filled < buf.len() {
+            let piece = async_std::future::timeout(
+                self.stall_timeout,
+                self.response.read(&mut buf[filled..]),
+            )
+            .await;
+            match piece {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => filled += n,
+                _ if filled > 0 => break,
+                Ok(Err(err)) => return Err(network(&self.url, err.to_string())),
+                Err(_) => {
+                    return Err(network(
+                        &self.url,
+                        format!("no data for {:?}", self.stall_timeout),
+                    ))
+                }
+            }
         }
+        Ok(filled)
     }
 }
 

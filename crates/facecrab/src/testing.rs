@@ -283,6 +283,18 @@ fn head(out: &mut TcpStream, status: &str, headers: &[(&str, String)]) -> std::i
     out.write_all(text.as_bytes())
 }
 
+/// The Hub's answer for a file that is not there.
+fn entry_not_found(out: &mut TcpStream, method: &str) -> std::io::Result<()> {
+    let code = [("X-Error-Code", "EntryNotFound".to_owned())];
+    simple(
+        out,
+        method,
+        "404 Not Found",
+        r#"{"error":"Entry not found"}"#,
+        &code,
+    )
+}
+
 /// A small JSON answer (headers only for `HEAD`).
 fn simple(
     out: &mut TcpStream,
@@ -392,23 +404,11 @@ fn respond(
         }
         let (Some(served), Some(commit)) = (state.files.get(&key), state.commits.get(&repo)) else {
             drop(state);
-            return simple(
-                out,
-                &method,
-                "404 Not Found",
-                r#"{"error":"Entry not found"}"#,
-                &[("X-Error-Code", "EntryNotFound".into())],
-            );
+            return entry_not_found(out, &method);
         };
         if fault == Some(Fault::NotFound) || (revision != "main" && revision != *commit) {
             drop(state);
-            return simple(
-                out,
-                &method,
-                "404 Not Found",
-                r#"{"error":"Entry not found"}"#,
-                &[("X-Error-Code", "EntryNotFound".into())],
-            );
+            return entry_not_found(out, &method);
         }
         (
             served.source.clone(),

@@ -20,6 +20,10 @@ mod thread;
 pub use engine::{check_gguf, Engine, Output};
 #[cfg(feature = "llama")]
 pub use llama::{llama_backend, LlamaEngine, LlamaOptions};
+/// The llama.cpp bindings this crate uses, for code that drives llama.cpp
+/// beside the engine (take the backend from [`llama_backend`]).
+#[cfg(feature = "llama")]
+pub use llama_cpp_2;
 pub use pinky::Pinky;
 pub use thread::{CancelToken, EngineFactory, EngineReport, EngineThread};
 

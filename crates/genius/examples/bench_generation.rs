@@ -17,13 +17,13 @@ use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
-use llama_cpp_2::context::params::LlamaContextParams;
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::sampling::LlamaSampler;
 use rusty_genius::core::protocol::{BrainstemInput, BrainstemOutput, InferenceEvent};
 use rusty_genius::core::InferenceConfig;
+use rusty_genius::cortex::llama_cpp_2::context::params::LlamaContextParams;
+use rusty_genius::cortex::llama_cpp_2::llama_batch::LlamaBatch;
+use rusty_genius::cortex::llama_cpp_2::model::params::LlamaModelParams;
+use rusty_genius::cortex::llama_cpp_2::model::LlamaModel;
+use rusty_genius::cortex::llama_cpp_2::sampling::LlamaSampler;
 use rusty_genius::cortex::{llama_backend, LlamaEngine, LlamaOptions};
 use rusty_genius::{CortexStrategy, Orchestrator};
 

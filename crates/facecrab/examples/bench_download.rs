@@ -69,7 +69,8 @@ fn main() {
         std::fs::create_dir_all(&work).unwrap();
         let (facecrab, stderr) = timed(
             Command::new(&downloader)
-                .args([REPO, "--stats"])
+                // The exact file, as curl gets the exact URL: no listing.
+                .args([format!("{REPO}/{file}").as_str(), "--stats"])
                 .env("GENIUS_HOME", &work)
                 .env("HF_ENDPOINT", hub.endpoint())
                 .env_remove("HF_TOKEN")

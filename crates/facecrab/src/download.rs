@@ -140,7 +140,7 @@ async fn download(
     }
     file.set_len(have).map_err(io)?;
     file.seek(SeekFrom::Start(have)).map_err(io)?;
-    let mut writer = Writer::start(file, hasher).map_err(io)?;
+    let mut writer = Writer::start(file).map_err(io)?;
 
     let total = request.size.unwrap_or(0);
     let mut progress = Progress::new(have);
@@ -172,17 +172,19 @@ async fn download(
                 );
                 have = 0;
                 progress = Progress::new(0);
+                hasher = Sha256::new();
                 if !writer.send(Chunk::Restart).await {
                     return Ok(false);
                 }
             }
             loop {
-                let mut buf = vec![0u8; BUFFER];
+                let mut buf = writer.buffer();
                 let n = body.read(&mut buf).await?;
                 if n == 0 {
                     return Ok(true);
                 }
                 buf.truncate(n);
+                hasher.update(&buf);
                 if !writer.send(Chunk::Data(buf)).await {
                     return Ok(false);
                 }
@@ -227,7 +229,7 @@ async fn download(
             Err(err) => return Err(err),
         }
     }
-    let hasher = writer.finish().map_err(io)?;
+    writer.finish().map_err(io)?;
     report(AssetEvent::Progress(have, total));
 
     let actual = hex(&hasher.finalize());
@@ -248,11 +250,14 @@ async fn download(
     Ok(())
 }
 
-/// Hashes and writes downloaded chunks on a thread of its own, so that
-/// receiving the next chunk overlaps with hashing and writing this one.
+/// Writes downloaded chunks on a thread of its own, so that writing one
+/// chunk overlaps with receiving and hashing the next.
 struct Writer {
     chunks: Option<futures::channel::mpsc::Sender<Chunk>>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<(Sha256, File)>>>,
+    /// Written buffers come back here to be filled again: fresh 256 KiB
+    /// allocations would each cost an mmap and a round of page faults.
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
 enum Chunk {
@@ -262,8 +267,9 @@ enum Chunk {
 }
 
 impl Writer {
-    fn start(mut file: File, mut hasher: Sha256) -> std::io::Result<Self> {
+    fn start(mut file: File) -> std::io::Result<Self> {
         let (chunks, incoming) = futures::channel::mpsc::channel::<Chunk>(4);
+        let (give_back, spare) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("facecrab-writer".into())
             .spawn(move || {
@@ -271,23 +277,34 @@ impl Writer {
                     match chunk {
                         Chunk::Data(bytes) => {
                             file.write_all(&bytes)?;
-                            hasher.update(&bytes);
+                            let _ = give_back.send(bytes);
                         }
                         Chunk::Restart => {
                             file.set_len(0)?;
                             file.seek(SeekFrom::Start(0))?;
-                            hasher = Sha256::new();
                         }
                     }
                 }
                 // Durable before it is renamed into place.
                 file.sync_all()?;
-                Ok((hasher, file))
+                Ok(())
             })?;
         Ok(Self {
             chunks: Some(chunks),
+            spare,
             thread: Some(thread),
         })
+    }
+
+    /// An empty buffer of `BUFFER` bytes' capacity, reused when possible.
+    fn buffer(&self) -> Vec<u8> {
+        match self.spare.try_recv() {
+            Ok(mut buf) => {
+                buf.resize(BUFFER, 0);
+                buf
+            }
+            Err(_) => vec![0u8; BUFFER],
+        }
     }
 
     /// Queues a chunk; `false` if the writer has stopped (call `finish`
@@ -302,13 +319,12 @@ impl Writer {
 
     /// Waits for every queued chunk to be written and synced; returns the
     /// hash of the whole file.
-    fn finish(mut self) -> std::io::Result<Sha256> {
+    fn finish(mut self) -> std::io::Result<()> {
         self.chunks = None;
         let thread = self.thread.take().expect("finish runs once");
         thread
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")))
-            .map(|(hasher, _)| hasher)
     }
 }
 

@@ -205,8 +205,9 @@ enum Event {
     Hibernate,
 }
 
-/// The output receiver is gone: stop the loop.
-struct Disconnected;
+/// The loop must end: `Shutdown` was received, the output receiver is gone,
+/// or the engine thread died.
+struct Halt;
 
 struct Brainstem {
     strategy: CortexStrategy,
@@ -256,19 +257,13 @@ impl Brainstem {
         }
     }
 
-    async fn handle_event(&mut self, event: Event) -> Result<(), Disconnected> {
+    async fn handle_event(&mut self, event: Event) -> Result<(), Halt> {
         match event {
             Event::Input(None) => self.input = None,
-            Event::Input(Some(BrainstemInput::Stop)) => {
-                if let State::Inferring { cancel, .. } = &self.state {
-                    cancel.cancel();
-                }
-            }
+            Event::Input(Some(BrainstemInput::Stop)) => self.cancel_generation(),
             Event::Input(Some(BrainstemInput::Shutdown)) => {
-                if let State::Inferring { cancel, .. } = &self.state {
-                    cancel.cancel();
-                }
-                return Err(Disconnected);
+                self.cancel_generation();
+                return Err(Halt);
             }
             Event::Input(Some(BrainstemInput::LoadModel(name))) => {
                 self.queue.push_back(Request::Load(name))
@@ -285,7 +280,7 @@ impl Brainstem {
             Event::Engine(None) => {
                 self.emit(BrainstemOutput::Error(GeniusError::EngineGone.to_string()))
                     .await?;
-                return Err(Disconnected);
+                return Err(Halt);
             }
             Event::Engine(Some(report)) => self.on_engine_report(report).await?,
             Event::Asset(event) => self.on_asset_event(event).await?,
@@ -308,7 +303,7 @@ impl Brainstem {
     }
 
     /// Starts queued requests while the engine is free.
-    async fn pump(&mut self) -> Result<(), Disconnected> {
+    async fn pump(&mut self) -> Result<(), Halt> {
         while matches!(self.state, State::Unloaded { .. } | State::Loaded { .. }) {
             let Some(request) = self.queue.pop_front() else {
                 break;
@@ -321,7 +316,7 @@ impl Brainstem {
         Ok(())
     }
 
-    async fn start_load(&mut self, name: String) -> Result<(), Disconnected> {
+    async fn start_load(&mut self, name: String) -> Result<(), Halt> {
         if let State::Loaded { model, .. } = &self.state {
             if model.name == name {
                 let status = EngineStatus::Loaded(name);
@@ -351,18 +346,14 @@ impl Brainstem {
         Ok(())
     }
 
-    async fn load(&mut self, model: Model) -> Result<(), Disconnected> {
+    async fn load(&mut self, model: Model) -> Result<(), Halt> {
         self.engine.load(model.name.clone(), model.path.clone());
         let status = EngineStatus::Loading(model.name.clone());
         self.state = State::Loading { model };
         self.emit(BrainstemOutput::Status(status)).await
     }
 
-    async fn start_infer(
-        &mut self,
-        prompt: String,
-        config: InferenceConfig,
-    ) -> Result<(), Disconnected> {
+    async fn start_infer(&mut self, prompt: String, config: InferenceConfig) -> Result<(), Halt> {
         if prompt.trim().is_empty() {
             return self.fail(GeniusError::EmptyPrompt).await;
         }
@@ -390,7 +381,7 @@ impl Brainstem {
         }
     }
 
-    async fn on_engine_report(&mut self, report: EngineReport) -> Result<(), Disconnected> {
+    async fn on_engine_report(&mut self, report: EngineReport) -> Result<(), Halt> {
         match report {
             EngineReport::Loaded(result) => {
                 let State::Loading { model } =
@@ -454,7 +445,7 @@ impl Brainstem {
         }
     }
 
-    async fn on_asset_event(&mut self, event: AssetEvent) -> Result<(), Disconnected> {
+    async fn on_asset_event(&mut self, event: AssetEvent) -> Result<(), Halt> {
         self.emit(BrainstemOutput::Asset(event.clone())).await?;
         let State::Resolving { name } = &self.state else {
             return Ok(());
@@ -476,18 +467,23 @@ impl Brainstem {
         }
     }
 
-    async fn fail(&mut self, err: GeniusError) -> Result<(), Disconnected> {
+    /// Ends the generation in progress, if any, within a token.
+    fn cancel_generation(&self) {
+        if let State::Inferring { cancel, .. } = &self.state {
+            cancel.cancel();
+        }
+    }
+
+    async fn fail(&mut self, err: GeniusError) -> Result<(), Halt> {
         log::warn!("{err}");
         self.emit(BrainstemOutput::Error(err.to_string())).await
     }
 
-    async fn emit(&mut self, output: BrainstemOutput) -> Result<(), Disconnected> {
+    async fn emit(&mut self, output: BrainstemOutput) -> Result<(), Halt> {
         if self.output.send(output).await.is_err() {
             // Nobody listens any more: stop generating for nobody.
-            if let State::Inferring { cancel, .. } = &self.state {
-                cancel.cancel();
-            }
-            return Err(Disconnected);
+            self.cancel_generation();
+            return Err(Halt);
         }
         Ok(())
     }

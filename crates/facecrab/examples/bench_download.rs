@@ -8,7 +8,7 @@
 //! facecrab runs in a child process (the `download` example) so its peak
 //! resident memory is its own; curl writes to a file in the same folder.
 //! facecrab also hashes every byte and syncs the file to disk; curl does
-//! neither.
+//! neither. Both start from a `sync`, and they take turns going first.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -67,26 +67,43 @@ fn main() {
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).unwrap();
-        let (facecrab, stderr) = timed(
-            Command::new(&downloader)
-                // The exact file, as curl gets the exact URL: no listing.
-                .args([format!("{REPO}/{file}").as_str(), "--stats"])
-                .env("GENIUS_HOME", &work)
-                .env("HF_ENDPOINT", hub.endpoint())
-                .env_remove("HF_TOKEN")
-                .env_remove("HF_HUB_OFFLINE"),
-        );
+        let _ = Command::new("sync").status();
+        // Each side starts with no dirty pages of the other's to write back.
+        let facecrab_run = || {
+            let _ = Command::new("sync").status();
+            timed(
+                Command::new(&downloader)
+                    // The exact file, as curl gets the exact URL: no listing.
+                    .args([format!("{REPO}/{file}").as_str(), "--stats"])
+                    .env("GENIUS_HOME", &work)
+                    .env("HF_ENDPOINT", hub.endpoint())
+                    .env_remove("HF_TOKEN")
+                    .env_remove("HF_HUB_OFFLINE"),
+            )
+        };
+        let curl_run = || {
+            let _ = Command::new("sync").status();
+            timed(
+                Command::new("curl")
+                    .args(["-sSf", "-o"])
+                    .arg(work.join("curl.bin"))
+                    .arg(&url),
+            )
+            .0
+        };
+        // Alternate who goes first, so neither always runs on a warmer box.
+        let ((facecrab, stderr), curl) = if round % 2 == 0 {
+            let ours = facecrab_run();
+            (ours, curl_run())
+        } else {
+            let theirs = curl_run();
+            (facecrab_run(), theirs)
+        };
         let peak = stderr
             .lines()
             .find_map(|l| l.strip_prefix("peak memory "))
             .unwrap_or("?")
             .to_owned();
-        let (curl, _) = timed(
-            Command::new("curl")
-                .args(["-sSf", "-o"])
-                .arg(work.join("curl.bin"))
-                .arg(&url),
-        );
         assert_eq!(
             std::fs::metadata(work.join("curl.bin")).unwrap().len(),
             size

@@ -18,6 +18,8 @@ const PROGRESS_BYTES: u64 = 1 << 20;
 /// ... or after this long.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 const BUFFER: usize = 256 * 1024;
+/// Start writing data back to disk after this many new bytes.
+const FLUSH_BYTES: usize = 16 << 20;
 
 /// What to fetch and how to check it.
 pub(crate) struct BlobRequest<'a> {
@@ -270,13 +272,20 @@ impl Writer {
     fn start(mut file: File) -> std::io::Result<Self> {
         let (chunks, incoming) = futures::channel::mpsc::channel::<Chunk>(4);
         let (give_back, spare) = std::sync::mpsc::channel();
+        let flusher = Flusher::start(file.try_clone()?)?;
         let thread = std::thread::Builder::new()
             .name("facecrab-writer".into())
             .spawn(move || {
+                let mut unflushed = 0;
                 for chunk in futures::executor::block_on_stream(incoming) {
                     match chunk {
                         Chunk::Data(bytes) => {
                             file.write_all(&bytes)?;
+                            unflushed += bytes.len();
+                            if unflushed >= FLUSH_BYTES {
+                                flusher.poke();
+                                unflushed = 0;
+                            }
                             let _ = give_back.send(bytes);
                         }
                         Chunk::Restart => {
@@ -285,7 +294,9 @@ impl Writer {
                         }
                     }
                 }
-                // Durable before it is renamed into place.
+                flusher.finish();
+                // Durable before it is renamed into place. Most of the
+                // data is on disk already, so this is short.
                 file.sync_all()?;
                 Ok(())
             })?;
@@ -331,6 +342,52 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.chunks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Pushes written data to disk while the download goes on, so that the
+/// final `fsync` has little left to do and a large file does not pile up
+/// as dirty pages. Runs on its own thread: a flush blocks until the disk
+/// is done, and neither receiving nor writing should wait for that.
+struct Flusher {
+    pokes: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn start(file: File) -> std::io::Result<Self> {
+        // One pending poke is enough: a flush covers all data written
+        // before it starts.
+        let (pokes, poked) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("facecrab-flusher".into())
+            .spawn(move || {
+                while poked.recv().is_ok() {
+                    if let Err(err) = file.sync_data() {
+                        // The final sync reports errors; this one only
+                        // runs ahead of it.
+                        log::debug!("early flush failed: {err}");
+                    }
+                }
+            })?;
+        Ok(Self {
+            pokes: Some(pokes),
+            thread: Some(thread),
+        })
+    }
+
+    /// Asks for a flush, unless one is already waiting to start.
+    fn poke(&self) {
+        if let Some(pokes) = &self.pokes {
+            let _ = pokes.try_send(());
+        }
+    }
+
+    fn finish(mut self) {
+        self.pokes = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }

@@ -463,7 +463,29 @@ fn child_download_until_killed() {
         .stall_timeout(Duration::from_secs(600))
         .build()
         .unwrap();
-    let _ = async_std::task::block_on(authority.ensure_model(REPO));
+    async_std::task::block_on(authority.ensure_model(REPO)).unwrap();
+}
+
+fn spawn_child(s: &Setup) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["child_download_until_killed", "--exact", "--nocapture"])
+        .env("FACECRAB_CHILD_ENDPOINT", s.hub.endpoint())
+        .env("FACECRAB_CHILD_CACHE", s.cache())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the blob's partial file holds at least `bytes`.
+async fn wait_for_partial(s: &Setup, bytes: u64) {
+    let partial = s.blob().with_extension("incomplete");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < bytes {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child never got {bytes} bytes in"
+        );
+        async_std::task::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[async_std::test]
@@ -472,21 +494,8 @@ async fn a_download_killed_with_its_process_resumes_in_the_next() {
     let s = setup("killed", size);
     let cut = 5 * MIB;
     s.hub.set_fault(REPO, FILE, Some(Fault::StallAfter(cut)));
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["child_download_until_killed", "--exact", "--nocapture"])
-        .env("FACECRAB_CHILD_ENDPOINT", s.hub.endpoint())
-        .env("FACECRAB_CHILD_CACHE", s.cache())
-        .spawn()
-        .unwrap();
-    let partial = s.blob().with_extension("incomplete");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < cut {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the child never got {cut} bytes in"
-        );
-        async_std::task::sleep(Duration::from_millis(20)).await;
-    }
+    let mut child = spawn_child(&s);
+    wait_for_partial(&s, cut).await;
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -501,4 +510,45 @@ async fn a_download_killed_with_its_process_resumes_in_the_next() {
         Some(format!("bytes={cut}-").as_str())
     );
     assert_eq!(downloads[0].body_bytes, size - cut);
+}
+
+#[async_std::test]
+async fn a_second_process_waits_for_the_first_and_then_resumes_its_file() {
+    let size = 12 * MIB;
+    let s = setup("two-processes", size);
+    let cut = 3 * MIB;
+    // The first process stalls halfway, holding the blob's lock.
+    s.hub.set_fault(REPO, FILE, Some(Fault::StallAfter(cut)));
+    let mut first = spawn_child(&s);
+    wait_for_partial(&s, cut).await;
+    s.hub.set_fault(REPO, FILE, None);
+    // The stalled request is only recorded once it ends, which it never
+    // does: from here on, the log shows the second process alone.
+    s.hub.clear_requests();
+
+    let mut second = spawn_child(&s);
+    // The second asks the Hub about the file, then waits for the lock
+    // instead of fetching it a second time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while s.hub.requests().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no second process");
+        async_std::task::sleep(Duration::from_millis(20)).await;
+    }
+    async_std::task::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.hub.downloads().len(), 0, "{:?}", s.hub.downloads());
+    assert!(second.try_wait().unwrap().is_none());
+
+    // When the first dies, its lock goes with it and the second takes over
+    // the partial file.
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(second.wait().unwrap().success());
+    let downloads = s.hub.downloads();
+    assert_eq!(downloads.len(), 1, "{downloads:?}");
+    assert_eq!(
+        downloads[0].header("range"),
+        Some(format!("bytes={cut}-").as_str())
+    );
+    assert_eq!(downloads[0].body_bytes, size - cut);
+    assert!(same_content(&s.blob(), &s.source));
 }

@@ -113,7 +113,6 @@ async fn download(
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(false)
-        .read(true)
         .write(true)
         .open(partial)
         .map_err(io)?;
@@ -121,28 +120,17 @@ async fn download(
     if request.size.is_some_and(|size| have > size) {
         have = 0;
     }
-    // Hash what an earlier attempt left, so the final hash covers it all.
-    let mut hasher = Sha256::new();
-    if have > 0 {
-        log::info!("resuming {} at {have} bytes", request.file);
-        file.seek(SeekFrom::Start(0)).map_err(io)?;
-        let mut buf = vec![0; BUFFER];
-        let mut left = have;
-        while left > 0 {
-            let n = file
-                .read(&mut buf[..BUFFER.min(left as usize)])
-                .map_err(io)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            left -= n as u64;
-        }
-        have -= left;
-    }
     file.set_len(have).map_err(io)?;
     file.seek(SeekFrom::Start(have)).map_err(io)?;
-    let mut writer = Writer::start(file).map_err(io)?;
+    // What an earlier attempt left is hashed first, on the sink's thread,
+    // while the request for the rest goes out.
+    let resumed = if have > 0 {
+        log::info!("resuming {} at {have} bytes", request.file);
+        Some((partial.to_path_buf(), have))
+    } else {
+        None
+    };
+    let mut sink = Sink::start(file, resumed).map_err(io)?;
 
     let total = request.size.unwrap_or(0);
     let mut progress = Progress::new(have);
@@ -174,20 +162,18 @@ async fn download(
                 );
                 have = 0;
                 progress = Progress::new(0);
-                hasher = Sha256::new();
-                if !writer.send(Chunk::Restart).await {
+                if !sink.send(Chunk::Restart).await {
                     return Ok(false);
                 }
             }
             loop {
-                let mut buf = writer.buffer();
+                let mut buf = sink.buffer();
                 let n = body.read(&mut buf).await?;
                 if n == 0 {
                     return Ok(true);
                 }
                 buf.truncate(n);
-                hasher.update(&buf);
-                if !writer.send(Chunk::Data(buf)).await {
+                if !sink.send(Chunk::Data(buf)).await {
                     return Ok(false);
                 }
                 have += n as u64;
@@ -202,10 +188,10 @@ async fn download(
                 }
             }
         };
-        // `Ok(false)`: the writer failed; its error is the one to report.
+        // `Ok(false)`: the sink failed; its error is the one to report.
         let outcome: Result<bool, FacecrabError> = attempt.await;
         if let Ok(false) = outcome {
-            return Err(io(writer
+            return Err(io(sink
                 .finish()
                 .err()
                 .unwrap_or_else(|| std::io::Error::other("the writer stopped"))));
@@ -231,10 +217,10 @@ async fn download(
             Err(err) => return Err(err),
         }
     }
-    writer.finish().map_err(io)?;
+    let digest = sink.finish().map_err(io)?;
     report(AssetEvent::Progress(have, total));
 
-    let actual = hex(&hasher.finalize());
+    let actual = hex(&digest);
     if let Some(expected) = &request.sha256 {
         if !expected.eq_ignore_ascii_case(&actual) {
             return Err(FacecrabError::ChecksumMismatch {
@@ -252,15 +238,21 @@ async fn download(
     Ok(())
 }
 
-/// Writes downloaded chunks on a thread of its own, so that writing one
-/// chunk overlaps with receiving and hashing the next.
-struct Writer {
+/// Takes downloaded chunks off the async task and runs them through a
+/// pipeline of threads: a hasher, then a writer, then a flusher that pushes
+/// written data to disk. Receiving, hashing and writing so overlap, each a
+/// few buffers behind the one before.
+struct Sink {
     chunks: Option<futures::channel::mpsc::Sender<Chunk>>,
     /// Written buffers come back here to be filled again: fresh 256 KiB
     /// allocations would each cost an mmap and a round of page faults.
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+    /// The hasher, which hands back the digest of the whole file once the
+    /// writer is done with it.
+    hasher: Option<std::thread::JoinHandle<std::io::Result<Digest256>>>,
 }
+
+type Digest256 = sha2::digest::Output<Sha256>;
 
 enum Chunk {
     Data(Vec<u8>),
@@ -268,42 +260,35 @@ enum Chunk {
     Restart,
 }
 
-impl Writer {
-    fn start(mut file: File) -> std::io::Result<Self> {
-        let (chunks, incoming) = futures::channel::mpsc::channel::<Chunk>(4);
+/// Chunks in flight between two stages of the pipeline.
+const QUEUE: usize = 4;
+
+impl Sink {
+    /// `resumed`: the partial file and how many bytes of it to hash before
+    /// the first chunk.
+    fn start(file: File, resumed: Option<(PathBuf, u64)>) -> std::io::Result<Self> {
+        let (chunks, incoming) = futures::channel::mpsc::channel::<Chunk>(QUEUE);
         let (give_back, spare) = std::sync::mpsc::channel();
-        let flusher = Flusher::start(file.try_clone()?)?;
-        let thread = std::thread::Builder::new()
+        let (to_writer, writer_input) = std::sync::mpsc::sync_channel::<Chunk>(QUEUE);
+        let writer = std::thread::Builder::new()
             .name("facecrab-writer".into())
+            .spawn(move || write_chunks(file, writer_input, give_back))?;
+        let hasher = std::thread::Builder::new()
+            .name("facecrab-hasher".into())
             .spawn(move || {
-                let mut unflushed = 0;
-                for chunk in futures::executor::block_on_stream(incoming) {
-                    match chunk {
-                        Chunk::Data(bytes) => {
-                            file.write_all(&bytes)?;
-                            unflushed += bytes.len();
-                            if unflushed >= FLUSH_BYTES {
-                                flusher.poke();
-                                unflushed = 0;
-                            }
-                            let _ = give_back.send(bytes);
-                        }
-                        Chunk::Restart => {
-                            file.set_len(0)?;
-                            file.seek(SeekFrom::Start(0))?;
-                        }
-                    }
-                }
-                flusher.finish();
-                // Durable before it is renamed into place. Most of the
-                // data is on disk already, so this is short.
-                file.sync_all()?;
-                Ok(())
+                let hashed = hash_chunks(resumed, incoming, &to_writer);
+                drop(to_writer);
+                let written = writer
+                    .join()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")));
+                // A writer error is the cause when both failed: the hasher
+                // only stops because the writer went away.
+                written.and(hashed)
             })?;
         Ok(Self {
             chunks: Some(chunks),
             spare,
-            thread: Some(thread),
+            hasher: Some(hasher),
         })
     }
 
@@ -318,7 +303,7 @@ impl Writer {
         }
     }
 
-    /// Queues a chunk; `false` if the writer has stopped (call `finish`
+    /// Queues a chunk; `false` if the pipeline has stopped (call `finish`
     /// for its error).
     async fn send(&mut self, chunk: Chunk) -> bool {
         use futures::SinkExt;
@@ -328,24 +313,87 @@ impl Writer {
         }
     }
 
-    /// Waits for every queued chunk to be written and synced; returns the
-    /// hash of the whole file.
-    fn finish(mut self) -> std::io::Result<()> {
+    /// Waits for every queued chunk to be hashed, written and synced;
+    /// returns the sha256 of the whole file.
+    fn finish(mut self) -> std::io::Result<Digest256> {
         self.chunks = None;
-        let thread = self.thread.take().expect("finish runs once");
-        thread
+        let hasher = self.hasher.take().expect("finish runs once");
+        hasher
             .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")))
+            .unwrap_or_else(|_| Err(std::io::Error::other("the hasher thread panicked")))
     }
 }
 
-impl Drop for Writer {
+impl Drop for Sink {
     fn drop(&mut self) {
         self.chunks = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(hasher) = self.hasher.take() {
+            let _ = hasher.join();
         }
     }
+}
+
+/// The hasher stage: hashes the resumed part of the file, then each chunk,
+/// passing chunks on to the writer.
+fn hash_chunks(
+    resumed: Option<(PathBuf, u64)>,
+    incoming: futures::channel::mpsc::Receiver<Chunk>,
+    to_writer: &std::sync::mpsc::SyncSender<Chunk>,
+) -> std::io::Result<Digest256> {
+    let mut hasher = Sha256::new();
+    if let Some((path, len)) = resumed {
+        // A handle of its own: the writer's position must not move.
+        let mut done = File::open(&path)?.take(len);
+        let copied = std::io::copy(&mut done, &mut hasher)?;
+        if copied != len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the partial file shrank to {copied} bytes while resuming"),
+            ));
+        }
+    }
+    for chunk in futures::executor::block_on_stream(incoming) {
+        match &chunk {
+            Chunk::Data(bytes) => hasher.update(bytes),
+            Chunk::Restart => hasher = Sha256::new(),
+        }
+        if to_writer.send(chunk).is_err() {
+            return Err(std::io::Error::other("the writer stopped"));
+        }
+    }
+    Ok(hasher.finalize())
+}
+
+/// The writer stage: appends chunks to the file, returns their buffers,
+/// and has the flusher push data to disk as it goes.
+fn write_chunks(
+    mut file: File,
+    input: std::sync::mpsc::Receiver<Chunk>,
+    give_back: std::sync::mpsc::Sender<Vec<u8>>,
+) -> std::io::Result<()> {
+    let flusher = Flusher::start(file.try_clone()?)?;
+    let mut unflushed = 0;
+    for chunk in input {
+        match chunk {
+            Chunk::Data(bytes) => {
+                file.write_all(&bytes)?;
+                unflushed += bytes.len();
+                if unflushed >= FLUSH_BYTES {
+                    flusher.poke();
+                    unflushed = 0;
+                }
+                let _ = give_back.send(bytes);
+            }
+            Chunk::Restart => {
+                file.set_len(0)?;
+                file.seek(SeekFrom::Start(0))?;
+            }
+        }
+    }
+    flusher.finish();
+    // Durable before it is renamed into place. Most of the data is on disk
+    // already, so this is short.
+    file.sync_all()
 }
 
 /// Pushes written data to disk while the download goes on, so that the

@@ -2,7 +2,8 @@
 //! same loopback Hub, in one run; plus facecrab's peak memory.
 //!
 //! ```text
-//! cargo run --release -p facecrab --features test-hub --example bench_download -- <file.gguf> [rounds]
+//! cargo build --release -p facecrab --features test-hub --example download --example bench_download
+//! target/release/examples/bench_download <file.gguf> [rounds]
 //! ```
 //!
 //! facecrab runs in a child process (the `download` example) so its peak
@@ -41,10 +42,10 @@ fn timed(command: &mut Command) -> (Duration, String) {
 fn main() {
     let mut args = std::env::args().skip(1);
     let Some(source) = args.next().map(PathBuf::from) else {
-        eprintln!("usage: bench_download <file.gguf> [rounds=3]");
+        eprintln!("usage: bench_download <file.gguf> [rounds=9]");
         std::process::exit(2);
     };
-    let rounds: usize = args.next().map_or(3, |n| n.parse().expect("rounds"));
+    let rounds: usize = args.next().map_or(9, |n| n.parse().expect("rounds"));
     let file = source.file_name().unwrap().to_string_lossy().into_owned();
     let size = std::fs::metadata(&source).expect("source file").len();
     let hub = TestHub::start().expect("loopback hub");

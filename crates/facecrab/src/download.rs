@@ -390,7 +390,7 @@ fn write_chunks(
             }
         }
     }
-    flusher.finish();
+    drop(flusher);
     // Durable before it is renamed into place. Most of the data is on disk
     // already, so this is short.
     file.sync_all()
@@ -433,8 +433,11 @@ impl Flusher {
             let _ = pokes.try_send(());
         }
     }
+}
 
-    fn finish(mut self) {
+/// Waits for a flush under way, so none outlives the download.
+impl Drop for Flusher {
+    fn drop(&mut self) {
         self.pokes = None;
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

@@ -10,9 +10,10 @@ use rusty_genius_core::protocol::AssetEvent;
 
 use crate::cache::{is_sha256, RepoCache};
 use crate::download::{ensure_blob, BlobRequest};
-use crate::hub::HubClient;
+use crate::hub::{FileMeta, HubClient};
 use crate::name::{FileChoice, HubRef, ModelRef};
 use crate::registry::Registry;
+use crate::split;
 use crate::FacecrabError;
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -221,7 +222,9 @@ impl AssetAuthority {
 
     /// Returns a local path for `name` (a path, a registry name or a
     /// HuggingFace id), downloading and verifying the file first if it is
-    /// not cached. A cached file costs no network request.
+    /// not cached. A cached file costs no network request. For a model
+    /// split over several files, every part is fetched and the path is the
+    /// first part's.
     pub async fn ensure_model(&self, name: &str) -> Result<PathBuf, FacecrabError> {
         self.ensure_model_with(name, &mut |_| {}).await
     }
@@ -307,8 +310,8 @@ impl AssetAuthority {
             .into_iter()
             .filter(|f| quant_matches(f, wanted))
             .collect();
-        if let [only] = cached.as_slice() {
-            return Ok(target(only.clone()));
+        if let Some(file) = split::one_model(&cached) {
+            return Ok(target(file.clone()));
         }
         if self.inner.offline {
             return Err(self.not_cached(name));
@@ -326,17 +329,17 @@ impl AssetAuthority {
             .filter(|f| quant_matches(f, wanted))
             .cloned()
             .collect();
-        match matches.as_slice() {
-            [only] => {
-                crate::name::check_file_path(only).map_err(|reason| {
+        match split::one_model(&matches) {
+            Some(file) => {
+                crate::name::check_file_path(file).map_err(|reason| {
                     FacecrabError::InvalidName {
-                        name: only.escape_debug().to_string(),
+                        name: file.escape_debug().to_string(),
                         reason: format!("the Hub listed an unsafe file name: {reason}"),
                     }
                 })?;
-                Ok(target(only.clone()))
+                Ok(target(file.clone()))
             }
-            _ => Err(FacecrabError::NoSingleFile {
+            None => Err(FacecrabError::NoSingleFile {
                 repo: hub.repo.clone(),
                 wanted: wanted.to_owned(),
                 available_matches: matches,
@@ -352,7 +355,8 @@ impl AssetAuthority {
         }
     }
 
-    /// Returns the cached file, or downloads it into the cache.
+    /// Returns the cached file, or downloads it into the cache. A part of
+    /// a split model brings all its parts, and the path is the first's.
     async fn fetch(
         &self,
         name: &str,
@@ -360,49 +364,96 @@ impl AssetAuthority {
         report: &mut (dyn FnMut(AssetEvent) + Send),
     ) -> Result<PathBuf, FacecrabError> {
         let cache = RepoCache::new(&self.inner.cache_dir, &target.repo);
-        if let Some(path) = cache.cached_file(&target.revision, &target.file) {
-            log::debug!("{name} is cached at {}", path.display());
-            return Ok(path);
+        let files = split::parts_of(&target.file).unwrap_or_else(|| vec![target.file.clone()]);
+        let cached: Option<Vec<PathBuf>> = files
+            .iter()
+            .map(|file| cache.cached_file(&target.revision, file))
+            .collect();
+        if let Some(first) = cached.and_then(|paths| paths.into_iter().next()) {
+            log::debug!("{name} is cached at {}", first.display());
+            return Ok(first);
         }
         if self.inner.offline {
             return Err(self.not_cached(name));
         }
         let client = &self.inner.client;
-        let meta = client
-            .file_meta(&target.repo, &target.revision, &target.file)
+        let first = client
+            .file_meta(&target.repo, &target.revision, &files[0])
             .await?;
+        let commit = first.commit.clone();
+        let mut metas = vec![first];
+        for file in &files[1..] {
+            // Later parts come from the commit the first resolved to, even
+            // if the branch moves meanwhile.
+            let meta = client.file_meta(&target.repo, &commit, file).await?;
+            if meta.commit != commit {
+                return Err(FacecrabError::Network {
+                    url: client.file_url(&target.repo, &commit, file),
+                    reason: format!("asked for commit {commit}, got {}", meta.commit),
+                });
+            }
+            metas.push(meta);
+        }
         let cache_io = |err| FacecrabError::io(cache.root(), err);
         std::fs::create_dir_all(cache.root()).map_err(cache_io)?;
         cache
-            .write_ref(&target.revision, &meta.commit)
+            .write_ref(&target.revision, &commit)
             .map_err(cache_io)?;
-        let snapshot = cache.snapshot(&meta.commit, &target.file);
-        if snapshot.is_file() {
-            return Ok(snapshot);
+        let total = metas.iter().map(|meta| meta.size).sum::<Option<u64>>();
+        let mut before = 0;
+        for (file, meta) in files.iter().zip(&metas) {
+            if !cache.snapshot(&commit, file).is_file() {
+                let mut part_report = |event| match event {
+                    AssetEvent::Progress(done, size) => {
+                        report(AssetEvent::Progress(before + done, total.unwrap_or(size)))
+                    }
+                    other => report(other),
+                };
+                self.fetch_file(&cache, &target, file, meta, &mut part_report)
+                    .await?;
+            }
+            before += meta.size.unwrap_or(0);
         }
+        Ok(cache.snapshot(&commit, &files[0]))
+    }
+
+    /// Downloads one file of `target`'s snapshot (`meta.commit`) and links
+    /// it in place.
+    async fn fetch_file(
+        &self,
+        cache: &RepoCache,
+        target: &Target,
+        file: &str,
+        meta: &FileMeta,
+        report: &mut (dyn FnMut(AssetEvent) + Send),
+    ) -> Result<PathBuf, FacecrabError> {
+        let (repo, commit) = (target.repo.as_str(), meta.commit.as_str());
+        // The registry's sha256 is that of the file it names.
+        let pinned = target.sha256.as_ref().filter(|_| file == target.file);
         let announced = is_sha256(&meta.etag).then(|| meta.etag.to_ascii_lowercase());
-        if let (Some(pinned), Some(announced)) = (&target.sha256, &announced) {
+        if let (Some(pinned), Some(announced)) = (pinned, &announced) {
             if !pinned.eq_ignore_ascii_case(announced) {
                 return Err(FacecrabError::ChecksumMismatch {
-                    file: format!("{}/{}", target.repo, target.file),
+                    file: format!("{repo}/{file}"),
                     expected: pinned.to_ascii_lowercase(),
                     actual: format!("{announced} (announced by the Hub; nothing was downloaded)"),
                 });
             }
         }
+        let client = &self.inner.client;
         let request = BlobRequest {
-            repo: &target.repo,
-            file: &target.file,
-            url: client.file_url(&target.repo, &meta.commit, &target.file),
+            repo,
+            file,
+            url: client.file_url(repo, commit, file),
             etag: &meta.etag,
             size: meta.size,
-            sha256: target.sha256.clone().or(announced),
+            sha256: pinned.cloned().or(announced),
             max_retries: self.inner.max_retries,
         };
-        ensure_blob(client, &cache, &request, report).await?;
+        ensure_blob(client, cache, &request, report).await?;
         cache
-            .link_snapshot(&meta.commit, &target.file, &meta.etag)
-            .map_err(cache_io)
+            .link_snapshot(commit, file, &meta.etag)
+            .map_err(|err| FacecrabError::io(cache.root(), err))
     }
 
     /// Every model file in the cache.

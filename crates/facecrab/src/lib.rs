@@ -9,7 +9,9 @@
 //!   HuggingFace tools, and a cached model costs no network request;
 //! - downloads stream to `*.incomplete`, resume after a dropped connection or
 //!   a restart, are checked against their sha256 while they arrive, and are
-//!   renamed into place under a cross-process lock.
+//!   renamed into place under a cross-process lock;
+//! - a model split over several GGUF files (`-00001-of-00003.gguf`) is
+//!   fetched whole, and resolves to its first part, as llama.cpp expects.
 //!
 //! ```no_run
 //! use facecrab::AssetAuthority;
@@ -29,6 +31,7 @@ mod hub;
 mod name;
 mod registry;
 mod rt;
+mod split;
 #[cfg(feature = "test-hub")]
 pub mod testing;
 

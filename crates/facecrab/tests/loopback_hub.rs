@@ -552,3 +552,130 @@ async fn a_second_process_waits_for_the_first_and_then_resumes_its_file() {
     assert_eq!(downloads[0].body_bytes, size - cut);
     assert!(same_content(&s.blob(), &s.source));
 }
+
+#[async_std::test]
+async fn a_split_model_arrives_whole_and_loads_from_its_first_part() {
+    const BIG: &str = "acme/big-GGUF";
+    let dir = temp_dir("split");
+    let hub = TestHub::start().unwrap();
+    let sizes = [3 * MIB, 2 * MIB + 5, MIB + 1];
+    let parts: Vec<String> = (1..=3)
+        .map(|no| format!("q4/big-Q4_K_M-{no:05}-of-00003.gguf"))
+        .collect();
+    let mut sources = Vec::new();
+    for (part, size) in parts.iter().zip(sizes) {
+        let (source, _) = make_model(&dir.0, &format!("part{size}.gguf"), size);
+        hub.add_file(BIG, part, &source, None).unwrap();
+        sources.push(source);
+    }
+    let (other, _) = make_model(&dir.0, "other.gguf", MIB);
+    hub.add_file(BIG, "big-Q8_0.gguf", &other, None).unwrap();
+    let authority = AssetAuthority::builder()
+        .endpoint(hub.endpoint())
+        .cache_dir(dir.0.join("hub"))
+        .registry_file(dir.0.join("no-registry.json"))
+        .token(None)
+        .offline(false)
+        .build()
+        .unwrap();
+
+    let events: Vec<AssetEvent> = authority.ensure_model_stream(BIG).collect().await;
+    let Some(AssetEvent::Complete(path)) = events.last() else {
+        panic!("{events:?}");
+    };
+    let first = PathBuf::from(path);
+    assert!(first.ends_with(&parts[0]), "{}", first.display());
+    // Every part sits beside the first, where llama.cpp looks for them.
+    for (part, source) in parts.iter().zip(&sources) {
+        let beside = first
+            .parent()
+            .unwrap()
+            .join(part.rsplit('/').next().unwrap());
+        assert!(same_content(&beside, source), "{part}");
+    }
+    // One progress count over all parts, ending at their sum.
+    let total: u64 = sizes.iter().sum();
+    let progress: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            AssetEvent::Progress(done, total) => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        progress.windows(2).all(|w| w[0].0 <= w[1].0),
+        "{progress:?}"
+    );
+    assert!(progress.iter().all(|p| p.1 == total), "{progress:?}");
+    assert_eq!(progress.last(), Some(&(total, total)));
+    assert_eq!(hub.downloads().len(), 3);
+
+    // Any part's name, or the repository, finds the cached model at once.
+    hub.clear_requests();
+    for name in [
+        BIG.to_owned(),
+        format!("{BIG}/{}", parts[1]),
+        format!("{BIG}/{}", parts[2]),
+    ] {
+        assert_eq!(
+            authority.ensure_model(&name).await.unwrap(),
+            first,
+            "{name}"
+        );
+    }
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+
+    // With a part gone from the cache, offline mode says it is not there
+    // rather than handing out a model llama.cpp cannot open.
+    let third = first
+        .parent()
+        .unwrap()
+        .join(parts[2].rsplit('/').next().unwrap());
+    let blob = third
+        .parent()
+        .unwrap()
+        .join(std::fs::read_link(&third).unwrap());
+    std::fs::remove_file(&blob).unwrap();
+    std::fs::remove_file(&third).unwrap();
+    let offline = AssetAuthority::builder()
+        .cache_dir(dir.0.join("hub"))
+        .registry_file(dir.0.join("no-registry.json"))
+        .offline(true)
+        .build()
+        .unwrap();
+    let err = offline.ensure_model(BIG).await.unwrap_err();
+    assert!(matches!(err, FacecrabError::NotCached { .. }), "{err}");
+    // Online, only the missing part is fetched.
+    assert_eq!(authority.ensure_model(BIG).await.unwrap(), first);
+    assert_eq!(hub.downloads().len(), 1, "{:?}", hub.downloads());
+    assert!(hub.downloads()[0].path.ends_with(&parts[2]));
+}
+
+#[async_std::test]
+async fn a_split_model_with_a_part_missing_on_the_hub_is_refused() {
+    const BIG: &str = "acme/broken-GGUF";
+    let dir = temp_dir("split-missing");
+    let hub = TestHub::start().unwrap();
+    let (source, _) = make_model(&dir.0, "part.gguf", MIB);
+    for no in [1, 3] {
+        let part = format!("broken-Q4_K_M-{no:05}-of-00003.gguf");
+        hub.add_file(BIG, &part, &source, None).unwrap();
+    }
+    let authority = AssetAuthority::builder()
+        .endpoint(hub.endpoint())
+        .cache_dir(dir.0.join("hub"))
+        .registry_file(dir.0.join("no-registry.json"))
+        .token(None)
+        .offline(false)
+        .build()
+        .unwrap();
+    let err = authority.ensure_model(BIG).await.unwrap_err();
+    assert!(matches!(err, FacecrabError::NoSingleFile { .. }), "{err}");
+    let err = authority
+        .ensure_model(&format!("{BIG}/broken-Q4_K_M-00001-of-00003.gguf"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FacecrabError::NotFound { .. }), "{err}");
+    assert!(err.to_string().contains("00002-of-00003"), "{err}");
+    assert!(hub.downloads().is_empty(), "{:?}", hub.downloads());
+}

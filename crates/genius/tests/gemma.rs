@@ -7,6 +7,8 @@
 
 #![cfg(feature = "llama")]
 
+mod gguf_split;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -513,6 +515,62 @@ async fn gemma_is_fetched_from_the_hub_then_loaded_from_the_cache_without_reques
         "the cached model made requests: {:?}",
         hub.requests()
     );
+    drop(g);
+    std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[async_std::test]
+async fn a_split_model_is_fetched_whole_and_loads_from_its_first_part() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    const REPO: &str = "acme/gemma-split-GGUF";
+    let home = std::env::temp_dir().join(format!("genius-split-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    std::fs::create_dir_all(&home).unwrap();
+    let parts = gguf_split::split(&path, &home, "gemma-3-270m-Q4_K_M", 3).unwrap();
+    let hub = TestHub::start().unwrap();
+    let mut sizes = Vec::new();
+    for part in &parts {
+        let name = part.file_name().unwrap().to_str().unwrap();
+        hub.add_file(REPO, name, part, None).unwrap();
+        sizes.push(std::fs::metadata(part).unwrap().len());
+    }
+    let full = std::fs::metadata(&path).unwrap().len();
+    assert!(sizes.iter().all(|&size| size < full), "{sizes:?}");
+    let authority = AssetAuthority::builder()
+        .endpoint(hub.endpoint())
+        .cache_dir(home.join("hub"))
+        .registry_file(home.join("registry.json"))
+        .token(None)
+        .offline(false)
+        .build()
+        .unwrap();
+
+    let mut g = start_with(CortexStrategy::KeepAlive, small_options(), authority);
+    g.send(BrainstemInput::LoadModel(REPO.into())).await;
+    let total: u64 = sizes.iter().sum();
+    loop {
+        match g.next().await {
+            BrainstemOutput::Asset(AssetEvent::Complete(local)) => {
+                assert!(
+                    local.ends_with("gemma-3-270m-Q4_K_M-00001-of-00003.gguf"),
+                    "{local}"
+                );
+            }
+            BrainstemOutput::Asset(AssetEvent::Progress(_, announced)) => {
+                assert_eq!(announced, total)
+            }
+            BrainstemOutput::Asset(_) => {}
+            BrainstemOutput::Status(EngineStatus::Loading(_)) => {}
+            BrainstemOutput::Status(EngineStatus::Loaded(_)) => break,
+            other => panic!("while loading: {other:?}"),
+        }
+    }
+    assert_eq!(hub.downloads().len(), 3, "{:?}", hub.downloads());
+    let answer = g
+        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(16))
+        .await;
+    assert!(answer.text.contains("Tokyo"), "{answer:?}");
     drop(g);
     std::fs::remove_dir_all(&home).unwrap();
 }

@@ -33,6 +33,25 @@ pub struct InferenceConfig {
     /// Generation ends as soon as the output contains one of these strings;
     /// the stop string itself is not emitted. Default: none.
     pub stop: Vec<String>,
+    /// Whether the prompt is wrapped in the model's chat template. Default
+    /// [`PromptFormat::Auto`].
+    pub prompt_format: PromptFormat,
+}
+
+/// How a prompt reaches the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    /// As one user turn in the model's own chat template, followed by the
+    /// start of the model's turn, when the model file carries a template
+    /// llama.cpp recognises (instruct models do); otherwise exactly as
+    /// given. An instruct model then answers the prompt rather than
+    /// continuing its text.
+    #[default]
+    Auto,
+    /// Exactly as given: for completion-style prompts, base models, or
+    /// prompts already written in the model's chat markup.
+    Raw,
 }
 
 impl Default for InferenceConfig {
@@ -46,6 +65,7 @@ impl Default for InferenceConfig {
             max_tokens: None,
             seed: None,
             stop: Vec::new(),
+            prompt_format: PromptFormat::Auto,
         }
     }
 }
@@ -85,6 +105,12 @@ impl InferenceConfig {
     /// Adds a stop sequence.
     pub fn with_stop(mut self, stop: impl Into<String>) -> Self {
         self.stop.push(stop.into());
+        self
+    }
+
+    /// Sets [`prompt_format`](Self::prompt_format).
+    pub fn with_prompt_format(mut self, format: PromptFormat) -> Self {
+        self.prompt_format = format;
         self
     }
 
@@ -128,6 +154,9 @@ mod tests {
         assert_eq!(config.temperature, 0.0);
         assert_eq!(config.top_k, InferenceConfig::default().top_k);
         assert_eq!(config.max_tokens, None);
+        assert_eq!(config.prompt_format, PromptFormat::Auto);
+        let raw: InferenceConfig = serde_json::from_str(r#"{"prompt_format": "raw"}"#).unwrap();
+        assert_eq!(raw.prompt_format, PromptFormat::Raw);
     }
 
     #[test]

@@ -13,5 +13,5 @@ mod error;
 pub mod manifest;
 pub mod protocol;
 
-pub use config::InferenceConfig;
+pub use config::{InferenceConfig, PromptFormat};
 pub use error::{GeniusError, Result};

@@ -11,12 +11,12 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig};
+use rusty_genius_core::{GeniusError, InferenceConfig, PromptFormat};
 
 use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
 
@@ -133,6 +133,8 @@ struct Loaded {
     batch: LlamaBatch<'static>,
     /// Tokens whose keys and values sit in the KV cache, in position order.
     cached: Vec<LlamaToken>,
+    /// The model's chat template, when llama.cpp can apply it.
+    template: Option<LlamaChatTemplate>,
 }
 
 impl Loaded {
@@ -169,6 +171,7 @@ impl Loaded {
             model,
             batch: LlamaBatch::new(options.batch_size as usize, 1),
             cached: Vec::new(),
+            template: chat_template(model_ref),
         })
     }
 
@@ -290,11 +293,16 @@ impl Engine for LlamaEngine {
             vocab_size: loaded.model().n_vocab().max(0) as usize,
         };
         log::info!(
-            "loaded {} from {} (context {} tokens, {} threads)",
+            "loaded {} from {} (context {} tokens, {} threads, {})",
             info.name,
             path.display(),
             info.context_size,
-            self.options.threads
+            self.options.threads,
+            if loaded.template.is_some() {
+                "prompts in its chat template"
+            } else {
+                "no chat template: prompts as given"
+            }
         );
         self.loaded = Some(loaded);
         Ok(info)
@@ -313,6 +321,14 @@ impl Engine for LlamaEngine {
         output: &mut Output<'_>,
     ) -> Result<Usage, GeniusError> {
         let loaded = self.loaded.as_mut().ok_or(GeniusError::NoModelLoaded)?;
+        let templated;
+        let prompt = match (config.prompt_format, &loaded.template) {
+            (PromptFormat::Auto, Some(template)) => {
+                templated = user_turn(loaded.model(), template, prompt)?;
+                templated.as_str()
+            }
+            _ => prompt,
+        };
         let tokens = loaded
             .model()
             .vocab()
@@ -385,6 +401,40 @@ impl Engine for LlamaEngine {
         usage.generation_ms = millis_since(generation_started);
         Ok(usage)
     }
+}
+
+/// The model's chat template, if it has one that llama.cpp can apply.
+fn chat_template(model: &LlamaModel) -> Option<LlamaChatTemplate> {
+    let template = model.chat_template(None).ok()?;
+    match user_turn(model, &template, "?") {
+        Ok(_) => Some(template),
+        Err(err) => {
+            log::warn!("{err}; prompts go to the model as given");
+            None
+        }
+    }
+}
+
+/// `prompt` as one user turn in `template`, ending where the model's turn
+/// begins.
+fn user_turn(
+    model: &LlamaModel,
+    template: &LlamaChatTemplate,
+    prompt: &str,
+) -> Result<String, GeniusError> {
+    let message = LlamaChatMessage::new("user".into(), prompt.into()).map_err(|_| {
+        GeniusError::InvalidConfig {
+            field: "prompt",
+            reason: "contains a NUL character; send it with PromptFormat::Raw".into(),
+        }
+    })?;
+    model
+        .apply_chat_template(template, &[message], true)
+        .map_err(|err| {
+            GeniusError::Engine(format!(
+                "the model's chat template is not one llama.cpp can apply ({err})"
+            ))
+        })
 }
 
 /// Builds llama.cpp's sampler chain for `config`.

@@ -7,7 +7,7 @@
 
 #![cfg(feature = "llama")]
 
-mod gguf_split;
+mod gguf;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,7 +19,7 @@ use rusty_genius::core::manifest::ModelInfo;
 use rusty_genius::core::protocol::{
     AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus, FinishReason, InferenceEvent, Usage,
 };
-use rusty_genius::core::{GeniusError, InferenceConfig};
+use rusty_genius::core::{GeniusError, InferenceConfig, PromptFormat};
 use rusty_genius::cortex::{Engine, LlamaEngine, LlamaOptions, Output};
 use rusty_genius::facecrab::testing::TestHub;
 use rusty_genius::facecrab::AssetAuthority;
@@ -527,7 +527,7 @@ async fn a_split_model_is_fetched_whole_and_loads_from_its_first_part() {
     let home = std::env::temp_dir().join(format!("genius-split-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&home);
     std::fs::create_dir_all(&home).unwrap();
-    let parts = gguf_split::split(&path, &home, "gemma-3-270m-Q4_K_M", 3).unwrap();
+    let parts = gguf::split(&path, &home, "gemma-3-270m-Q4_K_M", 3).unwrap();
     let hub = TestHub::start().unwrap();
     let mut sizes = Vec::new();
     for part in &parts {
@@ -573,4 +573,53 @@ async fn a_split_model_is_fetched_whole_and_loads_from_its_first_part() {
     assert!(answer.text.contains("Tokyo"), "{answer:?}");
     drop(g);
     std::fs::remove_dir_all(&home).unwrap();
+}
+
+#[async_std::test]
+async fn a_model_with_a_chat_template_gets_the_prompt_as_a_user_turn() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // The test model is a base model without a template: give a copy the
+    // Gemma turn markup, as instruct models carry it.
+    let dir = std::env::temp_dir().join(format!("genius-chat-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let chat_model = dir.join("gemma-chat.gguf");
+    let template = "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+    gguf::with_string(&path, &chat_model, "tokenizer.chat_template", template).unwrap();
+
+    let question = "What is the capital of Japan?";
+    let by_hand = format!("<start_of_turn>user\n{question}<end_of_turn>\n<start_of_turn>model\n");
+    let greedy = InferenceConfig::greedy().with_max_tokens(24);
+    let raw = greedy.clone().with_prompt_format(PromptFormat::Raw);
+
+    let mut g = start(CortexStrategy::KeepAlive, small_options());
+    g.load(&chat_model).await;
+    let auto = g.ask(question, greedy.clone()).await;
+    let written_out = g.ask(&by_hand, raw.clone()).await;
+    let plain = g.ask(question, raw.clone()).await;
+    assert!(
+        auto.completed && written_out.completed,
+        "{auto:?} {written_out:?}"
+    );
+    assert_eq!(auto.text, written_out.text);
+    assert_eq!(
+        auto.usage().prompt_tokens,
+        written_out.usage().prompt_tokens
+    );
+    assert!(
+        plain.usage().prompt_tokens + 6 <= auto.usage().prompt_tokens,
+        "{:?} vs {:?}",
+        plain.usage(),
+        auto.usage()
+    );
+
+    // Without a template, Auto sends the prompt as it is.
+    g.load(&path).await;
+    let auto = g.ask(question, greedy).await;
+    let plain = g.ask(question, raw).await;
+    assert_eq!(auto.text, plain.text);
+    assert_eq!(auto.usage().prompt_tokens, plain.usage().prompt_tokens);
+    drop(g);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

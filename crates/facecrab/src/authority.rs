@@ -26,12 +26,15 @@ pub struct CachedModel {
     pub repo: String,
     /// The snapshot's commit.
     pub commit: String,
-    /// The file's path in the repository.
+    /// The file's path in the repository; for a split model, its first part.
     pub file: String,
-    /// Where it is on disk (inside `snapshots/`).
+    /// Where it is on disk (inside `snapshots/`): the path to load.
     pub path: PathBuf,
-    /// Its size in bytes.
+    /// Its size in bytes; for a split model, that of all its parts.
     pub size: u64,
+    /// How many files the model is in: 1, or the number of parts of a
+    /// split model. (A split model missing parts is listed part by part.)
+    pub parts: usize,
 }
 
 /// Resolves model names to local files, downloading them when needed.
@@ -481,15 +484,27 @@ impl AssetAuthority {
             {
                 let commit = snapshot.file_name().to_string_lossy().into_owned();
                 let cache = RepoCache::new(root, &repo);
-                for file in cache.cached_gguf_files(&commit) {
-                    let path = cache.snapshot(&commit, &file);
-                    let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let files = cache.cached_gguf_files(&commit);
+                let size_of = |file: &str| {
+                    std::fs::metadata(cache.snapshot(&commit, file)).map_or(0, |m| m.len())
+                };
+                // A complete split model is one entry, under its first part.
+                let complete_set = |file: &str| {
+                    split::parts_of(file).filter(|parts| parts.iter().all(|p| files.contains(p)))
+                };
+                for file in &files {
+                    let parts = match complete_set(file) {
+                        Some(parts) if parts[0] != *file => continue,
+                        Some(parts) => parts,
+                        None => vec![file.clone()],
+                    };
                     models.push(CachedModel {
                         repo: repo.clone(),
                         commit: commit.clone(),
-                        file,
-                        path,
-                        size,
+                        file: file.clone(),
+                        path: cache.snapshot(&commit, file),
+                        size: parts.iter().map(|part| size_of(part)).sum(),
+                        parts: parts.len(),
                     });
                 }
             }

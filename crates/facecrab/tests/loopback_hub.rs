@@ -624,6 +624,14 @@ async fn a_split_model_arrives_whole_and_loads_from_its_first_part() {
         );
     }
     assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+    // The cache lists it as one model of three parts.
+    let listed: Vec<_> = authority
+        .cached_models()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.file, m.path, m.size, m.parts))
+        .collect();
+    assert_eq!(listed, [(parts[0].clone(), first.clone(), total, 3)]);
 
     // With a part gone from the cache, offline mode says it is not there
     // rather than handing out a model llama.cpp cannot open.
@@ -637,6 +645,19 @@ async fn a_split_model_arrives_whole_and_loads_from_its_first_part() {
         .join(std::fs::read_link(&third).unwrap());
     std::fs::remove_file(&blob).unwrap();
     std::fs::remove_file(&third).unwrap();
+    let listed: Vec<_> = authority
+        .cached_models()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.file, m.size, m.parts))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            (parts[0].clone(), sizes[0], 1),
+            (parts[1].clone(), sizes[1], 1)
+        ]
+    );
     let offline = AssetAuthority::builder()
         .cache_dir(dir.0.join("hub"))
         .registry_file(dir.0.join("no-registry.json"))

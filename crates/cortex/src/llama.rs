@@ -13,6 +13,8 @@ use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, Usage};
@@ -134,7 +136,22 @@ struct Loaded {
     /// Tokens whose keys and values sit in the KV cache, in position order.
     cached: Vec<LlamaToken>,
     /// The model's chat template, when llama.cpp can apply it.
-    template: Option<LlamaChatTemplate>,
+    template: Option<ChatTemplate>,
+    /// The logits after the last prompt fed, with that prompt's length
+    /// (`cached` starts with the prompt). The same prompt again starts from
+    /// them rather than decoding its last token anew: llama.cpp computes a
+    /// batch of one token with other kernels than a batch of many, and the
+    /// rounding differs enough to change a greedy answer.
+    prompt_logits: Option<(usize, Vec<f32>)>,
+}
+
+/// What [`Loaded::feed_prompt`] did.
+struct Fed {
+    /// Prompt tokens whose state was already in the KV cache.
+    reused: usize,
+    /// Whether the logits to sample from are the saved `prompt_logits`
+    /// (else the context's, for the batch's last token).
+    saved_logits: bool,
 }
 
 impl Loaded {
@@ -171,7 +188,8 @@ impl Loaded {
             model,
             batch: LlamaBatch::new(options.batch_size as usize, 1),
             cached: Vec::new(),
-            template: chat_template(model_ref),
+            template: ChatTemplate::of(model_ref),
+            prompt_logits: None,
         })
     }
 
@@ -184,27 +202,69 @@ impl Loaded {
     fn reset(&mut self) {
         self.context.clear_kv_cache();
         self.cached.clear();
+        self.prompt_logits = None;
+    }
+
+    /// Drops the KV cache after the first `keep` tokens; false if this
+    /// context cannot.
+    fn truncate(&mut self, keep: usize) -> bool {
+        if keep < self.cached.len() {
+            let removed = self
+                .context
+                .clear_kv_cache_seq(Some(0), Some(keep as u32), None);
+            if !matches!(removed, Ok(true)) {
+                return false;
+            }
+            self.cached.truncate(keep);
+        }
+        true
+    }
+
+    /// Samples a token from the saved `prompt_logits`, as
+    /// `LlamaSampler::sample` does from the context's.
+    fn sample_saved(&self, sampler: &mut LlamaSampler) -> Result<LlamaToken, GeniusError> {
+        let (_, logits) = self
+            .prompt_logits
+            .as_ref()
+            .ok_or_else(|| GeniusError::Engine("no saved logits to sample from".into()))?;
+        let mut candidates = LlamaTokenDataArray::from_iter(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
+            false,
+        );
+        candidates.apply_sampler(sampler);
+        let token = candidates
+            .selected_token()
+            .ok_or_else(|| GeniusError::Engine("the sampler selected no token".into()))?;
+        sampler.accept(token);
+        Ok(token)
     }
 
     /// Brings the KV cache to hold exactly `tokens`, decoding only what
-    /// follows the longest prefix it already holds. Returns how many
-    /// tokens were reused; logits of the last token are ready afterwards.
+    /// follows the longest prefix it already holds, and readies the logits
+    /// of the last token. `None` if cancelled.
     fn feed_prompt(
         &mut self,
         tokens: &[LlamaToken],
         output: &mut Output<'_>,
-    ) -> Result<Option<usize>, GeniusError> {
+    ) -> Result<Option<Fed>, GeniusError> {
+        let same_prompt = self.prompt_logits.as_ref().is_some_and(|(len, _)| {
+            *len == tokens.len() && self.cached.get(..*len) == Some(tokens)
+        });
+        if same_prompt && self.truncate(tokens.len()) {
+            return Ok(Some(Fed {
+                reused: tokens.len(),
+                saved_logits: true,
+            }));
+        }
+        let mut saved = self.prompt_logits.take().map(|(_, logits)| logits);
         let mut reuse = reusable_prefix(&self.cached, tokens);
-        if reuse < self.cached.len() {
-            let removed = self
-                .context
-                .clear_kv_cache_seq(Some(0), Some(reuse as u32), None);
-            if !matches!(removed, Ok(true)) {
-                log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
-                self.reset();
-                reuse = 0;
-            }
-            self.cached.truncate(reuse);
+        if !self.truncate(reuse) {
+            log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
+            self.reset();
+            reuse = 0;
         }
         let chunk_size = self.context.n_batch().max(1) as usize;
         for chunk in tokens[reuse..].chunks(chunk_size) {
@@ -227,7 +287,15 @@ impl Loaded {
                 )));
             }
         }
-        Ok(Some(reuse))
+        let logits = self.context.get_logits_ith(self.batch.n_tokens() - 1);
+        let mut kept = saved.take().unwrap_or_default();
+        kept.clear();
+        kept.extend_from_slice(logits);
+        self.prompt_logits = Some((tokens.len(), kept));
+        Ok(Some(Fed {
+            reused: reuse,
+            saved_logits: false,
+        }))
     }
 }
 
@@ -321,18 +389,13 @@ impl Engine for LlamaEngine {
         output: &mut Output<'_>,
     ) -> Result<Usage, GeniusError> {
         let loaded = self.loaded.as_mut().ok_or(GeniusError::NoModelLoaded)?;
-        let templated;
-        let prompt = match (config.prompt_format, &loaded.template) {
-            (PromptFormat::Auto, Some(template)) => {
-                templated = user_turn(loaded.model(), template, prompt)?;
-                templated.as_str()
-            }
-            _ => prompt,
+        let tokens = match (config.prompt_format, &loaded.template) {
+            (PromptFormat::Auto, Some(template)) => template.tokenize(loaded.model(), prompt)?,
+            _ => loaded
+                .model()
+                .vocab()
+                .tokenize(prompt.as_bytes(), true, true),
         };
-        let tokens = loaded
-            .model()
-            .vocab()
-            .tokenize(prompt.as_bytes(), true, true);
         if tokens.is_empty() {
             return Err(GeniusError::EmptyPrompt);
         }
@@ -349,19 +412,20 @@ impl Engine for LlamaEngine {
         let prompt_ms = millis_since(prompt_started);
         let mut usage = Usage {
             prompt_tokens: tokens.len(),
-            cached_tokens: fed.unwrap_or(0),
+            cached_tokens: fed.as_ref().map_or(0, |fed| fed.reused),
             generated_tokens: 0,
             prompt_ms,
             generation_ms: 0.0,
             finish_reason: FinishReason::Cancelled,
         };
-        if fed.is_none() {
+        let Some(fed) = fed else {
             return Ok(usage);
-        }
+        };
 
         let mut sampler = sampler_for(config, loaded.model().n_vocab());
         sampler.accept_many(&tokens[tokens.len().saturating_sub(PENALTY_WINDOW)..]);
         let generation_started = Instant::now();
+        let mut from_saved = fed.saved_logits;
         let mut logits_index = loaded.batch.n_tokens() - 1;
         let mut piece = Vec::with_capacity(32);
         usage.finish_reason = loop {
@@ -374,7 +438,11 @@ impl Engine for LlamaEngine {
             if loaded.cached.len() >= n_ctx {
                 break FinishReason::ContextFull;
             }
-            let token = sampler.sample(&loaded.context, logits_index);
+            let token = if std::mem::take(&mut from_saved) {
+                loaded.sample_saved(&mut sampler)?
+            } else {
+                sampler.sample(&loaded.context, logits_index)
+            };
             let vocab = loaded.model().vocab();
             if vocab.is_eog(token) {
                 break FinishReason::EndOfGeneration;
@@ -403,15 +471,72 @@ impl Engine for LlamaEngine {
     }
 }
 
-/// The model's chat template, if it has one that llama.cpp can apply.
-fn chat_template(model: &LlamaModel) -> Option<LlamaChatTemplate> {
-    let template = model.chat_template(None).ok()?;
-    match user_turn(model, &template, "?") {
-        Ok(_) => Some(template),
-        Err(err) => {
-            log::warn!("{err}; prompts go to the model as given");
-            None
+/// Stands in for the prompt when a template is taken apart; text a template
+/// would never produce by itself.
+const PLACEHOLDER: &str = "\u{E000}rusty-genius prompt\u{E000}";
+
+/// A model's chat template that llama.cpp can apply, with the text it puts
+/// around a single user message.
+struct ChatTemplate {
+    template: LlamaChatTemplate,
+    /// Up to where the user's message starts.
+    before: String,
+    /// From where the user's message ends to the start of the model's turn.
+    after: String,
+    /// Whether the template strips whitespace around the message.
+    trims: bool,
+}
+
+impl ChatTemplate {
+    /// The model's chat template, if it has one that llama.cpp can apply.
+    fn of(model: &LlamaModel) -> Option<Self> {
+        let template = model.chat_template(None).ok()?;
+        let parts = user_turn(model, &template, PLACEHOLDER).and_then(|text| {
+            let padded = user_turn(model, &template, &format!(" {PLACEHOLDER} "))?;
+            match text.split(PLACEHOLDER).collect::<Vec<_>>()[..] {
+                [before, after] => Ok((
+                    before.to_owned(),
+                    after.to_owned(),
+                    !padded.contains(&format!(" {PLACEHOLDER} ")),
+                )),
+                _ => Err(GeniusError::Engine(
+                    "the model's chat template does not show the message exactly once".into(),
+                )),
+            }
+        });
+        match parts {
+            Ok((before, after, trims)) => Some(Self {
+                template,
+                before,
+                after,
+                trims,
+            }),
+            Err(err) => {
+                log::warn!("{err}; prompts go to the model as given");
+                None
+            }
         }
+    }
+
+    /// The tokens of `prompt` as one user turn.
+    ///
+    /// The turn markers are special tokens, while the prompt is the user's
+    /// text: markers written inside it must not end the turn early or open
+    /// one for the model. A prompt without such text is tokenized with its
+    /// template in one piece, exactly as llama.cpp's own chat does; one with
+    /// it is tokenized apart, as plain text, between the template's pieces.
+    fn tokenize(&self, model: &LlamaModel, prompt: &str) -> Result<Vec<LlamaToken>, GeniusError> {
+        let vocab = model.vocab();
+        let text = prompt.as_bytes();
+        if vocab.tokenize(text, false, true) == vocab.tokenize(text, false, false) {
+            let whole = user_turn(model, &self.template, prompt)?;
+            return Ok(vocab.tokenize(whole.as_bytes(), true, true));
+        }
+        let prompt = if self.trims { prompt.trim() } else { prompt };
+        let mut tokens = vocab.tokenize(self.before.as_bytes(), true, true);
+        tokens.extend(vocab.tokenize(prompt.as_bytes(), false, false));
+        tokens.extend(vocab.tokenize(self.after.as_bytes(), false, true));
+        Ok(tokens)
     }
 }
 

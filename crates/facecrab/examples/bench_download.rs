@@ -9,7 +9,9 @@
 //! facecrab runs in a child process (the `download` example) so its peak
 //! resident memory is its own; curl writes to a file in the same folder.
 //! facecrab also hashes every byte and syncs the file to disk; curl does
-//! neither. Both start from a `sync`, and they take turns going first.
+//! neither, so a second baseline adds the time to `fsync` curl's file
+//! (`sync <file>`) afterwards. Both start from a `sync`, and they take turns
+//! going first.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -64,7 +66,8 @@ fn main() {
         hub.endpoint()
     );
 
-    let (mut ours, mut theirs, mut peaks) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut ours, mut theirs, mut durable, mut peaks) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).unwrap();
@@ -84,16 +87,18 @@ fn main() {
         };
         let curl_run = || {
             let _ = Command::new("sync").status();
-            timed(
+            let fetched = timed(
                 Command::new("curl")
                     .args(["-sSf", "-o"])
                     .arg(work.join("curl.bin"))
                     .arg(&url),
             )
-            .0
+            .0;
+            let synced = timed(Command::new("sync").arg(work.join("curl.bin"))).0;
+            (fetched, fetched + synced)
         };
         // Alternate who goes first, so neither always runs on a warmer box.
-        let ((facecrab, stderr), curl) = if round % 2 == 0 {
+        let ((facecrab, stderr), (curl, curl_synced)) = if round % 2 == 0 {
             let ours = facecrab_run();
             (ours, curl_run())
         } else {
@@ -109,17 +114,25 @@ fn main() {
             std::fs::metadata(work.join("curl.bin")).unwrap().len(),
             size
         );
-        let (a, b) = (mib / facecrab.as_secs_f64(), mib / curl.as_secs_f64());
-        println!("round {round}: facecrab {a:7.1} MiB/s (peak {peak})   curl {b:7.1} MiB/s");
+        let rate = |took: Duration| mib / took.as_secs_f64();
+        let (a, b, c) = (rate(facecrab), rate(curl), rate(curl_synced));
+        println!(
+            "round {round}: facecrab {a:7.1} MiB/s (peak {peak})   curl {b:7.1} MiB/s   curl+fsync {c:7.1} MiB/s"
+        );
         ours.push(a);
         theirs.push(b);
+        durable.push(c);
         peaks.push(peak_kib(&peak));
     }
     let _ = std::fs::remove_dir_all(&work);
-    let (ours, theirs) = (median(ours), median(theirs));
+    let (ours, theirs, durable) = (median(ours), median(theirs), median(durable));
     println!(
         "median: facecrab {ours:.1} MiB/s, curl {theirs:.1} MiB/s, ratio {:.3}",
         ours / theirs
+    );
+    println!(
+        "against curl+fsync {durable:.1} MiB/s: ratio {:.3}",
+        ours / durable
     );
     println!(
         "facecrab peak RSS: {:.1} MiB",

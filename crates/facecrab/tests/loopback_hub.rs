@@ -108,6 +108,22 @@ impl Setup {
     }
 }
 
+/// The `(done, total)` of every progress event, checked to never go back.
+fn rising_progress(events: &[AssetEvent]) -> Vec<(u64, u64)> {
+    let progress: Vec<(u64, u64)> = events
+        .iter()
+        .filter_map(|e| match e {
+            AssetEvent::Progress(done, total) => Some((*done, *total)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        progress.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress went back: {progress:?}"
+    );
+    progress
+}
+
 fn same_content(a: &Path, b: &Path) -> bool {
     std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
 }
@@ -165,17 +181,7 @@ async fn progress_events_are_throttled_and_end_with_the_path() {
         events.last(),
         Some(&AssetEvent::Complete(s.snapshot().display().to_string()))
     );
-    let progress: Vec<(u64, u64)> = events
-        .iter()
-        .filter_map(|e| match e {
-            AssetEvent::Progress(done, total) => Some((*done, *total)),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        progress.windows(2).all(|w| w[0].0 <= w[1].0),
-        "{progress:?}"
-    );
+    let progress = rising_progress(&events);
     assert_eq!(progress.last(), Some(&(8 * MIB, 8 * MIB)));
     // At most one report per MiB (plus the first and the last) or per 100 ms.
     assert!(
@@ -476,6 +482,17 @@ fn spawn_child(s: &Setup) -> std::process::Child {
 }
 
 /// Waits until the blob's partial file holds at least `bytes`.
+/// Checks that the Hub sent the file once more, from byte `cut` to `size`.
+fn assert_one_download_from(s: &Setup, cut: u64, size: u64) {
+    let downloads = s.hub.downloads();
+    assert_eq!(downloads.len(), 1, "{downloads:?}");
+    assert_eq!(
+        downloads[0].header("range"),
+        Some(format!("bytes={cut}-").as_str())
+    );
+    assert_eq!(downloads[0].body_bytes, size - cut);
+}
+
 async fn wait_for_partial(s: &Setup, bytes: u64) {
     let partial = s.blob().with_extension("incomplete");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -503,13 +520,7 @@ async fn a_download_killed_with_its_process_resumes_in_the_next() {
     s.hub.clear_requests();
     let path = s.authority().ensure_model(REPO).await.unwrap();
     assert!(same_content(&path, &s.source));
-    let downloads = s.hub.downloads();
-    assert_eq!(downloads.len(), 1, "{downloads:?}");
-    assert_eq!(
-        downloads[0].header("range"),
-        Some(format!("bytes={cut}-").as_str())
-    );
-    assert_eq!(downloads[0].body_bytes, size - cut);
+    assert_one_download_from(&s, cut, size);
 }
 
 #[async_std::test]
@@ -543,13 +554,7 @@ async fn a_second_process_waits_for_the_first_and_then_resumes_its_file() {
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(second.wait().unwrap().success());
-    let downloads = s.hub.downloads();
-    assert_eq!(downloads.len(), 1, "{downloads:?}");
-    assert_eq!(
-        downloads[0].header("range"),
-        Some(format!("bytes={cut}-").as_str())
-    );
-    assert_eq!(downloads[0].body_bytes, size - cut);
+    assert_one_download_from(&s, cut, size);
     assert!(same_content(&s.blob(), &s.source));
 }
 
@@ -595,17 +600,7 @@ async fn a_split_model_arrives_whole_and_loads_from_its_first_part() {
     }
     // One progress count over all parts, ending at their sum.
     let total: u64 = sizes.iter().sum();
-    let progress: Vec<(u64, u64)> = events
-        .iter()
-        .filter_map(|e| match e {
-            AssetEvent::Progress(done, total) => Some((*done, *total)),
-            _ => None,
-        })
-        .collect();
-    assert!(
-        progress.windows(2).all(|w| w[0].0 <= w[1].0),
-        "{progress:?}"
-    );
+    let progress = rising_progress(&events);
     assert!(progress.iter().all(|p| p.1 == total), "{progress:?}");
     assert_eq!(progress.last(), Some(&(total, total)));
     assert_eq!(hub.downloads().len(), 3);

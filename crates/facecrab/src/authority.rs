@@ -513,6 +513,39 @@ impl AssetAuthority {
         Ok(models)
     }
 
+    /// Removes one model listed by [`cached_models`](Self::cached_models),
+    /// every part of it if it is split: its snapshot entries, and each blob
+    /// no other snapshot links to. Other files of the repository stay.
+    /// Returns the bytes freed (0 if it was already gone).
+    pub fn remove_model(&self, model: &CachedModel) -> Result<u64, FacecrabError> {
+        let invalid = |reason: String| FacecrabError::InvalidName {
+            name: format!("{}/{}@{}", model.repo, model.file, model.commit),
+            reason,
+        };
+        let repo = match ModelRef::parse(&model.repo)? {
+            ModelRef::Hub(hub) if hub.repo == model.repo => hub.repo,
+            _ => return Err(invalid("expected an `org/repo` id".into())),
+        };
+        crate::name::check_file_path(&model.file).map_err(invalid)?;
+        if model.commit.contains('/') {
+            return Err(invalid("the snapshot is not a single folder name".into()));
+        }
+        crate::name::check_revision(&model.commit).map_err(invalid)?;
+        let files = match split::parts_of(&model.file) {
+            Some(parts) if model.parts > 1 => parts,
+            _ => vec![model.file.clone()],
+        };
+        let cache = RepoCache::new(&self.inner.cache_dir, &repo);
+        let mut freed = 0;
+        for file in &files {
+            freed += cache
+                .remove_snapshot_file(&model.commit, file)
+                .map_err(|err| FacecrabError::io(&cache.snapshot(&model.commit, file), err))?;
+        }
+        log::info!("removed {repo}/{} ({freed} bytes freed)", model.file);
+        Ok(freed)
+    }
+
     /// Removes everything cached for `repo` (`org/repo`). Returns whether
     /// there was anything.
     pub fn remove_repo(&self, repo: &str) -> Result<bool, FacecrabError> {

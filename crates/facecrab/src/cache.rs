@@ -135,6 +135,77 @@ impl RepoCache {
     }
 }
 
+impl RepoCache {
+    /// Removes `snapshots/<commit>/<file>`, then the blob it links to if no
+    /// other snapshot links to it, then folders left empty. Returns the
+    /// bytes freed; 0 if the file was not there.
+    pub(crate) fn remove_snapshot_file(&self, commit: &str, file: &str) -> io::Result<u64> {
+        let link = self.snapshot(commit, file);
+        let meta = match std::fs::symlink_metadata(&link) {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(err),
+        };
+        let blob = if meta.file_type().is_symlink() {
+            self.blob_of(&link)
+        } else {
+            None
+        };
+        std::fs::remove_file(&link)?;
+        let mut freed = if meta.is_file() { meta.len() } else { 0 };
+        if let Some(blob) = blob {
+            if !self.links_to(blob.file_name().unwrap_or_default()) {
+                match std::fs::metadata(&blob) {
+                    Ok(meta) => {
+                        std::fs::remove_file(&blob)?;
+                        freed += meta.len();
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        // Folders the file was the last thing in, up to `snapshots/`.
+        let snapshots = self.root.join("snapshots");
+        let mut dir = link.parent();
+        while let Some(folder) = dir.filter(|d| d.starts_with(&snapshots) && *d != snapshots) {
+            if std::fs::remove_dir(folder).is_err() {
+                break;
+            }
+            dir = folder.parent();
+        }
+        Ok(freed)
+    }
+
+    /// The blob in this repository's `blobs/` that the snapshot `link`
+    /// points to, if it points into it.
+    fn blob_of(&self, link: &Path) -> Option<PathBuf> {
+        let target = std::fs::read_link(link).ok()?;
+        let name = target.file_name()?.to_str()?;
+        let parent = target.parent()?.file_name()?;
+        (parent == "blobs" && !name.starts_with('.')).then(|| self.blob(name))
+    }
+
+    /// Whether any snapshot links to the blob called `name`.
+    fn links_to(&self, name: &std::ffi::OsStr) -> bool {
+        fn walk(dir: &Path, name: &std::ffi::OsStr) -> bool {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return false;
+            };
+            entries.flatten().any(|entry| {
+                let path = entry.path();
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => walk(&path, name),
+                    Ok(kind) if kind.is_symlink() => std::fs::read_link(&path)
+                        .is_ok_and(|target| target.file_name() == Some(name)),
+                    _ => false,
+                }
+            })
+        }
+        walk(&self.root.join("snapshots"), name)
+    }
+}
+
 /// Whether `s` is a full 40-character git commit hash.
 pub(crate) fn is_commit_hash(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())

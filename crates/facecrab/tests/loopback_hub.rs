@@ -695,3 +695,77 @@ async fn a_split_model_with_a_part_missing_on_the_hub_is_refused() {
     assert!(err.to_string().contains("00002-of-00003"), "{err}");
     assert!(hub.downloads().is_empty(), "{:?}", hub.downloads());
 }
+
+#[cfg(unix)]
+#[async_std::test]
+async fn one_cached_model_is_removed_and_the_rest_stay() {
+    let s = setup("remove-one", 2 * MIB);
+    let (q8, _) = make_model(&s.dir.0, "q8.gguf", 3 * MIB + 3);
+    s.hub.add_file(REPO, "tiny-Q8_0.gguf", &q8, None).unwrap();
+    let parts = ["big-00001-of-00002.gguf", "big-00002-of-00002.gguf"];
+    for (part, size) in parts.iter().zip([MIB, MIB + 7]) {
+        let (source, _) = make_model(&s.dir.0, part, size);
+        s.hub.add_file(REPO, part, &source, None).unwrap();
+    }
+    let authority = s.authority();
+    for name in [
+        format!("{REPO}:Q4_K_M"),
+        format!("{REPO}:Q8_0"),
+        format!("{REPO}/{}", parts[1]),
+    ] {
+        authority.ensure_model(&name).await.unwrap();
+    }
+    let listed = authority.cached_models().unwrap();
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    let find = |file: &str| listed.iter().find(|m| m.file == file).cloned().unwrap();
+    let (q4, q8, big) = (find(FILE), find("tiny-Q8_0.gguf"), find(parts[0]));
+
+    // A second snapshot sharing the Q4 blob, as another revision would.
+    let other = q4.path.parent().unwrap().with_file_name("0".repeat(40));
+    std::fs::create_dir_all(&other).unwrap();
+    std::os::unix::fs::symlink(std::fs::read_link(&q4.path).unwrap(), other.join(FILE)).unwrap();
+
+    assert_eq!(authority.remove_model(&q8).unwrap(), 3 * MIB + 3);
+    assert!(std::fs::symlink_metadata(&q8.path).is_err());
+    assert_eq!(authority.remove_model(&q8).unwrap(), 0, "already gone");
+    // The Q4 blob stays while the other snapshot still links to it.
+    assert_eq!(authority.remove_model(&q4).unwrap(), 0);
+    assert!(same_content(&other.join(FILE), &s.source));
+    let shared = authority
+        .cached_models()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.file == FILE)
+        .unwrap();
+    assert_eq!(shared.commit, "0".repeat(40));
+    assert_eq!(authority.remove_model(&shared).unwrap(), 2 * MIB);
+    assert!(!other.exists(), "an emptied snapshot folder goes too");
+    // A split model goes with all its parts.
+    assert_eq!(big.parts, 2);
+    assert_eq!(authority.remove_model(&big).unwrap(), 2 * MIB + 7);
+    assert!(authority.cached_models().unwrap().is_empty());
+    let blobs = s.cache().join("models--acme--tiny-GGUF").join("blobs");
+    let left: Vec<_> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".lock"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // An entry naming something outside the cache is refused untouched.
+    let canary = s.cache().join("escape.gguf");
+    std::fs::write(&canary, b"keep me").unwrap();
+    for (repo, file, commit) in [
+        (REPO, "../../../escape.gguf", q4.commit.as_str()),
+        (REPO, FILE, ".."),
+        (REPO, FILE, "a/../.."),
+        ("../hub", FILE, q4.commit.as_str()),
+    ] {
+        let mut bad = q4.clone();
+        (bad.repo, bad.file, bad.commit) = (repo.into(), file.into(), commit.into());
+        let err = authority.remove_model(&bad).unwrap_err();
+        assert!(matches!(err, FacecrabError::InvalidName { .. }), "{err}");
+    }
+    assert!(canary.exists());
+}

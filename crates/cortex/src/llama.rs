@@ -259,7 +259,7 @@ impl Loaded {
                 saved_logits: true,
             }));
         }
-        let mut saved = self.prompt_logits.take().map(|(_, logits)| logits);
+        let saved = self.prompt_logits.take().map(|(_, logits)| logits);
         let mut reuse = reusable_prefix(&self.cached, tokens);
         if !self.truncate(reuse) {
             log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
@@ -288,7 +288,7 @@ impl Loaded {
             }
         }
         let logits = self.context.get_logits_ith(self.batch.n_tokens() - 1);
-        let mut kept = saved.take().unwrap_or_default();
+        let mut kept = saved.unwrap_or_default();
         kept.clear();
         kept.extend_from_slice(logits);
         self.prompt_logits = Some((tokens.len(), kept));

@@ -481,7 +481,6 @@ fn spawn_child(s: &Setup) -> std::process::Child {
         .unwrap()
 }
 
-/// Waits until the blob's partial file holds at least `bytes`.
 /// Checks that the Hub sent the file once more, from byte `cut` to `size`.
 fn assert_one_download_from(s: &Setup, cut: u64, size: u64) {
     let downloads = s.hub.downloads();
@@ -493,6 +492,7 @@ fn assert_one_download_from(s: &Setup, cut: u64, size: u64) {
     assert_eq!(downloads[0].body_bytes, size - cut);
 }
 
+/// Waits until the blob's partial file holds at least `bytes`.
 async fn wait_for_partial(s: &Setup, bytes: u64) {
     let partial = s.blob().with_extension("incomplete");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

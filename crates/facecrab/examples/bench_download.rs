@@ -13,6 +13,8 @@
 //! (`sync <file>`) afterwards. Both start from a `sync`, and they take turns
 //! going first.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // printing is its job
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};

@@ -7,6 +7,8 @@
 //!
 //! Prints the local path on stdout. `--stats` adds the peak memory use.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // printing is its job
+
 use facecrab::AssetAuthority;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};

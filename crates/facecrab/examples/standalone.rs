@@ -1,5 +1,7 @@
 //! facecrab on its own, as in the README and the web page; compiled by `cargo test`.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // printing is its job
+
 use facecrab::AssetAuthority;
 
 #[async_std::main]

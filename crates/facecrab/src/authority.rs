@@ -5,11 +5,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc;
-use futures::Stream;
+use futures::{future, FutureExt, Stream, StreamExt};
 use rusty_genius_core::protocol::AssetEvent;
 
 use crate::cache::{is_sha256, RepoCache};
-use crate::download::{ensure_blob, BlobRequest};
+use crate::download::{ensure_blob, try_lock_blob, BlobRequest};
 use crate::hub::{FileMeta, HubClient};
 use crate::name::{FileChoice, HubRef, ModelRef};
 use crate::registry::Registry;
@@ -18,6 +18,8 @@ use crate::FacecrabError;
 
 const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 const DEFAULT_QUANT: &str = "Q4_K_M";
+/// How long `remove_model` waits for another process to let go of a blob.
+const REMOVE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// A model file present in the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +68,7 @@ impl std::fmt::Debug for AssetAuthority {
 
 /// Settings of an [`AssetAuthority`]; every one defaults from the
 /// environment.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct AuthorityBuilder {
     cache_dir: Option<PathBuf>,
     registry_file: Option<PathBuf>,
@@ -75,6 +77,27 @@ pub struct AuthorityBuilder {
     offline: Option<bool>,
     stall_timeout: Option<Duration>,
     max_retries: Option<u32>,
+}
+
+impl std::fmt::Debug for AuthorityBuilder {
+    // Hand-written so that the token can never be printed: only whether
+    // one was set.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = match &self.token {
+            None => "from the environment",
+            Some(None) => "none",
+            Some(Some(_)) => "set (redacted)",
+        };
+        f.debug_struct("AuthorityBuilder")
+            .field("cache_dir", &self.cache_dir)
+            .field("registry_file", &self.registry_file)
+            .field("endpoint", &self.endpoint)
+            .field("token", &token)
+            .field("offline", &self.offline)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("max_retries", &self.max_retries)
+            .finish()
+    }
 }
 
 impl AuthorityBuilder {
@@ -235,6 +258,9 @@ impl AssetAuthority {
     /// Like [`ensure_model`](Self::ensure_model), reported as events: one
     /// `Started`, `Progress(done, total)` while downloading (at most every
     /// MiB or 100 ms), then `Complete(path)` or `Error(message)`.
+    ///
+    /// The work runs as the stream is polled; dropping the stream stops it
+    /// (a partial download stays in the cache and resumes next time).
     pub fn ensure_model_stream(
         &self,
         name: &str,
@@ -242,7 +268,7 @@ impl AssetAuthority {
         let (tx, rx) = mpsc::unbounded();
         let authority = self.clone();
         let name = name.to_owned();
-        crate::rt::spawn(async move {
+        let work = async move {
             let mut forward = |event| {
                 let _ = tx.unbounded_send(event);
             };
@@ -251,8 +277,12 @@ impl AssetAuthority {
                 Err(err) => AssetEvent::Error(err.to_string()),
             };
             forward(last);
-        });
-        rx
+            // `tx` goes here, which ends `rx` after the last event.
+        };
+        // The events, and the work driven by the same polls. No task is
+        // spawned, so nothing outlives the stream.
+        let work = work.into_stream().filter_map(|()| future::ready(None));
+        futures::stream::select(rx, work)
     }
 
     /// [`ensure_model`](Self::ensure_model) with `Started` and `Progress`
@@ -390,9 +420,11 @@ impl AssetAuthority {
             // if the branch moves meanwhile.
             let meta = client.file_meta(&target.repo, &commit, file).await?;
             if meta.commit != commit {
-                return Err(FacecrabError::Network {
-                    url: client.file_url(&target.repo, &commit, file),
-                    reason: format!("asked for commit {commit}, got {}", meta.commit),
+                return Err(FacecrabError::CommitMismatch {
+                    repo: target.repo.clone(),
+                    file: file.clone(),
+                    expected: commit,
+                    actual: meta.commit,
                 });
             }
             metas.push(meta);
@@ -436,10 +468,10 @@ impl AssetAuthority {
         let announced = is_sha256(&meta.etag).then(|| meta.etag.to_ascii_lowercase());
         if let (Some(pinned), Some(announced)) = (pinned, &announced) {
             if !pinned.eq_ignore_ascii_case(announced) {
-                return Err(FacecrabError::ChecksumMismatch {
+                return Err(FacecrabError::PinMismatch {
                     file: format!("{repo}/{file}"),
-                    expected: pinned.to_ascii_lowercase(),
-                    actual: format!("{announced} (announced by the Hub; nothing was downloaded)"),
+                    pinned: pinned.to_ascii_lowercase(),
+                    announced: announced.clone(),
                 });
             }
         }
@@ -453,7 +485,9 @@ impl AssetAuthority {
             sha256: pinned.cloned().or(announced),
             max_retries: self.inner.max_retries,
         };
-        ensure_blob(client, cache, &request, report).await?;
+        // Linked under the blob's lock, so a concurrent `remove_model`
+        // cannot delete the blob between its download and its link.
+        let (_blob, _lock) = ensure_blob(client, cache, &request, report).await?;
         cache
             .link_snapshot(commit, file, &meta.etag)
             .map_err(|err| FacecrabError::io(cache.root(), err))
@@ -538,9 +572,26 @@ impl AssetAuthority {
         let cache = RepoCache::new(&self.inner.cache_dir, &repo);
         let mut freed = 0;
         for file in &files {
+            let link = cache.snapshot(&model.commit, file);
+            // Whether another snapshot still links to the blob is decided
+            // under the blob's lock, which every download and link takes.
+            let _lock = match cache.blob_of(&link) {
+                Some(etag) => {
+                    let lock_file = cache.lock_file(&etag);
+                    match try_lock_blob(&lock_file, REMOVE_PATIENCE)? {
+                        Some(lock) => Some(lock),
+                        None => {
+                            return Err(FacecrabError::Busy {
+                                file: format!("{repo}/{file}"),
+                            })
+                        }
+                    }
+                }
+                None => None,
+            };
             freed += cache
                 .remove_snapshot_file(&model.commit, file)
-                .map_err(|err| FacecrabError::io(&cache.snapshot(&model.commit, file), err))?;
+                .map_err(|err| FacecrabError::io(&link, err))?;
         }
         log::info!("removed {repo}/{} ({freed} bytes freed)", model.file);
         Ok(freed)

@@ -147,7 +147,7 @@ impl RepoCache {
             Err(err) => return Err(err),
         };
         let blob = if meta.file_type().is_symlink() {
-            self.blob_of(&link)
+            self.blob_of(&link).map(|etag| self.blob(&etag))
         } else {
             None
         };
@@ -179,11 +179,12 @@ impl RepoCache {
 
     /// The blob in this repository's `blobs/` that the snapshot `link`
     /// points to, if it points into it.
-    fn blob_of(&self, link: &Path) -> Option<PathBuf> {
+    /// The blob (its etag) a snapshot link points to.
+    pub(crate) fn blob_of(&self, link: &Path) -> Option<String> {
         let target = std::fs::read_link(link).ok()?;
         let name = target.file_name()?.to_str()?;
         let parent = target.parent()?.file_name()?;
-        (parent == "blobs" && !name.starts_with('.')).then(|| self.blob(name))
+        (parent == "blobs" && !name.starts_with('.')).then(|| name.to_owned())
     }
 
     /// Whether any snapshot links to the blob called `name`.

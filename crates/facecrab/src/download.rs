@@ -34,7 +34,12 @@ pub(crate) struct BlobRequest<'a> {
 }
 
 /// Holds the cross-process lock of one blob; released on drop.
-struct BlobLock {
+///
+/// Whoever holds it may create, link or delete that blob: downloads hold it
+/// from the first byte until the blob is renamed into place and linked,
+/// and removal holds it while it decides whether any snapshot still links
+/// to the blob.
+pub(crate) struct BlobLock {
     file: File,
 }
 
@@ -44,13 +49,19 @@ impl Drop for BlobLock {
     }
 }
 
-async fn lock_blob(path: &Path) -> Result<BlobLock, FacecrabError> {
-    let file = OpenOptions::new()
+fn open_lock_file(path: &Path) -> Result<File, FacecrabError> {
+    OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .map_err(|err| FacecrabError::io(path, err))?;
+        .map_err(|err| FacecrabError::io(path, err))
+}
+
+/// Takes the lock at `path`, waiting (without blocking the executor) for
+/// another thread or process that holds it.
+pub(crate) async fn lock_blob(path: &Path) -> Result<BlobLock, FacecrabError> {
+    let file = open_lock_file(path)?;
     let mut waited = false;
     loop {
         match file.try_lock() {
@@ -67,48 +78,63 @@ async fn lock_blob(path: &Path) -> Result<BlobLock, FacecrabError> {
     }
 }
 
+/// Takes the lock at `path` for a synchronous caller, waiting at most
+/// `patience`; `None` if someone else still holds it then.
+pub(crate) fn try_lock_blob(
+    path: &Path,
+    patience: Duration,
+) -> Result<Option<BlobLock>, FacecrabError> {
+    let file = open_lock_file(path)?;
+    let give_up = Instant::now() + patience;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(BlobLock { file })),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < give_up => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(err)) => return Err(FacecrabError::io(path, err)),
+        }
+    }
+}
+
 /// Makes `blobs/<etag>` exist with the right content, downloading what is
-/// missing. Returns its path.
+/// missing, and returns it with the blob's lock held, so the caller can
+/// link it into a snapshot before anyone may remove it.
 pub(crate) async fn ensure_blob(
     client: &HubClient,
     cache: &RepoCache,
     request: &BlobRequest<'_>,
     report: &mut (dyn FnMut(AssetEvent) + Send),
-) -> Result<PathBuf, FacecrabError> {
+) -> Result<(PathBuf, BlobLock), FacecrabError> {
     let blob = cache.blob(request.etag);
-    if blob.is_file() {
-        return Ok(blob);
-    }
     let blobs = blob.parent().expect("blobs folder");
     std::fs::create_dir_all(blobs).map_err(|err| FacecrabError::io(blobs, err))?;
-    let _lock = lock_blob(&cache.lock_file(request.etag)).await?;
+    let lock = lock_blob(&cache.lock_file(request.etag)).await?;
     // Someone else may have finished while we waited for the lock.
     if blob.is_file() {
-        return Ok(blob);
+        return Ok((blob, lock));
     }
     let partial = cache.incomplete(request.etag);
-    let result = download(client, &partial, request, report).await;
-    match result {
-        Ok(()) => {
-            std::fs::rename(&partial, &blob).map_err(|err| FacecrabError::io(&blob, err))?;
-            Ok(blob)
-        }
-        Err(err @ FacecrabError::ChecksumMismatch { .. }) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(err)
-        }
-        // Anything else keeps the partial file, to resume next time.
-        Err(err) => Err(err),
-    }
+    // A failed download keeps the partial file, to resume next time (a
+    // corrupt one is deleted by `download`).
+    let lock = download(client, &partial, request, lock, report).await?;
+    std::fs::rename(&partial, &blob).map_err(|err| FacecrabError::io(&blob, err))?;
+    Ok((blob, lock))
 }
 
-/// Downloads into `partial` (resuming what it holds) and verifies it.
+/// Downloads into `partial` (resuming what it holds) and verifies it,
+/// holding `lock` throughout. The lock travels with the file into the
+/// writing threads, so that if this future is dropped midway it is released
+/// only once they have written and synced what they were given; it comes
+/// back with a complete, verified file.
 async fn download(
     client: &HubClient,
     partial: &Path,
     request: &BlobRequest<'_>,
+    lock: BlobLock,
     report: &mut (dyn FnMut(AssetEvent) + Send),
-) -> Result<(), FacecrabError> {
+) -> Result<BlobLock, FacecrabError> {
     let io = |err| FacecrabError::io(partial, err);
     let mut file = OpenOptions::new()
         .create(true)
@@ -130,7 +156,7 @@ async fn download(
     } else {
         None
     };
-    let mut sink = Sink::start(file, resumed).map_err(io)?;
+    let mut sink = Sink::start(file, resumed, lock).map_err(io)?;
 
     let total = request.size.unwrap_or(0);
     let mut progress = Progress::new(have);
@@ -193,6 +219,7 @@ async fn download(
         if let Ok(false) = outcome {
             return Err(io(sink
                 .finish()
+                .await
                 .err()
                 .unwrap_or_else(|| std::io::Error::other("the writer stopped"))));
         }
@@ -217,12 +244,13 @@ async fn download(
             Err(err) => return Err(err),
         }
     }
-    let digest = sink.finish().map_err(io)?;
+    let (digest, lock) = sink.finish().await.map_err(io)?;
     report(AssetEvent::Progress(have, total));
 
     let actual = hex(&digest);
     if let Some(expected) = &request.sha256 {
         if !expected.eq_ignore_ascii_case(&actual) {
+            let _ = std::fs::remove_file(partial);
             return Err(FacecrabError::ChecksumMismatch {
                 file: format!("{}/{}", request.repo, request.file),
                 expected: expected.to_ascii_lowercase(),
@@ -235,21 +263,24 @@ async fn download(
             request.file
         );
     }
-    Ok(())
+    Ok(lock)
 }
 
 /// Takes downloaded chunks off the async task and runs them through a
 /// pipeline of threads: a hasher, then a writer, then a flusher that pushes
 /// written data to disk. Receiving, hashing and writing so overlap, each a
 /// few buffers behind the one before.
+///
+/// No method blocks: the end of the pipeline is awaited, never joined, and
+/// dropping the sink lets the threads finish by themselves.
 struct Sink {
     chunks: Option<futures::channel::mpsc::Sender<Chunk>>,
     /// Written buffers come back here to be filled again: fresh 256 KiB
     /// allocations would each cost an mmap and a round of page faults.
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
-    /// The hasher, which hands back the digest of the whole file once the
-    /// writer is done with it.
-    hasher: Option<std::thread::JoinHandle<std::io::Result<Digest256>>>,
+    /// The digest of the whole file and the blob lock, once the writer is
+    /// done and the file is synced.
+    done: Option<futures::channel::oneshot::Receiver<std::io::Result<(Digest256, BlobLock)>>>,
 }
 
 type Digest256 = sha2::digest::Output<Sha256>;
@@ -265,30 +296,38 @@ const QUEUE: usize = 4;
 
 impl Sink {
     /// `resumed`: the partial file and how many bytes of it to hash before
-    /// the first chunk.
-    fn start(file: File, resumed: Option<(PathBuf, u64)>) -> std::io::Result<Self> {
+    /// the first chunk. `lock` is released when the last thread is done
+    /// with the file, unless `finish` takes it back.
+    fn start(file: File, resumed: Option<(PathBuf, u64)>, lock: BlobLock) -> std::io::Result<Self> {
         let (chunks, incoming) = futures::channel::mpsc::channel::<Chunk>(QUEUE);
         let (give_back, spare) = std::sync::mpsc::channel();
         let (to_writer, writer_input) = std::sync::mpsc::sync_channel::<Chunk>(QUEUE);
+        let (report, done) = futures::channel::oneshot::channel();
         let writer = std::thread::Builder::new()
             .name("facecrab-writer".into())
             .spawn(move || write_chunks(file, writer_input, give_back))?;
-        let hasher = std::thread::Builder::new()
+        // Detached: the end of the pipeline is reported through `done`.
+        let _hasher = std::thread::Builder::new()
             .name("facecrab-hasher".into())
             .spawn(move || {
                 let hashed = hash_chunks(resumed, incoming, &to_writer);
                 drop(to_writer);
+                // A join on this thread of the pipeline, never on the
+                // async side.
                 let written = writer
                     .join()
                     .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread panicked")));
                 // A writer error is the cause when both failed: the hasher
                 // only stops because the writer went away.
-                written.and(hashed)
+                let result = written.and(hashed).map(|digest| (digest, lock));
+                // Nobody waiting: the download was dropped; the lock goes
+                // with the unsent result.
+                let _ = report.send(result);
             })?;
         Ok(Self {
             chunks: Some(chunks),
             spare,
-            hasher: Some(hasher),
+            done: Some(done),
         })
     }
 
@@ -314,22 +353,12 @@ impl Sink {
     }
 
     /// Waits for every queued chunk to be hashed, written and synced;
-    /// returns the sha256 of the whole file.
-    fn finish(mut self) -> std::io::Result<Digest256> {
+    /// returns the sha256 of the whole file and the blob lock.
+    async fn finish(mut self) -> std::io::Result<(Digest256, BlobLock)> {
         self.chunks = None;
-        let hasher = self.hasher.take().expect("finish runs once");
-        hasher
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the hasher thread panicked")))
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        self.chunks = None;
-        if let Some(hasher) = self.hasher.take() {
-            let _ = hasher.join();
-        }
+        let done = self.done.take().expect("finish runs once");
+        done.await
+            .unwrap_or_else(|_| Err(std::io::Error::other("the hasher thread stopped")))
     }
 }
 
@@ -474,4 +503,81 @@ impl Progress {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A writer stuck on a slow "disk": a FIFO that nobody reads until
+    /// `after` has passed (so a blocking join would show as a long wait,
+    /// not a hang).
+    fn stuck_pipeline(dir: &Path, after: Duration) -> (Sink, std::thread::JoinHandle<u64>) {
+        let fifo = dir.join("disk");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            let mut disk = File::open(reader_path).unwrap();
+            std::thread::sleep(after);
+            std::io::copy(&mut disk, &mut std::io::sink()).unwrap()
+        });
+        let file = OpenOptions::new().write(true).open(&fifo).unwrap();
+        let lock = BlobLock {
+            file: File::create(dir.join("blob.lock")).unwrap(),
+        };
+        let mut sink = Sink::start(file, None, lock).unwrap();
+        futures::executor::block_on(async {
+            for _ in 0..3 {
+                assert!(sink.send(Chunk::Data(vec![7; BUFFER])).await);
+            }
+        });
+        (sink, reader)
+    }
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("facecrab-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn dropping_a_download_never_waits_for_its_writer() {
+        let dir = scratch("sink-drop");
+        let (sink, reader) = stuck_pipeline(&dir, Duration::from_secs(2));
+        let started = Instant::now();
+        drop(sink);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(200),
+            "drop blocked for {took:?}"
+        );
+        // The threads still write everything they were given.
+        assert_eq!(reader.join().unwrap(), 3 * BUFFER as u64);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn finishing_a_download_is_awaited_not_joined() {
+        let dir = scratch("sink-finish");
+        let (sink, reader) = stuck_pipeline(&dir, Duration::from_secs(2));
+        let mut finish = Box::pin(sink.finish());
+        let started = Instant::now();
+        let first_poll = futures::executor::block_on(async { futures::poll!(finish.as_mut()) });
+        assert!(
+            first_poll.is_pending(),
+            "finished before the disk took the data"
+        );
+        assert!(started.elapsed() < Duration::from_millis(200));
+        // Once the disk takes the data the future completes (a FIFO cannot
+        // be synced, so with an error).
+        let _ = futures::executor::block_on(finish);
+        assert_eq!(reader.join().unwrap(), 3 * BUFFER as u64);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -64,6 +64,38 @@ pub enum FacecrabError {
         /// What went wrong.
         reason: String,
     },
+    /// The Hub endpoint is not a usable URL.
+    #[error("the Hub endpoint `{url}` is not a valid URL ({reason}); check HF_ENDPOINT")]
+    InvalidEndpoint {
+        /// The endpoint as given.
+        url: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// The parts of a split model came from different commits of the
+    /// repository, so they may not belong together.
+    #[error("{repo}: part {file} is at commit {actual}, but the first part is at {expected}; the repository changed while it was fetched, try again")]
+    CommitMismatch {
+        /// `org/repo`.
+        repo: String,
+        /// The part whose commit differs.
+        file: String,
+        /// The first part's commit.
+        expected: String,
+        /// The commit the Hub answered for this part.
+        actual: String,
+    },
+    /// The registry pins a sha256 that is not the one the Hub announces
+    /// for the file: it changed upstream. Nothing was downloaded.
+    #[error("the registry pins {file} to sha256 {pinned}, but the Hub now announces {announced}; nothing was downloaded: update the registry entry's sha256 or pin its revision")]
+    PinMismatch {
+        /// The file in its repository.
+        file: String,
+        /// The sha256 in the registry.
+        pinned: String,
+        /// The sha256 the Hub announced.
+        announced: String,
+    },
     /// The downloaded bytes are not the expected ones; they were deleted.
     #[error("checksum mismatch for {file}: expected sha256 {expected}, got {actual}; the corrupt download was deleted, try again")]
     ChecksumMismatch {
@@ -73,6 +105,12 @@ pub enum FacecrabError {
         expected: String,
         /// The sha256 of what arrived.
         actual: String,
+    },
+    /// Another thread or process is downloading or linking the file.
+    #[error("{file} is being downloaded or linked by another process; try again when it is done")]
+    Busy {
+        /// The file in its repository.
+        file: String,
     },
     /// The user registry file is malformed.
     #[error("registry {source_name} is invalid: {reason}")]

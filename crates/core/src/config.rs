@@ -2,6 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The most alternatives [`InferenceConfig::top_logprobs`] may ask for.
+const MAX_TOP_LOGPROBS: u8 = 20;
+
 /// How one `Infer` request samples tokens and when it stops.
 ///
 /// Missing fields take their default when deserialising, so `{}` or
@@ -36,6 +39,13 @@ pub struct InferenceConfig {
     /// Whether the prompt is wrapped in the model's chat template. Default
     /// [`PromptFormat::Auto`].
     pub prompt_format: PromptFormat,
+    /// Report each generated token's log-probability as an
+    /// [`InferenceEvent::Logprobs`](crate::protocol::InferenceEvent::Logprobs).
+    /// Default `false`.
+    pub logprobs: bool,
+    /// With `logprobs`, also report this many most likely tokens at each
+    /// place (0 to 20). Default 0.
+    pub top_logprobs: u8,
 }
 
 /// How a prompt reaches the model.
@@ -66,6 +76,8 @@ impl Default for InferenceConfig {
             seed: None,
             stop: Vec::new(),
             prompt_format: PromptFormat::Auto,
+            logprobs: false,
+            top_logprobs: 0,
         }
     }
 }
@@ -114,6 +126,14 @@ impl InferenceConfig {
         self
     }
 
+    /// Asks for each token's log-probability and the `top` most likely
+    /// alternatives (see [`logprobs`](Self::logprobs)).
+    pub fn with_logprobs(mut self, top: u8) -> Self {
+        self.logprobs = true;
+        self.top_logprobs = top;
+        self
+    }
+
     /// Checks that every value is in range, naming the first one that is not.
     pub fn validate(&self) -> Result<(), crate::GeniusError> {
         let bad = |field: &'static str, reason: &str| {
@@ -139,6 +159,12 @@ impl InferenceConfig {
         }
         if self.stop.iter().any(String::is_empty) {
             return bad("stop", "stop sequences must not be empty");
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return bad("top_logprobs", "must be at most 20");
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return bad("top_logprobs", "needs `logprobs` set to true");
         }
         Ok(())
     }

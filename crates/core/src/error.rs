@@ -1,14 +1,23 @@
-//! The error type shared by the rusty-genius crates.
+//! The error type shared by the rusty-genius crates, and its form on the
+//! wire.
 
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 
 /// Shorthand for results whose error is [`GeniusError`].
 pub type Result<T, E = GeniusError> = std::result::Result<T, E>;
 
+/// A boxed error kept as the [`source`](std::error::Error::source) of a
+/// [`GeniusError`], so a caller can downcast it (to `facecrab::FacecrabError`,
+/// say) and match on what went wrong.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Everything that can go wrong between a request and its answer.
 ///
 /// Messages are written for the person reading the log: each says what
-/// happened and, where there is one, what to do about it.
+/// happened and, where there is one, what to do about it. Errors from other
+/// crates are kept as the `source`, never flattened into the message alone.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GeniusError {
@@ -23,6 +32,9 @@ pub enum GeniusError {
         name: String,
         /// Why resolution failed and what to try instead.
         reason: String,
+        /// The resolver's own error, when there is one.
+        #[source]
+        source: Option<BoxError>,
     },
 
     /// A path was given but there is no file there.
@@ -63,19 +75,193 @@ pub enum GeniusError {
         reason: String,
     },
 
+    /// Part of a request other than its settings cannot be used as it is:
+    /// the prompt, a message, a tool.
+    #[error("invalid {what}: {reason}")]
+    InvalidRequest {
+        /// Which part, e.g. `prompt` or `messages[2].role`.
+        what: String,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+
+    /// Resolving or downloading a model failed for a reason other than
+    /// the name (network, checksum, access, offline mode, disk).
+    #[error("cannot fetch model `{name}`: {source}")]
+    Asset {
+        /// The name as the user gave it.
+        name: String,
+        /// What went wrong, as the asset authority reported it.
+        #[source]
+        source: BoxError,
+    },
+
     /// The inference engine failed.
-    #[error("engine error: {0}")]
-    Engine(String),
+    #[error("engine error: {message}")]
+    Engine {
+        /// What failed.
+        message: String,
+        /// The engine's own error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
 
     /// The engine thread is gone (it panicked or was shut down).
     #[error("the engine thread has stopped; create a new Orchestrator")]
     EngineGone,
 
-    /// Resolving or downloading a model failed.
-    #[error("asset error: {0}")]
-    Asset(String),
+    /// The Orchestrator shut down before this request could be served.
+    #[error("the Orchestrator shut down before this request ran")]
+    ShutDown,
 
     /// An I/O operation failed.
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl GeniusError {
+    /// An engine failure described by `message` alone.
+    pub fn engine(message: impl Into<String>) -> Self {
+        Self::Engine {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// An engine failure caused by `source`.
+    pub fn engine_from(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self::Engine {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// A bad part of a request.
+    pub fn invalid_request(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The broad class of this error, as it travels in an [`ErrorReport`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NoModelLoaded => ErrorKind::NoModelLoaded,
+            Self::ModelNotFound { .. } | Self::FileNotFound { .. } => ErrorKind::ModelNotFound,
+            Self::InvalidModelFile { .. } => ErrorKind::InvalidModel,
+            Self::EmptyPrompt | Self::InvalidConfig { .. } | Self::InvalidRequest { .. } => {
+                ErrorKind::InvalidRequest
+            }
+            Self::PromptTooLong { .. } => ErrorKind::ContextExceeded,
+            Self::Asset { .. } => ErrorKind::Asset,
+            Self::Engine { .. } | Self::EngineGone | Self::Io(_) => ErrorKind::Engine,
+            Self::ShutDown => ErrorKind::ShutDown,
+        }
+    }
+
+    /// This error as it crosses a channel or a process boundary.
+    pub fn report(&self) -> ErrorReport {
+        ErrorReport {
+            kind: self.kind(),
+            message: self.to_string(),
+        }
+    }
+}
+
+/// The broad class of an error: what a program reacting to it (retry, ask
+/// the user, answer HTTP 404 or 400) needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// No model is loaded.
+    NoModelLoaded,
+    /// The model name or path leads to no file.
+    ModelNotFound,
+    /// The model file cannot be used.
+    InvalidModel,
+    /// The request itself is malformed: fix it, do not retry it as is.
+    InvalidRequest,
+    /// The prompt does not fit the context window.
+    ContextExceeded,
+    /// Fetching the model failed (network, access, checksum, disk).
+    Asset,
+    /// The engine failed.
+    Engine,
+    /// The Orchestrator shut down before the request ran.
+    ShutDown,
+}
+
+/// An error as it is sent to the application in
+/// [`BrainstemOutput::Error`](crate::protocol::BrainstemOutput::Error): its
+/// [`ErrorKind`] and its message. It displays as the message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    /// What class of error it is.
+    pub kind: ErrorKind,
+    /// The full message of the error, with its causes.
+    pub message: String,
+}
+
+impl ErrorReport {
+    /// Whether the message contains `text`.
+    pub fn contains(&self, text: &str) -> bool {
+        self.message.contains(text)
+    }
+}
+
+impl std::fmt::Display for ErrorReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ErrorReport {}
+
+impl From<&GeniusError> for ErrorReport {
+    fn from(err: &GeniusError) -> Self {
+        err.report()
+    }
+}
+
+impl From<GeniusError> for ErrorReport {
+    fn from(err: GeniusError) -> Self {
+        err.report()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_error_is_kept_and_can_be_downcast() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let err = GeniusError::Asset {
+            name: "org/repo".into(),
+            source: Box::new(io),
+        };
+        let source = std::error::Error::source(&err).expect("a source");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .expect("an io error");
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
+        assert_eq!(err.kind(), ErrorKind::Asset);
+        assert!(err.to_string().contains("reset by peer"), "{err}");
+    }
+
+    #[test]
+    fn reports_round_trip_through_json_and_display_their_message() {
+        let report = GeniusError::PromptTooLong {
+            tokens: 10,
+            context: 8,
+        }
+        .report();
+        assert_eq!(report.kind, ErrorKind::ContextExceeded);
+        let json = serde_json::to_string(&report).unwrap();
+        assert!(json.contains(r#""kind":"context_exceeded""#), "{json}");
+        assert_eq!(serde_json::from_str::<ErrorReport>(&json).unwrap(), report);
+        assert_eq!(report.to_string(), report.message);
+    }
 }

@@ -14,4 +14,4 @@ pub mod manifest;
 pub mod protocol;
 
 pub use config::{InferenceConfig, PromptFormat};
-pub use error::{GeniusError, Result};
+pub use error::{BoxError, ErrorKind, ErrorReport, GeniusError, Result};

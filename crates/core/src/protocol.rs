@@ -3,10 +3,12 @@
 //! The application sends [`BrainstemInput`]s and receives a stream of
 //! [`BrainstemOutput`]s. Requests are handled one at a time, in the order
 //! they were sent; outputs of one request never interleave with another's.
+//! Every `Infer` ends in exactly one [`InferenceEvent::Complete`] or one
+//! [`BrainstemOutput::Error`].
 
 use serde::{Deserialize, Serialize};
 
-use crate::InferenceConfig;
+use crate::{ErrorReport, InferenceConfig};
 
 /// A request to the Orchestrator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,10 +17,14 @@ pub enum BrainstemInput {
     /// Load a model: a path to a `.gguf` file, a registry name or a
     /// HuggingFace id (resolved and fetched by facecrab).
     LoadModel(String),
-    /// Complete `prompt` with the loaded model. If the model was hibernated
+    /// Answer `prompt` with the loaded model. If the model was hibernated
     /// it is loaded again first.
     Infer {
-        /// The text to complete, passed to the model as is.
+        /// The text to answer or complete. With the default
+        /// [`PromptFormat::Auto`](crate::PromptFormat::Auto) it is sent as
+        /// one user turn in the model's chat template (when the model has
+        /// one); with [`PromptFormat::Raw`](crate::PromptFormat::Raw)
+        /// exactly as given.
         prompt: String,
         /// Sampling and stopping settings.
         config: InferenceConfig,
@@ -27,8 +33,11 @@ pub enum BrainstemInput {
     /// [`InferenceEvent::Usage`] and [`InferenceEvent::Complete`]. Requests
     /// queued behind it are kept. Without a generation, does nothing.
     Stop,
-    /// Unload the model and end the Orchestrator's loop. Closing the input
-    /// channel does the same.
+    /// End the Orchestrator's loop now: the generation in progress is
+    /// cancelled (it still ends with `Usage` and `Complete`), every queued
+    /// request is answered with an [`ErrorKind::ShutDown`](crate::ErrorKind)
+    /// error, and the model is unloaded. Closing the input channel instead
+    /// lets the queued requests run to their end first.
     Shutdown,
 }
 
@@ -40,9 +49,9 @@ pub enum BrainstemOutput {
     Event(InferenceEvent),
     /// Progress of resolving or downloading a model.
     Asset(AssetEvent),
-    /// A request failed; the message says why and what to do. The
-    /// Orchestrator keeps running.
-    Error(String),
+    /// A request failed: its [`ErrorKind`](crate::ErrorKind) and a message
+    /// saying why and what to do. The Orchestrator keeps running.
+    Error(ErrorReport),
     /// The engine changed state (loaded, hibernated, ...).
     Status(EngineStatus),
 }
@@ -58,10 +67,42 @@ pub enum InferenceEvent {
     /// A piece of the answer. Pieces are valid UTF-8 and concatenate to
     /// the whole answer.
     Content(String),
+    /// How likely the token just generated was, and its likeliest
+    /// alternatives; only when [`InferenceConfig::logprobs`] is set. Sent
+    /// when the token is chosen, before its text appears in `Content`
+    /// (text can be held back a little to match stop sequences and tags).
+    Logprobs(TokenLogprobs),
     /// Token counts and timings of the request; sent just before `Complete`.
     Usage(Usage),
     /// The answer is finished.
     Complete,
+}
+
+/// One generated token's log-probability, from the model's distribution
+/// before any sampling filter, and the most likely tokens at its place.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprobs {
+    /// The token's text (invalid UTF-8, as in a token holding part of a
+    /// character, is shown as U+FFFD).
+    pub token: String,
+    /// The token's exact bytes.
+    pub bytes: Vec<u8>,
+    /// Its natural-log probability.
+    pub logprob: f32,
+    /// The [`InferenceConfig::top_logprobs`] most likely tokens at this
+    /// place, most likely first (the chosen one among them when it ranks).
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+/// A likely token at one place of the output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    /// The token's text (lossy, as in [`TokenLogprobs::token`]).
+    pub token: String,
+    /// The token's exact bytes.
+    pub bytes: Vec<u8>,
+    /// Its natural-log probability.
+    pub logprob: f32,
 }
 
 /// Reasoning output, wrapped by the model in `<think>` tags.
@@ -97,8 +138,9 @@ pub enum EngineStatus {
     Loading(String),
     /// The model is loaded and ready.
     Loaded(String),
-    /// The model was unloaded after the idle time of the `CortexStrategy`;
-    /// the next `Infer` loads it again.
+    /// The `CortexStrategy` unloaded the model (after its idle time, or
+    /// after an inference with `Immediate`); the next `Infer` loads it
+    /// again by itself.
     Hibernated(String),
     /// No model is loaded.
     Unloaded,

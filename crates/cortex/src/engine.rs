@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
+use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
 use rusty_genius_core::{GeniusError, InferenceConfig};
 
 use crate::text::TextPipeline;
@@ -75,6 +75,15 @@ impl<'a> Output<'a> {
         }
         self.flush();
         self.check_cancelled()
+    }
+
+    /// Reports the log-probabilities of the token about to be pushed (when
+    /// the request asked for them). Sent as it is, ahead of any text the
+    /// pipeline still holds back.
+    pub fn logprobs(&mut self, logprobs: TokenLogprobs) {
+        if !(self.sink)(InferenceEvent::Logprobs(logprobs)) {
+            self.finished.get_or_insert(FinishReason::Cancelled);
+        }
     }
 
     /// Whether the consumer asked to stop (or went away). Engines should

@@ -17,7 +17,7 @@ use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{FinishReason, Usage};
+use rusty_genius_core::protocol::{FinishReason, TokenLogprobs, TopLogprob, Usage};
 use rusty_genius_core::{GeniusError, InferenceConfig, PromptFormat};
 
 use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
@@ -96,7 +96,7 @@ pub fn llama_backend() -> Result<&'static LlamaBackend, GeniusError> {
             LlamaBackend::init().map_err(|err| format!("cannot initialise llama.cpp: {err}"))
         })
         .as_ref()
-        .map_err(|err| GeniusError::Engine(err.clone()))
+        .map_err(|err| GeniusError::engine(err.clone()))
 }
 
 /// Sends llama.cpp's own log lines to the `log` facade (target `llama.cpp`).
@@ -123,15 +123,20 @@ unsafe extern "C" fn forward_log(
     log::log!(target: "llama.cpp", level, "{text}");
 }
 
+self_cell::self_cell!(
+    /// A model and the llama.cpp context that borrows it. The context is
+    /// dropped before the model, and the model never moves while borrowed.
+    struct ModelContext {
+        owner: LlamaModel,
+        #[covariant]
+        dependent: LlamaContext,
+    }
+);
+
 /// A loaded model, its context and the tokens whose state the context holds.
-///
-/// `LlamaContext` borrows the model, so the model is kept behind a raw
-/// pointer from `Box::into_raw` and freed only after the context is gone.
 struct Loaded {
     name: String,
-    /// Invariant: dropped before `model` is freed (see `Drop`).
-    context: std::mem::ManuallyDrop<LlamaContext<'static>>,
-    model: std::ptr::NonNull<LlamaModel>,
+    cell: ModelContext,
     batch: LlamaBatch<'static>,
     /// Tokens whose keys and values sit in the KV cache, in position order.
     cached: Vec<LlamaToken>,
@@ -157,11 +162,7 @@ struct Fed {
 impl Loaded {
     fn new(name: &str, model: LlamaModel, options: &LlamaOptions) -> Result<Self, GeniusError> {
         let backend = llama_backend()?;
-        let model = std::ptr::NonNull::from(Box::leak(Box::new(model)));
-        // SAFETY: the model lives until `Drop` frees it, which happens after
-        // the context borrowing it is dropped; the pointee never moves.
-        let model_ref: &'static LlamaModel = unsafe { model.as_ref() };
-        let n_ctx = options.context_size.min(model_ref.n_ctx_train().max(1));
+        let n_ctx = options.context_size.min(model.n_ctx_train().max(1));
         let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
@@ -172,35 +173,52 @@ impl Loaded {
             // Keep the full attention window of sliding-window models (such
             // as Gemma 3) so that a cached prefix can always be reused.
             .with_swa_full(true);
-        let context = match model_ref.new_context(backend, params) {
-            Ok(context) => context,
-            Err(err) => {
-                // SAFETY: no context was created, nothing borrows the model.
-                drop(unsafe { Box::from_raw(model.as_ptr()) });
-                return Err(GeniusError::Engine(format!(
-                    "cannot create a context of {n_ctx} tokens: {err} (try a smaller GENIUS_CONTEXT_SIZE)"
-                )));
-            }
-        };
+        let cell = ModelContext::try_new(model, |model| model.new_context(backend, params))
+            .map_err(|err| {
+                GeniusError::engine_from(
+                    format!("cannot create a context of {n_ctx} tokens (try a smaller GENIUS_CONTEXT_SIZE)"),
+                    err,
+                )
+            })?;
+        let template = ChatTemplate::of(cell.borrow_owner());
         Ok(Self {
             name: name.to_owned(),
-            context: std::mem::ManuallyDrop::new(context),
-            model,
+            cell,
             batch: LlamaBatch::new(options.batch_size as usize, 1),
             cached: Vec::new(),
-            template: ChatTemplate::of(model_ref),
+            template,
             prompt_logits: None,
         })
     }
 
     fn model(&self) -> &LlamaModel {
-        // SAFETY: see `new`; the model outlives `self`.
-        unsafe { self.model.as_ref() }
+        self.cell.borrow_owner()
+    }
+
+    fn context(&self) -> &LlamaContext<'_> {
+        self.cell.borrow_dependent()
+    }
+
+    fn context_mut<R>(&mut self, work: impl FnOnce(&mut LlamaContext<'_>) -> R) -> R {
+        self.cell.with_dependent_mut(|_, context| work(context))
+    }
+
+    /// Decodes `self.batch`; on failure the KV cache is forgotten, as its
+    /// state is no longer known.
+    fn decode_batch(&mut self, what: &str) -> Result<(), GeniusError> {
+        let batch = &mut self.batch;
+        let decoded = self
+            .cell
+            .with_dependent_mut(|_, context| context.decode(batch));
+        decoded.map_err(|err| {
+            self.reset();
+            GeniusError::engine_from(format!("decoding {what} failed"), err)
+        })
     }
 
     /// Forgets the KV cache, e.g. after a failed decode.
     fn reset(&mut self) {
-        self.context.clear_kv_cache();
+        self.context_mut(|context| context.clear_kv_cache());
         self.cached.clear();
         self.prompt_logits = None;
     }
@@ -209,9 +227,9 @@ impl Loaded {
     /// context cannot.
     fn truncate(&mut self, keep: usize) -> bool {
         if keep < self.cached.len() {
-            let removed = self
-                .context
-                .clear_kv_cache_seq(Some(0), Some(keep as u32), None);
+            let removed = self.context_mut(|context| {
+                context.clear_kv_cache_seq(Some(0), Some(keep as u32), None)
+            });
             if !matches!(removed, Ok(true)) {
                 return false;
             }
@@ -226,7 +244,7 @@ impl Loaded {
         let (_, logits) = self
             .prompt_logits
             .as_ref()
-            .ok_or_else(|| GeniusError::Engine("no saved logits to sample from".into()))?;
+            .ok_or_else(|| GeniusError::engine("no saved logits to sample from"))?;
         let mut candidates = LlamaTokenDataArray::from_iter(
             logits
                 .iter()
@@ -237,7 +255,7 @@ impl Loaded {
         candidates.apply_sampler(sampler);
         let token = candidates
             .selected_token()
-            .ok_or_else(|| GeniusError::Engine("the sampler selected no token".into()))?;
+            .ok_or_else(|| GeniusError::engine("the sampler selected no token"))?;
         sampler.accept(token);
         Ok(token)
     }
@@ -266,7 +284,7 @@ impl Loaded {
             self.reset();
             reuse = 0;
         }
-        let chunk_size = self.context.n_batch().max(1) as usize;
+        let chunk_size = self.context().n_batch().max(1) as usize;
         for chunk in tokens[reuse..].chunks(chunk_size) {
             if output.check_cancelled().is_some() {
                 return Ok(None);
@@ -277,17 +295,12 @@ impl Loaded {
                 let last = position as usize + 1 == tokens.len();
                 self.batch
                     .add(token, position, &[0], last)
-                    .map_err(|err| GeniusError::Engine(err.to_string()))?;
+                    .map_err(|err| GeniusError::engine_from("cannot fill the batch", err))?;
                 self.cached.push(token);
             }
-            if let Err(err) = self.context.decode(&mut self.batch) {
-                self.reset();
-                return Err(GeniusError::Engine(format!(
-                    "decoding the prompt failed: {err}"
-                )));
-            }
+            self.decode_batch("the prompt")?;
         }
-        let logits = self.context.get_logits_ith(self.batch.n_tokens() - 1);
+        let logits = self.context().get_logits_ith(self.batch.n_tokens() - 1);
         let mut kept = saved.unwrap_or_default();
         kept.clear();
         kept.extend_from_slice(logits);
@@ -296,17 +309,6 @@ impl Loaded {
             reused: reuse,
             saved_logits: false,
         }))
-    }
-}
-
-impl Drop for Loaded {
-    fn drop(&mut self) {
-        // SAFETY: the context is dropped exactly once, here, before the
-        // model it borrows; then the model is freed from its original box.
-        unsafe {
-            std::mem::ManuallyDrop::drop(&mut self.context);
-            drop(Box::from_raw(self.model.as_ptr()));
-        }
     }
 }
 
@@ -357,7 +359,7 @@ impl Engine for LlamaEngine {
         let loaded = Loaded::new(name, model, &self.options)?;
         let info = ModelInfo {
             name: loaded.name.clone(),
-            context_size: loaded.context.n_ctx() as usize,
+            context_size: loaded.context().n_ctx() as usize,
             vocab_size: loaded.model().n_vocab().max(0) as usize,
         };
         log::info!(
@@ -399,7 +401,7 @@ impl Engine for LlamaEngine {
         if tokens.is_empty() {
             return Err(GeniusError::EmptyPrompt);
         }
-        let n_ctx = loaded.context.n_ctx() as usize;
+        let n_ctx = loaded.context().n_ctx() as usize;
         if tokens.len() >= n_ctx {
             return Err(GeniusError::PromptTooLong {
                 tokens: tokens.len(),
@@ -441,12 +443,25 @@ impl Engine for LlamaEngine {
             let token = if std::mem::take(&mut from_saved) {
                 loaded.sample_saved(&mut sampler)?
             } else {
-                sampler.sample(&loaded.context, logits_index)
+                sampler.sample(loaded.context(), logits_index)
             };
-            let vocab = loaded.model().vocab();
-            if vocab.is_eog(token) {
+            if loaded.model().vocab().is_eog(token) {
                 break FinishReason::EndOfGeneration;
             }
+            if config.logprobs {
+                let logits = match &loaded.prompt_logits {
+                    Some((_, saved)) if fed.saved_logits && usage.generated_tokens == 0 => saved,
+                    _ => loaded.context().get_logits_ith(logits_index),
+                };
+                let report = token_logprobs(
+                    loaded.model(),
+                    logits,
+                    token,
+                    usize::from(config.top_logprobs),
+                );
+                output.logprobs(report);
+            }
+            let vocab = loaded.model().vocab();
             usage.generated_tokens += 1;
             piece.clear();
             vocab.token_to_piece_into(token, &mut piece, false, None);
@@ -458,11 +473,8 @@ impl Engine for LlamaEngine {
             loaded
                 .batch
                 .add(token, position, &[0], true)
-                .map_err(|err| GeniusError::Engine(err.to_string()))?;
-            if let Err(err) = loaded.context.decode(&mut loaded.batch) {
-                loaded.reset();
-                return Err(GeniusError::Engine(format!("decoding failed: {err}")));
-            }
+                .map_err(|err| GeniusError::engine_from("cannot fill the batch", err))?;
+            loaded.decode_batch("the next token")?;
             loaded.cached.push(token);
             logits_index = 0;
         };
@@ -499,8 +511,8 @@ impl ChatTemplate {
                     after.to_owned(),
                     !padded.contains(&format!(" {PLACEHOLDER} ")),
                 )),
-                _ => Err(GeniusError::Engine(
-                    "the model's chat template does not show the message exactly once".into(),
+                _ => Err(GeniusError::engine(
+                    "the model's chat template does not show the message exactly once",
                 )),
             }
         });
@@ -548,17 +560,18 @@ fn user_turn(
     prompt: &str,
 ) -> Result<String, GeniusError> {
     let message = LlamaChatMessage::new("user".into(), prompt.into()).map_err(|_| {
-        GeniusError::InvalidConfig {
-            field: "prompt",
-            reason: "contains a NUL character; send it with PromptFormat::Raw".into(),
-        }
+        GeniusError::invalid_request(
+            "prompt",
+            "it contains a NUL character, which a chat template cannot carry; send it with PromptFormat::Raw",
+        )
     })?;
     model
         .apply_chat_template(template, &[message], true)
         .map_err(|err| {
-            GeniusError::Engine(format!(
-                "the model's chat template is not one llama.cpp can apply ({err})"
-            ))
+            GeniusError::engine_from(
+                "the model's chat template is not one llama.cpp can apply",
+                err,
+            )
         })
 }
 
@@ -591,4 +604,55 @@ fn sampler_for(config: &InferenceConfig, n_vocab: i32) -> LlamaSampler {
         chain.push(LlamaSampler::dist(config.seed.unwrap_or(u32::MAX)));
     }
     LlamaSampler::chain_simple(chain)
+}
+
+/// The log-probability of `chosen` under `logits`, and the `top` most
+/// likely tokens, as the model's softmax gives them (before any sampler).
+fn token_logprobs(
+    model: &LlamaModel,
+    logits: &[f32],
+    chosen: LlamaToken,
+    top: usize,
+) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let log_total = f64::from(max) + sum.ln();
+    let logprob = |id: usize| (f64::from(logits[id]) - log_total) as f32;
+    // The `top` largest logits, found in one pass: `best` stays sorted,
+    // largest first, and is never longer than `top`.
+    let mut best: Vec<usize> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (id, &logit) in logits.iter().enumerate() {
+            if best.len() == top && logit <= logits[best[top - 1]] {
+                continue;
+            }
+            let at = best.partition_point(|&other| logits[other] >= logit);
+            best.insert(at, id);
+            best.truncate(top);
+        }
+    }
+    let bytes_of = |token: LlamaToken| {
+        let mut bytes = Vec::new();
+        model
+            .vocab()
+            .token_to_piece_into(token, &mut bytes, false, None);
+        bytes
+    };
+    let chosen_bytes = bytes_of(chosen);
+    TokenLogprobs {
+        token: String::from_utf8_lossy(&chosen_bytes).into_owned(),
+        logprob: usize::try_from(chosen.0).map_or(f32::NEG_INFINITY, logprob),
+        bytes: chosen_bytes,
+        top_logprobs: best
+            .into_iter()
+            .map(|id| {
+                let bytes = bytes_of(LlamaToken(id as i32));
+                TopLogprob {
+                    token: String::from_utf8_lossy(&bytes).into_owned(),
+                    bytes,
+                    logprob: logprob(id),
+                }
+            })
+            .collect(),
+    }
 }

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{FinishReason, Usage};
+use rusty_genius_core::protocol::{FinishReason, TokenLogprobs, TopLogprob, Usage};
 use rusty_genius_core::{GeniusError, InferenceConfig};
 
 use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
@@ -18,7 +18,8 @@ const PINKY_CONTEXT: usize = 4096;
 /// that the model file exists and is GGUF, honours `max_tokens`, stop
 /// sequences and cancellation, rejects prompts larger than its context,
 /// and reports usage (one token per prompt byte, with prefix reuse across
-/// requests like a real KV cache). Its reply is either a script of tokens
+/// requests like a real KV cache), and log-probabilities when asked (0 for
+/// every token: Pinky is never in doubt). Its reply is either a script of tokens
 /// set with [`with_script`](Self::with_script), or by default
 /// `"Narf! You said: <prompt>"`, one word per token.
 ///
@@ -140,6 +141,24 @@ impl Engine for Pinky {
             }
             std::thread::sleep(self.token_delay);
             generated += 1;
+            if config.logprobs {
+                // Pinky is certain of every token it says.
+                let token = String::from_utf8_lossy(&piece).into_owned();
+                let top_logprobs = (config.top_logprobs > 0)
+                    .then(|| TopLogprob {
+                        token: token.clone(),
+                        bytes: piece.clone(),
+                        logprob: 0.0,
+                    })
+                    .into_iter()
+                    .collect();
+                output.logprobs(TokenLogprobs {
+                    token,
+                    bytes: piece.clone(),
+                    logprob: 0.0,
+                    top_logprobs,
+                });
+            }
             if let Some(reason) = output.push(&piece) {
                 finish = reason;
                 break;

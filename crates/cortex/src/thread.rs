@@ -2,8 +2,10 @@
 //!
 //! Engines block while they compute, and llama.cpp's context must stay on
 //! one thread. `EngineThread` owns an engine on a dedicated OS thread, takes
-//! commands through a channel and reports through an async channel, so an
-//! async caller never blocks and the KV cache lives across requests.
+//! commands through a channel and reports through an async channel, so the
+//! KV cache lives across requests and no method of the handle blocks: not
+//! the commands, not dropping it, not waiting for it to end
+//! ([`EngineThread::shutdown`] is a future).
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -12,9 +14,10 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
+use futures::channel::oneshot;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{InferenceEvent, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig};
+use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig};
 
 use crate::engine::{Engine, Output};
 
@@ -66,10 +69,13 @@ impl CancelToken {
 /// An engine running on a thread of its own.
 ///
 /// Commands are carried out in order. Dropping the handle lets the thread
-/// finish its current command, unload and exit.
+/// finish its current command, unload and exit in the background; the drop
+/// itself returns at once. To wait for the thread to be gone (its model
+/// freed), await [`shutdown`](Self::shutdown) instead.
 pub struct EngineThread {
     commands: Option<mpsc::Sender<Command>>,
-    thread: Option<JoinHandle<()>>,
+    /// Fires (or is dropped) when the thread has unloaded and is exiting.
+    exited: Option<oneshot::Receiver<()>>,
 }
 
 impl EngineThread {
@@ -80,16 +86,36 @@ impl EngineThread {
     ) -> Result<(Self, UnboundedReceiver<EngineReport>), GeniusError> {
         let (commands, inbox) = mpsc::channel();
         let (reports, receiver) = unbounded();
-        let thread = std::thread::Builder::new()
+        let (exiting, exited) = oneshot::channel();
+        // Never joined: `shutdown` waits for `exiting` instead, so no async
+        // caller ever blocks on the thread.
+        let _detached: JoinHandle<()> = std::thread::Builder::new()
             .name("genius-engine".into())
-            .spawn(move || serve(factory, inbox, reports))?;
+            .spawn(move || {
+                serve(factory, inbox, reports);
+                let _ = exiting.send(());
+            })?;
         Ok((
             Self {
                 commands: Some(commands),
-                thread: Some(thread),
+                exited: Some(exited),
             },
             receiver,
         ))
+    }
+
+    /// Lets the thread finish its current command (a running inference
+    /// should be cancelled first), unload the model and exit; completes
+    /// when it has. Awaiting this never blocks the executor.
+    pub fn shutdown(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.commands = None;
+        let exited = self.exited.take();
+        async move {
+            if let Some(exited) = exited {
+                // Err means the thread dropped the sender: it is gone too.
+                let _ = exited.await;
+            }
+        }
     }
 
     /// Loads a model; answered by [`EngineReport::Loaded`].
@@ -126,35 +152,30 @@ impl EngineThread {
     }
 }
 
-impl Drop for EngineThread {
-    fn drop(&mut self) {
-        self.commands = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 fn serve(
     factory: EngineFactory,
     inbox: mpsc::Receiver<Command>,
     reports: UnboundedSender<EngineReport>,
 ) {
+    // Every command fails with the reason the engine could not start.
     let mut engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
-        Ok(result) => result.map_err(|err| err.to_string()),
-        Err(panic) => Err(format!(
+        Ok(result) => result.map_err(|err| err.report()),
+        Err(panic) => Err(GeniusError::engine(format!(
             "the engine panicked while starting: {}",
             panic_message(&panic)
-        )),
+        ))
+        .report()),
     };
     if let Err(err) = &engine {
         log::error!("{err}");
     }
+    let not_started =
+        |err: &ErrorReport| GeniusError::engine_from("the engine could not start", err.clone());
     for command in inbox {
         let report = match command {
             Command::Load { name, path } => EngineReport::Loaded(match &mut engine {
                 Ok(engine) => guarded(engine.as_mut(), |engine| engine.load(&name, &path)),
-                Err(err) => Err(GeniusError::Engine(err.clone())),
+                Err(err) => Err(not_started(err)),
             }),
             Command::Unload => {
                 if let Ok(engine) = &mut engine {
@@ -179,7 +200,7 @@ fn serve(
                     output.finish();
                     result
                 }),
-                Err(err) => Err(GeniusError::Engine(err.clone())),
+                Err(err) => Err(not_started(err)),
             }),
         };
         if reports.unbounded_send(report).is_err() {
@@ -206,7 +227,7 @@ fn guarded<T>(
             let message = format!("the engine panicked: {}", panic_message(&panic));
             log::error!("{message}");
             let _ = catch_unwind(AssertUnwindSafe(|| engine.unload()));
-            Err(GeniusError::Engine(message))
+            Err(GeniusError::engine(message))
         }
     }
 }

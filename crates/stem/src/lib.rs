@@ -11,6 +11,8 @@
 mod orchestrator;
 mod rt;
 mod strategy;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use orchestrator::{Orchestrator, OrchestratorBuilder};
 pub use strategy::CortexStrategy;

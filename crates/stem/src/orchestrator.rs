@@ -6,11 +6,13 @@
 //! generates: `Stop` takes effect within a token.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use facecrab::AssetAuthority;
+use facecrab::{AssetAuthority, FacecrabError};
 use futures::channel::mpsc;
 use futures::future::{self, Either};
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -97,7 +99,10 @@ impl OrchestratorBuilder {
     pub fn build(self) -> Result<Orchestrator, GeniusError> {
         let authority = match self.authority {
             Some(authority) => authority,
-            None => AssetAuthority::new().map_err(|err| GeniusError::Asset(err.to_string()))?,
+            None => AssetAuthority::new().map_err(|err| GeniusError::Asset {
+                name: "(none yet)".into(),
+                source: Box::new(err),
+            })?,
         };
         Ok(Orchestrator {
             strategy: self.strategy,
@@ -131,7 +136,12 @@ impl Orchestrator {
     /// Serves requests from `input`, reporting on `output`, until
     /// `Shutdown` is received, the input is closed and all its requests
     /// are answered, or `output`'s receiver is dropped (which also stops a
-    /// generation in progress).
+    /// generation in progress). Returns once the engine has unloaded its
+    /// model; the wait never blocks the executor.
+    ///
+    /// Nothing outlives it: a download in progress stops when it returns
+    /// (or when this future is dropped), keeping what it has fetched for
+    /// the next attempt to resume.
     pub async fn run(
         &mut self,
         input: mpsc::Receiver<BrainstemInput>,
@@ -141,7 +151,7 @@ impl Orchestrator {
             Ok(spawned) => spawned,
             Err(err) => {
                 let mut output = output;
-                let _ = output.send(BrainstemOutput::Error(err.to_string())).await;
+                let _ = output.send(BrainstemOutput::Error(err.report())).await;
                 return;
             }
         };
@@ -149,21 +159,27 @@ impl Orchestrator {
         let mut stem = Brainstem {
             strategy: self.strategy,
             authority: self.authority.clone(),
-            engine,
+            engine: Some(engine),
             reports,
             input: Some(input),
             output,
             asset_tx,
             asset_rx,
+            resolving: None,
             state: State::Unloaded { hibernated: None },
             queue: VecDeque::new(),
+            shutting_down: false,
         };
         while let Some(event) = stem.next_event().await {
             if stem.handle_event(event).await.is_err() {
                 break;
             }
         }
-        stem.engine.unload();
+        // Stop any download before waiting for the engine.
+        stem.resolving = None;
+        if let Some(engine) = stem.engine.take() {
+            engine.shutdown().await;
+        }
         log::debug!("orchestrator stopped");
     }
 }
@@ -202,8 +218,12 @@ enum Event {
     Input(Option<BrainstemInput>),
     Engine(Option<EngineReport>),
     Asset(AssetEvent),
+    Resolved(Result<PathBuf, FacecrabError>),
     Hibernate,
 }
+
+/// facecrab making a model available: progress goes to `asset_tx`.
+type Resolution = Pin<Box<dyn Future<Output = Result<PathBuf, FacecrabError>> + Send>>;
 
 /// The loop must end: `Shutdown` was received, the output receiver is gone,
 /// or the engine thread died.
@@ -212,15 +232,21 @@ struct Halt;
 struct Brainstem {
     strategy: CortexStrategy,
     authority: Arc<AssetAuthority>,
-    engine: EngineThread,
+    /// Taken only when the loop has ended, to shut it down.
+    engine: Option<EngineThread>,
     reports: mpsc::UnboundedReceiver<EngineReport>,
-    /// `None` once the user closed it.
+    /// `None` once the user closed it (or sent `Shutdown`).
     input: Option<mpsc::Receiver<BrainstemInput>>,
     output: mpsc::Sender<BrainstemOutput>,
     asset_tx: mpsc::UnboundedSender<AssetEvent>,
     asset_rx: mpsc::UnboundedReceiver<AssetEvent>,
+    /// The name being resolved (in `State::Resolving`), polled by the loop
+    /// itself: dropping it cancels the download.
+    resolving: Option<Resolution>,
     state: State,
     queue: VecDeque<Request>,
+    /// `Shutdown` was received: finish the running request, then stop.
+    shutting_down: bool,
 }
 
 impl Brainstem {
@@ -238,12 +264,25 @@ impl Brainstem {
             Some(input) => Either::Left(input.next()),
             None => Either::Right(future::pending()),
         };
+        let resolved = match &mut self.resolving {
+            Some(resolution) => Either::Left(resolution.as_mut()),
+            None => Either::Right(future::pending()),
+        };
+        // Progress before the result it leads to; input first, so `Stop`
+        // is never stuck behind a stream of tokens.
         futures::select_biased! {
             input = input.fuse() => Some(Event::Input(input)),
             report = self.reports.next() => Some(Event::Engine(report)),
             asset = self.asset_rx.select_next_some() => Some(Event::Asset(asset)),
+            result = resolved.fuse() => Some(Event::Resolved(result)),
             () = timer.fuse() => Some(Event::Hibernate),
         }
+    }
+
+    fn engine(&self) -> &EngineThread {
+        self.engine
+            .as_ref()
+            .expect("the engine is taken only after the loop")
     }
 
     fn hibernation_deadline(&self) -> Option<Instant> {
@@ -261,10 +300,7 @@ impl Brainstem {
         match event {
             Event::Input(None) => self.input = None,
             Event::Input(Some(BrainstemInput::Stop)) => self.cancel_generation(),
-            Event::Input(Some(BrainstemInput::Shutdown)) => {
-                self.cancel_generation();
-                return Err(Halt);
-            }
+            Event::Input(Some(BrainstemInput::Shutdown)) => return self.shut_down().await,
             Event::Input(Some(BrainstemInput::LoadModel(name))) => {
                 self.queue.push_back(Request::Load(name))
             }
@@ -272,23 +308,32 @@ impl Brainstem {
                 self.queue.push_back(Request::Infer { prompt, config })
             }
             Event::Input(Some(other)) => {
-                self.emit(BrainstemOutput::Error(format!(
-                    "unsupported request {other:?}"
-                )))
-                .await?
+                let err = GeniusError::invalid_request(
+                    "input",
+                    format!("this Orchestrator does not support {other:?}"),
+                );
+                self.fail(err).await?
             }
             Event::Engine(None) => {
-                self.emit(BrainstemOutput::Error(GeniusError::EngineGone.to_string()))
-                    .await?;
+                self.fail(GeniusError::EngineGone).await?;
                 return Err(Halt);
             }
             Event::Engine(Some(report)) => self.on_engine_report(report).await?,
-            Event::Asset(event) => self.on_asset_event(event).await?,
+            Event::Asset(event) => self.emit(BrainstemOutput::Asset(event)).await?,
+            Event::Resolved(result) => {
+                self.resolving = None;
+                // Progress reported in the poll that finished the work is
+                // still queued: it goes first.
+                while let Ok(Some(event)) = self.asset_rx.try_next() {
+                    self.emit(BrainstemOutput::Asset(event)).await?;
+                }
+                self.on_resolved(result).await?
+            }
             Event::Hibernate => {
                 if let State::Loaded { model, .. } = &self.state {
                     let model = model.clone();
                     log::info!("hibernating {} after idle time", model.name);
-                    self.engine.unload();
+                    self.engine().unload();
                     self.emit(BrainstemOutput::Status(EngineStatus::Hibernated(
                         model.name.clone(),
                     )))
@@ -331,23 +376,23 @@ impl Brainstem {
             };
             return self.load(model).await;
         }
-        // Anything else is facecrab's to resolve (and maybe download).
-        let events = self.authority.ensure_model_stream(&name);
-        let forward = self.asset_tx.clone();
-        rt::spawn(async move {
-            let mut events = std::pin::pin!(events);
-            while let Some(event) = events.next().await {
-                if forward.unbounded_send(event).is_err() {
-                    break;
-                }
-            }
-        });
+        // Anything else is facecrab's to resolve (and maybe download),
+        // polled by this loop, so it ends with it.
+        let authority = self.authority.clone();
+        let progress = self.asset_tx.clone();
+        let requested = name.clone();
+        self.resolving = Some(Box::pin(async move {
+            let mut report = move |event| {
+                let _ = progress.unbounded_send(event);
+            };
+            authority.ensure_model_with(&requested, &mut report).await
+        }));
         self.state = State::Resolving { name };
         Ok(())
     }
 
     async fn load(&mut self, model: Model) -> Result<(), Halt> {
-        self.engine.load(model.name.clone(), model.path.clone());
+        self.engine().load(model.name.clone(), model.path.clone());
         let status = EngineStatus::Loading(model.name.clone());
         self.state = State::Loading { model };
         self.emit(BrainstemOutput::Status(status)).await
@@ -362,7 +407,7 @@ impl Brainstem {
         }
         match std::mem::replace(&mut self.state, State::Unloaded { hibernated: None }) {
             State::Loaded { model, .. } => {
-                let cancel = self.engine.infer(prompt, config);
+                let cancel = self.engine().infer(prompt, config);
                 self.state = State::Inferring { model, cancel };
                 self.emit(BrainstemOutput::Event(InferenceEvent::ProcessStart))
                     .await
@@ -431,7 +476,7 @@ impl Brainstem {
                     if let State::Loaded { model, .. } =
                         std::mem::replace(&mut self.state, State::Unloaded { hibernated: None })
                     {
-                        self.engine.unload();
+                        self.engine().unload();
                         let status = EngineStatus::Hibernated(model.name.clone());
                         self.state = State::Unloaded {
                             hibernated: Some(model),
@@ -445,25 +490,45 @@ impl Brainstem {
         }
     }
 
-    async fn on_asset_event(&mut self, event: AssetEvent) -> Result<(), Halt> {
-        self.emit(BrainstemOutput::Asset(event.clone())).await?;
-        let State::Resolving { name } = &self.state else {
+    async fn on_resolved(&mut self, result: Result<PathBuf, FacecrabError>) -> Result<(), Halt> {
+        let State::Resolving { name } =
+            std::mem::replace(&mut self.state, State::Unloaded { hibernated: None })
+        else {
             return Ok(());
         };
-        let name = name.clone();
-        match event {
-            AssetEvent::Complete(path) => {
-                let model = Model {
-                    name,
-                    path: PathBuf::from(path),
-                };
-                self.load(model).await
+        match result {
+            Ok(path) => {
+                let event = AssetEvent::Complete(path.display().to_string());
+                self.emit(BrainstemOutput::Asset(event)).await?;
+                self.load(Model { name, path }).await
             }
-            AssetEvent::Error(message) => {
-                self.state = State::Unloaded { hibernated: None };
-                self.fail(GeniusError::Asset(message)).await
+            Err(err) => {
+                let event = AssetEvent::Error(err.to_string());
+                self.emit(BrainstemOutput::Asset(event)).await?;
+                self.fail(asset_error(name, err)).await
             }
-            _ => Ok(()),
+        }
+    }
+
+    /// `Shutdown`: the running generation is cancelled and still ends with
+    /// its `Complete`; every request not yet started, and a load in
+    /// progress, is answered with `ShutDown`. The loop ends as soon as the
+    /// engine is idle.
+    async fn shut_down(&mut self) -> Result<(), Halt> {
+        self.shutting_down = true;
+        self.input = None;
+        self.cancel_generation();
+        while let Some(_request) = self.queue.pop_front() {
+            self.fail(GeniusError::ShutDown).await?;
+        }
+        match &self.state {
+            State::Inferring { .. } => Ok(()),
+            State::Resolving { .. } | State::Loading { .. } => {
+                self.resolving = None;
+                self.fail(GeniusError::ShutDown).await?;
+                Err(Halt)
+            }
+            State::Unloaded { .. } | State::Loaded { .. } => Err(Halt),
         }
     }
 
@@ -476,7 +541,7 @@ impl Brainstem {
 
     async fn fail(&mut self, err: GeniusError) -> Result<(), Halt> {
         log::warn!("{err}");
-        self.emit(BrainstemOutput::Error(err.to_string())).await
+        self.emit(BrainstemOutput::Error(err.report())).await
     }
 
     async fn emit(&mut self, output: BrainstemOutput) -> Result<(), Halt> {
@@ -486,5 +551,28 @@ impl Brainstem {
             return Err(Halt);
         }
         Ok(())
+    }
+}
+
+/// facecrab's error as the Orchestrator reports it, kept as the source: a
+/// name that leads nowhere is `ModelNotFound` (or `FileNotFound`), anything
+/// else about fetching is `Asset`.
+fn asset_error(name: String, err: FacecrabError) -> GeniusError {
+    match err {
+        FacecrabError::MissingFile { path } => GeniusError::FileNotFound { path },
+        err @ (FacecrabError::NotFound { .. }
+        | FacecrabError::InvalidName { .. }
+        | FacecrabError::NoSingleFile { .. }) => GeniusError::ModelNotFound {
+            reason: match &err {
+                FacecrabError::NotFound { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            },
+            name,
+            source: Some(Box::new(err)),
+        },
+        err => GeniusError::Asset {
+            name,
+            source: Box::new(err),
+        },
     }
 }

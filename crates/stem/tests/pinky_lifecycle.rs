@@ -1,71 +1,50 @@
 //! The Orchestrator's lifecycle and protocol, driven through its channels
 //! with the Pinky engine.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use facecrab::testing::TempDir;
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use rusty_genius_core::protocol::{
     BrainstemInput, BrainstemOutput, EngineStatus, FinishReason, InferenceEvent, ThoughtEvent,
-    Usage,
 };
-use rusty_genius_core::InferenceConfig;
+use rusty_genius_core::{ErrorKind, InferenceConfig};
 use rusty_genius_cortex::Pinky;
+use rusty_genius_stem::testing::{wait_for_usages, RecordingEngine, Reply, TestClient, Usages};
 use rusty_genius_stem::{CortexStrategy, Orchestrator};
 
-/// A running Orchestrator and its two channel ends.
+/// A running Orchestrator on Pinky, and the stand-in model file it loads.
 struct Session {
-    input: mpsc::Sender<BrainstemInput>,
-    output: mpsc::Receiver<BrainstemOutput>,
-    _dir: TempDir,
+    client: TestClient,
+    dir: TempDir,
     model: String,
 }
 
-/// A private directory removed on drop.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn temp_dir() -> TempDir {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "genius-stem-test-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
+fn stand_in_model(dir: &TempDir) -> String {
+    let model = dir.join("pinky.gguf");
+    std::fs::write(&model, b"GGUF pinky's pretend weights").unwrap();
+    model.display().to_string()
 }
 
 fn start(pinky: Pinky, strategy: CortexStrategy) -> Session {
-    let dir = temp_dir();
-    let model = dir.0.join("pinky.gguf");
-    std::fs::write(&model, b"GGUF pinky's pretend weights").unwrap();
-    let mut genius = Orchestrator::builder()
+    let dir = TempDir::new("stem");
+    let model = stand_in_model(&dir);
+    let genius = Orchestrator::builder()
         .strategy(strategy)
         .pinky(pinky)
         .build()
         .unwrap();
-    let (input, rx) = mpsc::channel(16);
-    let (tx, output) = mpsc::channel(16);
-    async_std::task::spawn(async move { genius.run(rx, tx).await });
     Session {
-        input,
-        output,
-        model: model.display().to_string(),
-        _dir: dir,
+        client: TestClient::start(genius).with_timeout(Duration::from_secs(10)),
+        model,
+        dir,
     }
 }
 
 impl Session {
     async fn send(&mut self, input: BrainstemInput) {
-        self.input.send(input).await.unwrap();
+        self.client.send(input).await.unwrap();
     }
 
     async fn load(&mut self) {
@@ -79,67 +58,21 @@ impl Session {
     }
 
     async fn next(&mut self) -> BrainstemOutput {
-        async_std::future::timeout(Duration::from_secs(10), self.output.next())
+        self.client
+            .next()
             .await
-            .expect("no output within 10 s")
+            .expect("an output in time")
             .expect("output closed")
     }
 
     /// Collects outputs up to and including `Complete` or an `Error`.
-    async fn until_done(&mut self) -> Vec<BrainstemOutput> {
-        let mut seen = Vec::new();
-        loop {
-            let message = self.next().await;
-            let done = matches!(
-                message,
-                BrainstemOutput::Event(InferenceEvent::Complete) | BrainstemOutput::Error(_)
-            );
-            seen.push(message);
-            if done {
-                return seen;
-            }
-        }
+    async fn until_done(&mut self) -> Reply {
+        self.client.reply().await.unwrap()
     }
 }
 
-fn text_of(outputs: &[BrainstemOutput]) -> String {
-    outputs
-        .iter()
-        .filter_map(|o| match o {
-            BrainstemOutput::Event(InferenceEvent::Content(text)) => Some(text.as_str()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn usage_of(outputs: &[BrainstemOutput]) -> Usage {
-    outputs
-        .iter()
-        .find_map(|o| match o {
-            BrainstemOutput::Event(InferenceEvent::Usage(usage)) => Some(usage.clone()),
-            _ => None,
-        })
-        .expect("no usage reported")
-}
-
-fn statuses(outputs: &[BrainstemOutput]) -> Vec<EngineStatus> {
-    outputs
-        .iter()
-        .filter_map(|o| match o {
-            BrainstemOutput::Status(status) => Some(status.clone()),
-            _ => None,
-        })
-        .collect()
-}
-
-fn errors(outputs: &[BrainstemOutput]) -> Vec<String> {
-    outputs
-        .iter()
-        .filter_map(|o| match o {
-            BrainstemOutput::Error(message) => Some(message.clone()),
-            _ => None,
-        })
-        .collect()
+fn errors(reply: &Reply) -> Vec<String> {
+    reply.errors.iter().map(|e| e.message.clone()).collect()
 }
 
 #[async_std::test]
@@ -149,22 +82,23 @@ async fn load_then_infer_streams_content_then_complete() {
     s.infer("hello there", InferenceConfig::default()).await;
     let out = s.until_done().await;
     assert_eq!(
-        statuses(&out),
+        out.statuses,
         [
             EngineStatus::Loading(s.model.clone()),
             EngineStatus::Loaded(s.model.clone())
         ]
     );
     let start = out
+        .outputs
         .iter()
         .position(|o| *o == BrainstemOutput::Event(InferenceEvent::ProcessStart));
     assert!(start.is_some(), "{out:?}");
-    assert_eq!(text_of(&out), "Narf! You said: hello there");
+    assert_eq!(out.text, "Narf! You said: hello there");
     assert_eq!(
-        out.last(),
+        out.outputs.last(),
         Some(&BrainstemOutput::Event(InferenceEvent::Complete))
     );
-    assert_eq!(usage_of(&out).finish_reason, FinishReason::EndOfGeneration);
+    assert_eq!(out.usage().finish_reason, FinishReason::EndOfGeneration);
 }
 
 #[async_std::test]
@@ -172,19 +106,19 @@ async fn infer_before_load_is_an_error_that_says_what_to_do() {
     let mut s = start(Pinky::new(), CortexStrategy::KeepAlive);
     s.infer("hello", InferenceConfig::default()).await;
     let out = s.until_done().await;
-    let errors = errors(&out);
-    assert_eq!(errors.len(), 1, "{out:?}");
-    assert!(errors[0].contains("LoadModel"), "{}", errors[0]);
+    assert_eq!(out.errors.len(), 1, "{out:?}");
+    assert_eq!(out.errors[0].kind, ErrorKind::NoModelLoaded);
+    assert!(out.errors[0].contains("LoadModel"), "{}", out.errors[0]);
     // The Orchestrator is still usable afterwards.
     s.load().await;
     s.infer("again", InferenceConfig::default()).await;
-    assert_eq!(text_of(&s.until_done().await), "Narf! You said: again");
+    assert_eq!(s.until_done().await.text, "Narf! You said: again");
 }
 
 #[async_std::test]
 async fn bad_files_and_prompts_get_errors_and_leave_the_state_unloaded() {
     let mut s = start(Pinky::new(), CortexStrategy::KeepAlive);
-    let not_gguf = s._dir.0.join("notes.gguf");
+    let not_gguf = s.dir.join("notes.gguf");
     std::fs::write(&not_gguf, b"just some text").unwrap();
     s.send(BrainstemInput::LoadModel(not_gguf.display().to_string()))
         .await;
@@ -195,10 +129,11 @@ async fn bad_files_and_prompts_get_errors_and_leave_the_state_unloaded() {
         BrainstemOutput::Status(EngineStatus::Unloaded)
     );
 
-    let missing = s._dir.0.join("missing.gguf").display().to_string();
+    let missing = s.dir.join("missing.gguf").display().to_string();
     s.send(BrainstemInput::LoadModel(missing)).await;
     let out = s.until_done().await;
     assert!(errors(&out)[0].contains("missing.gguf"), "{out:?}");
+    assert_eq!(out.errors[0].kind, ErrorKind::ModelNotFound);
 
     // After failed loads, Infer reports that nothing is loaded.
     s.infer("hi", InferenceConfig::default()).await;
@@ -234,6 +169,7 @@ async fn thought_tags_split_across_tokens_become_thought_events() {
     let events: Vec<InferenceEvent> = s
         .until_done()
         .await
+        .outputs
         .into_iter()
         .filter_map(|o| match o {
             BrainstemOutput::Event(e) if !matches!(e, InferenceEvent::Usage(_)) => Some(e),
@@ -274,8 +210,8 @@ async fn utf8_split_across_tokens_streams_whole_characters() {
     s.load().await;
     s.infer("?", InferenceConfig::default()).await;
     let out = s.until_done().await;
-    assert_eq!(text_of(&out), "Tokyo 東🦀");
-    assert!(!text_of(&out).contains('\u{fffd}'));
+    assert_eq!(out.text, "Tokyo 東🦀");
+    assert!(!out.text.contains('\u{fffd}'));
 }
 
 #[async_std::test]
@@ -286,15 +222,15 @@ async fn max_tokens_and_stop_sequences_end_generation() {
     s.infer("count", InferenceConfig::default().with_max_tokens(2))
         .await;
     let out = s.until_done().await;
-    assert_eq!(text_of(&out), "one two ");
-    assert_eq!(usage_of(&out).generated_tokens, 2);
-    assert_eq!(usage_of(&out).finish_reason, FinishReason::MaxTokens);
+    assert_eq!(out.text, "one two ");
+    assert_eq!(out.usage().generated_tokens, 2);
+    assert_eq!(out.usage().finish_reason, FinishReason::MaxTokens);
 
     s.infer("count", InferenceConfig::default().with_stop("ee f"))
         .await;
     let out = s.until_done().await;
-    assert_eq!(text_of(&out), "one two thr");
-    assert_eq!(usage_of(&out).finish_reason, FinishReason::StopSequence);
+    assert_eq!(out.text, "one two thr");
+    assert_eq!(out.usage().finish_reason, FinishReason::StopSequence);
 }
 
 #[async_std::test]
@@ -314,7 +250,7 @@ async fn stop_ends_a_long_generation_within_a_few_tokens() {
     }
     s.send(BrainstemInput::Stop).await;
     let out = s.until_done().await;
-    let usage = usage_of(&out);
+    let usage = out.usage();
     assert_eq!(usage.finish_reason, FinishReason::Cancelled);
     assert!(
         usage.generated_tokens < 100,
@@ -324,7 +260,7 @@ async fn stop_ends_a_long_generation_within_a_few_tokens() {
     // A later request runs normally.
     s.infer("again", InferenceConfig::default().with_max_tokens(3))
         .await;
-    assert_eq!(usage_of(&s.until_done().await).generated_tokens, 3);
+    assert_eq!(s.until_done().await.usage().clone().generated_tokens, 3);
 }
 
 #[async_std::test]
@@ -333,15 +269,15 @@ async fn prefix_reuse_is_reported_in_usage() {
     s.load().await;
     s.infer("The quick brown fox", InferenceConfig::default())
         .await;
-    let first = usage_of(&s.until_done().await);
+    let first = s.until_done().await.usage().clone();
     assert_eq!(first.cached_tokens, 0);
     s.infer("The quick brown fox", InferenceConfig::default())
         .await;
-    let again = usage_of(&s.until_done().await);
+    let again = s.until_done().await.usage().clone();
     assert_eq!(again.cached_tokens, again.prompt_tokens - 1);
     s.infer("The quick brown foxok jumps", InferenceConfig::default())
         .await;
-    let extended = usage_of(&s.until_done().await);
+    let extended = s.until_done().await.usage().clone();
     assert_eq!(extended.cached_tokens, "The quick brown foxok".len());
 }
 
@@ -356,9 +292,9 @@ async fn hibernates_after_idle_and_reloads_on_infer_but_never_mid_generation() {
     s.load().await;
     s.infer("sleepy", InferenceConfig::default()).await;
     let out = s.until_done().await;
-    assert_eq!(usage_of(&out).generated_tokens, 60);
+    assert_eq!(out.usage().generated_tokens, 60);
     assert!(
-        !statuses(&out)
+        !out.statuses
             .iter()
             .any(|st| matches!(st, EngineStatus::Hibernated(_))),
         "unloaded during generation: {out:?}"
@@ -379,13 +315,13 @@ async fn hibernates_after_idle_and_reloads_on_infer_but_never_mid_generation() {
         .await;
     let out = s.until_done().await;
     assert_eq!(
-        statuses(&out),
+        out.statuses,
         [
             EngineStatus::Loading(s.model.clone()),
             EngineStatus::Loaded(s.model.clone())
         ]
     );
-    assert_eq!(text_of(&out), "zz");
+    assert_eq!(out.text, "zz");
 }
 
 #[async_std::test]
@@ -395,7 +331,7 @@ async fn immediate_strategy_unloads_after_each_inference() {
     for round in 0..2 {
         s.infer("hi", InferenceConfig::default()).await;
         let out = s.until_done().await;
-        assert_eq!(text_of(&out), "Narf! You said: hi", "round {round}");
+        assert_eq!(out.text, "Narf! You said: hi", "round {round}");
         assert_eq!(
             s.next().await,
             BrainstemOutput::Status(EngineStatus::Hibernated(s.model.clone()))
@@ -415,54 +351,19 @@ async fn unknown_model_name_is_a_clear_error() {
 
 #[async_std::test]
 async fn a_dropped_output_receiver_stops_generation() {
-    use rusty_genius_core::GeniusError;
-    use rusty_genius_cortex::{Engine, Output};
-    use std::sync::{Arc, Mutex};
-
-    /// Pinky, recording the usage of each inference.
-    struct Recording(Pinky, Arc<Mutex<Vec<Usage>>>);
-    impl Engine for Recording {
-        fn load(
-            &mut self,
-            name: &str,
-            path: &std::path::Path,
-        ) -> Result<rusty_genius_core::manifest::ModelInfo, GeniusError> {
-            self.0.load(name, path)
-        }
-        fn unload(&mut self) {
-            self.0.unload()
-        }
-        fn infer(
-            &mut self,
-            prompt: &str,
-            config: &InferenceConfig,
-            output: &mut Output<'_>,
-        ) -> Result<Usage, GeniusError> {
-            let usage = self.0.infer(prompt, config, output)?;
-            self.1.lock().unwrap().push(usage.clone());
-            Ok(usage)
-        }
-    }
-
-    let usages = Arc::new(Mutex::new(Vec::new()));
+    let usages = Usages::default();
     let recorded = usages.clone();
     let pinky = Pinky::new()
         .with_script(vec!["tock "; 2000])
         .with_token_delay(Duration::from_millis(2));
-    let dir = temp_dir();
-    let model = dir.0.join("pinky.gguf");
-    std::fs::write(&model, b"GGUF").unwrap();
-    let mut genius = Orchestrator::builder()
-        .engine(move || Ok(Recording(pinky.clone(), recorded.clone())))
+    let dir = TempDir::new("stem-dropped");
+    let model = stand_in_model(&dir);
+    let genius = Orchestrator::builder()
+        .engine(move || Ok(RecordingEngine::new(pinky.clone(), recorded.clone())))
         .build()
         .unwrap();
-    let (mut input, rx) = mpsc::channel(4);
-    let (tx, mut output) = mpsc::channel(4);
-    let running = async_std::task::spawn(async move { genius.run(rx, tx).await });
-    input
-        .send(BrainstemInput::LoadModel(model.display().to_string()))
-        .await
-        .unwrap();
+    let (mut input, mut output, running) = TestClient::start(genius).into_parts();
+    input.send(BrainstemInput::LoadModel(model)).await.unwrap();
     input
         .send(BrainstemInput::Infer {
             prompt: "go".into(),
@@ -478,16 +379,197 @@ async fn a_dropped_output_receiver_stops_generation() {
     async_std::future::timeout(Duration::from_secs(10), running)
         .await
         .expect("run did not end");
-    // The engine thread records the usage when it returns.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while usages.lock().unwrap().is_empty() && Instant::now() < deadline {
-        async_std::task::sleep(Duration::from_millis(10)).await;
-    }
-    let usage = usages.lock().unwrap()[0].clone();
+    let usage = wait_for_usages(&usages, 1, Duration::from_secs(10)).await[0].clone();
     assert_eq!(usage.finish_reason, FinishReason::Cancelled);
     assert!(
         usage.generated_tokens < 200,
         "generated {} tokens for nobody",
         usage.generated_tokens
+    );
+}
+
+#[async_std::test]
+async fn shutdown_ends_the_running_request_and_answers_every_queued_one() {
+    let pinky = Pinky::new()
+        .with_script(vec!["tick "; 1000])
+        .with_token_delay(Duration::from_millis(5));
+    let mut s = start(pinky, CortexStrategy::KeepAlive);
+    s.load().await;
+    s.infer("first", InferenceConfig::default()).await;
+    s.infer("second", InferenceConfig::default()).await;
+    s.infer("third", InferenceConfig::default()).await;
+    s.load().await;
+    // Once the first request streams, shut down.
+    loop {
+        if let BrainstemOutput::Event(InferenceEvent::Content(_)) = s.next().await {
+            break;
+        }
+    }
+    let rest = s.client.shutdown().await.expect("the loop ended");
+    let completes = rest
+        .outputs
+        .iter()
+        .filter(|o| matches!(o, BrainstemOutput::Event(InferenceEvent::Complete)))
+        .count();
+    assert_eq!(completes, 1, "{}", rest.event_list());
+    assert_eq!(rest.usage().finish_reason, FinishReason::Cancelled);
+    let kinds: Vec<ErrorKind> = rest.errors.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [ErrorKind::ShutDown; 3],
+        "two queued Infers and one queued load: {}",
+        rest.event_list()
+    );
+    // The running request's end comes before the queued ones' errors.
+    let complete_at = rest
+        .outputs
+        .iter()
+        .position(|o| matches!(o, BrainstemOutput::Event(InferenceEvent::Complete)));
+    let first_error = rest
+        .outputs
+        .iter()
+        .position(|o| matches!(o, BrainstemOutput::Error(_)));
+    assert!(complete_at.is_some() && first_error.is_some());
+}
+
+#[test]
+fn run_waits_for_a_slow_engine_without_blocking_its_executor() {
+    // One thread runs both the Orchestrator and a ticker. A blocking join
+    // on the engine thread (which is busy loading for 1.5 s when Shutdown
+    // arrives) would stop the ticker for that long.
+    let dir = TempDir::new("stem-executor");
+    let model = stand_in_model(&dir);
+    let mut genius = Orchestrator::builder()
+        .pinky(Pinky::new().with_load_delay(Duration::from_millis(1500)))
+        .build()
+        .unwrap();
+    let (mut input, rx) = mpsc::channel(4);
+    let (tx, mut output) = mpsc::channel(16);
+    input.try_send(BrainstemInput::LoadModel(model)).unwrap();
+    let (run_took, longest_gap, outputs) = futures::executor::block_on(async move {
+        let started = Instant::now();
+        let run = async {
+            genius.run(rx, tx).await;
+            started.elapsed()
+        };
+        let drive = async {
+            // Shut down once loading has begun.
+            while !matches!(
+                output.next().await,
+                Some(BrainstemOutput::Status(EngineStatus::Loading(_)))
+            ) {}
+            input.send(BrainstemInput::Shutdown).await.unwrap();
+            output.collect::<Vec<_>>().await
+        };
+        let ticks = async {
+            let mut last = Instant::now();
+            let mut longest = Duration::ZERO;
+            loop {
+                async_std::task::sleep(Duration::from_millis(10)).await;
+                longest = longest.max(last.elapsed());
+                last = Instant::now();
+                if started.elapsed() > Duration::from_secs(3) {
+                    return longest;
+                }
+            }
+        };
+        let ((run_took, outputs), longest_gap) =
+            futures::join!(futures::future::join(run, drive), ticks);
+        (run_took, longest_gap, outputs)
+    });
+    assert!(
+        longest_gap < Duration::from_millis(500),
+        "the executor thread was blocked for {longest_gap:?}"
+    );
+    assert!(
+        run_took >= Duration::from_millis(1000),
+        "run returned after {run_took:?}, before the engine finished loading and unloaded"
+    );
+    let errors: Vec<_> = outputs
+        .iter()
+        .filter_map(|o| match o {
+            BrainstemOutput::Error(report) => Some(report.kind),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(errors, [ErrorKind::ShutDown], "{outputs:?}");
+}
+
+#[async_std::test]
+async fn a_dropped_orchestrator_stops_its_download_and_leaves_it_resumable() {
+    use facecrab::testing::{Fault, TestHub};
+    use facecrab::AssetAuthority;
+
+    const REPO: &str = "acme/slow-GGUF";
+    const FILE: &str = "slow-Q4_K_M.gguf";
+    let dir = TempDir::new("stem-download");
+    let source = dir.join("source.gguf");
+    let mut bytes = b"GGUF".to_vec();
+    bytes.resize(24 << 20, 0x5a);
+    std::fs::write(&source, &bytes).unwrap();
+    let hub = TestHub::start().unwrap();
+    hub.add_file(REPO, FILE, &source, None).unwrap();
+    hub.set_fault(REPO, FILE, Some(Fault::Throttle(4 << 20)));
+    let authority = || {
+        AssetAuthority::builder()
+            .endpoint(hub.endpoint())
+            .cache_dir(dir.join("hub"))
+            .registry_file(dir.join("registry.json"))
+            .token(None)
+            .build()
+            .unwrap()
+    };
+    let genius = Orchestrator::builder()
+        .pinky(Pinky::new())
+        .asset_authority(authority())
+        .build()
+        .unwrap();
+    let (mut input, mut output, running) = TestClient::start(genius).into_parts();
+    input
+        .send(BrainstemInput::LoadModel(REPO.into()))
+        .await
+        .unwrap();
+    // Let a few MiB arrive, then drop the running Orchestrator.
+    loop {
+        match output.next().await {
+            Some(BrainstemOutput::Asset(rusty_genius_core::protocol::AssetEvent::Progress(
+                done,
+                _,
+            ))) if done >= 2 << 20 => break,
+            Some(_) => {}
+            None => panic!("the Orchestrator ended early"),
+        }
+    }
+    running.cancel().await;
+    let dropped_at = Instant::now();
+    async_std::task::sleep(Duration::from_secs(1)).await;
+    let after_one_second = hub.bytes_sent();
+    async_std::task::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        hub.bytes_sent(),
+        after_one_second,
+        "bytes still flowing {:?} after the drop",
+        dropped_at.elapsed()
+    );
+    assert!(after_one_second < bytes.len() as u64);
+
+    // What arrived is kept, and the next attempt resumes from it.
+    let partial = std::fs::read_dir(dir.join("hub/models--acme--slow-GGUF/blobs"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+        .expect("an .incomplete file")
+        .path();
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(kept >= 2 << 20, "kept only {kept} bytes");
+    hub.set_fault(REPO, FILE, None);
+    hub.clear_requests();
+    let path = authority().ensure_model(REPO).await.unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+    let downloads = hub.downloads();
+    assert_eq!(downloads.len(), 1, "{downloads:?}");
+    assert_eq!(
+        downloads[0].header("range"),
+        Some(format!("bytes={kept}-").as_str())
     );
 }

@@ -1,0 +1,454 @@
+//! A client that drives an Orchestrator over its channels, for tests
+//! (feature `testing`).
+//!
+//! It starts [`Orchestrator::run`] on the channels the README shows, sends
+//! requests, and gathers what comes back into a [`Reply`]: the text, the
+//! usage, errors, status changes and, when asked for, each token's
+//! log-probabilities, from which [`Reply::margins`] tells how firmly a
+//! greedy answer was chosen.
+
+use std::time::{Duration, Instant};
+
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use rusty_genius_core::protocol::{
+    BrainstemInput, BrainstemOutput, EngineStatus, InferenceEvent, ThoughtEvent, TokenLogprobs,
+    Usage,
+};
+use rusty_genius_core::{ErrorReport, InferenceConfig};
+
+use crate::Orchestrator;
+
+/// The smallest margin, in logits, by which a greedy real-model answer
+/// must have chosen each token that decides an expected text over the
+/// runner-up, for the expectation to hold on every CPU. fixtures/README.md
+/// gives the measurements behind the number.
+pub const MIN_MARGIN: f32 = 1.0;
+
+/// How long a client waits for any one output before it gives up.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Drives one running Orchestrator.
+pub struct TestClient {
+    input: mpsc::Sender<BrainstemInput>,
+    output: mpsc::Receiver<BrainstemOutput>,
+    running: Option<async_std::task::JoinHandle<()>>,
+    timeout: Duration,
+}
+
+/// Why the client could not get what it waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientError {
+    /// Nothing arrived in time; what did arrive is listed.
+    Timeout(String),
+    /// The Orchestrator closed its output (or its input).
+    Closed,
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Timeout(seen) => write!(f, "no end in time; saw {seen}"),
+            Self::Closed => f.write_str("the Orchestrator closed its channels"),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl TestClient {
+    /// Spawns `orchestrator.run` on channels of the README's sizes.
+    pub fn start(mut orchestrator: Orchestrator) -> Self {
+        let (input, rx) = mpsc::channel(100);
+        let (tx, output) = mpsc::channel(100);
+        let running = async_std::task::spawn(async move { orchestrator.run(rx, tx).await });
+        Self {
+            input,
+            output,
+            running: Some(running),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Waits at most `timeout` for each output (default 180 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sends one input.
+    pub async fn send(&mut self, input: BrainstemInput) -> Result<(), ClientError> {
+        self.input
+            .send(input)
+            .await
+            .map_err(|_| ClientError::Closed)
+    }
+
+    /// The next output, `Ok(None)` when the Orchestrator has ended.
+    pub async fn next(&mut self) -> Result<Option<BrainstemOutput>, ClientError> {
+        async_std::future::timeout(self.timeout, self.output.next())
+            .await
+            .map_err(|_| ClientError::Timeout("nothing".into()))
+    }
+
+    /// Sends `LoadModel(name)` and reads until `Loaded` or an error.
+    pub async fn load(&mut self, name: &str) -> Result<Reply, ClientError> {
+        self.send(BrainstemInput::LoadModel(name.to_owned()))
+            .await?;
+        self.read_until(Reply::ends_load, None).await
+    }
+
+    /// Sends `Infer` and reads its reply, until `Complete` or an error.
+    pub async fn infer(
+        &mut self,
+        prompt: &str,
+        config: InferenceConfig,
+    ) -> Result<Reply, ClientError> {
+        self.send(BrainstemInput::Infer {
+            prompt: prompt.to_owned(),
+            config,
+        })
+        .await?;
+        self.reply().await
+    }
+
+    /// Reads one request's reply: until `Complete` or an error.
+    pub async fn reply(&mut self) -> Result<Reply, ClientError> {
+        self.read_until(Reply::ends_request, None).await
+    }
+
+    /// Reads outputs until `done` holds for one (it is included); with
+    /// `stop_after`, sends `Stop` once that many `Content` events came.
+    pub async fn read_until(
+        &mut self,
+        done: impl Fn(&BrainstemOutput) -> bool,
+        stop_after: Option<usize>,
+    ) -> Result<Reply, ClientError> {
+        let mut reply = Reply::default();
+        let mut stopped = false;
+        loop {
+            let next = async_std::future::timeout(self.timeout, self.output.next())
+                .await
+                .map_err(|_| ClientError::Timeout(reply.event_list()))?
+                .ok_or(ClientError::Closed)?;
+            let finished = done(&next);
+            reply.record(next);
+            if !stopped && stop_after.is_some_and(|n| reply.content_events >= n) {
+                stopped = true;
+                self.send(BrainstemInput::Stop).await?;
+            }
+            if finished {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// Everything that arrives within `period`.
+    pub async fn gather_for(&mut self, period: Duration) -> Reply {
+        let mut reply = Reply::default();
+        let deadline = Instant::now() + period;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match async_std::future::timeout(left, self.output.next()).await {
+                Ok(Some(output)) => reply.record(output),
+                _ => return reply,
+            }
+        }
+    }
+
+    /// The output receiver, for tests that read it their own way (or drop
+    /// it: that ends the Orchestrator).
+    pub fn output(&mut self) -> &mut mpsc::Receiver<BrainstemOutput> {
+        &mut self.output
+    }
+
+    /// Splits the client into its channels and the running loop.
+    pub fn into_parts(
+        mut self,
+    ) -> (
+        mpsc::Sender<BrainstemInput>,
+        mpsc::Receiver<BrainstemOutput>,
+        async_std::task::JoinHandle<()>,
+    ) {
+        let running = self.running.take().expect("the loop is running");
+        let (dead_input, _) = mpsc::channel(1);
+        let (_, dead_output) = mpsc::channel(1);
+        let input = std::mem::replace(&mut self.input, dead_input);
+        let output = std::mem::replace(&mut self.output, dead_output);
+        (input, output, running)
+    }
+
+    /// Sends `Shutdown` and returns every output until the Orchestrator
+    /// ended, or an error if it did not end within the timeout.
+    pub async fn shutdown(mut self) -> Result<Reply, ClientError> {
+        let _ = self.input.send(BrainstemInput::Shutdown).await;
+        let mut reply = Reply::default();
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match async_std::future::timeout(left, self.output.next()).await {
+                Ok(Some(output)) => reply.record(output),
+                Ok(None) => break,
+                Err(_) => return Err(ClientError::Timeout(reply.event_list())),
+            }
+        }
+        if let Some(running) = self.running.take() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            async_std::future::timeout(left, running)
+                .await
+                .map_err(|_| ClientError::Timeout("the loop did not return".into()))?;
+        }
+        Ok(reply)
+    }
+}
+
+/// What came back for one request (or in one period), in order.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    /// Every output, as received.
+    pub outputs: Vec<BrainstemOutput>,
+    /// The answer: all `Content` joined.
+    pub text: String,
+    /// All reasoning (`Thought` deltas) joined.
+    pub thought: String,
+    /// How many `Content` events made up `text`.
+    pub content_events: usize,
+    /// The request's usage, if it got that far.
+    pub usage: Option<Usage>,
+    /// Errors, in order.
+    pub errors: Vec<ErrorReport>,
+    /// Engine status changes, in order.
+    pub statuses: Vec<EngineStatus>,
+    /// Each generated token's log-probabilities, when they were asked for.
+    pub logprobs: Vec<TokenLogprobs>,
+    /// Whether `Complete` arrived.
+    pub completed: bool,
+}
+
+impl Reply {
+    /// Whether `output` ends a load: `Loaded` or an error.
+    pub fn ends_load(output: &BrainstemOutput) -> bool {
+        matches!(
+            output,
+            BrainstemOutput::Status(EngineStatus::Loaded(_)) | BrainstemOutput::Error(_)
+        )
+    }
+
+    /// Whether `output` ends a request: `Complete` or an error.
+    pub fn ends_request(output: &BrainstemOutput) -> bool {
+        matches!(
+            output,
+            BrainstemOutput::Event(InferenceEvent::Complete) | BrainstemOutput::Error(_)
+        )
+    }
+
+    /// Adds one output.
+    pub fn record(&mut self, output: BrainstemOutput) {
+        match &output {
+            BrainstemOutput::Event(InferenceEvent::Content(text)) => {
+                self.text.push_str(text);
+                self.content_events += 1;
+            }
+            BrainstemOutput::Event(InferenceEvent::Thought(ThoughtEvent::Delta(text))) => {
+                self.thought.push_str(text)
+            }
+            BrainstemOutput::Event(InferenceEvent::Logprobs(logprobs)) => {
+                self.logprobs.push(logprobs.clone())
+            }
+            BrainstemOutput::Event(InferenceEvent::Usage(usage)) => {
+                self.usage = Some(usage.clone())
+            }
+            BrainstemOutput::Event(InferenceEvent::Complete) => self.completed = true,
+            BrainstemOutput::Error(report) => self.errors.push(report.clone()),
+            BrainstemOutput::Status(status) => self.statuses.push(status.clone()),
+            _ => {}
+        }
+        self.outputs.push(output);
+    }
+
+    /// The usage; panics (with the reply) when there is none.
+    pub fn usage(&self) -> &Usage {
+        self.usage
+            .as_ref()
+            .unwrap_or_else(|| panic!("no usage in {self:#?}"))
+    }
+
+    /// The first error, if any.
+    pub fn error(&self) -> Option<&ErrorReport> {
+        self.errors.first()
+    }
+
+    /// The names of the outputs in order, runs of one kind shortened
+    /// (`Content×12`), for messages.
+    pub fn event_list(&self) -> String {
+        let mut names: Vec<(String, usize)> = Vec::new();
+        for output in &self.outputs {
+            let name = output_name(output);
+            match names.last_mut() {
+                Some((last, count)) if *last == name => *count += 1,
+                _ => names.push((name.to_owned(), 1)),
+            }
+        }
+        let names: Vec<String> = names
+            .into_iter()
+            .map(|(name, count)| match count {
+                1 => name,
+                n => format!("{name}×{n}"),
+            })
+            .collect();
+        if names.is_empty() {
+            "nothing".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    /// For each generated token, in order: its text and the margin by which
+    /// the model preferred its first choice over its second, in logits
+    /// (the difference of their log-probabilities). Needs the request's
+    /// `logprobs` with `top_logprobs` of at least 2; a token without two
+    /// alternatives has an infinite margin.
+    ///
+    /// A greedy answer that rests on a small margin can come out otherwise
+    /// on another CPU, whose kernels round differently.
+    pub fn margins(&self) -> Vec<(String, f32)> {
+        self.logprobs
+            .iter()
+            .map(|token| {
+                let margin = match token.top_logprobs.as_slice() {
+                    [first, second, ..] => first.logprob - second.logprob,
+                    _ => f32::INFINITY,
+                };
+                (token.token.clone(), margin)
+            })
+            .collect()
+    }
+
+    /// Panics unless the answer contains `needle` and every token up to
+    /// the end of its first occurrence was chosen by at least
+    /// [`MIN_MARGIN`] (the request needs `logprobs` with `top_logprobs` 2).
+    pub fn assert_contains_firmly(&self, needle: &str) {
+        let Some(at) = self.text.find(needle) else {
+            panic!("{needle:?} is not in the answer {:?}", self.text);
+        };
+        let margins = self.margins_through(at + needle.len());
+        assert!(
+            !margins.is_empty(),
+            "no log-probabilities: ask with InferenceConfig::with_logprobs(2)"
+        );
+        let weak: Vec<_> = margins
+            .iter()
+            .filter(|(_, margin)| *margin < MIN_MARGIN)
+            .collect();
+        assert!(
+            weak.is_empty(),
+            "{needle:?} rests on near ties that another CPU may break otherwise: {weak:?} in {:?}",
+            self.text
+        );
+    }
+
+    /// The tokens that produce the first `bytes` bytes of the generated
+    /// text, with their margins (see [`margins`](Self::margins)).
+    pub fn margins_through(&self, bytes: usize) -> Vec<(String, f32)> {
+        let mut start = 0;
+        self.margins()
+            .into_iter()
+            .zip(&self.logprobs)
+            .take_while(|(_, token)| {
+                let inside = start < bytes;
+                start += token.bytes.len();
+                inside
+            })
+            .map(|(margin, _)| margin)
+            .collect()
+    }
+}
+
+/// The short name of an output, as fixtures and messages write it.
+pub fn output_name(output: &BrainstemOutput) -> &'static str {
+    match output {
+        BrainstemOutput::Event(event) => match event {
+            InferenceEvent::ProcessStart => "ProcessStart",
+            InferenceEvent::Thought(ThoughtEvent::Start) => "ThoughtStart",
+            InferenceEvent::Thought(ThoughtEvent::Delta(_)) => "ThoughtDelta",
+            InferenceEvent::Thought(ThoughtEvent::Stop) => "ThoughtStop",
+            InferenceEvent::Content(_) => "Content",
+            InferenceEvent::Logprobs(_) => "Logprobs",
+            InferenceEvent::Usage(_) => "Usage",
+            InferenceEvent::Complete => "Complete",
+            _ => "Event",
+        },
+        BrainstemOutput::Error(_) => "Error",
+        BrainstemOutput::Status(status) => match status {
+            EngineStatus::Loading(_) => "Loading",
+            EngineStatus::Loaded(_) => "Loaded",
+            EngineStatus::Hibernated(_) => "Hibernated",
+            EngineStatus::Unloaded => "Unloaded",
+            _ => "Status",
+        },
+        BrainstemOutput::Asset(asset) => match asset {
+            rusty_genius_core::protocol::AssetEvent::Started(_) => "AssetStarted",
+            rusty_genius_core::protocol::AssetEvent::Progress(..) => "AssetProgress",
+            rusty_genius_core::protocol::AssetEvent::Complete(_) => "AssetComplete",
+            rusty_genius_core::protocol::AssetEvent::Error(_) => "AssetError",
+            _ => "Asset",
+        },
+        _ => "Output",
+    }
+}
+
+/// Wraps an engine and keeps the [`Usage`] of every inference it ran, as
+/// the engine counted it, so a test can see what happened even when no
+/// output reached anyone (a dropped receiver, a cancelled stream).
+pub struct RecordingEngine<E> {
+    inner: E,
+    usages: std::sync::Arc<std::sync::Mutex<Vec<Usage>>>,
+}
+
+/// The shared list a [`RecordingEngine`] writes to.
+pub type Usages = std::sync::Arc<std::sync::Mutex<Vec<Usage>>>;
+
+impl<E> RecordingEngine<E> {
+    /// Wraps `inner`, recording into `usages`.
+    pub fn new(inner: E, usages: Usages) -> Self {
+        Self { inner, usages }
+    }
+}
+
+impl<E: rusty_genius_cortex::Engine> rusty_genius_cortex::Engine for RecordingEngine<E> {
+    fn load(
+        &mut self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Result<rusty_genius_core::manifest::ModelInfo, rusty_genius_core::GeniusError> {
+        self.inner.load(name, path)
+    }
+
+    fn unload(&mut self) {
+        self.inner.unload()
+    }
+
+    fn infer(
+        &mut self,
+        prompt: &str,
+        config: &InferenceConfig,
+        output: &mut rusty_genius_cortex::Output<'_>,
+    ) -> Result<Usage, rusty_genius_core::GeniusError> {
+        let usage = self.inner.infer(prompt, config, output)?;
+        self.usages.lock().unwrap().push(usage.clone());
+        Ok(usage)
+    }
+}
+
+/// Waits up to `limit` for `usages` to hold at least `count` entries, and
+/// returns them.
+pub async fn wait_for_usages(usages: &Usages, count: usize, limit: Duration) -> Vec<Usage> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen = usages.lock().unwrap().clone();
+        if seen.len() >= count || Instant::now() >= deadline {
+            return seen;
+        }
+        async_std::task::sleep(Duration::from_millis(10)).await;
+    }
+}

@@ -11,7 +11,7 @@ Each place that shows an example is marked with the file it comes from:
 
 `snippets.py --write` regenerates them; `snippets.py --check` (run by CI)
 fails if any has drifted. The leading `//!` doc comment of an example is
-left out of what is shown. The page's copy is syntax-highlighted here, so
+left out of what is shown, and so is a leading `#![allow(...)]`. The page's copy is syntax-highlighted here, so
 the page needs no script.
 """
 import html
@@ -39,9 +39,12 @@ TOKEN = re.compile(
 
 
 def source(path):
-    """The example's code without its leading //! doc comment."""
+    """The example's code without its leading //! doc comment and the lint
+    `allow` that lets an example print."""
     lines = (ROOT / path).read_text().splitlines()
-    while lines and (lines[0].startswith("//!") or not lines[0].strip()):
+    while lines and (
+        lines[0].startswith("//!") or lines[0].startswith("#![allow(") or not lines[0].strip()
+    ):
         lines.pop(0)
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,8 @@
 //! The answer goes to stdout as it is generated; download progress,
 //! reasoning and a usage summary go to stderr.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // printing is its job
+
 use std::io::Write;
 
 use futures::channel::mpsc;

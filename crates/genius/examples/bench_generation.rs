@@ -11,6 +11,8 @@
 //! measured from the first generated token to the last, as the application
 //! sees it; the median round is reported, then the ratio.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // printing is its job
+
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

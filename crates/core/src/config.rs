@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::chat::{ResponseFormat, Tool, ToolChoice};
+
 /// The most alternatives [`InferenceConfig::top_logprobs`] may ask for.
 const MAX_TOP_LOGPROBS: u8 = 20;
 
@@ -46,6 +48,15 @@ pub struct InferenceConfig {
     /// With `logprobs`, also report this many most likely tokens at each
     /// place (0 to 20). Default 0.
     pub top_logprobs: u8,
+    /// Tools the model may call (chat requests). Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    /// Whether and which tool the model must call. Default
+    /// [`ToolChoice::Auto`].
+    pub tool_choice: ToolChoice,
+    /// The form of the answer: free text, JSON, JSON following a schema,
+    /// or a grammar. Default [`ResponseFormat::Text`].
+    pub response_format: ResponseFormat,
 }
 
 /// How a prompt reaches the model.
@@ -78,6 +89,9 @@ impl Default for InferenceConfig {
             prompt_format: PromptFormat::Auto,
             logprobs: false,
             top_logprobs: 0,
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            response_format: ResponseFormat::Text,
         }
     }
 }
@@ -134,6 +148,24 @@ impl InferenceConfig {
         self
     }
 
+    /// Offers `tools` to the model (see [`tools`](Self::tools)).
+    pub fn with_tools(mut self, tools: Vec<Tool>) -> Self {
+        self.tools = tools;
+        self
+    }
+
+    /// Sets [`tool_choice`](Self::tool_choice).
+    pub fn with_tool_choice(mut self, choice: ToolChoice) -> Self {
+        self.tool_choice = choice;
+        self
+    }
+
+    /// Sets [`response_format`](Self::response_format).
+    pub fn with_response_format(mut self, format: ResponseFormat) -> Self {
+        self.response_format = format;
+        self
+    }
+
     /// Checks that every value is in range, naming the first one that is not.
     pub fn validate(&self) -> Result<(), crate::GeniusError> {
         let bad = |field: &'static str, reason: &str| {
@@ -165,6 +197,21 @@ impl InferenceConfig {
         }
         if self.top_logprobs > 0 && !self.logprobs {
             return bad("top_logprobs", "needs `logprobs` set to true");
+        }
+        crate::chat::validate_tools(&self.tools, &self.tool_choice)?;
+        if let ResponseFormat::Grammar { grammar } = &self.response_format {
+            if grammar.trim().is_empty() {
+                return bad("response_format", "the grammar is empty");
+            }
+        }
+        if !self.tools.is_empty()
+            && self.tool_choice != ToolChoice::None
+            && self.response_format != ResponseFormat::Text
+        {
+            return bad(
+                "response_format",
+                "cannot be combined with tools the model may call; set tool_choice to none or drop the tools",
+            );
         }
         Ok(())
     }

@@ -1,17 +1,23 @@
 //! The shared vocabulary of rusty-genius.
 //!
 //! Every other crate of the workspace speaks in these types: the messages an
-//! application exchanges with the Orchestrator ([`protocol`]), the sampling
-//! settings of one request ([`InferenceConfig`]), the description of a model
-//! ([`manifest`]) and the error type ([`GeniusError`]).
+//! application exchanges with the Orchestrator ([`protocol`]), conversations,
+//! tools and structured output ([`chat`]), the settings of one request
+//! ([`InferenceConfig`]), the description of a model ([`manifest`]) and the
+//! error type ([`GeniusError`]).
 //!
 //! This crate performs no I/O and links nothing native, so it can be used to
 //! talk to an Orchestrator from any process (all messages are serde types).
 
+pub mod chat;
 mod config;
 mod error;
 pub mod manifest;
 pub mod protocol;
 
+pub use chat::{
+    ChatMessage, FunctionCall, FunctionDefinition, JsonSchemaFormat, Prompt, ResponseFormat, Role,
+    Tool, ToolCall, ToolChoice, ToolKind,
+};
 pub use config::{InferenceConfig, PromptFormat};
 pub use error::{BoxError, ErrorKind, ErrorReport, GeniusError, Result};

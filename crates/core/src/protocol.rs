@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ErrorReport, InferenceConfig};
+use crate::{ChatMessage, ErrorReport, InferenceConfig};
 
 /// A request to the Orchestrator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +27,15 @@ pub enum BrainstemInput {
         /// exactly as given.
         prompt: String,
         /// Sampling and stopping settings.
+        config: InferenceConfig,
+    },
+    /// Answer the conversation `messages` with the loaded model, rendered
+    /// by the model's own chat template. The answer is the next assistant
+    /// message: `Content`, or `ToolCall`s when `config.tools` are offered.
+    Chat {
+        /// The conversation so far, OpenAI-style.
+        messages: Vec<ChatMessage>,
+        /// Sampling, stopping, tools and output format.
         config: InferenceConfig,
     },
     /// End the generation in progress early. Its output still ends with
@@ -72,6 +81,16 @@ pub enum InferenceEvent {
     /// when the token is chosen, before its text appears in `Content`
     /// (text can be held back a little to match stop sequences and tags).
     Logprobs(TokenLogprobs),
+    /// The model called a tool. Sent once the call is complete; the
+    /// call's markup never appears in `Content`.
+    ToolCall {
+        /// The call's id, for the tool result's `tool_call_id`.
+        id: String,
+        /// The function's name.
+        name: String,
+        /// Its arguments (a JSON object).
+        arguments: serde_json::Value,
+    },
     /// Token counts and timings of the request; sent just before `Complete`.
     Usage(Usage),
     /// The answer is finished.
@@ -91,6 +110,8 @@ pub struct TokenLogprobs {
     pub logprob: f32,
     /// The [`InferenceConfig::top_logprobs`] most likely tokens at this
     /// place, most likely first (the chosen one among them when it ranks).
+    /// When a grammar holds the answer (a JSON schema, a required tool
+    /// call), these are the most likely tokens the grammar allowed there.
     pub top_logprobs: Vec<TopLogprob>,
 }
 
@@ -160,6 +181,8 @@ pub enum FinishReason {
     ContextFull,
     /// `Stop` was sent or the output receiver was dropped.
     Cancelled,
+    /// The model ended its answer with tool calls.
+    ToolCalls,
 }
 
 /// Token counts and timings of one inference.

@@ -4,9 +4,10 @@ use std::path::Path;
 
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig};
+use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
 
 use crate::text::TextPipeline;
+use crate::tools::ToolSyntax;
 
 /// An inference engine: loads one model at a time and completes prompts.
 ///
@@ -21,14 +22,16 @@ pub trait Engine {
     /// Frees the loaded model, if any.
     fn unload(&mut self);
 
-    /// Completes `prompt`, writing tokens to `output` until the model ends
-    /// its answer, a limit of `config` is reached, or `output` says stop.
+    /// Answers `prompt` (a text or a conversation), writing tokens to
+    /// `output` until the model ends its answer, a limit of `config` is
+    /// reached, or `output` says stop.
     ///
     /// Returns the usage of the request; its `finish_reason` says which of
-    /// those happened.
+    /// those happened (the engine thread turns an answer that made tool
+    /// calls into [`FinishReason::ToolCalls`]).
     fn infer(
         &mut self,
-        prompt: &str,
+        prompt: &Prompt,
         config: &InferenceConfig,
         output: &mut Output<'_>,
     ) -> Result<Usage, GeniusError>;
@@ -75,6 +78,18 @@ impl<'a> Output<'a> {
         }
         self.flush();
         self.check_cancelled()
+    }
+
+    /// From now on, takes tool calls written in `syntax` out of the
+    /// content and reports them as [`InferenceEvent::ToolCall`]s. Engines
+    /// call this before generating when the request offers tools.
+    pub fn parse_tool_calls(&mut self, syntax: ToolSyntax) {
+        self.pipeline.parse_tool_calls(syntax);
+    }
+
+    /// How many tool calls the answer made so far.
+    pub fn tool_calls(&self) -> usize {
+        self.pipeline.tool_calls()
     }
 
     /// Reports the log-probabilities of the token about to be pushed (when

@@ -14,8 +14,10 @@ mod engine;
 #[cfg(feature = "llama")]
 mod llama;
 mod pinky;
+pub mod template;
 pub mod text;
 mod thread;
+pub mod tools;
 
 pub use engine::{check_gguf, Engine, Output};
 #[cfg(feature = "llama")]

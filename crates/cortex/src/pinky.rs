@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, TokenLogprobs, TopLogprob, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig};
+use rusty_genius_core::{GeniusError, InferenceConfig, Prompt, Role, ToolChoice};
 
 use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
+use crate::tools::ToolSyntax;
 
 /// The context size Pinky pretends to have, in tokens (one token per byte).
 const PINKY_CONTEXT: usize = 4096;
@@ -19,22 +20,35 @@ const PINKY_CONTEXT: usize = 4096;
 /// sequences and cancellation, rejects prompts larger than its context,
 /// and reports usage (one token per prompt byte, with prefix reuse across
 /// requests like a real KV cache), and log-probabilities when asked (0 for
-/// every token: Pinky is never in doubt). Its reply is either a script of tokens
-/// set with [`with_script`](Self::with_script), or by default
-/// `"Narf! You said: <prompt>"`, one word per token.
+/// every token: Pinky is never in doubt). Its reply is either a script of
+/// tokens set with [`with_script`](Self::with_script) (or one script per
+/// request with [`with_replies`](Self::with_replies)), or by default
+/// `"Narf! You said: <prompt>"`, one word per token; for a conversation,
+/// the last user message is the prompt.
+///
+/// When a request offers tools, Pinky's replies are read for tool calls in
+/// the Qwen/Hermes markup, which [`tool_call`](Self::tool_call) writes, so
+/// an app can test its tool loop without a model:
 ///
 /// ```
 /// use rusty_genius_cortex::Pinky;
+/// use serde_json::json;
 /// use std::time::Duration;
 ///
 /// let pinky = Pinky::new()
-///     .with_script(["<think>", "hmm", "</think>", "Hello", " world"])
+///     .with_replies([
+///         Pinky::tool_call("get_weather", json!({"city": "Paris"})),
+///         Pinky::words("It is 18 C and sunny in Paris."),
+///     ])
 ///     .with_token_delay(Duration::from_millis(5));
 /// # let _ = pinky;
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Pinky {
-    script: Option<Vec<Vec<u8>>>,
+    /// One script per request, in turn; the last one repeats. Empty: echo.
+    replies: Vec<Vec<Vec<u8>>>,
+    /// Requests answered so far.
+    served: usize,
     token_delay: Duration,
     load_delay: Duration,
     loaded: bool,
@@ -56,8 +70,42 @@ impl Pinky {
         I: IntoIterator<Item = P>,
         P: AsRef<[u8]>,
     {
-        self.script = Some(pieces.into_iter().map(|p| p.as_ref().to_vec()).collect());
+        self.replies = vec![pieces.into_iter().map(|p| p.as_ref().to_vec()).collect()];
         self
+    }
+
+    /// Answers its requests in turn with these scripts (one token per
+    /// piece); after the last, the last repeats.
+    pub fn with_replies<I, S, P>(mut self, replies: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: IntoIterator<Item = P>,
+        P: AsRef<[u8]>,
+    {
+        self.replies = replies
+            .into_iter()
+            .map(|script| script.into_iter().map(|p| p.as_ref().to_vec()).collect())
+            .collect();
+        self
+    }
+
+    /// A script that says `text`, one word per token.
+    pub fn words(text: &str) -> Vec<Vec<u8>> {
+        text.split_inclusive(' ')
+            .map(|word| word.as_bytes().to_vec())
+            .collect()
+    }
+
+    /// A script that calls tool `name` with `arguments`, in the markup a
+    /// Qwen or Hermes model writes, cut into three-byte tokens so that the
+    /// markup is split as a real model splits it.
+    pub fn tool_call(name: &str, arguments: serde_json::Value) -> Vec<Vec<u8>> {
+        ToolSyntax::Hermes
+            .markup(&[(name, arguments)])
+            .into_bytes()
+            .chunks(3)
+            .map(<[u8]>::to_vec)
+            .collect()
     }
 
     /// Sleeps this long before each token, to imitate a slow model.
@@ -72,13 +120,12 @@ impl Pinky {
         self
     }
 
-    fn reply(&self, prompt: &str) -> Vec<Vec<u8>> {
-        match &self.script {
+    fn reply(&mut self, said: &str) -> Vec<Vec<u8>> {
+        let turn = self.served.min(self.replies.len().saturating_sub(1));
+        self.served += 1;
+        match self.replies.get(turn) {
             Some(script) => script.clone(),
-            None => format!("Narf! You said: {prompt}")
-                .split_inclusive(' ')
-                .map(|word| word.as_bytes().to_vec())
-                .collect(),
+            None => Self::words(&format!("Narf! You said: {said}")),
         }
     }
 }
@@ -103,14 +150,40 @@ impl Engine for Pinky {
 
     fn infer(
         &mut self,
-        prompt: &str,
+        prompt: &Prompt,
         config: &InferenceConfig,
         output: &mut Output<'_>,
     ) -> Result<Usage, GeniusError> {
         if !self.loaded {
             return Err(GeniusError::NoModelLoaded);
         }
-        let tokens = prompt.as_bytes();
+        // A conversation reaches Pinky as one line per message.
+        let (text, said) = match prompt {
+            Prompt::Text(text) => (text.clone(), text.clone()),
+            Prompt::Chat(messages) => {
+                let text: String = messages
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}: {}\n",
+                            m.role.as_str(),
+                            m.content.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect();
+                let said = messages
+                    .iter()
+                    .rev()
+                    .find(|m| m.role == Role::User)
+                    .and_then(|m| m.content.clone())
+                    .unwrap_or_default();
+                (text, said)
+            }
+        };
+        if !config.tools.is_empty() && config.tool_choice != ToolChoice::None {
+            output.parse_tool_calls(ToolSyntax::Hermes);
+        }
+        let tokens = text.as_bytes();
         if tokens.len() >= PINKY_CONTEXT {
             return Err(GeniusError::PromptTooLong {
                 tokens: tokens.len(),
@@ -126,7 +199,7 @@ impl Engine for Pinky {
         let generation_started = Instant::now();
         let mut generated = 0;
         let mut finish = FinishReason::EndOfGeneration;
-        for piece in self.reply(prompt) {
+        for piece in self.reply(&said) {
             if config.max_tokens.is_some_and(|max| generated >= max) {
                 finish = FinishReason::MaxTokens;
                 break;

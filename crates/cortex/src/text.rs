@@ -8,6 +8,8 @@
 
 use rusty_genius_core::protocol::{InferenceEvent, ThoughtEvent};
 
+use crate::tools::{ToolCallParser, ToolSyntax};
+
 /// Reassembles UTF-8 text from byte pieces that may split characters.
 ///
 /// Invalid sequences become U+FFFD, as in [`String::from_utf8_lossy`].
@@ -67,7 +69,7 @@ impl Utf8Decoder {
 
 /// The length of the longest suffix of `text` that is a proper prefix of
 /// `pattern`, cut at a character boundary.
-fn partial_suffix(text: &str, pattern: &str) -> usize {
+pub(crate) fn partial_suffix(text: &str, pattern: &str) -> usize {
     let max = pattern.len().saturating_sub(1).min(text.len());
     (1..=max)
         .rev()
@@ -200,14 +202,17 @@ impl ThinkParser {
     }
 }
 
-/// The whole pipeline: bytes in, events out, stop sequences detected.
+/// The whole pipeline: bytes in, events out, stop sequences detected, and
+/// (when the request offers tools) tool calls taken out of the content.
 #[derive(Debug)]
 pub(crate) struct TextPipeline {
     utf8: Utf8Decoder,
     stops: StopScanner,
     think: ThinkParser,
+    tools: Option<ToolCallParser>,
     scratch: String,
     visible: String,
+    staged: Vec<InferenceEvent>,
 }
 
 impl TextPipeline {
@@ -216,9 +221,21 @@ impl TextPipeline {
             utf8: Utf8Decoder::new(),
             stops: StopScanner::new(stops),
             think: ThinkParser::new(),
+            tools: None,
             scratch: String::new(),
             visible: String::new(),
+            staged: Vec::new(),
         }
+    }
+
+    /// Takes tool calls in `syntax` out of the content from now on.
+    pub(crate) fn parse_tool_calls(&mut self, syntax: ToolSyntax) {
+        self.tools = Some(ToolCallParser::new(syntax));
+    }
+
+    /// How many tool calls were emitted.
+    pub(crate) fn tool_calls(&self) -> usize {
+        self.tools.as_ref().map_or(0, ToolCallParser::calls)
     }
 
     /// Feeds one token's bytes; returns `true` if a stop sequence ended the
@@ -228,7 +245,8 @@ impl TextPipeline {
         self.utf8.push(bytes, &mut self.scratch);
         self.visible.clear();
         let stopped = self.stops.push(&self.scratch, &mut self.visible);
-        self.think.push(&self.visible, events);
+        self.think.push(&self.visible, &mut self.staged);
+        self.route(events);
         stopped
     }
 
@@ -242,8 +260,22 @@ impl TextPipeline {
             self.stops.push(&self.scratch, &mut self.visible);
             self.stops.finish(&mut self.visible);
         }
-        self.think.push(&self.visible, events);
-        self.think.finish(events);
+        self.think.push(&self.visible, &mut self.staged);
+        self.think.finish(&mut self.staged);
+        self.route(events);
+        if let Some(tools) = &mut self.tools {
+            tools.finish(events);
+        }
+    }
+
+    /// Passes staged events on, content through the tool-call parser.
+    fn route(&mut self, events: &mut Vec<InferenceEvent>) {
+        for event in self.staged.drain(..) {
+            match (&mut self.tools, event) {
+                (Some(tools), InferenceEvent::Content(text)) => tools.push(&text, events),
+                (_, event) => events.push(event),
+            }
+        }
     }
 }
 

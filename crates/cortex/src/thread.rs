@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::channel::oneshot;
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{InferenceEvent, Usage};
-use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig};
+use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
+use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Prompt};
 
 use crate::engine::{Engine, Output};
 
@@ -44,8 +44,8 @@ enum Command {
     },
     Unload,
     Infer {
-        prompt: String,
-        config: InferenceConfig,
+        prompt: Prompt,
+        config: Box<InferenceConfig>,
         cancel: CancelToken,
     },
 }
@@ -131,13 +131,14 @@ impl EngineThread {
         self.send(Command::Unload);
     }
 
-    /// Starts an inference; answered by [`EngineReport::Event`]s and one
-    /// [`EngineReport::Finished`]. The token stops it early.
-    pub fn infer(&self, prompt: impl Into<String>, config: InferenceConfig) -> CancelToken {
+    /// Starts an inference (of a text or a conversation); answered by
+    /// [`EngineReport::Event`]s and one [`EngineReport::Finished`]. The
+    /// token stops it early.
+    pub fn infer(&self, prompt: impl Into<Prompt>, config: InferenceConfig) -> CancelToken {
         let cancel = CancelToken::default();
         self.send(Command::Infer {
             prompt: prompt.into(),
-            config,
+            config: Box::new(config),
             cancel: cancel.clone(),
         });
         cancel
@@ -198,7 +199,16 @@ fn serve(
                     let mut output = Output::new(&config, &mut sink, &cancelled);
                     let result = engine.infer(&prompt, &config, &mut output);
                     output.finish();
-                    result
+                    result.map(|mut usage| {
+                        let ended_by_model = matches!(
+                            usage.finish_reason,
+                            FinishReason::EndOfGeneration | FinishReason::StopSequence
+                        );
+                        if output.tool_calls() > 0 && ended_by_model {
+                            usage.finish_reason = FinishReason::ToolCalls;
+                        }
+                        usage
+                    })
                 }),
                 Err(err) => Err(not_started(err)),
             }),

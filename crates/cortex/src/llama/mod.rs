@@ -11,19 +11,19 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
-use llama_cpp_2::sampling::LlamaSampler;
-use llama_cpp_2::token::data::LlamaTokenData;
-use llama_cpp_2::token::data_array::LlamaTokenDataArray;
+use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{FinishReason, TokenLogprobs, TopLogprob, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig, PromptFormat};
+use rusty_genius_core::protocol::{FinishReason, Usage};
+use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
 
 use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
 
-/// How many recent tokens the repetition penalty looks at.
-const PENALTY_WINDOW: usize = 64;
+mod prompt;
+mod sampling;
+
+use prompt::Prompter;
+use sampling::{grammar_sampler, grammar_text, sampler_for, token_logprobs, Chooser};
 
 /// Settings of the llama.cpp engine that hold for every request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +114,9 @@ unsafe extern "C" fn forward_log(
     if text.is_empty() {
         return;
     }
+    if level == llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR {
+        sampling::note_error(text);
+    }
     let level = match level {
         llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR => log::Level::Error,
         llama_cpp_sys_2::GGML_LOG_LEVEL_WARN => log::Level::Warn,
@@ -140,8 +143,14 @@ struct Loaded {
     batch: LlamaBatch<'static>,
     /// Tokens whose keys and values sit in the KV cache, in position order.
     cached: Vec<LlamaToken>,
-    /// The model's chat template, when llama.cpp can apply it.
-    template: Option<ChatTemplate>,
+    /// How prompts become tokens for this model.
+    prompter: Prompter,
+    /// The text of the last prompt and its answer, while `cached` holds
+    /// exactly their tokens: a conversation's next turn, which renders
+    /// them again, continues from these tokens instead of tokenizing the
+    /// answer anew (which could split it into other tokens and so lose the
+    /// cache from there on).
+    transcript: Option<String>,
     /// The logits after the last prompt fed, with that prompt's length
     /// (`cached` starts with the prompt). The same prompt again starts from
     /// them rather than decoding its last token anew: llama.cpp computes a
@@ -180,13 +189,14 @@ impl Loaded {
                     err,
                 )
             })?;
-        let template = ChatTemplate::of(cell.borrow_owner());
+        let prompter = Prompter::of(cell.borrow_owner());
         Ok(Self {
             name: name.to_owned(),
             cell,
             batch: LlamaBatch::new(options.batch_size as usize, 1),
             cached: Vec::new(),
-            template,
+            prompter,
+            transcript: None,
             prompt_logits: None,
         })
     }
@@ -221,6 +231,35 @@ impl Loaded {
         self.context_mut(|context| context.clear_kv_cache());
         self.cached.clear();
         self.prompt_logits = None;
+        self.transcript = None;
+    }
+
+    /// `tokens` for the prompt `text`, spliced onto the cached tokens when
+    /// `text` continues the last transcript at a special token (where a
+    /// tokenizer never merges across), so the last answer keeps the very
+    /// tokens the model generated.
+    fn continue_transcript(&self, text: &str, tokens: Vec<LlamaToken>) -> Vec<LlamaToken> {
+        let Some(rest) = self
+            .transcript
+            .as_deref()
+            .and_then(|transcript| text.strip_prefix(transcript))
+        else {
+            return tokens;
+        };
+        let vocab = self.model().vocab();
+        let tail = vocab.tokenize(rest.as_bytes(), false, true);
+        let starts_with_special = tail.first().is_some_and(|&first| {
+            vocab.is_control(first)
+                && rest
+                    .as_bytes()
+                    .starts_with(&vocab.token_to_piece(first, true, None))
+        });
+        if !starts_with_special {
+            return tokens;
+        }
+        let mut spliced = self.cached.clone();
+        spliced.extend(tail);
+        spliced
     }
 
     /// Drops the KV cache after the first `keep` tokens; false if this
@@ -238,28 +277,6 @@ impl Loaded {
         true
     }
 
-    /// Samples a token from the saved `prompt_logits`, as
-    /// `LlamaSampler::sample` does from the context's.
-    fn sample_saved(&self, sampler: &mut LlamaSampler) -> Result<LlamaToken, GeniusError> {
-        let (_, logits) = self
-            .prompt_logits
-            .as_ref()
-            .ok_or_else(|| GeniusError::engine("no saved logits to sample from"))?;
-        let mut candidates = LlamaTokenDataArray::from_iter(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
-            false,
-        );
-        candidates.apply_sampler(sampler);
-        let token = candidates
-            .selected_token()
-            .ok_or_else(|| GeniusError::engine("the sampler selected no token"))?;
-        sampler.accept(token);
-        Ok(token)
-    }
-
     /// Brings the KV cache to hold exactly `tokens`, decoding only what
     /// follows the longest prefix it already holds, and readies the logits
     /// of the last token. `None` if cancelled.
@@ -272,12 +289,14 @@ impl Loaded {
             *len == tokens.len() && self.cached.get(..*len) == Some(tokens)
         });
         if same_prompt && self.truncate(tokens.len()) {
+            self.transcript = None;
             return Ok(Some(Fed {
                 reused: tokens.len(),
                 saved_logits: true,
             }));
         }
         let saved = self.prompt_logits.take().map(|(_, logits)| logits);
+        self.transcript = None;
         let mut reuse = reusable_prefix(&self.cached, tokens);
         if !self.truncate(reuse) {
             log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
@@ -368,11 +387,7 @@ impl Engine for LlamaEngine {
             path.display(),
             info.context_size,
             self.options.threads,
-            if loaded.template.is_some() {
-                "prompts in its chat template"
-            } else {
-                "no chat template: prompts as given"
-            }
+            loaded.prompter.describe()
         );
         self.loaded = Some(loaded);
         Ok(info)
@@ -386,18 +401,13 @@ impl Engine for LlamaEngine {
 
     fn infer(
         &mut self,
-        prompt: &str,
+        prompt: &Prompt,
         config: &InferenceConfig,
         output: &mut Output<'_>,
     ) -> Result<Usage, GeniusError> {
         let loaded = self.loaded.as_mut().ok_or(GeniusError::NoModelLoaded)?;
-        let tokens = match (config.prompt_format, &loaded.template) {
-            (PromptFormat::Auto, Some(template)) => template.tokenize(loaded.model(), prompt)?,
-            _ => loaded
-                .model()
-                .vocab()
-                .tokenize(prompt.as_bytes(), true, true),
-        };
+        let prepared = loaded.prompter.tokens(loaded.model(), prompt, config)?;
+        let tokens = loaded.continue_transcript(&prepared.text, prepared.tokens);
         if tokens.is_empty() {
             return Err(GeniusError::EmptyPrompt);
         }
@@ -407,6 +417,19 @@ impl Engine for LlamaEngine {
                 tokens: tokens.len(),
                 context: n_ctx,
             });
+        }
+        // Everything about the request that can be wrong is found before
+        // any decoding: a bad schema or grammar costs nothing.
+        let grammar = match grammar_text(config, prepared.tool_syntax)? {
+            Some(text) => Some(grammar_sampler(
+                loaded.model(),
+                &text,
+                grammar_field(config),
+            )?),
+            None => None,
+        };
+        if let Some(syntax) = prepared.tool_syntax {
+            output.parse_tool_calls(syntax);
         }
 
         let prompt_started = Instant::now();
@@ -424,12 +447,12 @@ impl Engine for LlamaEngine {
             return Ok(usage);
         };
 
-        let mut sampler = sampler_for(config, loaded.model().n_vocab());
-        sampler.accept_many(&tokens[tokens.len().saturating_sub(PENALTY_WINDOW)..]);
+        let mut chooser = Chooser::new(sampler_for(config, loaded.model().n_vocab()), grammar);
+        chooser.accept_prompt(&tokens);
         let generation_started = Instant::now();
-        let mut from_saved = fed.saved_logits;
         let mut logits_index = loaded.batch.n_tokens() - 1;
         let mut piece = Vec::with_capacity(32);
+        let mut answer = Vec::new();
         usage.finish_reason = loop {
             if config
                 .max_tokens
@@ -440,31 +463,52 @@ impl Engine for LlamaEngine {
             if loaded.cached.len() >= n_ctx {
                 break FinishReason::ContextFull;
             }
-            let token = if std::mem::take(&mut from_saved) {
-                loaded.sample_saved(&mut sampler)?
-            } else {
-                sampler.sample(loaded.context(), logits_index)
+            // The first token of a repeated prompt comes from the logits
+            // saved with it; every other from the context's.
+            let saved = match &loaded.prompt_logits {
+                Some((_, logits)) if fed.saved_logits && usage.generated_tokens == 0 => {
+                    Some(logits.as_slice())
+                }
+                _ => None,
             };
-            if loaded.model().vocab().is_eog(token) {
-                break FinishReason::EndOfGeneration;
-            }
-            if config.logprobs {
-                let logits = match &loaded.prompt_logits {
-                    Some((_, saved)) if fed.saved_logits && usage.generated_tokens == 0 => saved,
-                    _ => loaded.context().get_logits_ith(logits_index),
-                };
+            let (token, accepted) = match saved {
+                Some(logits) => (chooser.choose(logits)?, false),
+                // The fast path reads the context's logits in place and
+                // accepts the token itself.
+                None if chooser.is_plain() => {
+                    (chooser.chain().sample(loaded.context(), logits_index), true)
+                }
+                None => (
+                    chooser.choose(loaded.context().get_logits_ith(logits_index))?,
+                    false,
+                ),
+            };
+            let end = loaded.model().vocab().is_eog(token);
+            if config.logprobs && !end {
+                let logits = saved.unwrap_or_else(|| loaded.context().get_logits_ith(logits_index));
                 let report = token_logprobs(
                     loaded.model(),
                     logits,
                     token,
                     usize::from(config.top_logprobs),
+                    &mut chooser,
                 );
                 output.logprobs(report);
             }
-            let vocab = loaded.model().vocab();
+            if !accepted {
+                chooser.accept(token)?;
+            }
+            if end {
+                break FinishReason::EndOfGeneration;
+            }
             usage.generated_tokens += 1;
             piece.clear();
-            vocab.token_to_piece_into(token, &mut piece, false, None);
+            let show_special = loaded.prompter.is_markup(token);
+            loaded
+                .model()
+                .vocab()
+                .token_to_piece_into(token, &mut piece, show_special, None);
+            answer.extend_from_slice(&piece);
             if let Some(reason) = output.push(&piece) {
                 break reason;
             }
@@ -479,180 +523,31 @@ impl Engine for LlamaEngine {
             logits_index = 0;
         };
         usage.generation_ms = millis_since(generation_started);
+        if chooser.resampled > 0 {
+            log::debug!(
+                "the grammar redirected {} of {} tokens",
+                chooser.resampled,
+                usage.generated_tokens
+            );
+        }
+        // The cache now holds the prompt and every answer token but the
+        // last, whose state was never computed: the next turn continues
+        // from here only if its text extends exactly this.
+        let answered = usage.generated_tokens;
+        let decoded_answer = loaded.cached.len() == tokens.len() + answered;
+        loaded.transcript = match String::from_utf8(answer) {
+            Ok(answer) if decoded_answer => Some(format!("{}{answer}", prepared.text)),
+            _ => None,
+        };
         Ok(usage)
     }
 }
 
-/// Stands in for the prompt when a template is taken apart; text a template
-/// would never produce by itself.
-const PLACEHOLDER: &str = "\u{E000}rusty-genius prompt\u{E000}";
-
-/// A model's chat template that llama.cpp can apply, with the text it puts
-/// around a single user message.
-struct ChatTemplate {
-    template: LlamaChatTemplate,
-    /// Up to where the user's message starts.
-    before: String,
-    /// From where the user's message ends to the start of the model's turn.
-    after: String,
-    /// Whether the template strips whitespace around the message.
-    trims: bool,
-}
-
-impl ChatTemplate {
-    /// The model's chat template, if it has one that llama.cpp can apply.
-    fn of(model: &LlamaModel) -> Option<Self> {
-        let template = model.chat_template(None).ok()?;
-        let parts = user_turn(model, &template, PLACEHOLDER).and_then(|text| {
-            let padded = user_turn(model, &template, &format!(" {PLACEHOLDER} "))?;
-            match text.split(PLACEHOLDER).collect::<Vec<_>>()[..] {
-                [before, after] => Ok((
-                    before.to_owned(),
-                    after.to_owned(),
-                    !padded.contains(&format!(" {PLACEHOLDER} ")),
-                )),
-                _ => Err(GeniusError::engine(
-                    "the model's chat template does not show the message exactly once",
-                )),
-            }
-        });
-        match parts {
-            Ok((before, after, trims)) => Some(Self {
-                template,
-                before,
-                after,
-                trims,
-            }),
-            Err(err) => {
-                log::warn!("{err}; prompts go to the model as given");
-                None
-            }
-        }
-    }
-
-    /// The tokens of `prompt` as one user turn.
-    ///
-    /// The turn markers are special tokens, while the prompt is the user's
-    /// text: markers written inside it must not end the turn early or open
-    /// one for the model. A prompt without such text is tokenized with its
-    /// template in one piece, exactly as llama.cpp's own chat does; one with
-    /// it is tokenized apart, as plain text, between the template's pieces.
-    fn tokenize(&self, model: &LlamaModel, prompt: &str) -> Result<Vec<LlamaToken>, GeniusError> {
-        let vocab = model.vocab();
-        let text = prompt.as_bytes();
-        if vocab.tokenize(text, false, true) == vocab.tokenize(text, false, false) {
-            let whole = user_turn(model, &self.template, prompt)?;
-            return Ok(vocab.tokenize(whole.as_bytes(), true, true));
-        }
-        let prompt = if self.trims { prompt.trim() } else { prompt };
-        let mut tokens = vocab.tokenize(self.before.as_bytes(), true, true);
-        tokens.extend(vocab.tokenize(prompt.as_bytes(), false, false));
-        tokens.extend(vocab.tokenize(self.after.as_bytes(), false, true));
-        Ok(tokens)
-    }
-}
-
-/// `prompt` as one user turn in `template`, ending where the model's turn
-/// begins.
-fn user_turn(
-    model: &LlamaModel,
-    template: &LlamaChatTemplate,
-    prompt: &str,
-) -> Result<String, GeniusError> {
-    let message = LlamaChatMessage::new("user".into(), prompt.into()).map_err(|_| {
-        GeniusError::invalid_request(
-            "prompt",
-            "it contains a NUL character, which a chat template cannot carry; send it with PromptFormat::Raw",
-        )
-    })?;
-    model
-        .apply_chat_template(template, &[message], true)
-        .map_err(|err| {
-            GeniusError::engine_from(
-                "the model's chat template is not one llama.cpp can apply",
-                err,
-            )
-        })
-}
-
-/// Builds llama.cpp's sampler chain for `config`.
-fn sampler_for(config: &InferenceConfig, n_vocab: i32) -> LlamaSampler {
-    let mut chain = Vec::with_capacity(6);
-    if config.repetition_penalty != 1.0 {
-        chain.push(LlamaSampler::penalties(
-            n_vocab,
-            PENALTY_WINDOW as i32,
-            config.repetition_penalty,
-            0.0,
-            0.0,
-        ));
-    }
-    if config.temperature <= 0.0 {
-        chain.push(LlamaSampler::greedy());
-    } else {
-        if config.top_k > 0 {
-            chain.push(LlamaSampler::top_k(config.top_k.min(i32::MAX as u32) as i32));
-        }
-        if config.top_p < 1.0 {
-            chain.push(LlamaSampler::top_p(config.top_p, 1));
-        }
-        if config.min_p > 0.0 {
-            chain.push(LlamaSampler::min_p(config.min_p, 1));
-        }
-        chain.push(LlamaSampler::temp(config.temperature));
-        // llama.cpp draws a random seed for LLAMA_DEFAULT_SEED (u32::MAX).
-        chain.push(LlamaSampler::dist(config.seed.unwrap_or(u32::MAX)));
-    }
-    LlamaSampler::chain_simple(chain)
-}
-
-/// The log-probability of `chosen` under `logits`, and the `top` most
-/// likely tokens, as the model's softmax gives them (before any sampler).
-fn token_logprobs(
-    model: &LlamaModel,
-    logits: &[f32],
-    chosen: LlamaToken,
-    top: usize,
-) -> TokenLogprobs {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    let log_total = f64::from(max) + sum.ln();
-    let logprob = |id: usize| (f64::from(logits[id]) - log_total) as f32;
-    // The `top` largest logits, found in one pass: `best` stays sorted,
-    // largest first, and is never longer than `top`.
-    let mut best: Vec<usize> = Vec::with_capacity(top + 1);
-    if top > 0 {
-        for (id, &logit) in logits.iter().enumerate() {
-            if best.len() == top && logit <= logits[best[top - 1]] {
-                continue;
-            }
-            let at = best.partition_point(|&other| logits[other] >= logit);
-            best.insert(at, id);
-            best.truncate(top);
-        }
-    }
-    let bytes_of = |token: LlamaToken| {
-        let mut bytes = Vec::new();
-        model
-            .vocab()
-            .token_to_piece_into(token, &mut bytes, false, None);
-        bytes
-    };
-    let chosen_bytes = bytes_of(chosen);
-    TokenLogprobs {
-        token: String::from_utf8_lossy(&chosen_bytes).into_owned(),
-        logprob: usize::try_from(chosen.0).map_or(f32::NEG_INFINITY, logprob),
-        bytes: chosen_bytes,
-        top_logprobs: best
-            .into_iter()
-            .map(|id| {
-                let bytes = bytes_of(LlamaToken(id as i32));
-                TopLogprob {
-                    token: String::from_utf8_lossy(&bytes).into_owned(),
-                    bytes,
-                    logprob: logprob(id),
-                }
-            })
-            .collect(),
+/// Which part of the request a grammar comes from, for its errors.
+fn grammar_field(config: &InferenceConfig) -> &'static str {
+    match config.response_format {
+        rusty_genius_core::ResponseFormat::Grammar { .. } => "response_format.grammar",
+        rusty_genius_core::ResponseFormat::Text => "tools",
+        _ => "response_format",
     }
 }

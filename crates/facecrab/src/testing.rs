@@ -8,7 +8,7 @@
 //!
 //! Beside it are the small things every test of the workspace needs: a
 //! private temporary folder ([`TempDir`]), sha256 in hex, and the test
-//! models the CI fetches ([`GEMMA`]).
+//! models the CI fetches ([`GEMMA`], [`QWEN`]).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -43,6 +43,22 @@ impl TestModel {
         path.is_file().then_some(path)
     }
 
+    /// The local copy for a test that needs it: `None` (with a note on
+    /// stderr) when there is none, so the test can skip; under CI
+    /// (`CI=true`) a missing model fails the test instead.
+    #[allow(clippy::print_stderr)] // the note must reach the person running the tests
+    pub fn for_test(&self) -> Option<PathBuf> {
+        if let Some(path) = self.local_file() {
+            return Some(path);
+        }
+        let why = format!("{} does not name a file", self.env);
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{why}: CI must run the real-model tests (see .ci/fetch-model.sh)");
+        }
+        eprintln!("skipped: {why}; fetch it with .ci/fetch-model.sh and export its path");
+        None
+    }
+
     /// The name that loads it through facecrab: `repo:Q4_K_M`.
     pub fn hub_name(&self) -> String {
         format!("{}:Q4_K_M", self.repo)
@@ -55,6 +71,15 @@ pub const GEMMA: TestModel = TestModel {
     file: "gemma-3-270m-q4_k_m.gguf",
     sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     env: "GENIUS_TEST_MODEL",
+};
+
+/// Qwen2.5-Coder-0.5B-Instruct Q4_K_M: an instruct model whose chat
+/// template offers tools (`GENIUS_TEST_CHAT_MODEL`).
+pub const QWEN: TestModel = TestModel {
+    repo: "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+    file: "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+    sha256: "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    env: "GENIUS_TEST_CHAT_MODEL",
 };
 
 /// A folder of its own under the system's temporary folder, removed with

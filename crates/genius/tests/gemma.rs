@@ -5,7 +5,6 @@
 //! prints its path). Without it these tests are skipped with a message,
 //! except under CI (`CI=true`), where a missing model fails them.
 
-#![allow(clippy::print_stderr)] // notes on skipped tests
 #![cfg(feature = "llama")]
 
 mod gguf;
@@ -31,18 +30,7 @@ const JAPAN: &str =
 
 /// The test model, or `None` (with a note) when it is not available here.
 fn model() -> Option<PathBuf> {
-    if let Some(path) = GEMMA.local_file() {
-        return Some(path);
-    }
-    let why = format!("{} does not name a file", GEMMA.env);
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}: CI must run the real-model tests (see .ci/fetch-model.sh)");
-    }
-    eprintln!(
-        "skipped: {why}; run `.ci/fetch-model.sh` and export its output as {}",
-        GEMMA.env
-    );
-    None
+    GEMMA.for_test()
 }
 
 /// Real-model tests share two cores; running them one at a time keeps
@@ -556,4 +544,39 @@ async fn a_model_with_a_chat_template_gets_the_prompt_as_a_user_turn() {
     assert_eq!(auto.text, plain.text);
     assert_eq!(auto.usage().prompt_tokens, plain.usage().prompt_tokens);
     drop(g);
+}
+
+#[async_std::test]
+async fn a_chat_template_that_raises_is_a_typed_error_naming_its_message() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let dir = TempDir::new("gemma-raising-template");
+    let strict = dir.join("gemma-strict.gguf");
+    let template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with a user message') }}{% endif %}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
+    gguf::with_string(&path, &strict, "tokenizer.chat_template", template).unwrap();
+    let mut g = start(CortexStrategy::KeepAlive, small_options());
+    g.load(&strict).await;
+    g.send(BrainstemInput::Chat {
+        messages: vec![
+            rusty_genius::core::ChatMessage::assistant("Hello!"),
+            rusty_genius::core::ChatMessage::user("Hi."),
+        ],
+        config: InferenceConfig::greedy().with_max_tokens(4),
+    })
+    .await;
+    let answer = g.answer().await;
+    let err = answer.error().expect("an error");
+    assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err}");
+    assert!(
+        err.message
+            .contains("Conversations must start with a user message"),
+        "{err}"
+    );
+    // The same model answers a conversation its template accepts.
+    g.send(BrainstemInput::Chat {
+        messages: vec![rusty_genius::core::ChatMessage::user("Hi.")],
+        config: InferenceConfig::greedy().with_max_tokens(4),
+    })
+    .await;
+    assert!(g.answer().await.completed);
 }

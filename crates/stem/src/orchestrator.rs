@@ -16,10 +16,11 @@ use facecrab::{AssetAuthority, FacecrabError};
 use futures::channel::mpsc;
 use futures::future::{self, Either};
 use futures::{FutureExt, SinkExt, StreamExt};
+use rusty_genius_core::chat::validate_messages;
 use rusty_genius_core::protocol::{
     AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus, InferenceEvent,
 };
-use rusty_genius_core::{GeniusError, InferenceConfig};
+use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
 use rusty_genius_cortex::{
     default_engine_factory, CancelToken, Engine, EngineFactory, EngineReport, EngineThread, Pinky,
 };
@@ -209,8 +210,8 @@ enum State {
 enum Request {
     Load(String),
     Infer {
-        prompt: String,
-        config: InferenceConfig,
+        prompt: Prompt,
+        config: Box<InferenceConfig>,
     },
 }
 
@@ -305,7 +306,16 @@ impl Brainstem {
                 self.queue.push_back(Request::Load(name))
             }
             Event::Input(Some(BrainstemInput::Infer { prompt, config })) => {
-                self.queue.push_back(Request::Infer { prompt, config })
+                self.queue.push_back(Request::Infer {
+                    prompt: Prompt::Text(prompt),
+                    config: Box::new(config),
+                })
+            }
+            Event::Input(Some(BrainstemInput::Chat { messages, config })) => {
+                self.queue.push_back(Request::Infer {
+                    prompt: Prompt::Chat(messages),
+                    config: Box::new(config),
+                })
             }
             Event::Input(Some(other)) => {
                 let err = GeniusError::invalid_request(
@@ -324,7 +334,7 @@ impl Brainstem {
                 self.resolving = None;
                 // Progress reported in the poll that finished the work is
                 // still queued: it goes first.
-                while let Ok(Some(event)) = self.asset_rx.try_next() {
+                while let Ok(event) = self.asset_rx.try_recv() {
                     self.emit(BrainstemOutput::Asset(event)).await?;
                 }
                 self.on_resolved(result).await?
@@ -355,7 +365,7 @@ impl Brainstem {
             };
             match request {
                 Request::Load(name) => self.start_load(name).await?,
-                Request::Infer { prompt, config } => self.start_infer(prompt, config).await?,
+                Request::Infer { prompt, config } => self.start_infer(prompt, *config).await?,
             }
         }
         Ok(())
@@ -398,11 +408,13 @@ impl Brainstem {
         self.emit(BrainstemOutput::Status(status)).await
     }
 
-    async fn start_infer(&mut self, prompt: String, config: InferenceConfig) -> Result<(), Halt> {
-        if prompt.trim().is_empty() {
-            return self.fail(GeniusError::EmptyPrompt).await;
-        }
-        if let Err(err) = config.validate() {
+    async fn start_infer(&mut self, prompt: Prompt, config: InferenceConfig) -> Result<(), Halt> {
+        let checked = match &prompt {
+            Prompt::Text(text) if text.trim().is_empty() => Err(GeniusError::EmptyPrompt),
+            Prompt::Text(_) => Ok(()),
+            Prompt::Chat(messages) => validate_messages(messages),
+        };
+        if let Err(err) = checked.and_then(|()| config.validate()) {
             return self.fail(err).await;
         }
         match std::mem::replace(&mut self.state, State::Unloaded { hibernated: None }) {
@@ -416,7 +428,10 @@ impl Brainstem {
                 hibernated: Some(model),
             } => {
                 // Wake up: reload, then run this request.
-                self.queue.push_front(Request::Infer { prompt, config });
+                self.queue.push_front(Request::Infer {
+                    prompt,
+                    config: Box::new(config),
+                });
                 self.load(model).await
             }
             state => {

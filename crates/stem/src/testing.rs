@@ -112,6 +112,16 @@ impl TestClient {
         self.reply().await
     }
 
+    /// Sends `Chat` and reads its reply, until `Complete` or an error.
+    pub async fn chat(
+        &mut self,
+        messages: Vec<rusty_genius_core::ChatMessage>,
+        config: InferenceConfig,
+    ) -> Result<Reply, ClientError> {
+        self.send(BrainstemInput::Chat { messages, config }).await?;
+        self.reply().await
+    }
+
     /// Reads one request's reply: until `Complete` or an error.
     pub async fn reply(&mut self) -> Result<Reply, ClientError> {
         self.read_until(Reply::ends_request, None).await
@@ -221,6 +231,8 @@ pub struct Reply {
     pub statuses: Vec<EngineStatus>,
     /// Each generated token's log-probabilities, when they were asked for.
     pub logprobs: Vec<TokenLogprobs>,
+    /// The tool calls, in order: id, name, arguments.
+    pub tool_calls: Vec<(String, String, serde_json::Value)>,
     /// Whether `Complete` arrived.
     pub completed: bool,
 }
@@ -258,6 +270,13 @@ impl Reply {
             BrainstemOutput::Event(InferenceEvent::Usage(usage)) => {
                 self.usage = Some(usage.clone())
             }
+            BrainstemOutput::Event(InferenceEvent::ToolCall {
+                id,
+                name,
+                arguments,
+            }) => self
+                .tool_calls
+                .push((id.clone(), name.clone(), arguments.clone())),
             BrainstemOutput::Event(InferenceEvent::Complete) => self.completed = true,
             BrainstemOutput::Error(report) => self.errors.push(report.clone()),
             BrainstemOutput::Status(status) => self.statuses.push(status.clone()),
@@ -310,12 +329,16 @@ impl Reply {
     /// alternatives has an infinite margin.
     ///
     /// A greedy answer that rests on a small margin can come out otherwise
-    /// on another CPU, whose kernels round differently.
+    /// on another CPU, whose kernels round differently. A token that is
+    /// not the model's own first choice was forced by a grammar (a JSON
+    /// schema, a required tool call): the grammar, not the rounding,
+    /// decided it, and its margin counts as infinite.
     pub fn margins(&self) -> Vec<(String, f32)> {
         self.logprobs
             .iter()
             .map(|token| {
                 let margin = match token.top_logprobs.as_slice() {
+                    [first, _, ..] if first.bytes != token.bytes => f32::INFINITY,
                     [first, second, ..] => first.logprob - second.logprob,
                     _ => f32::INFINITY,
                 };
@@ -347,6 +370,25 @@ impl Reply {
         );
     }
 
+    /// Panics unless every generated token was chosen by at least
+    /// [`MIN_MARGIN`]: for an expectation that every token decides, such
+    /// as a tool call.
+    pub fn assert_all_firm(&self) {
+        assert!(
+            !self.logprobs.is_empty(),
+            "no log-probabilities: ask with InferenceConfig::with_logprobs(2)"
+        );
+        let weak: Vec<_> = self
+            .margins()
+            .into_iter()
+            .filter(|(_, margin)| *margin < MIN_MARGIN)
+            .collect();
+        assert!(
+            weak.is_empty(),
+            "the output rests on near ties that another CPU may break otherwise: {weak:?}"
+        );
+    }
+
     /// The tokens that produce the first `bytes` bytes of the generated
     /// text, with their margins (see [`margins`](Self::margins)).
     pub fn margins_through(&self, bytes: usize) -> Vec<(String, f32)> {
@@ -374,6 +416,7 @@ pub fn output_name(output: &BrainstemOutput) -> &'static str {
             InferenceEvent::Thought(ThoughtEvent::Stop) => "ThoughtStop",
             InferenceEvent::Content(_) => "Content",
             InferenceEvent::Logprobs(_) => "Logprobs",
+            InferenceEvent::ToolCall { .. } => "ToolCall",
             InferenceEvent::Usage(_) => "Usage",
             InferenceEvent::Complete => "Complete",
             _ => "Event",
@@ -430,7 +473,7 @@ impl<E: rusty_genius_cortex::Engine> rusty_genius_cortex::Engine for RecordingEn
 
     fn infer(
         &mut self,
-        prompt: &str,
+        prompt: &rusty_genius_core::Prompt,
         config: &InferenceConfig,
         output: &mut rusty_genius_cortex::Output<'_>,
     ) -> Result<Usage, rusty_genius_core::GeniusError> {

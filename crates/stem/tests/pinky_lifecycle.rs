@@ -573,3 +573,76 @@ async fn a_dropped_orchestrator_stops_its_download_and_leaves_it_resumable() {
         Some(format!("bytes={kept}-").as_str())
     );
 }
+
+#[async_std::test]
+async fn pinky_scripts_a_tool_loop_for_apps_to_test_against() {
+    use rusty_genius_core::{ChatMessage, Tool, ToolCall};
+    use serde_json::json;
+
+    let pinky = Pinky::new().with_replies([
+        Pinky::tool_call("get_weather", json!({"city": "Paris"})),
+        Pinky::words("It is 18 C and sunny in Paris."),
+    ]);
+    let mut s = start(pinky, CortexStrategy::KeepAlive);
+    s.load().await;
+    let weather = Tool::function(
+        "get_weather",
+        "The weather in a city",
+        json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+    );
+    let config = InferenceConfig::default().with_tools(vec![weather]);
+    let mut messages = vec![ChatMessage::user("Weather in Paris?")];
+    let asked = s
+        .client
+        .chat(messages.clone(), config.clone())
+        .await
+        .unwrap();
+    assert_eq!(asked.text, "", "no markup reaches the content");
+    assert_eq!(asked.tool_calls.len(), 1, "{asked:?}");
+    let (id, name, arguments) = asked.tool_calls[0].clone();
+    assert_eq!(
+        (name.as_str(), &arguments),
+        ("get_weather", &json!({"city": "Paris"}))
+    );
+    assert_eq!(asked.usage().finish_reason, FinishReason::ToolCalls);
+
+    messages.push(ChatMessage::assistant_tool_calls(vec![ToolCall::new(
+        id.clone(),
+        name,
+        &arguments,
+    )]));
+    messages.push(ChatMessage::tool(id, "18 C and sunny"));
+    let answered = s.client.chat(messages, config).await.unwrap();
+    assert_eq!(answered.text, "It is 18 C and sunny in Paris.");
+    assert_eq!(
+        answered.usage().finish_reason,
+        FinishReason::EndOfGeneration
+    );
+}
+
+#[async_std::test]
+async fn bad_conversations_are_refused_before_the_engine_sees_them() {
+    use rusty_genius_core::{ChatMessage, Role};
+
+    let mut s = start(Pinky::new(), CortexStrategy::KeepAlive);
+    s.load().await;
+    let unknown = vec![ChatMessage {
+        role: Role::from("narrator"),
+        ..ChatMessage::user("Once upon a time")
+    }];
+    let reply = s
+        .client
+        .chat(unknown, InferenceConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(reply.errors[0].kind, ErrorKind::InvalidRequest);
+    assert!(reply.errors[0].contains("narrator"), "{}", reply.errors[0]);
+    // A conversation is answered by its last user message.
+    let fine = vec![ChatMessage::system("Be kind."), ChatMessage::user("hello")];
+    let reply = s
+        .client
+        .chat(fine, InferenceConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(reply.text, "Narf! You said: hello");
+}

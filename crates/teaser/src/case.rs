@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use rusty_genius::core::InferenceConfig;
+use rusty_genius::core::{ChatMessage, InferenceConfig};
 
 /// One test case.
 #[derive(Debug, Clone, Deserialize)]
@@ -18,6 +18,10 @@ pub struct Case {
     /// Pinky's reply, one token per piece (Pinky cases only).
     #[serde(default)]
     pub script: Option<Vec<String>>,
+    /// Pinky's replies to successive requests, each one token per piece
+    /// (Pinky cases only; instead of `script`).
+    #[serde(default)]
+    pub replies: Option<Vec<Vec<String>>>,
     /// How many times Pinky plays its script (default once).
     #[serde(default)]
     pub script_repeat: Option<usize>,
@@ -56,7 +60,11 @@ pub struct Step {
     /// Send `Infer` with this prompt.
     #[serde(default)]
     pub infer: Option<String>,
-    /// The `InferenceConfig` of `infer` (missing fields take defaults).
+    /// Send `Chat` with these messages (OpenAI's shape).
+    #[serde(default)]
+    pub chat: Option<Vec<ChatMessage>>,
+    /// The `InferenceConfig` of `infer` or `chat` (missing fields take
+    /// defaults).
     #[serde(default)]
     pub config: Option<InferenceConfig>,
     /// Send `Stop` after this many `Content` events of this step.
@@ -112,4 +120,20 @@ pub struct Expect {
     /// Reused prompt tokens at least this.
     #[serde(default)]
     pub min_cached_tokens: Option<usize>,
+    /// Exactly these tool calls, in order (ids are not compared).
+    #[serde(default)]
+    pub tool_calls: Option<Vec<ExpectedCall>>,
+    /// The answer is JSON that validates against this JSON schema.
+    #[serde(default)]
+    pub json_schema: Option<serde_json::Value>,
+}
+
+/// A tool call a step expects.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpectedCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments.
+    pub arguments: serde_json::Value,
 }

@@ -100,6 +100,30 @@ pub(crate) fn check_step(expect: &Expect, seen: &Reply, previous: Option<&str>) 
             fail(format!("finish reason {finish}"), format!("{actual:?}"));
         }
     }
+    if let Some(calls) = &expect.tool_calls {
+        let actual: Vec<(String, serde_json::Value)> = seen
+            .tool_calls
+            .iter()
+            .map(|(_, name, arguments)| (name.clone(), arguments.clone()))
+            .collect();
+        let wanted: Vec<(String, serde_json::Value)> = calls
+            .iter()
+            .map(|call| (call.name.clone(), call.arguments.clone()))
+            .collect();
+        if actual != wanted {
+            fail(format!("tool calls {wanted:?}"), format!("{actual:?}"));
+        }
+    }
+    if let Some(schema) = &expect.json_schema {
+        match jsonschema::validator_for(schema) {
+            Err(err) => fail("a valid JSON schema in the case".into(), err.to_string()),
+            Ok(validator) => match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(value) if validator.is_valid(&value) => {}
+                Ok(value) => fail("JSON that follows the schema".into(), value.to_string()),
+                Err(err) => fail("JSON".into(), format!("{text:?} ({err})")),
+            },
+        }
+    }
     if let Some(min) = expect.min_cached_tokens {
         let cached = usage.map(|u| u.cached_tokens);
         if cached.is_none_or(|c| c < min) {
@@ -119,12 +143,25 @@ pub(crate) fn expects_text(expect: &Expect) -> bool {
         || !expect.not_contains.is_empty()
         || expect.matches.is_some()
         || expect.equals.is_some()
+        || expect
+            .tool_calls
+            .as_ref()
+            .is_some_and(|calls| !calls.is_empty())
 }
 
 /// How many bytes of the answer decide the step's text expectations: up to
 /// the end of the first occurrence of every `contains` string, or the
 /// whole answer for `equals`, `matches` and `not_contains`.
 pub(crate) fn deciding_bytes(expect: &Expect, text: &str) -> usize {
+    if expect
+        .tool_calls
+        .as_ref()
+        .is_some_and(|calls| !calls.is_empty())
+    {
+        // The calls are made of the whole generated output (their markup
+        // never reaches the text): every token decides them.
+        return usize::MAX;
+    }
     if expect.equals.is_some() || expect.matches.is_some() || !expect.not_contains.is_empty() {
         return text.len();
     }
@@ -145,7 +182,7 @@ pub(crate) fn deciding_bytes(expect: &Expect, text: &str) -> usize {
 pub(crate) fn check_margins(expect: &Expect, seen: &Reply) -> Vec<String> {
     let bytes = deciding_bytes(expect, &seen.text);
     let margins = seen.margins_through(bytes);
-    if margins.is_empty() && bytes > 0 {
+    if margins.is_empty() && bytes > 0 && !seen.text.is_empty() {
         return vec![format!(
             "  - expected: log-probabilities for the {bytes} deciding bytes\n    +   actual: none reported"
         )];

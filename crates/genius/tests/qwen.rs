@@ -1,0 +1,330 @@
+//! Conversations on a real instruct model: Qwen2.5-Coder-0.5B-Instruct
+//! (Q4_K_M), whose Jinja chat template offers tools.
+//!
+//! The model file is named by `GENIUS_TEST_CHAT_MODEL` (`.ci/fetch-model.sh
+//! qwen` prints its path). Without it these tests are skipped with a note,
+//! except under CI (`CI=true`), where a missing model fails them.
+//! Expected text is checked to rest on firm choices (see
+//! fixtures/README.md).
+
+#![cfg(feature = "llama")]
+#![allow(clippy::print_stderr)] // what auto gives, for the note
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rusty_genius::core::protocol::FinishReason;
+use rusty_genius::core::{
+    ChatMessage, ErrorKind, InferenceConfig, ResponseFormat, Role, Tool, ToolCall, ToolChoice,
+};
+use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
+use rusty_genius::facecrab::testing::QWEN;
+use rusty_genius::stem::testing::{Reply, TestClient};
+use rusty_genius::{CortexStrategy, Orchestrator};
+use serde_json::{json, Value};
+
+/// The test model, or `None` (with a note) when it is not available here.
+fn model() -> Option<PathBuf> {
+    QWEN.for_test()
+}
+
+/// The real-model tests share two cores; one at a time.
+static ONE_AT_A_TIME: async_std::sync::Mutex<()> = async_std::sync::Mutex::new(());
+
+async fn start(path: &std::path::Path) -> TestClient {
+    let options = LlamaOptions {
+        context_size: 4096,
+        ..LlamaOptions::default()
+    };
+    let genius = Orchestrator::builder()
+        .strategy(CortexStrategy::KeepAlive)
+        .engine(move || LlamaEngine::new(options.clone()))
+        .build()
+        .unwrap();
+    let mut client = TestClient::start(genius).with_timeout(Duration::from_secs(300));
+    let loaded = client.load(&path.display().to_string()).await.unwrap();
+    assert!(loaded.errors.is_empty(), "{loaded:?}");
+    client
+}
+
+fn greedy(max_tokens: usize) -> InferenceConfig {
+    InferenceConfig::greedy()
+        .with_max_tokens(max_tokens)
+        .with_logprobs(2)
+}
+
+fn weather_tool() -> Tool {
+    Tool::function(
+        "get_weather",
+        "The current weather in a city",
+        json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        }),
+    )
+}
+
+fn paris() -> Vec<ChatMessage> {
+    vec![ChatMessage::user("What is the weather in Paris?")]
+}
+
+/// No tool-call markup reached the text.
+fn assert_no_markup(reply: &Reply) {
+    for marker in ["<tool_call>", "</tool_call>", "<|im_end|>", "<|im_start|>"] {
+        assert!(!reply.text.contains(marker), "{marker} in {:?}", reply.text);
+    }
+}
+
+#[async_std::test]
+async fn a_user_message_is_answered_in_the_chat_template() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let reply = client
+        .chat(
+            vec![ChatMessage::user("What is the capital of Japan?")],
+            greedy(32),
+        )
+        .await
+        .unwrap();
+    assert!(reply.completed, "{reply:?}");
+    reply.assert_contains_firmly("Tokyo");
+    assert_eq!(reply.usage().finish_reason, FinishReason::EndOfGeneration);
+}
+
+#[async_std::test]
+async fn the_next_turn_remembers_and_reuses_the_whole_first_turn() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let mut messages = vec![
+        ChatMessage::system("Answer in one short sentence."),
+        ChatMessage::user("My name is Ada."),
+    ];
+    let first = client.chat(messages.clone(), greedy(48)).await.unwrap();
+    assert!(first.completed, "{first:?}");
+    messages.push(ChatMessage::assistant(first.text.clone()));
+    messages.push(ChatMessage::user("What is my name?"));
+    let second = client.chat(messages, greedy(48)).await.unwrap();
+    second.assert_contains_firmly("Ada");
+    let whole_first_turn = first.usage().prompt_tokens + first.usage().generated_tokens;
+    assert!(
+        second.usage().cached_tokens >= whole_first_turn,
+        "the second turn reused {} tokens; the first turn was {whole_first_turn}",
+        second.usage().cached_tokens
+    );
+}
+
+#[async_std::test]
+async fn required_and_named_tool_choices_give_exactly_one_well_formed_call() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    for choice in [
+        ToolChoice::Required,
+        ToolChoice::Function("get_weather".into()),
+    ] {
+        let config = greedy(64)
+            .with_tools(vec![weather_tool()])
+            .with_tool_choice(choice.clone());
+        let reply = client.chat(paris(), config).await.unwrap();
+        assert_eq!(reply.tool_calls.len(), 1, "{choice:?}: {reply:?}");
+        let (id, name, arguments) = &reply.tool_calls[0];
+        assert!(id.starts_with("call_"), "{id}");
+        assert_eq!(name, "get_weather");
+        assert_eq!(arguments, &json!({"city": "Paris"}));
+        assert_eq!(reply.usage().finish_reason, FinishReason::ToolCalls);
+        assert_no_markup(&reply);
+        assert!(reply.text.trim().is_empty(), "{choice:?}: {:?}", reply.text);
+        reply.assert_all_firm();
+    }
+
+    // Left to itself this small model writes the call as plain JSON,
+    // without the template's markup: it is text, not a call.
+    let auto = greedy(64).with_tools(vec![weather_tool()]);
+    let reply = client.chat(paris(), auto).await.unwrap();
+    eprintln!(
+        "auto: {} calls, text {:?}",
+        reply.tool_calls.len(),
+        reply.text
+    );
+    assert_no_markup(&reply);
+
+    // With `none` the tools are not offered and no call comes.
+    let none = greedy(64)
+        .with_tools(vec![weather_tool()])
+        .with_tool_choice(ToolChoice::None);
+    let reply = client.chat(paris(), none).await.unwrap();
+    assert!(reply.tool_calls.is_empty(), "{reply:?}");
+    assert!(reply.completed);
+}
+
+#[async_std::test]
+async fn a_tool_result_sent_back_is_used_in_the_answer() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    // One finished round of the loop first (Rome), as an app's history
+    // would hold it: it shows this small model how an answer follows a
+    // tool result, which makes its answer firm.
+    let rome = ToolCall::new("call_rome", "get_weather", &json!({"city": "Rome"}));
+    let mut messages = vec![
+        ChatMessage::user("What is the weather in Rome?"),
+        ChatMessage::assistant_tool_calls(vec![rome]),
+        ChatMessage::tool("call_rome", "25 C and cloudy"),
+        ChatMessage::assistant("It is 25 C and cloudy in Rome."),
+        ChatMessage::user("What is the weather in Paris?"),
+    ];
+    let required = greedy(64)
+        .with_tools(vec![weather_tool()])
+        .with_tool_choice(ToolChoice::Required);
+    let asked = client.chat(messages.clone(), required).await.unwrap();
+    assert_eq!(asked.tool_calls.len(), 1, "{asked:?}");
+    let (id, name, arguments) = asked.tool_calls[0].clone();
+    assert_eq!(arguments, json!({"city": "Paris"}));
+    messages.push(ChatMessage::assistant_tool_calls(vec![ToolCall::new(
+        id.clone(),
+        name,
+        &arguments,
+    )]));
+    messages.push(ChatMessage::tool(id, "18 C and sunny"));
+    let auto = greedy(64).with_tools(vec![weather_tool()]);
+    let reply = client.chat(messages, auto).await.unwrap();
+    assert!(reply.tool_calls.is_empty(), "{reply:?}");
+    assert_eq!(reply.usage().finish_reason, FinishReason::EndOfGeneration);
+    reply.assert_contains_firmly("18");
+}
+
+/// The schema of the structured-output tests: a string, an integer, an
+/// enum and an array, all required.
+fn person_schema() -> Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "job": {"type": "string", "enum": ["baker", "pilot", "teacher", "painter"]},
+            "hobbies": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["name", "age", "job", "hobbies"],
+    })
+}
+
+const PEOPLE: [&str; 20] = [
+    "a baker from Lyon",
+    "a retired pilot who loves chess",
+    "a young teacher in Osaka",
+    "a painter who lives by the sea",
+    "an old fisherman",
+    "a student of music",
+    "a doctor in a small town",
+    "a chef who travels",
+    "a gardener with a big family",
+    "a firefighter who runs marathons",
+    "a librarian who writes poems",
+    "a mechanic in Berlin",
+    "a nurse who paints at night",
+    "a farmer in Kenya",
+    "a programmer who bakes bread",
+    "a sailor from Norway",
+    "a dancer in Buenos Aires",
+    "a photographer of birds",
+    "a carpenter who plays guitar",
+    "a scientist who climbs mountains",
+];
+
+fn describe(who: &str) -> Vec<ChatMessage> {
+    vec![ChatMessage::user(format!(
+        "Describe {who} as a JSON object with the fields name, age, job and hobbies."
+    ))]
+}
+
+#[async_std::test]
+async fn json_schema_output_always_validates_and_free_output_does_not() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let validator = jsonschema::validator_for(&person_schema()).unwrap();
+    let held = InferenceConfig::greedy()
+        .with_max_tokens(128)
+        .with_response_format(ResponseFormat::json_schema("person", person_schema()));
+    for who in PEOPLE {
+        let reply = client.chat(describe(who), held.clone()).await.unwrap();
+        let value: Value = serde_json::from_str(&reply.text)
+            .unwrap_or_else(|err| panic!("{who}: not JSON ({err}): {:?}", reply.text));
+        assert!(
+            validator.is_valid(&value),
+            "{who}: {value} does not follow the schema"
+        );
+    }
+    let free = InferenceConfig::greedy().with_max_tokens(128);
+    let mut failed = 0;
+    for who in PEOPLE {
+        let reply = client.chat(describe(who), free.clone()).await.unwrap();
+        let valid = serde_json::from_str::<Value>(reply.text.trim())
+            .is_ok_and(|value| validator.is_valid(&value));
+        failed += usize::from(!valid);
+    }
+    eprintln!("without the schema, {failed} of 20 answers did not follow it");
+    assert!(failed > 0, "the schema made no difference to test");
+}
+
+#[async_std::test]
+async fn bad_chat_requests_get_typed_errors_and_the_orchestrator_keeps_serving() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let expect = |reply: &Reply, what: &str| {
+        let err = reply
+            .error()
+            .unwrap_or_else(|| panic!("no error: {reply:?}"));
+        assert_eq!(err.kind, ErrorKind::InvalidRequest, "{err}");
+        assert!(err.message.contains(what), "{what}: {err}");
+    };
+    let unknown_role = vec![ChatMessage {
+        role: Role::from("wizard"),
+        ..ChatMessage::user("hi")
+    }];
+    expect(
+        &client.chat(unknown_role, greedy(8)).await.unwrap(),
+        "messages[0].role",
+    );
+    let orphan_result = vec![ChatMessage::user("hi"), ChatMessage::tool("call_x", "42")];
+    expect(
+        &client.chat(orphan_result, greedy(8)).await.unwrap(),
+        "messages[1].tool_call_id",
+    );
+    let not_object = Tool::function("f", "", json!({"type": "array"}));
+    expect(
+        &client
+            .chat(paris(), greedy(8).with_tools(vec![not_object]))
+            .await
+            .unwrap(),
+        "tools[0].function.parameters",
+    );
+    let bad_grammar = greedy(8).with_response_format(ResponseFormat::Grammar {
+        grammar: "root ::= (".into(),
+    });
+    expect(
+        &client.chat(paris(), bad_grammar).await.unwrap(),
+        "response_format.grammar",
+    );
+    let unconvertible = greedy(8).with_response_format(ResponseFormat::json_schema(
+        "x",
+        json!({"$ref": "#/definitions/missing"}),
+    ));
+    expect(
+        &client.chat(paris(), unconvertible).await.unwrap(),
+        "response_format",
+    );
+    // Still serving.
+    let reply = client
+        .chat(
+            vec![ChatMessage::user("What is the capital of Japan?")],
+            greedy(32),
+        )
+        .await
+        .unwrap();
+    reply.assert_contains_firmly("Tokyo");
+}

@@ -4,66 +4,153 @@ use std::path::Path;
 
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
+use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Prompt};
 
 use crate::text::TextPipeline;
+use crate::thread::CancelToken;
 use crate::tools::ToolSyntax;
 
-/// An inference engine: loads one model at a time and completes prompts.
+/// An inference engine: loads one model at a time and answers requests,
+/// several at once if it can.
 ///
-/// Methods block; an engine is always driven from its own thread (see
-/// [`EngineThread`](crate::EngineThread)), never from an async executor.
+/// The engine thread drives it: it [`start`](Self::start)s requests while
+/// fewer than [`capacity`](Self::capacity) run, and calls
+/// [`step`](Self::step) while any run; each step advances every running
+/// request a little (a token, a chunk of a new prompt) and hands back those
+/// that ended. An engine writes each request's tokens to its [`Output`] and
+/// watches it: a request whose output is cancelled ends within a step, and
+/// one whose consumer lags ([`Output::is_paused`]) waits, holding its
+/// place, while the others go on.
+///
+/// Methods block; an engine always runs on its own thread (see
+/// [`EngineThread`](crate::EngineThread)), never on an async executor.
 /// Engines need not be `Send`: they are created on the thread that uses them.
 pub trait Engine {
     /// Loads the model file at `path`, replacing any loaded model. `name`
-    /// is how the user asked for it, for reports.
+    /// is how the user asked for it, for reports. Called only while no
+    /// request runs.
     fn load(&mut self, name: &str, path: &Path) -> Result<ModelInfo, GeniusError>;
 
-    /// Frees the loaded model, if any.
+    /// Frees the loaded model, if any, and drops every running request
+    /// (their consumers see their streams end without an answer).
     fn unload(&mut self);
 
-    /// Answers `prompt` (a text or a conversation), writing tokens to
-    /// `output` until the model ends its answer, a limit of `config` is
-    /// reached, or `output` says stop.
-    ///
-    /// Returns the usage of the request; its `finish_reason` says which of
-    /// those happened (the engine thread turns an answer that made tool
-    /// calls into [`FinishReason::ToolCalls`]).
-    fn infer(
-        &mut self,
-        prompt: &Prompt,
-        config: &InferenceConfig,
-        output: &mut Output<'_>,
-    ) -> Result<Usage, GeniusError>;
+    /// How many requests it serves at once. Default 1.
+    fn capacity(&self) -> usize {
+        1
+    }
+
+    /// How many requests are running.
+    fn running(&self) -> usize;
+
+    /// Takes `request`: checks it, tokenizes it, gives it a place. A
+    /// request it refuses comes back with the reason; nothing of it ran.
+    fn start(&mut self, request: Request) -> Result<(), Refused>;
+
+    /// Advances every running request that is not paused; returns those
+    /// that ended, and whether anything moved.
+    fn step(&mut self) -> Step;
 }
 
-/// Where an engine writes the tokens it generates.
+/// Identifies a request for as long as it runs.
+pub type RequestId = u64;
+
+/// One request, as the engine receives it.
+pub struct Request {
+    /// Its id, unique in the Orchestrator.
+    pub id: RequestId,
+    /// What to answer.
+    pub prompt: Prompt,
+    /// How.
+    pub config: InferenceConfig,
+    /// Where its events go.
+    pub output: Output,
+}
+
+/// A request the engine did not start, and why.
+pub struct Refused {
+    /// The request's output, to send the error through.
+    pub output: Output,
+    /// Why.
+    pub error: GeniusError,
+}
+
+/// A request that ended.
+pub struct Ended {
+    /// The request's id.
+    pub id: RequestId,
+    /// Its output, to send the end through.
+    pub output: Output,
+    /// Its usage (the finish reason says why it ended), or its error.
+    pub result: Result<Usage, GeniusError>,
+}
+
+/// What one [`Engine::step`] did.
+#[derive(Default)]
+pub struct Step {
+    /// The requests that ended in this step.
+    pub ended: Vec<Ended>,
+    /// Whether any request moved (false when every running one is paused).
+    pub progressed: bool,
+}
+
+/// Where a request's events go: a stream's channel, usually.
+pub trait EventSink: Send + Sync {
+    /// Delivers one event (or the request's error); `false` once nobody
+    /// listens.
+    fn send(&mut self, event: Result<InferenceEvent, ErrorReport>) -> bool;
+
+    /// Events delivered but not yet taken by the consumer; a request whose
+    /// backlog passes [`MAX_BACKLOG`] pauses until the consumer catches up.
+    fn backlog(&self) -> usize {
+        0
+    }
+}
+
+impl EventSink for Box<dyn EventSink> {
+    fn send(&mut self, event: Result<InferenceEvent, ErrorReport>) -> bool {
+        (**self).send(event)
+    }
+
+    fn backlog(&self) -> usize {
+        (**self).backlog()
+    }
+}
+
+/// How many events may wait for a slow consumer before its request pauses.
+/// A paused request keeps its place and cache; the others go on.
+pub const MAX_BACKLOG: usize = 256;
+
+/// Where an engine writes the tokens it generates for one request.
 ///
 /// `Output` turns token bytes into [`InferenceEvent`]s (UTF-8 reassembly,
-/// stop sequences, `<think>` tags) and tells the engine when to stop: a stop
-/// sequence was reached, or the consumer cancelled or went away.
-pub struct Output<'a> {
+/// stop sequences, `<think>` tags, tool calls) and tells the engine when
+/// to stop (a stop sequence was reached, the consumer cancelled or went
+/// away) or to wait (the consumer lags).
+pub struct Output {
     pipeline: TextPipeline,
     events: Vec<InferenceEvent>,
-    sink: &'a mut dyn FnMut(InferenceEvent) -> bool,
-    cancelled: &'a dyn Fn() -> bool,
+    sink: Box<dyn EventSink>,
+    cancel: CancelToken,
     finished: Option<FinishReason>,
+    /// Whether the request's end (`Complete` or an error) was sent.
+    closed: bool,
 }
 
-impl<'a> Output<'a> {
-    /// Creates an output for one request. `sink` receives each event and
-    /// returns `false` once nobody listens; `cancelled` is polled per token.
+impl Output {
+    /// An output for one request, delivering to `sink`; `cancel` ends it.
     pub fn new(
         config: &InferenceConfig,
-        sink: &'a mut dyn FnMut(InferenceEvent) -> bool,
-        cancelled: &'a dyn Fn() -> bool,
+        sink: impl EventSink + 'static,
+        cancel: CancelToken,
     ) -> Self {
         Self {
             pipeline: TextPipeline::new(&config.stop),
             events: Vec::new(),
-            sink,
-            cancelled,
+            sink: Box::new(sink),
+            cancel,
             finished: None,
+            closed: false,
         }
     }
 
@@ -96,7 +183,12 @@ impl<'a> Output<'a> {
     /// the request asked for them). Sent as it is, ahead of any text the
     /// pipeline still holds back.
     pub fn logprobs(&mut self, logprobs: TokenLogprobs) {
-        if !(self.sink)(InferenceEvent::Logprobs(logprobs)) {
+        self.send(InferenceEvent::Logprobs(logprobs));
+    }
+
+    /// Sends an event straight to the consumer.
+    pub fn send(&mut self, event: InferenceEvent) {
+        if !self.sink.send(Ok(event)) {
             self.finished.get_or_insert(FinishReason::Cancelled);
         }
     }
@@ -104,18 +196,21 @@ impl<'a> Output<'a> {
     /// Whether the consumer asked to stop (or went away). Engines should
     /// also poll this during long prompt processing.
     pub fn check_cancelled(&mut self) -> Option<FinishReason> {
-        if self.finished.is_none() && (self.cancelled)() {
+        if self.finished.is_none() && self.cancel.is_cancelled() {
             self.finished = Some(FinishReason::Cancelled);
         }
         self.finished
     }
 
-    /// Releases text held back for tag or stop-sequence matching. Called by
-    /// the engine thread when the engine returns; engines need not call it.
-    pub fn finish(&mut self) {
-        let stopped = self.finished == Some(FinishReason::StopSequence);
-        self.pipeline.finish(stopped, &mut self.events);
-        self.flush();
+    /// A handle that cancels this request.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    /// Whether the consumer lags so far behind that the request should
+    /// wait before producing more.
+    pub fn is_paused(&self) -> bool {
+        self.sink.backlog() > MAX_BACKLOG
     }
 
     /// The reason recorded by [`push`](Self::push), if generation was cut
@@ -124,9 +219,39 @@ impl<'a> Output<'a> {
         self.finished
     }
 
+    /// Ends the request: releases held-back text, then sends `Usage` and
+    /// `Complete`, or the error. An answer that made tool calls ends with
+    /// [`FinishReason::ToolCalls`]. Called once, by the engine thread.
+    pub fn end(&mut self, result: Result<Usage, GeniusError>) {
+        if self.closed {
+            return;
+        }
+        self.closed = true;
+        let stopped = self.finished == Some(FinishReason::StopSequence);
+        self.pipeline.finish(stopped, &mut self.events);
+        self.flush();
+        match result {
+            Ok(mut usage) => {
+                let ended_by_model = matches!(
+                    usage.finish_reason,
+                    FinishReason::EndOfGeneration | FinishReason::StopSequence
+                );
+                if self.tool_calls() > 0 && ended_by_model {
+                    usage.finish_reason = FinishReason::ToolCalls;
+                }
+                self.sink.send(Ok(InferenceEvent::Usage(usage)));
+                self.sink.send(Ok(InferenceEvent::Complete));
+            }
+            Err(err) => {
+                log::warn!("{err}");
+                self.sink.send(Err(err.report()));
+            }
+        }
+    }
+
     fn flush(&mut self) {
         for event in self.events.drain(..) {
-            if !(self.sink)(event) {
+            if !self.sink.send(Ok(event)) {
                 self.finished.get_or_insert(FinishReason::Cancelled);
             }
         }

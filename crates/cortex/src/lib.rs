@@ -19,7 +19,9 @@ pub mod text;
 mod thread;
 pub mod tools;
 
-pub use engine::{check_gguf, Engine, Output};
+pub use engine::{
+    check_gguf, Ended, Engine, EventSink, Output, Refused, Request, RequestId, Step, MAX_BACKLOG,
+};
 #[cfg(feature = "llama")]
 pub use llama::{llama_backend, LlamaEngine, LlamaOptions};
 /// The llama.cpp bindings this crate uses, for code that drives llama.cpp

@@ -7,7 +7,11 @@ use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, TokenLogprobs, TopLogprob, Usage};
 use rusty_genius_core::{GeniusError, InferenceConfig, Prompt, Role, ToolChoice};
 
-use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
+use crate::engine::{
+    check_gguf, millis_since, reusable_prefix, Ended, Engine, Output, Refused, Request, RequestId,
+    Step,
+};
+use crate::thread::sleep_unless;
 use crate::tools::ToolSyntax;
 
 /// The context size Pinky pretends to have, in tokens (one token per byte).
@@ -43,23 +47,67 @@ const PINKY_CONTEXT: usize = 4096;
 ///     .with_token_delay(Duration::from_millis(5));
 /// # let _ = pinky;
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct Pinky {
     /// One script per request, in turn; the last one repeats. Empty: echo.
     replies: Vec<Vec<Vec<u8>>>,
+    /// How many requests it answers at once.
+    capacity: usize,
+    /// The requests it is answering.
+    running: Vec<Run>,
     /// Requests answered so far.
     served: usize,
     token_delay: Duration,
     load_delay: Duration,
     loaded: bool,
-    /// The "tokens" (bytes) the imaginary KV cache holds.
-    cache: Vec<u8>,
+    /// The "tokens" (bytes) each slot of the imaginary KV cache holds,
+    /// prompt and answer; a request takes the free slot that shares the
+    /// longest prefix with it, as the llama.cpp engine does.
+    slots: Vec<Vec<u8>>,
+}
+
+impl Clone for Pinky {
+    /// A Pinky with the same script and settings, answering nothing yet.
+    fn clone(&self) -> Self {
+        Self {
+            replies: self.replies.clone(),
+            capacity: self.capacity,
+            running: Vec::new(),
+            served: self.served,
+            token_delay: self.token_delay,
+            load_delay: self.load_delay,
+            loaded: self.loaded,
+            slots: self.slots.clone(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Pinky {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinky")
+            .field("replies", &self.replies.len())
+            .field("capacity", &self.capacity)
+            .field("running", &self.running.len())
+            .field("token_delay", &self.token_delay)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pinky {
-    /// A Pinky that answers `"Narf! You said: <prompt>"`.
+    /// A Pinky that answers `"Narf! You said: <prompt>"`, four requests
+    /// at a time.
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            capacity: 4,
+            ..Self::default()
+        }
+    }
+
+    /// Answers at most this many requests at once (one token each per
+    /// step, as a batching engine does); the others wait. Default 4.
+    pub fn with_capacity(mut self, requests: usize) -> Self {
+        self.capacity = requests.max(1);
+        self
     }
 
     /// Replies with exactly these pieces, one token each, whatever the
@@ -108,7 +156,8 @@ impl Pinky {
             .collect()
     }
 
-    /// Sleeps this long before each token, to imitate a slow model.
+    /// Sleeps this long per step (one token for every running request),
+    /// to imitate a slow model.
     pub fn with_token_delay(mut self, delay: Duration) -> Self {
         self.token_delay = delay;
         self
@@ -135,7 +184,7 @@ impl Engine for Pinky {
         check_gguf(path)?;
         std::thread::sleep(self.load_delay);
         self.loaded = true;
-        self.cache.clear();
+        self.slots = vec![Vec::new(); self.capacity()];
         Ok(ModelInfo {
             name: name.to_owned(),
             context_size: PINKY_CONTEXT,
@@ -145,20 +194,31 @@ impl Engine for Pinky {
 
     fn unload(&mut self) {
         self.loaded = false;
-        self.cache.clear();
+        self.slots.clear();
+        self.running.clear();
     }
 
-    fn infer(
-        &mut self,
-        prompt: &Prompt,
-        config: &InferenceConfig,
-        output: &mut Output<'_>,
-    ) -> Result<Usage, GeniusError> {
+    fn capacity(&self) -> usize {
+        self.capacity.max(1)
+    }
+
+    fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    fn start(&mut self, request: Request) -> Result<(), Refused> {
+        let Request {
+            id,
+            prompt,
+            config,
+            mut output,
+        } = request;
+        let refuse = |output, error| Err(Refused { output, error });
         if !self.loaded {
-            return Err(GeniusError::NoModelLoaded);
+            return refuse(output, GeniusError::NoModelLoaded);
         }
         // A conversation reaches Pinky as one line per message.
-        let (text, said) = match prompt {
+        let (text, said) = match &prompt {
             Prompt::Text(text) => (text.clone(), text.clone()),
             Prompt::Chat(messages) => {
                 let text: String = messages
@@ -180,71 +240,160 @@ impl Engine for Pinky {
                 (text, said)
             }
         };
+        let tokens = text.as_bytes();
+        if tokens.len() >= PINKY_CONTEXT {
+            let error = GeniusError::PromptTooLong {
+                tokens: tokens.len(),
+                context: PINKY_CONTEXT,
+            };
+            return refuse(output, error);
+        }
         if !config.tools.is_empty() && config.tool_choice != ToolChoice::None {
             output.parse_tool_calls(ToolSyntax::Hermes);
         }
-        let tokens = text.as_bytes();
-        if tokens.len() >= PINKY_CONTEXT {
-            return Err(GeniusError::PromptTooLong {
-                tokens: tokens.len(),
-                context: PINKY_CONTEXT,
-            });
-        }
         let prompt_started = Instant::now();
-        let cached = reusable_prefix(&self.cache, tokens);
-        self.cache.truncate(cached);
-        self.cache.extend_from_slice(&tokens[cached..]);
-        let prompt_ms = millis_since(prompt_started);
-
-        let generation_started = Instant::now();
-        let mut generated = 0;
-        let mut finish = FinishReason::EndOfGeneration;
-        for piece in self.reply(&said) {
-            if config.max_tokens.is_some_and(|max| generated >= max) {
-                finish = FinishReason::MaxTokens;
-                break;
-            }
-            if self.cache.len() >= PINKY_CONTEXT {
-                finish = FinishReason::ContextFull;
-                break;
-            }
-            if let Some(reason) = output.check_cancelled() {
-                finish = reason;
-                break;
-            }
-            std::thread::sleep(self.token_delay);
-            generated += 1;
-            if config.logprobs {
-                // Pinky is certain of every token it says.
-                let token = String::from_utf8_lossy(&piece).into_owned();
-                let top_logprobs = (config.top_logprobs > 0)
-                    .then(|| TopLogprob {
-                        token: token.clone(),
-                        bytes: piece.clone(),
-                        logprob: 0.0,
-                    })
-                    .into_iter()
-                    .collect();
-                output.logprobs(TokenLogprobs {
-                    token,
-                    bytes: piece.clone(),
-                    logprob: 0.0,
-                    top_logprobs,
-                });
-            }
-            if let Some(reason) = output.push(&piece) {
-                finish = reason;
-                break;
-            }
-            self.cache.extend_from_slice(&piece);
-        }
-        Ok(Usage {
+        let busy: Vec<usize> = self.running.iter().map(|run| run.slot).collect();
+        let Some((slot, cached)) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(slot, _)| !busy.contains(slot))
+            .map(|(slot, cache)| (slot, reusable_prefix(cache, tokens), cache.len()))
+            .max_by_key(|&(slot, cached, held)| {
+                (cached, std::cmp::Reverse(held), std::cmp::Reverse(slot))
+            })
+            .map(|(slot, cached, _)| (slot, cached))
+        else {
+            let error = GeniusError::engine("Pinky has no free slot (start called past capacity)");
+            return refuse(output, error);
+        };
+        let cache = &mut self.slots[slot];
+        cache.truncate(cached);
+        cache.extend_from_slice(&tokens[cached..]);
+        let usage = Usage {
             prompt_tokens: tokens.len(),
             cached_tokens: cached,
-            generated_tokens: generated,
-            prompt_ms,
-            generation_ms: millis_since(generation_started),
-            finish_reason: finish,
-        })
+            generated_tokens: 0,
+            prompt_ms: millis_since(prompt_started),
+            generation_ms: 0.0,
+            finish_reason: FinishReason::EndOfGeneration,
+        };
+        let reply = self.reply(&said);
+        self.running.push(Run {
+            id,
+            slot,
+            output,
+            reply: reply.into_iter(),
+            usage,
+            context_used: tokens.len(),
+            config,
+            started: Instant::now(),
+        });
+        Ok(())
+    }
+
+    fn step(&mut self) -> Step {
+        let mut step = Step::default();
+        let all_paused = self.running.iter().all(|run| run.output.is_paused());
+        if !all_paused {
+            // One token for every request per step, like a batched model.
+            sleep_unless(self.token_delay, || {
+                self.running
+                    .iter()
+                    .all(|run| run.output.cancel_token().is_cancelled())
+            });
+        }
+        let mut index = 0;
+        while index < self.running.len() {
+            let run = &mut self.running[index];
+            match run.advance(&mut self.slots[run.slot]) {
+                Advance::Paused => index += 1,
+                Advance::Moved => {
+                    step.progressed = true;
+                    index += 1;
+                }
+                Advance::Ended(reason) => {
+                    step.progressed = true;
+                    let mut run = self.running.remove(index);
+                    run.usage.finish_reason = reason;
+                    run.usage.generation_ms = millis_since(run.started);
+                    step.ended.push(Ended {
+                        id: run.id,
+                        output: run.output,
+                        result: Ok(run.usage),
+                    });
+                }
+            }
+        }
+        step
+    }
+}
+
+/// One request Pinky is answering.
+struct Run {
+    id: RequestId,
+    /// Its slot in [`Pinky::slots`].
+    slot: usize,
+    output: Output,
+    reply: std::vec::IntoIter<Vec<u8>>,
+    usage: Usage,
+    context_used: usize,
+    config: InferenceConfig,
+    started: Instant,
+}
+
+enum Advance {
+    Paused,
+    Moved,
+    Ended(FinishReason),
+}
+
+impl Run {
+    /// Says the next token, unless the request is over or must wait.
+    fn advance(&mut self, cache: &mut Vec<u8>) -> Advance {
+        if let Some(reason) = self.output.check_cancelled() {
+            return Advance::Ended(reason);
+        }
+        if self.output.is_paused() {
+            return Advance::Paused;
+        }
+        if self
+            .config
+            .max_tokens
+            .is_some_and(|max| self.usage.generated_tokens >= max)
+        {
+            return Advance::Ended(FinishReason::MaxTokens);
+        }
+        if self.context_used >= PINKY_CONTEXT {
+            return Advance::Ended(FinishReason::ContextFull);
+        }
+        let Some(piece) = self.reply.next() else {
+            return Advance::Ended(FinishReason::EndOfGeneration);
+        };
+        self.usage.generated_tokens += 1;
+        self.context_used += piece.len();
+        cache.extend_from_slice(&piece);
+        if self.config.logprobs {
+            // Pinky is certain of every token it says.
+            let token = String::from_utf8_lossy(&piece).into_owned();
+            let top_logprobs = (self.config.top_logprobs > 0)
+                .then(|| TopLogprob {
+                    token: token.clone(),
+                    bytes: piece.clone(),
+                    logprob: 0.0,
+                })
+                .into_iter()
+                .collect();
+            self.output.logprobs(TokenLogprobs {
+                token,
+                bytes: piece.clone(),
+                logprob: 0.0,
+                top_logprobs,
+            });
+        }
+        match self.output.push(&piece) {
+            Some(reason) => Advance::Ended(reason),
+            None => Advance::Moved,
+        }
     }
 }

@@ -1,61 +1,60 @@
 //! The engine's own thread.
 //!
 //! Engines block while they compute, and llama.cpp's context must stay on
-//! one thread. `EngineThread` owns an engine on a dedicated OS thread, takes
-//! commands through a channel and reports through an async channel, so the
-//! KV cache lives across requests and no method of the handle blocks: not
-//! the commands, not dropping it, not waiting for it to end
-//! ([`EngineThread::shutdown`] is a future).
+//! one thread. `EngineThread` owns an engine on a dedicated OS thread and
+//! takes commands through a channel. Requests queue there until the engine
+//! has room; the thread then steps the engine for as long as requests run,
+//! and each request's events go straight from the engine to that request's
+//! own sink, so a slow consumer never holds up the thread or the other
+//! requests. The KV cache lives across requests, and no method of the
+//! handle blocks: not the commands, not dropping it, not waiting for it to
+//! end ([`EngineThread::shutdown`] is a future).
 
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::channel::oneshot;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
-use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Prompt};
+use rusty_genius_core::{ErrorReport, GeniusError};
 
-use crate::engine::{Engine, Output};
+use crate::engine::{Ended, Engine, Request, RequestId, Step};
 
 /// Creates an engine. Called on the engine thread, so the engine itself
 /// need not be `Send`.
 pub type EngineFactory = Arc<dyn Fn() -> Result<Box<dyn Engine>, GeniusError> + Send + Sync>;
 
-/// What the engine thread reports, in the order it happens.
+/// What the engine thread reports, in the order it happens. Requests'
+/// own events go to their outputs, not here.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum EngineReport {
     /// A `load` finished.
     Loaded(Result<ModelInfo, GeniusError>),
-    /// An event of the running inference.
-    Event(InferenceEvent),
-    /// The running inference ended.
-    Finished(Result<Usage, GeniusError>),
+    /// The request started running (it had been queued for a free place).
+    Started(RequestId),
+    /// The request ended; its `Complete` or error was sent to its output.
+    Ended(RequestId),
 }
 
 enum Command {
-    Load {
-        name: String,
-        path: PathBuf,
-    },
+    Load { name: String, path: PathBuf },
     Unload,
-    Infer {
-        prompt: Prompt,
-        config: Box<InferenceConfig>,
-        cancel: CancelToken,
-    },
+    Submit(Box<Request>),
 }
 
-/// Ends a running inference early when [`cancel`](Self::cancel)led.
+/// Ends a request early when [`cancel`](Self::cancel)led.
 #[derive(Debug, Clone, Default)]
 pub struct CancelToken(Arc<AtomicBool>);
 
 impl CancelToken {
-    /// Asks the inference to stop; it ends within one token.
+    /// Asks the request to stop; it ends within one step of the engine.
     pub fn cancel(&self) {
         self.0.store(true, Ordering::Relaxed);
     }
@@ -69,9 +68,9 @@ impl CancelToken {
 /// An engine running on a thread of its own.
 ///
 /// Commands are carried out in order. Dropping the handle lets the thread
-/// finish its current command, unload and exit in the background; the drop
-/// itself returns at once. To wait for the thread to be gone (its model
-/// freed), await [`shutdown`](Self::shutdown) instead.
+/// finish its running requests, unload and exit in the background; the
+/// drop itself returns at once. To wait for the thread to be gone (its
+/// model freed), await [`shutdown`](Self::shutdown) instead.
 pub struct EngineThread {
     commands: Option<mpsc::Sender<Command>>,
     /// Fires (or is dropped) when the thread has unloaded and is exiting.
@@ -92,7 +91,7 @@ impl EngineThread {
         let _detached: JoinHandle<()> = std::thread::Builder::new()
             .name("genius-engine".into())
             .spawn(move || {
-                serve(factory, inbox, reports);
+                Serving::new(factory, reports).serve(inbox);
                 let _ = exiting.send(());
             })?;
         Ok((
@@ -104,9 +103,9 @@ impl EngineThread {
         ))
     }
 
-    /// Lets the thread finish its current command (a running inference
-    /// should be cancelled first), unload the model and exit; completes
-    /// when it has. Awaiting this never blocks the executor.
+    /// Lets the thread finish its running and queued requests (cancel them
+    /// first to be quick), unload the model and exit; completes when it
+    /// has. Awaiting this never blocks the executor.
     pub fn shutdown(mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.commands = None;
         let exited = self.exited.take();
@@ -118,7 +117,8 @@ impl EngineThread {
         }
     }
 
-    /// Loads a model; answered by [`EngineReport::Loaded`].
+    /// Loads a model; answered by [`EngineReport::Loaded`]. Requests that
+    /// are still running or queued end first with an error.
     pub fn load(&self, name: impl Into<String>, path: impl Into<PathBuf>) {
         self.send(Command::Load {
             name: name.into(),
@@ -126,22 +126,18 @@ impl EngineThread {
         });
     }
 
-    /// Unloads the model. Not answered.
+    /// Unloads the model; running and queued requests end with an error.
+    /// Not answered.
     pub fn unload(&self) {
         self.send(Command::Unload);
     }
 
-    /// Starts an inference (of a text or a conversation); answered by
-    /// [`EngineReport::Event`]s and one [`EngineReport::Finished`]. The
-    /// token stops it early.
-    pub fn infer(&self, prompt: impl Into<Prompt>, config: InferenceConfig) -> CancelToken {
-        let cancel = CancelToken::default();
-        self.send(Command::Infer {
-            prompt: prompt.into(),
-            config: Box::new(config),
-            cancel: cancel.clone(),
-        });
-        cancel
+    /// Queues a request; it starts when the engine has room (reported by
+    /// [`EngineReport::Started`]) and ends with [`EngineReport::Ended`].
+    /// Its events go to its own output; its cancel token (in the output)
+    /// ends it early, queued or running.
+    pub fn submit(&self, request: Request) {
+        self.send(Command::Submit(Box::new(request)));
     }
 
     fn send(&self, command: Command) {
@@ -153,76 +149,293 @@ impl EngineThread {
     }
 }
 
-fn serve(
-    factory: EngineFactory,
-    inbox: mpsc::Receiver<Command>,
+/// The thread's state: the engine (or why it could not start) and the
+/// requests waiting for room.
+struct Serving {
+    engine: Result<Box<dyn Engine>, ErrorReport>,
+    waiting: VecDeque<Request>,
+    /// The cancel tokens of the running requests.
+    started: Vec<(RequestId, CancelToken)>,
     reports: UnboundedSender<EngineReport>,
-) {
-    // Every command fails with the reason the engine could not start.
-    let mut engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
-        Ok(result) => result.map_err(|err| err.report()),
-        Err(panic) => Err(GeniusError::engine(format!(
-            "the engine panicked while starting: {}",
-            panic_message(&panic)
-        ))
-        .report()),
-    };
-    if let Err(err) = &engine {
-        log::error!("{err}");
+}
+
+/// How long the thread waits for commands when every running request is
+/// paused behind a slow consumer.
+const PAUSED_POLL: Duration = Duration::from_millis(5);
+
+impl Serving {
+    fn new(factory: EngineFactory, reports: UnboundedSender<EngineReport>) -> Self {
+        // Every request fails with the reason the engine could not start.
+        let engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
+            Ok(result) => result.map_err(|err| err.report()),
+            Err(panic) => Err(GeniusError::engine(format!(
+                "the engine panicked while starting: {}",
+                panic_message(&panic)
+            ))
+            .report()),
+        };
+        if let Err(err) = &engine {
+            log::error!("{err}");
+        }
+        Self {
+            engine,
+            waiting: VecDeque::new(),
+            started: Vec::new(),
+            reports,
+        }
     }
-    let not_started =
-        |err: &ErrorReport| GeniusError::engine_from("the engine could not start", err.clone());
-    for command in inbox {
-        let report = match command {
-            Command::Load { name, path } => EngineReport::Loaded(match &mut engine {
-                Ok(engine) => guarded(engine.as_mut(), |engine| engine.load(&name, &path)),
-                Err(err) => Err(not_started(err)),
-            }),
+
+    fn serve(mut self, inbox: mpsc::Receiver<Command>) {
+        let mut paused = false;
+        let mut open = true;
+        loop {
+            let busy = !self.waiting.is_empty() || self.running() > 0;
+            if !busy && !open {
+                break;
+            }
+            // Block for a command when there is nothing else to do; when
+            // every running request waits on its consumer, look again soon.
+            let received = if !open {
+                Err(mpsc::RecvTimeoutError::Disconnected)
+            } else if !busy {
+                inbox
+                    .recv()
+                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            } else if paused {
+                inbox.recv_timeout(PAUSED_POLL)
+            } else {
+                inbox.try_recv().map_err(|err| match err {
+                    mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+                    mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
+                })
+            };
+            match received {
+                Ok(command) => {
+                    open &= self.handle(command);
+                    while open {
+                        match inbox.try_recv() {
+                            Ok(command) => open &= self.handle(command),
+                            Err(mpsc::TryRecvError::Empty) => break,
+                            Err(mpsc::TryRecvError::Disconnected) => open = false,
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
+            }
+            if !open {
+                // The Orchestrator is gone: nothing may outlive it.
+                self.cancel_everything();
+            }
+            self.admit();
+            paused = self.step().is_some_and(|step| !step.progressed);
+            if paused && !open {
+                std::thread::sleep(PAUSED_POLL);
+            }
+        }
+        self.stop();
+    }
+
+    /// Cancels every running request and fails every waiting one.
+    fn cancel_everything(&mut self) {
+        for (_, cancel) in &self.started {
+            cancel.cancel();
+        }
+        self.fail_all(&GeniusError::ShutDown);
+    }
+
+    fn stop(&mut self) {
+        self.fail_all(&GeniusError::EngineGone);
+        if let Ok(engine) = &mut self.engine {
+            let _ = guarded(engine.as_mut(), |engine| {
+                engine.unload();
+                Ok(())
+            });
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.engine.as_ref().map_or(0, |engine| engine.running())
+    }
+
+    /// Carries out one command; `false` when the reports have no reader.
+    fn handle(&mut self, command: Command) -> bool {
+        match command {
+            Command::Load { name, path } => {
+                let report = match &mut self.engine {
+                    Ok(engine) => {
+                        if engine.running() > 0 {
+                            // The Orchestrator loads only when idle; running
+                            // requests would lose their model.
+                            let _ = guarded(engine.as_mut(), |engine| {
+                                engine.unload();
+                                Ok(())
+                            });
+                        }
+                        let loaded = guarded(engine.as_mut(), |engine| engine.load(&name, &path));
+                        self.forget_started();
+                        loaded
+                    }
+                    Err(err) => Err(not_started(err)),
+                };
+                self.reports
+                    .unbounded_send(EngineReport::Loaded(report))
+                    .is_ok()
+            }
             Command::Unload => {
-                if let Ok(engine) = &mut engine {
+                self.fail_all(&GeniusError::NoModelLoaded);
+                if let Ok(engine) = &mut self.engine {
                     let _ = guarded(engine.as_mut(), |engine| {
                         engine.unload();
                         Ok(())
                     });
                 }
-                continue;
+                self.forget_started();
+                true
             }
-            Command::Infer {
-                prompt,
-                config,
-                cancel,
-            } => EngineReport::Finished(match &mut engine {
-                Ok(engine) => guarded(engine.as_mut(), |engine| {
-                    let mut sink =
-                        |event| reports.unbounded_send(EngineReport::Event(event)).is_ok();
-                    let cancelled = || cancel.is_cancelled();
-                    let mut output = Output::new(&config, &mut sink, &cancelled);
-                    let result = engine.infer(&prompt, &config, &mut output);
-                    output.finish();
-                    result.map(|mut usage| {
-                        let ended_by_model = matches!(
-                            usage.finish_reason,
-                            FinishReason::EndOfGeneration | FinishReason::StopSequence
-                        );
-                        if output.tool_calls() > 0 && ended_by_model {
-                            usage.finish_reason = FinishReason::ToolCalls;
-                        }
-                        usage
-                    })
-                }),
-                Err(err) => Err(not_started(err)),
-            }),
-        };
-        if reports.unbounded_send(report).is_err() {
-            break;
+            Command::Submit(request) => {
+                self.waiting.push_back(*request);
+                true
+            }
         }
     }
-    if let Ok(engine) = &mut engine {
-        let _ = guarded(engine.as_mut(), |engine| {
-            engine.unload();
-            Ok(())
-        });
+
+    /// Starts waiting requests while the engine has room.
+    fn admit(&mut self) {
+        loop {
+            let room = match &self.engine {
+                Ok(engine) => engine.running() < engine.capacity(),
+                Err(_) => true,
+            };
+            if !room {
+                return;
+            }
+            let Some(mut request) = self.waiting.pop_front() else {
+                return;
+            };
+            let id = request.id;
+            if request.output.check_cancelled().is_some() {
+                // Cancelled while it waited: it ends without running.
+                request
+                    .output
+                    .end(Ok(nothing_done(FinishReason::Cancelled)));
+                self.report(EngineReport::Ended(id));
+                continue;
+            }
+            let engine = match &mut self.engine {
+                Ok(engine) => engine,
+                Err(err) => {
+                    request.output.end(Err(not_started(err)));
+                    self.report(EngineReport::Ended(id));
+                    continue;
+                }
+            };
+            request.output.send(InferenceEvent::ProcessStart);
+            let cancel = request.output.cancel_token();
+            let started = catch_unwind(AssertUnwindSafe(|| engine.start(request)));
+            match started {
+                Ok(Ok(())) => {
+                    self.started.push((id, cancel));
+                    self.report(EngineReport::Started(id));
+                }
+                Ok(Err(mut refused)) => {
+                    refused.output.end(Err(refused.error));
+                    self.report(EngineReport::Ended(id));
+                }
+                Err(panic) => {
+                    // The request went down with the engine's state.
+                    self.panicked(&panic);
+                    self.report(EngineReport::Ended(id));
+                }
+            }
+        }
     }
+
+    /// One step of the engine, ending what ended; `None` when nothing runs.
+    fn step(&mut self) -> Option<Step> {
+        let engine = self.engine.as_mut().ok()?;
+        if engine.running() == 0 {
+            return None;
+        }
+        let ids_before = engine.running();
+        match catch_unwind(AssertUnwindSafe(|| engine.step())) {
+            Ok(mut step) => {
+                for ended in step.ended.drain(..) {
+                    self.end(ended);
+                }
+                Some(Step {
+                    ended: Vec::new(),
+                    progressed: step.progressed,
+                })
+            }
+            Err(panic) => {
+                log::error!("{ids_before} running requests were lost");
+                self.panicked(&panic);
+                Some(Step::default())
+            }
+        }
+    }
+
+    fn end(&mut self, mut ended: Ended) {
+        ended.output.end(ended.result);
+        self.started.retain(|(id, _)| *id != ended.id);
+        self.report(EngineReport::Ended(ended.id));
+    }
+
+    /// The engine panicked: its state cannot be trusted, so it unloads
+    /// (which drops its running requests; their streams end with an error)
+    /// and the waiting requests fail.
+    fn panicked(&mut self, panic: &Box<dyn std::any::Any + Send>) {
+        let message = format!("the engine panicked: {}", panic_message(panic));
+        log::error!("{message}");
+        if let Ok(engine) = &mut self.engine {
+            let _ = catch_unwind(AssertUnwindSafe(|| engine.unload()));
+        }
+        for (id, _) in std::mem::take(&mut self.started) {
+            self.report(EngineReport::Ended(id));
+        }
+        self.fail_all(&GeniusError::engine(message));
+    }
+
+    /// Reports as ended the requests an unload dropped.
+    fn forget_started(&mut self) {
+        if self.running() == 0 {
+            for (id, _) in std::mem::take(&mut self.started) {
+                self.report(EngineReport::Ended(id));
+            }
+        }
+    }
+
+    /// Ends every waiting request with `err`.
+    fn fail_all(&mut self, err: &GeniusError) {
+        for mut request in std::mem::take(&mut self.waiting) {
+            request.output.end(Err(GeniusError::engine_from(
+                "the request did not run",
+                err.report(),
+            )));
+            self.report(EngineReport::Ended(request.id));
+        }
+    }
+
+    fn report(&self, report: EngineReport) {
+        let _ = self.reports.unbounded_send(report);
+    }
+}
+
+/// The usage of a request that did nothing.
+fn nothing_done(finish_reason: FinishReason) -> Usage {
+    Usage {
+        prompt_tokens: 0,
+        cached_tokens: 0,
+        generated_tokens: 0,
+        prompt_ms: 0.0,
+        generation_ms: 0.0,
+        finish_reason,
+    }
+}
+
+fn not_started(err: &ErrorReport) -> GeniusError {
+    GeniusError::engine_from("the engine could not start", err.clone())
 }
 
 /// Runs `work`, turning a panic into an error and unloading the engine,
@@ -248,4 +461,13 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Waits `delay`, or returns early once `cancel` is set; Pinky's way of
+/// being a slow model that still stops at once.
+pub(crate) fn sleep_unless(delay: Duration, cancel: impl Fn() -> bool) {
+    let until = Instant::now() + delay;
+    while Instant::now() < until && !cancel() {
+        std::thread::sleep((until - Instant::now()).min(Duration::from_millis(2)));
+    }
 }

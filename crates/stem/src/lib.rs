@@ -8,11 +8,14 @@
 //! the engine's own thread, and frees memory when the model sits idle,
 //! following its [`CortexStrategy`].
 
+mod channel;
+mod handle;
 mod orchestrator;
 mod rt;
 mod strategy;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use handle::{OrchestratorHandle, RequestStream};
 pub use orchestrator::{Orchestrator, OrchestratorBuilder};
 pub use strategy::CortexStrategy;

@@ -1,11 +1,13 @@
 //! The Orchestrator: an actor that owns the engine and its lifecycle.
 //!
-//! One `next_event` holds the only `select!` (user input, engine reports,
-//! asset progress, the hibernation timer); one `handle_event` decides. The
-//! engine runs on its own thread, so the loop stays responsive while it
-//! generates: `Stop` takes effect within a token.
+//! One `next_event` holds the only `select!` (commands from handles, engine
+//! reports, download progress, the download itself, the hibernation
+//! timer); one `handle_event` decides. The engine runs on its own thread
+//! and sends each request's events straight to that request's stream, so
+//! the loop only keeps count of what runs and stays responsive while
+//! requests generate.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -15,16 +17,17 @@ use std::time::Instant;
 use facecrab::{AssetAuthority, FacecrabError};
 use futures::channel::mpsc;
 use futures::future::{self, Either};
-use futures::{FutureExt, SinkExt, StreamExt};
+use futures::{FutureExt, StreamExt};
 use rusty_genius_core::chat::validate_messages;
-use rusty_genius_core::protocol::{
-    AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus, InferenceEvent,
-};
+use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::protocol::{AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus};
 use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
 use rusty_genius_cortex::{
-    default_engine_factory, CancelToken, Engine, EngineFactory, EngineReport, EngineThread, Pinky,
+    default_engine_factory, CancelToken, Engine, EngineFactory, EngineReport, EngineThread,
+    EventSink, Output, Pinky, Request, RequestId,
 };
 
+use crate::handle::{Command, Listener, LoadDone, OrchestratorHandle};
 use crate::rt;
 use crate::CortexStrategy;
 
@@ -134,11 +137,24 @@ impl Orchestrator {
         self.strategy
     }
 
+    /// Starts the Orchestrator's loop in the background and returns a
+    /// handle to it, for any number of concurrent requests, each with a
+    /// stream of its own (see [`OrchestratorHandle`]).
+    pub fn start(&self) -> OrchestratorHandle {
+        let (core, handle) = self.core();
+        rt::spawn(core);
+        handle
+    }
+
     /// Serves requests from `input`, reporting on `output`, until
     /// `Shutdown` is received, the input is closed and all its requests
     /// are answered, or `output`'s receiver is dropped (which also stops a
     /// generation in progress). Returns once the engine has unloaded its
     /// model; the wait never blocks the executor.
+    ///
+    /// Requests sent here are answered one after another, in order, so
+    /// their outputs never interleave; for requests that run together, use
+    /// [`start`](Self::start) and its handle.
     ///
     /// Nothing outlives it: a download in progress stops when it returns
     /// (or when this future is dropped), keeping what it has fetched for
@@ -148,40 +164,75 @@ impl Orchestrator {
         input: mpsc::Receiver<BrainstemInput>,
         output: mpsc::Sender<BrainstemOutput>,
     ) {
-        let (engine, reports) = match EngineThread::spawn(self.factory.clone()) {
-            Ok(spawned) => spawned,
-            Err(err) => {
-                let mut output = output;
-                let _ = output.send(BrainstemOutput::Error(err.report())).await;
-                return;
+        let (core, handle) = self.core();
+        let channel = crate::channel::serve(handle, input, output);
+        futures::join!(core, channel);
+    }
+
+    /// The loop, and a handle to it; the loop ends when every handle is
+    /// dropped and nothing runs, or at `Shutdown`.
+    fn core(
+        &self,
+    ) -> (
+        impl Future<Output = ()> + Send + 'static,
+        OrchestratorHandle,
+    ) {
+        let (commands, inbox) = mpsc::unbounded();
+        let handle = OrchestratorHandle::new(commands);
+        let strategy = self.strategy;
+        let factory = self.factory.clone();
+        let authority = self.authority.clone();
+        let core = async move {
+            let (engine, reports) = match EngineThread::spawn(factory) {
+                Ok(spawned) => spawned,
+                Err(err) => {
+                    log::error!("{err}");
+                    fail_commands(inbox, &err).await;
+                    return;
+                }
+            };
+            let (asset_tx, asset_rx) = mpsc::unbounded();
+            let mut stem = Brainstem {
+                strategy,
+                authority,
+                engine: Some(engine),
+                reports,
+                commands: Some(inbox),
+                listeners: Vec::new(),
+                asset_tx,
+                asset_rx,
+                resolving: None,
+                state: State::Unloaded { hibernated: None },
+                queue: VecDeque::new(),
+                running: HashMap::new(),
+                shutting_down: false,
+            };
+            while let Some(event) = stem.next_event().await {
+                stem.handle_event(event);
             }
-        };
-        let (asset_tx, asset_rx) = mpsc::unbounded();
-        let mut stem = Brainstem {
-            strategy: self.strategy,
-            authority: self.authority.clone(),
-            engine: Some(engine),
-            reports,
-            input: Some(input),
-            output,
-            asset_tx,
-            asset_rx,
-            resolving: None,
-            state: State::Unloaded { hibernated: None },
-            queue: VecDeque::new(),
-            shutting_down: false,
-        };
-        while let Some(event) = stem.next_event().await {
-            if stem.handle_event(event).await.is_err() {
-                break;
+            // Stop any download before waiting for the engine.
+            stem.resolving = None;
+            stem.fail_queue(&GeniusError::ShutDown);
+            if let Some(engine) = stem.engine.take() {
+                engine.shutdown().await;
             }
+            log::debug!("orchestrator stopped");
+        };
+        (core, handle)
+    }
+}
+
+/// Answers every command with `err`: the loop could not start.
+async fn fail_commands(mut inbox: mpsc::UnboundedReceiver<Command>, err: &GeniusError) {
+    inbox.close();
+    while let Some(command) = inbox.next().await {
+        match command {
+            Command::Submit { mut sink, .. } => {
+                sink.send(Err(err.report()));
+            }
+            Command::Load { done, .. } => done(Err(err.report())),
+            Command::Listen(_) | Command::Shutdown => {}
         }
-        // Stop any download before waiting for the engine.
-        stem.resolving = None;
-        if let Some(engine) = stem.engine.take() {
-            engine.shutdown().await;
-        }
-        log::debug!("orchestrator stopped");
     }
 }
 
@@ -194,29 +245,47 @@ struct Model {
 
 #[derive(Debug)]
 enum State {
-    /// No model in memory; `hibernated` is the one to reload on `Infer`.
+    /// No model in memory; `hibernated` is the one to reload on a request.
     Unloaded { hibernated: Option<Model> },
     /// facecrab is resolving (maybe downloading) this name.
     Resolving { name: String },
     /// The engine is loading this model.
     Loading { model: Model },
-    /// Ready; idle since the given instant.
-    Loaded { model: Model, idle_since: Instant },
-    /// Generating.
-    Inferring { model: Model, cancel: CancelToken },
-}
-
-#[derive(Debug)]
-enum Request {
-    Load(String),
-    Infer {
-        prompt: Prompt,
-        config: Box<InferenceConfig>,
+    /// Ready; idle since the given instant when nothing runs.
+    Loaded {
+        model: Model,
+        info: ModelInfo,
+        idle_since: Instant,
     },
 }
 
+/// What waits for the model: requests, and loads (which wait for the
+/// requests before them to end).
+enum Pending {
+    Load {
+        name: String,
+        done: Option<LoadDone>,
+    },
+    Submit(Submitted),
+}
+
+struct Submitted {
+    id: RequestId,
+    prompt: Prompt,
+    config: Box<InferenceConfig>,
+    sink: Box<dyn EventSink>,
+    cancel: CancelToken,
+}
+
+impl Submitted {
+    fn fail(mut self, err: &GeniusError) {
+        log::warn!("request {}: {err}", self.id);
+        self.sink.send(Err(err.report()));
+    }
+}
+
 enum Event {
-    Input(Option<BrainstemInput>),
+    Command(Option<Command>),
     Engine(Option<EngineReport>),
     Asset(AssetEvent),
     Resolved(Result<PathBuf, FacecrabError>),
@@ -226,27 +295,29 @@ enum Event {
 /// facecrab making a model available: progress goes to `asset_tx`.
 type Resolution = Pin<Box<dyn Future<Output = Result<PathBuf, FacecrabError>> + Send>>;
 
-/// The loop must end: `Shutdown` was received, the output receiver is gone,
-/// or the engine thread died.
-struct Halt;
-
 struct Brainstem {
     strategy: CortexStrategy,
     authority: Arc<AssetAuthority>,
     /// Taken only when the loop has ended, to shut it down.
     engine: Option<EngineThread>,
     reports: mpsc::UnboundedReceiver<EngineReport>,
-    /// `None` once the user closed it (or sent `Shutdown`).
-    input: Option<mpsc::Receiver<BrainstemInput>>,
-    output: mpsc::Sender<BrainstemOutput>,
+    /// `None` once every handle is gone (or at `Shutdown`).
+    commands: Option<mpsc::UnboundedReceiver<Command>>,
+    /// Where status and download events go.
+    listeners: Vec<Listener>,
     asset_tx: mpsc::UnboundedSender<AssetEvent>,
     asset_rx: mpsc::UnboundedReceiver<AssetEvent>,
     /// The name being resolved (in `State::Resolving`), polled by the loop
     /// itself: dropping it cancels the download.
     resolving: Option<Resolution>,
     state: State,
-    queue: VecDeque<Request>,
-    /// `Shutdown` was received: finish the running request, then stop.
+    /// What waits, in order: requests wait for the model, loads for the
+    /// requests before them.
+    queue: VecDeque<Pending>,
+    /// Requests given to the engine and not yet ended, with their cancel
+    /// tokens.
+    running: HashMap<RequestId, CancelToken>,
+    /// `Shutdown` was received: finish the running requests, then stop.
     shutting_down: bool,
 }
 
@@ -254,25 +325,25 @@ impl Brainstem {
     /// Waits for the next thing to react to; `None` when the loop is done.
     async fn next_event(&mut self) -> Option<Event> {
         let idle = matches!(self.state, State::Unloaded { .. } | State::Loaded { .. });
-        if self.input.is_none() && idle && self.queue.is_empty() {
+        if self.commands.is_none() && idle && self.queue.is_empty() && self.running.is_empty() {
             return None;
         }
         let timer = match self.hibernation_deadline() {
             Some(deadline) => Either::Left(rt::sleep_until(deadline)),
             None => Either::Right(future::pending()),
         };
-        let input = match &mut self.input {
-            Some(input) => Either::Left(input.next()),
+        let commands = match &mut self.commands {
+            Some(commands) => Either::Left(commands.next()),
             None => Either::Right(future::pending()),
         };
         let resolved = match &mut self.resolving {
             Some(resolution) => Either::Left(resolution.as_mut()),
             None => Either::Right(future::pending()),
         };
-        // Progress before the result it leads to; input first, so `Stop`
-        // is never stuck behind a stream of tokens.
+        // Progress before the result it leads to; commands first, so
+        // `Shutdown` is never stuck behind engine reports.
         futures::select_biased! {
-            input = input.fuse() => Some(Event::Input(input)),
+            command = commands.fuse() => Some(Event::Command(command)),
             report = self.reports.next() => Some(Event::Engine(report)),
             asset = self.asset_rx.select_next_some() => Some(Event::Asset(asset)),
             result = resolved.fuse() => Some(Event::Resolved(result)),
@@ -289,7 +360,7 @@ impl Brainstem {
     fn hibernation_deadline(&self) -> Option<Instant> {
         match (&self.state, self.strategy) {
             (State::Loaded { idle_since, .. }, CortexStrategy::HibernateAfter(ttl))
-                if self.queue.is_empty() =>
+                if self.queue.is_empty() && self.running.is_empty() =>
             {
                 Some(*idle_since + ttl)
             }
@@ -297,94 +368,194 @@ impl Brainstem {
         }
     }
 
-    async fn handle_event(&mut self, event: Event) -> Result<(), Halt> {
+    fn handle_event(&mut self, event: Event) {
         match event {
-            Event::Input(None) => self.input = None,
-            Event::Input(Some(BrainstemInput::Stop)) => self.cancel_generation(),
-            Event::Input(Some(BrainstemInput::Shutdown)) => return self.shut_down().await,
-            Event::Input(Some(BrainstemInput::LoadModel(name))) => {
-                self.queue.push_back(Request::Load(name))
-            }
-            Event::Input(Some(BrainstemInput::Infer { prompt, config })) => {
-                self.queue.push_back(Request::Infer {
-                    prompt: Prompt::Text(prompt),
-                    config: Box::new(config),
-                })
-            }
-            Event::Input(Some(BrainstemInput::Chat { messages, config })) => {
-                self.queue.push_back(Request::Infer {
-                    prompt: Prompt::Chat(messages),
-                    config: Box::new(config),
-                })
-            }
-            Event::Input(Some(other)) => {
-                let err = GeniusError::invalid_request(
-                    "input",
-                    format!("this Orchestrator does not support {other:?}"),
-                );
-                self.fail(err).await?
-            }
+            Event::Command(None) => self.commands = None,
+            Event::Command(Some(command)) => self.on_command(command),
             Event::Engine(None) => {
-                self.fail(GeniusError::EngineGone).await?;
-                return Err(Halt);
+                // The engine thread is gone: nothing more can run.
+                log::error!("{}", GeniusError::EngineGone);
+                self.fail_queue(&GeniusError::EngineGone);
+                self.running.clear();
+                self.commands = None;
+                self.state = State::Unloaded { hibernated: None };
             }
-            Event::Engine(Some(report)) => self.on_engine_report(report).await?,
-            Event::Asset(event) => self.emit(BrainstemOutput::Asset(event)).await?,
+            Event::Engine(Some(report)) => self.on_engine_report(report),
+            Event::Asset(event) => self.broadcast(BrainstemOutput::Asset(event)),
             Event::Resolved(result) => {
                 self.resolving = None;
                 // Progress reported in the poll that finished the work is
                 // still queued: it goes first.
                 while let Ok(event) = self.asset_rx.try_recv() {
-                    self.emit(BrainstemOutput::Asset(event)).await?;
+                    self.broadcast(BrainstemOutput::Asset(event));
                 }
-                self.on_resolved(result).await?
+                self.on_resolved(result);
             }
             Event::Hibernate => {
                 if let State::Loaded { model, .. } = &self.state {
                     let model = model.clone();
                     log::info!("hibernating {} after idle time", model.name);
                     self.engine().unload();
-                    self.emit(BrainstemOutput::Status(EngineStatus::Hibernated(
+                    self.broadcast(BrainstemOutput::Status(EngineStatus::Hibernated(
                         model.name.clone(),
-                    )))
-                    .await?;
+                    )));
                     self.state = State::Unloaded {
                         hibernated: Some(model),
                     };
                 }
             }
         }
-        self.pump().await
+        self.pump();
     }
 
-    /// Starts queued requests while the engine is free.
-    async fn pump(&mut self) -> Result<(), Halt> {
-        while matches!(self.state, State::Unloaded { .. } | State::Loaded { .. }) {
-            let Some(request) = self.queue.pop_front() else {
-                break;
-            };
-            match request {
-                Request::Load(name) => self.start_load(name).await?,
-                Request::Infer { prompt, config } => self.start_infer(prompt, *config).await?,
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Submit {
+                id,
+                prompt,
+                config,
+                sink,
+                cancel,
+            } => {
+                let submitted = Submitted {
+                    id,
+                    prompt,
+                    config,
+                    sink,
+                    cancel,
+                };
+                if self.shutting_down {
+                    return submitted.fail(&GeniusError::ShutDown);
+                }
+                self.queue.push_back(Pending::Submit(submitted));
             }
+            Command::Load { name, done } => {
+                if self.shutting_down {
+                    return done(Err(GeniusError::ShutDown.report()));
+                }
+                self.queue.push_back(Pending::Load {
+                    name,
+                    done: Some(done),
+                });
+            }
+            Command::Listen(listener) => self.listeners.push(listener),
+            Command::Shutdown => self.shut_down(),
         }
-        Ok(())
     }
 
-    async fn start_load(&mut self, name: String) -> Result<(), Halt> {
-        if let State::Loaded { model, .. } = &self.state {
-            if model.name == name {
-                let status = EngineStatus::Loaded(name);
-                return self.emit(BrainstemOutput::Status(status)).await;
+    /// `Shutdown`: running requests are cancelled (each still ends with
+    /// its `Complete`), everything queued is answered with `ShutDown`, and
+    /// the loop ends once the engine is idle.
+    fn shut_down(&mut self) {
+        self.shutting_down = true;
+        // Commands already sent are answered too, not dropped unread.
+        if let Some(mut commands) = self.commands.take() {
+            commands.close();
+            while let Ok(command) = commands.try_recv() {
+                match command {
+                    Command::Submit { mut sink, .. } => {
+                        sink.send(Err(GeniusError::ShutDown.report()));
+                    }
+                    Command::Load { done, .. } => done(Err(GeniusError::ShutDown.report())),
+                    Command::Listen(listener) => self.listeners.push(listener),
+                    Command::Shutdown => {}
+                }
             }
         }
+        for cancel in self.running.values() {
+            cancel.cancel();
+        }
+        self.fail_queue(&GeniusError::ShutDown);
+        if matches!(self.state, State::Resolving { .. } | State::Loading { .. }) {
+            self.resolving = None;
+            self.state = State::Unloaded { hibernated: None };
+        }
+    }
+
+    fn fail_queue(&mut self, err: &GeniusError) {
+        for pending in std::mem::take(&mut self.queue) {
+            match pending {
+                Pending::Submit(submitted) => submitted.fail(err),
+                Pending::Load { done, .. } => {
+                    if let Some(done) = done {
+                        done(Err(err.report()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves the queue forward as far as the model's state allows.
+    fn pump(&mut self) {
+        while let Some(front) = self.queue.front() {
+            match front {
+                Pending::Submit(_) => {
+                    match &self.state {
+                        State::Loaded { .. } => {}
+                        State::Unloaded {
+                            hibernated: Some(model),
+                        } => {
+                            // Wake up: reload, then run the request.
+                            let model = model.clone();
+                            self.load(model);
+                            return;
+                        }
+                        State::Unloaded { hibernated: None } => {
+                            let Some(Pending::Submit(submitted)) = self.queue.pop_front() else {
+                                unreachable!("the front is a request")
+                            };
+                            submitted.fail(&GeniusError::NoModelLoaded);
+                            continue;
+                        }
+                        State::Resolving { .. } | State::Loading { .. } => return,
+                    }
+                    let Some(Pending::Submit(submitted)) = self.queue.pop_front() else {
+                        unreachable!("the front is a request")
+                    };
+                    self.run(submitted);
+                }
+                Pending::Load { name, .. } => {
+                    // A load waits until the requests before it are done.
+                    let busy = !self.running.is_empty()
+                        || matches!(self.state, State::Resolving { .. } | State::Loading { .. });
+                    if busy {
+                        return;
+                    }
+                    let already = match &self.state {
+                        State::Loaded { model, info, .. } if model.name == *name => {
+                            Some(info.clone())
+                        }
+                        _ => None,
+                    };
+                    let Some(info) = already else {
+                        self.start_load();
+                        return;
+                    };
+                    if let Some(Pending::Load { name, done }) = self.queue.pop_front() {
+                        self.broadcast(BrainstemOutput::Status(EngineStatus::Loaded(name)));
+                        if let Some(done) = done {
+                            done(Ok(info));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the load at the front of the queue, which stays there until
+    /// the model is loaded or fails.
+    fn start_load(&mut self) {
+        let Some(Pending::Load { name, .. }) = self.queue.front() else {
+            return;
+        };
+        let name = name.clone();
         let path = Path::new(&name);
         if path.is_file() {
             let model = Model {
                 path: path.to_path_buf(),
                 name,
             };
-            return self.load(model).await;
+            return self.load(model);
         }
         // Anything else is facecrab's to resolve (and maybe download),
         // polled by this loop, so it ends with it.
@@ -398,56 +569,59 @@ impl Brainstem {
             authority.ensure_model_with(&requested, &mut report).await
         }));
         self.state = State::Resolving { name };
-        Ok(())
     }
 
-    async fn load(&mut self, model: Model) -> Result<(), Halt> {
+    fn load(&mut self, model: Model) {
         self.engine().load(model.name.clone(), model.path.clone());
         let status = EngineStatus::Loading(model.name.clone());
         self.state = State::Loading { model };
-        self.emit(BrainstemOutput::Status(status)).await
+        self.broadcast(BrainstemOutput::Status(status));
     }
 
-    async fn start_infer(&mut self, prompt: Prompt, config: InferenceConfig) -> Result<(), Halt> {
-        let checked = match &prompt {
+    /// Checks a request and gives it to the engine.
+    fn run(&mut self, submitted: Submitted) {
+        let checked = match &submitted.prompt {
             Prompt::Text(text) if text.trim().is_empty() => Err(GeniusError::EmptyPrompt),
             Prompt::Text(_) => Ok(()),
             Prompt::Chat(messages) => validate_messages(messages),
         };
-        if let Err(err) = checked.and_then(|()| config.validate()) {
-            return self.fail(err).await;
+        if let Err(err) = checked.and_then(|()| submitted.config.validate()) {
+            return submitted.fail(&err);
         }
-        match std::mem::replace(&mut self.state, State::Unloaded { hibernated: None }) {
-            State::Loaded { model, .. } => {
-                let cancel = self.engine().infer(prompt, config);
-                self.state = State::Inferring { model, cancel };
-                self.emit(BrainstemOutput::Event(InferenceEvent::ProcessStart))
-                    .await
-            }
-            State::Unloaded {
-                hibernated: Some(model),
-            } => {
-                // Wake up: reload, then run this request.
-                self.queue.push_front(Request::Infer {
-                    prompt,
-                    config: Box::new(config),
-                });
-                self.load(model).await
-            }
-            state => {
-                self.state = state;
-                self.fail(GeniusError::NoModelLoaded).await
-            }
-        }
+        let Submitted {
+            id,
+            prompt,
+            config,
+            sink,
+            cancel,
+        } = submitted;
+        let output = Output::new(&config, sink, cancel.clone());
+        self.running.insert(id, cancel);
+        self.engine().submit(Request {
+            id,
+            prompt,
+            config: *config,
+            output,
+        });
     }
 
-    async fn on_engine_report(&mut self, report: EngineReport) -> Result<(), Halt> {
+    fn on_engine_report(&mut self, report: EngineReport) {
         match report {
             EngineReport::Loaded(result) => {
                 let State::Loading { model } =
                     std::mem::replace(&mut self.state, State::Unloaded { hibernated: None })
                 else {
-                    return Ok(());
+                    return;
+                };
+                // The load that asked for it, if one did (a reload after
+                // hibernation has none).
+                let done = match self.queue.front_mut() {
+                    Some(Pending::Load { name, done }) if *name == model.name => {
+                        let done = done.take();
+                        self.queue.pop_front();
+                        done
+                    }
+                    _ => None,
                 };
                 match result {
                     Ok(info) => {
@@ -455,39 +629,36 @@ impl Brainstem {
                         let status = EngineStatus::Loaded(model.name.clone());
                         self.state = State::Loaded {
                             model,
+                            info: info.clone(),
                             idle_since: Instant::now(),
                         };
-                        self.emit(BrainstemOutput::Status(status)).await
+                        self.broadcast(BrainstemOutput::Status(status));
+                        if let Some(done) = done {
+                            done(Ok(info));
+                        }
                     }
                     Err(err) => {
-                        self.fail(err).await?;
-                        self.emit(BrainstemOutput::Status(EngineStatus::Unloaded))
-                            .await
+                        log::warn!("{err}");
+                        if let Some(done) = done {
+                            done(Err(err.report()));
+                        }
+                        self.broadcast(BrainstemOutput::Status(EngineStatus::Unloaded));
+                        // Requests that waited for this model cannot run.
+                        self.fail_waiting_requests(&err);
                     }
                 }
             }
-            EngineReport::Event(event) => self.emit(BrainstemOutput::Event(event)).await,
-            EngineReport::Finished(result) => {
-                let State::Inferring { model, .. } =
-                    std::mem::replace(&mut self.state, State::Unloaded { hibernated: None })
-                else {
-                    return Ok(());
-                };
-                self.state = State::Loaded {
-                    model,
-                    idle_since: Instant::now(),
-                };
-                match result {
-                    Ok(usage) => {
-                        self.emit(BrainstemOutput::Event(InferenceEvent::Usage(usage)))
-                            .await?;
-                        self.emit(BrainstemOutput::Event(InferenceEvent::Complete))
-                            .await?;
-                    }
-                    Err(err) => self.fail(err).await?,
+            EngineReport::Started(_) => {}
+            EngineReport::Ended(id) => {
+                self.running.remove(&id);
+                if !self.running.is_empty() {
+                    return;
                 }
-                let next_is_infer = matches!(self.queue.front(), Some(Request::Infer { .. }));
-                if self.strategy == CortexStrategy::Immediate && !next_is_infer {
+                if let State::Loaded { idle_since, .. } = &mut self.state {
+                    *idle_since = Instant::now();
+                }
+                let next_is_request = matches!(self.queue.front(), Some(Pending::Submit(_)));
+                if self.strategy == CortexStrategy::Immediate && !next_is_request {
                     if let State::Loaded { model, .. } =
                         std::mem::replace(&mut self.state, State::Unloaded { hibernated: None })
                     {
@@ -496,76 +667,58 @@ impl Brainstem {
                         self.state = State::Unloaded {
                             hibernated: Some(model),
                         };
-                        self.emit(BrainstemOutput::Status(status)).await?;
+                        self.broadcast(BrainstemOutput::Status(status));
                     }
                 }
-                Ok(())
             }
-            _ => Ok(()),
+            _ => {}
         }
     }
 
-    async fn on_resolved(&mut self, result: Result<PathBuf, FacecrabError>) -> Result<(), Halt> {
+    /// The requests at the front of the queue (before any load) fail.
+    fn fail_waiting_requests(&mut self, err: &GeniusError) {
+        while matches!(self.queue.front(), Some(Pending::Submit(_))) {
+            if let Some(Pending::Submit(submitted)) = self.queue.pop_front() {
+                submitted.fail(&GeniusError::engine_from(
+                    "the model could not be loaded",
+                    err.report(),
+                ));
+            }
+        }
+    }
+
+    fn on_resolved(&mut self, result: Result<PathBuf, FacecrabError>) {
         let State::Resolving { name } =
             std::mem::replace(&mut self.state, State::Unloaded { hibernated: None })
         else {
-            return Ok(());
+            return;
         };
         match result {
             Ok(path) => {
                 let event = AssetEvent::Complete(path.display().to_string());
-                self.emit(BrainstemOutput::Asset(event)).await?;
-                self.load(Model { name, path }).await
+                self.broadcast(BrainstemOutput::Asset(event));
+                self.load(Model { name, path });
             }
             Err(err) => {
                 let event = AssetEvent::Error(err.to_string());
-                self.emit(BrainstemOutput::Asset(event)).await?;
-                self.fail(asset_error(name, err)).await
+                self.broadcast(BrainstemOutput::Asset(event));
+                let err = asset_error(name.clone(), err);
+                log::warn!("{err}");
+                if let Some(Pending::Load { done, .. }) = self.queue.front_mut() {
+                    if let Some(done) = done.take() {
+                        done(Err(err.report()));
+                    }
+                    self.queue.pop_front();
+                }
+                self.fail_waiting_requests(&err);
             }
         }
     }
 
-    /// `Shutdown`: the running generation is cancelled and still ends with
-    /// its `Complete`; every request not yet started, and a load in
-    /// progress, is answered with `ShutDown`. The loop ends as soon as the
-    /// engine is idle.
-    async fn shut_down(&mut self) -> Result<(), Halt> {
-        self.shutting_down = true;
-        self.input = None;
-        self.cancel_generation();
-        while let Some(_request) = self.queue.pop_front() {
-            self.fail(GeniusError::ShutDown).await?;
-        }
-        match &self.state {
-            State::Inferring { .. } => Ok(()),
-            State::Resolving { .. } | State::Loading { .. } => {
-                self.resolving = None;
-                self.fail(GeniusError::ShutDown).await?;
-                Err(Halt)
-            }
-            State::Unloaded { .. } | State::Loaded { .. } => Err(Halt),
-        }
-    }
-
-    /// Ends the generation in progress, if any, within a token.
-    fn cancel_generation(&self) {
-        if let State::Inferring { cancel, .. } = &self.state {
-            cancel.cancel();
-        }
-    }
-
-    async fn fail(&mut self, err: GeniusError) -> Result<(), Halt> {
-        log::warn!("{err}");
-        self.emit(BrainstemOutput::Error(err.report())).await
-    }
-
-    async fn emit(&mut self, output: BrainstemOutput) -> Result<(), Halt> {
-        if self.output.send(output).await.is_err() {
-            // Nobody listens any more: stop generating for nobody.
-            self.cancel_generation();
-            return Err(Halt);
-        }
-        Ok(())
+    /// Sends a status or download event to every listener still there.
+    fn broadcast(&mut self, output: BrainstemOutput) {
+        self.listeners
+            .retain_mut(|listener| listener(output.clone()));
     }
 }
 

@@ -1,7 +1,16 @@
 //! The async runtime, kept at the edge: everything stem needs from
 //! async-std goes through here.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
+
+/// Runs `future` in the background.
+pub(crate) fn spawn<F>(future: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    async_std::task::spawn(future);
+}
 
 /// Completes at `deadline` (at once if it has passed).
 pub(crate) async fn sleep_until(deadline: Instant) {

@@ -446,6 +446,7 @@ pub fn output_name(output: &BrainstemOutput) -> &'static str {
 pub struct RecordingEngine<E> {
     inner: E,
     usages: std::sync::Arc<std::sync::Mutex<Vec<Usage>>>,
+    peak: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 /// The shared list a [`RecordingEngine`] writes to.
@@ -454,7 +455,17 @@ pub type Usages = std::sync::Arc<std::sync::Mutex<Vec<Usage>>>;
 impl<E> RecordingEngine<E> {
     /// Wraps `inner`, recording into `usages`.
     pub fn new(inner: E, usages: Usages) -> Self {
-        Self { inner, usages }
+        Self {
+            inner,
+            usages,
+            peak: None,
+        }
+    }
+
+    /// Also keeps in `peak` the most requests that ever ran at once.
+    pub fn with_peak(mut self, peak: std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        self.peak = Some(peak);
+        self
     }
 }
 
@@ -471,15 +482,34 @@ impl<E: rusty_genius_cortex::Engine> rusty_genius_cortex::Engine for RecordingEn
         self.inner.unload()
     }
 
-    fn infer(
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+
+    fn running(&self) -> usize {
+        self.inner.running()
+    }
+
+    fn start(
         &mut self,
-        prompt: &rusty_genius_core::Prompt,
-        config: &InferenceConfig,
-        output: &mut rusty_genius_cortex::Output<'_>,
-    ) -> Result<Usage, rusty_genius_core::GeniusError> {
-        let usage = self.inner.infer(prompt, config, output)?;
-        self.usages.lock().unwrap().push(usage.clone());
-        Ok(usage)
+        request: rusty_genius_cortex::Request,
+    ) -> Result<(), rusty_genius_cortex::Refused> {
+        let started = self.inner.start(request);
+        if let Some(peak) = &self.peak {
+            peak.fetch_max(self.inner.running(), std::sync::atomic::Ordering::Relaxed);
+        }
+        started
+    }
+
+    fn step(&mut self) -> rusty_genius_cortex::Step {
+        let step = self.inner.step();
+        let mut usages = self.usages.lock().unwrap();
+        for ended in &step.ended {
+            if let Ok(usage) = &ended.result {
+                usages.push(usage.clone());
+            }
+        }
+        step
     }
 }
 
@@ -494,4 +524,57 @@ pub async fn wait_for_usages(usages: &Usages, count: usize, limit: Duration) -> 
         }
         async_std::task::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// One request's events read from its [`RequestStream`], with when the
+/// first and last pieces of text arrived.
+#[derive(Debug, Clone)]
+pub struct Streamed {
+    /// The events, as a [`Reply`].
+    pub reply: Reply,
+    /// When the first `Content` arrived.
+    pub first_content: Option<Instant>,
+    /// When the stream ended.
+    pub ended: Instant,
+}
+
+/// Reads `stream` to its end (or until `limit` passes), recording it.
+pub async fn read_stream(stream: crate::RequestStream, limit: Duration) -> Streamed {
+    read_stream_with(stream, limit, |_| {}).await
+}
+
+/// As [`read_stream`], calling `each` with every event as it arrives.
+pub async fn read_stream_with(
+    mut stream: crate::RequestStream,
+    limit: Duration,
+    mut each: impl FnMut(&BrainstemOutput),
+) -> Streamed {
+    let deadline = Instant::now() + limit;
+    let mut streamed = Streamed {
+        reply: Reply::default(),
+        first_content: None,
+        ended: Instant::now(),
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(next) = async_std::future::timeout(left, stream.next()).await else {
+            let seen = streamed.reply.event_list();
+            panic!(
+                "request {} did not end in {limit:?}; saw {seen}",
+                stream.id()
+            );
+        };
+        let Some(item) = next else { break };
+        let output = match item {
+            Ok(event) => BrainstemOutput::Event(event),
+            Err(report) => BrainstemOutput::Error(report),
+        };
+        if matches!(output, BrainstemOutput::Event(InferenceEvent::Content(_))) {
+            streamed.first_content.get_or_insert_with(Instant::now);
+        }
+        each(&output);
+        streamed.reply.record(output);
+    }
+    streamed.ended = Instant::now();
+    streamed
 }

@@ -15,9 +15,12 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
+use rusty_genius_core::{GeniusError, InferenceConfig, ResponseFormat};
 
-use crate::engine::{check_gguf, millis_since, reusable_prefix, Engine, Output};
+use crate::engine::{
+    check_gguf, millis_since, reusable_prefix, Ended, Engine, Output, Refused, Request, RequestId,
+    Step,
+};
 
 mod prompt;
 mod sampling;
@@ -28,9 +31,16 @@ use sampling::{grammar_sampler, grammar_text, sampler_for, token_logprobs, Choos
 /// Settings of the llama.cpp engine that hold for every request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LlamaOptions {
-    /// Context window in tokens; capped at what the model was trained for.
-    /// Default 4096 (`GENIUS_CONTEXT_SIZE`).
+    /// The context window of each request, in tokens (prompt and answer);
+    /// capped at what the model was trained for. Every one of the
+    /// `parallel` requests gets the whole of it: the KV cache holds
+    /// `context_size × parallel` tokens. Default 4096
+    /// (`GENIUS_CONTEXT_SIZE`).
     pub context_size: u32,
+    /// How many requests are decoded together, each in its own sequence
+    /// of one batch. More requests wait for a free place. Default 4
+    /// (`GENIUS_PARALLEL`).
+    pub parallel: u32,
     /// Threads for generation and prompt processing. Default: the
     /// machine's available parallelism (`GENIUS_THREADS`).
     pub threads: usize,
@@ -47,6 +57,7 @@ impl Default for LlamaOptions {
     fn default() -> Self {
         Self {
             context_size: 4096,
+            parallel: 4,
             threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
             batch_size: 512,
             gpu_layers: None,
@@ -71,6 +82,9 @@ impl LlamaOptions {
             context_size: var("GENIUS_CONTEXT_SIZE")
                 .filter(|&n| n > 0)
                 .unwrap_or(defaults.context_size),
+            parallel: var("GENIUS_PARALLEL")
+                .filter(|&n| n > 0)
+                .unwrap_or(defaults.parallel),
             threads: var("GENIUS_THREADS")
                 .filter(|&n| n > 0)
                 .unwrap_or(defaults.threads),
@@ -136,42 +150,94 @@ self_cell::self_cell!(
     }
 );
 
-/// A loaded model, its context and the tokens whose state the context holds.
+/// A loaded model, its context, and one slot per sequence of the context.
 struct Loaded {
     name: String,
     cell: ModelContext,
     batch: LlamaBatch<'static>,
-    /// Tokens whose keys and values sit in the KV cache, in position order.
-    cached: Vec<LlamaToken>,
     /// How prompts become tokens for this model.
     prompter: Prompter,
-    /// The text of the last prompt and its answer, while `cached` holds
-    /// exactly their tokens: a conversation's next turn, which renders
-    /// them again, continues from these tokens instead of tokenizing the
-    /// answer anew (which could split it into other tokens and so lose the
-    /// cache from there on).
-    transcript: Option<String>,
-    /// The logits after the last prompt fed, with that prompt's length
-    /// (`cached` starts with the prompt). The same prompt again starts from
-    /// them rather than decoding its last token anew: llama.cpp computes a
-    /// batch of one token with other kernels than a batch of many, and the
-    /// rounding differs enough to change a greedy answer.
-    prompt_logits: Option<(usize, Vec<f32>)>,
+    slots: Vec<Slot>,
+    /// The context each request may use, in tokens.
+    slot_context: usize,
+    /// The most tokens one step decodes.
+    batch_size: usize,
 }
 
-/// What [`Loaded::feed_prompt`] did.
-struct Fed {
-    /// Prompt tokens whose state was already in the KV cache.
-    reused: usize,
-    /// Whether the logits to sample from are the saved `prompt_logits`
-    /// (else the context's, for the batch's last token).
-    saved_logits: bool,
+/// One sequence of the context: the tokens its KV cache holds, and the
+/// request using it, if any.
+struct Slot {
+    seq: i32,
+    /// Tokens whose keys and values sit in this sequence, in position
+    /// order.
+    cached: Vec<LlamaToken>,
+    /// The text of the last prompt and its answer, while `cached` holds
+    /// exactly their tokens: a conversation's next turn, which renders them
+    /// again, continues from these tokens instead of tokenizing the answer
+    /// anew (which could split it into other tokens and so lose the cache
+    /// from there on).
+    transcript: Option<String>,
+    /// The logits after the last prompt this slot finished, with that
+    /// prompt's length (`cached` starts with it). The same prompt again
+    /// starts from them rather than decoding its last token anew: llama.cpp
+    /// computes a batch of one token with other kernels than a batch of
+    /// many, and the rounding differs enough to change a greedy answer.
+    prompt_logits: Option<(usize, Vec<f32>)>,
+    job: Option<Job>,
+}
+
+/// A request running in a slot.
+struct Job {
+    id: RequestId,
+    output: Output,
+    config: InferenceConfig,
+    chooser: Chooser,
+    /// The whole prompt.
+    tokens: Vec<LlamaToken>,
+    /// The prompt's text, to remember as the slot's transcript.
+    text: String,
+    usage: Usage,
+    phase: Phase,
+    /// The answer's bytes so far.
+    answer: Vec<u8>,
+    prompt_started: Instant,
+    generation_started: Option<Instant>,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Decoding its prompt; the slot's `cached` grows toward `tokens`.
+    Prefill,
+    /// Its first token comes from the slot's saved prompt logits.
+    FromSaved,
+    /// This token was chosen and shown; it is decoded in the next step.
+    Decode(LlamaToken),
+}
+
+/// Where a job's next logits are.
+#[derive(Debug, Clone, Copy)]
+enum Logits {
+    /// Its slot's saved prompt logits.
+    Saved,
+    /// This row of the batch just decoded.
+    Batch(i32),
+}
+
+/// How a job's turn in a step went.
+enum Turn {
+    /// It produced a token (or decoded prompt tokens).
+    Moved,
+    /// It ended, with this reason.
+    Ended(FinishReason),
 }
 
 impl Loaded {
     fn new(name: &str, model: LlamaModel, options: &LlamaOptions) -> Result<Self, GeniusError> {
         let backend = llama_backend()?;
-        let n_ctx = options.context_size.min(model.n_ctx_train().max(1));
+        let parallel = options.parallel.max(1);
+        let per_request = options.context_size.min(model.n_ctx_train().max(1));
+        let n_ctx = per_request.saturating_mul(parallel);
         let threads = i32::try_from(options.threads).unwrap_or(i32::MAX);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(n_ctx))
@@ -179,25 +245,41 @@ impl Loaded {
             .with_n_ubatch(options.batch_size)
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
+            // One sequence per request, each with its own part of the KV
+            // cache: a request never takes another's room.
+            .with_n_seq_max(parallel)
+            .with_kv_unified(false)
             // Keep the full attention window of sliding-window models (such
             // as Gemma 3) so that a cached prefix can always be reused.
             .with_swa_full(true);
         let cell = ModelContext::try_new(model, |model| model.new_context(backend, params))
             .map_err(|err| {
                 GeniusError::engine_from(
-                    format!("cannot create a context of {n_ctx} tokens (try a smaller GENIUS_CONTEXT_SIZE)"),
+                    format!(
+                        "cannot create a context of {per_request} tokens for each of {parallel} requests (try a smaller GENIUS_CONTEXT_SIZE or GENIUS_PARALLEL)"
+                    ),
                     err,
                 )
             })?;
         let prompter = Prompter::of(cell.borrow_owner());
+        let slot_context = cell.borrow_dependent().n_ctx() as usize / parallel as usize;
+        let slots = (0..parallel as i32)
+            .map(|seq| Slot {
+                seq,
+                cached: Vec::new(),
+                transcript: None,
+                prompt_logits: None,
+                job: None,
+            })
+            .collect();
         Ok(Self {
             name: name.to_owned(),
             cell,
             batch: LlamaBatch::new(options.batch_size as usize, 1),
-            cached: Vec::new(),
             prompter,
-            transcript: None,
-            prompt_logits: None,
+            slots,
+            slot_context,
+            batch_size: options.batch_size as usize,
         })
     }
 
@@ -205,46 +287,50 @@ impl Loaded {
         self.cell.borrow_owner()
     }
 
-    fn context(&self) -> &LlamaContext<'_> {
-        self.cell.borrow_dependent()
+    /// Forgets a slot's cache, e.g. after a failed decode.
+    fn reset_slot(&mut self, index: usize) {
+        let seq = self.slots[index].seq;
+        let _ = self.cell.with_dependent_mut(|_, context| {
+            context.clear_kv_cache_seq(Some(seq as u32), None, None)
+        });
+        let slot = &mut self.slots[index];
+        slot.cached.clear();
+        slot.prompt_logits = None;
+        slot.transcript = None;
     }
 
-    fn context_mut<R>(&mut self, work: impl FnOnce(&mut LlamaContext<'_>) -> R) -> R {
-        self.cell.with_dependent_mut(|_, context| work(context))
+    /// Drops a slot's cache after its first `keep` tokens; false if this
+    /// context cannot.
+    fn truncate_slot(&mut self, index: usize, keep: usize) -> bool {
+        let seq = self.slots[index].seq;
+        if keep < self.slots[index].cached.len() {
+            let removed = self.cell.with_dependent_mut(|_, context| {
+                context.clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None)
+            });
+            if !matches!(removed, Ok(true)) {
+                return false;
+            }
+            self.slots[index].cached.truncate(keep);
+        }
+        true
     }
 
-    /// Decodes `self.batch`; on failure the KV cache is forgotten, as its
-    /// state is no longer known.
-    fn decode_batch(&mut self, what: &str) -> Result<(), GeniusError> {
-        let batch = &mut self.batch;
-        let decoded = self
-            .cell
-            .with_dependent_mut(|_, context| context.decode(batch));
-        decoded.map_err(|err| {
-            self.reset();
-            GeniusError::engine_from(format!("decoding {what} failed"), err)
-        })
-    }
-
-    /// Forgets the KV cache, e.g. after a failed decode.
-    fn reset(&mut self) {
-        self.context_mut(|context| context.clear_kv_cache());
-        self.cached.clear();
-        self.prompt_logits = None;
-        self.transcript = None;
-    }
-
-    /// `tokens` for the prompt `text`, spliced onto the cached tokens when
-    /// `text` continues the last transcript at a special token (where a
-    /// tokenizer never merges across), so the last answer keeps the very
-    /// tokens the model generated.
-    fn continue_transcript(&self, text: &str, tokens: Vec<LlamaToken>) -> Vec<LlamaToken> {
-        let Some(rest) = self
+    /// `tokens` for the prompt `text` in `slot`: spliced onto the slot's
+    /// cached tokens when `text` continues its transcript at a special token
+    /// (where a tokenizer never merges across), so the last answer keeps
+    /// the very tokens the model generated.
+    fn continue_transcript(
+        &self,
+        slot: &Slot,
+        text: &str,
+        tokens: &[LlamaToken],
+    ) -> Vec<LlamaToken> {
+        let Some(rest) = slot
             .transcript
             .as_deref()
             .and_then(|transcript| text.strip_prefix(transcript))
         else {
-            return tokens;
+            return tokens.to_vec();
         };
         let vocab = self.model().vocab();
         let tail = vocab.tokenize(rest.as_bytes(), false, true);
@@ -255,87 +341,413 @@ impl Loaded {
                     .starts_with(&vocab.token_to_piece(first, true, None))
         });
         if !starts_with_special {
-            return tokens;
+            return tokens.to_vec();
         }
-        let mut spliced = self.cached.clone();
+        let mut spliced = slot.cached.clone();
         spliced.extend(tail);
         spliced
     }
 
-    /// Drops the KV cache after the first `keep` tokens; false if this
-    /// context cannot.
-    fn truncate(&mut self, keep: usize) -> bool {
-        if keep < self.cached.len() {
-            let removed = self.context_mut(|context| {
-                context.clear_kv_cache_seq(Some(0), Some(keep as u32), None)
-            });
-            if !matches!(removed, Ok(true)) {
-                return false;
-            }
-            self.cached.truncate(keep);
+    /// Checks and places a request; the error if it cannot run.
+    fn start(&mut self, request: &mut Request) -> Result<(), GeniusError> {
+        let prepared = self
+            .prompter
+            .tokens(self.model(), &request.prompt, &request.config)?;
+        // The free slot whose cache shares the longest prefix with the
+        // prompt (continuing its transcript where possible); among equals,
+        // the one holding least, so other caches survive for their turns.
+        let (index, tokens, reuse) = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.job.is_none())
+            .map(|(index, slot)| {
+                let tokens = self.continue_transcript(slot, &prepared.text, &prepared.tokens);
+                let reuse = reusable_prefix(&slot.cached, &tokens);
+                (index, tokens, reuse, slot.cached.len())
+            })
+            .max_by_key(|&(index, _, reuse, held)| {
+                (reuse, std::cmp::Reverse(held), std::cmp::Reverse(index))
+            })
+            .map(|(index, tokens, reuse, _)| (index, tokens, reuse))
+            .ok_or_else(|| GeniusError::engine("no free slot for the request"))?;
+        if tokens.is_empty() {
+            return Err(GeniusError::EmptyPrompt);
         }
-        true
+        if tokens.len() >= self.slot_context {
+            return Err(GeniusError::PromptTooLong {
+                tokens: tokens.len(),
+                context: self.slot_context,
+            });
+        }
+        // Everything about the request that can be wrong is found before
+        // any decoding: a bad schema or grammar costs nothing.
+        let grammar = match grammar_text(&request.config, prepared.tool_syntax)? {
+            Some(text) => Some(grammar_sampler(
+                self.model(),
+                &text,
+                grammar_field(&request.config),
+            )?),
+            None => None,
+        };
+        if let Some(syntax) = prepared.tool_syntax {
+            request.output.parse_tool_calls(syntax);
+        }
+        let mut chooser = Chooser::new(
+            sampler_for(&request.config, self.model().n_vocab()),
+            grammar,
+        );
+        chooser.accept_prompt(&tokens);
+
+        // The same prompt again starts from its saved logits; otherwise the
+        // slot keeps the common prefix and decodes the rest.
+        let slot = &self.slots[index];
+        let same_prompt = slot.prompt_logits.as_ref().is_some_and(|(len, _)| {
+            *len == tokens.len() && slot.cached.get(..*len) == Some(&tokens[..])
+        });
+        let (phase, cached) = if same_prompt && self.truncate_slot(index, tokens.len()) {
+            (Phase::FromSaved, tokens.len())
+        } else {
+            self.slots[index].prompt_logits = None;
+            if self.truncate_slot(index, reuse) {
+                (Phase::Prefill, reuse)
+            } else {
+                log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
+                self.reset_slot(index);
+                (Phase::Prefill, 0)
+            }
+        };
+        self.slots[index].transcript = None;
+        let usage = Usage {
+            prompt_tokens: tokens.len(),
+            cached_tokens: cached,
+            generated_tokens: 0,
+            prompt_ms: 0.0,
+            generation_ms: 0.0,
+            finish_reason: FinishReason::Cancelled,
+        };
+        let output = std::mem::replace(&mut request.output, placeholder_output());
+        self.slots[index].job = Some(Job {
+            id: request.id,
+            output,
+            config: std::mem::take(&mut request.config),
+            chooser,
+            tokens,
+            text: prepared.text,
+            usage,
+            phase,
+            answer: Vec::new(),
+            prompt_started: Instant::now(),
+            generation_started: None,
+        });
+        Ok(())
     }
 
-    /// Brings the KV cache to hold exactly `tokens`, decoding only what
-    /// follows the longest prefix it already holds, and readies the logits
-    /// of the last token. `None` if cancelled.
-    fn feed_prompt(
-        &mut self,
-        tokens: &[LlamaToken],
-        output: &mut Output<'_>,
-    ) -> Result<Option<Fed>, GeniusError> {
-        let same_prompt = self.prompt_logits.as_ref().is_some_and(|(len, _)| {
-            *len == tokens.len() && self.cached.get(..*len) == Some(tokens)
-        });
-        if same_prompt && self.truncate(tokens.len()) {
-            self.transcript = None;
-            return Ok(Some(Fed {
-                reused: tokens.len(),
-                saved_logits: true,
-            }));
-        }
-        let saved = self.prompt_logits.take().map(|(_, logits)| logits);
-        self.transcript = None;
-        let mut reuse = reusable_prefix(&self.cached, tokens);
-        if !self.truncate(reuse) {
-            log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
-            self.reset();
-            reuse = 0;
-        }
-        let chunk_size = self.context().n_batch().max(1) as usize;
-        for chunk in tokens[reuse..].chunks(chunk_size) {
-            if output.check_cancelled().is_some() {
-                return Ok(None);
+    /// One step: every job that needs the model gets its tokens into one
+    /// batch (a generating job its last token, a prefilling job a chunk of
+    /// its prompt), the batch is decoded once, and every job with fresh
+    /// logits chooses its next token.
+    fn step(&mut self) -> Step {
+        let mut step = Step::default();
+        // Cancelled jobs end before anything is spent on them.
+        for index in 0..self.slots.len() {
+            let cancelled = self.slots[index]
+                .job
+                .as_mut()
+                .and_then(|job| job.output.check_cancelled());
+            if let Some(reason) = cancelled {
+                step.progressed = true;
+                step.ended.push(self.end_job(index, Ok(reason)));
             }
-            self.batch.clear();
-            for &token in chunk {
-                let position = self.cached.len() as i32;
-                let last = position as usize + 1 == tokens.len();
-                self.batch
-                    .add(token, position, &[0], last)
-                    .map_err(|err| GeniusError::engine_from("cannot fill the batch", err))?;
-                self.cached.push(token);
-            }
-            self.decode_batch("the prompt")?;
         }
-        let logits = self.context().get_logits_ith(self.batch.n_tokens() - 1);
-        let mut kept = saved.unwrap_or_default();
-        kept.clear();
-        kept.extend_from_slice(logits);
-        self.prompt_logits = Some((tokens.len(), kept));
-        Ok(Some(Fed {
-            reused: reuse,
-            saved_logits: false,
-        }))
+        // First tokens from saved logits need no decoding.
+        for index in 0..self.slots.len() {
+            let from_saved = self.slots[index]
+                .job
+                .as_ref()
+                .is_some_and(|job| job.phase == Phase::FromSaved && !job.output.is_paused());
+            if from_saved {
+                step.progressed = true;
+                if let Some(ended) = self.choose(index, Logits::Saved) {
+                    step.ended.push(ended);
+                }
+            }
+        }
+
+        // Build the batch: generating jobs first (one token each), then
+        // prompt chunks in the room left, so that a long prompt delays
+        // running answers by one chunk per step, never by the whole prompt.
+        self.batch.clear();
+        let mut sampled: Vec<(usize, i32)> = Vec::new();
+        let mut failed: Option<String> = None;
+        for index in 0..self.slots.len() {
+            let slot = &self.slots[index];
+            let Some(job) = &slot.job else { continue };
+            if job.output.is_paused() {
+                continue;
+            }
+            if let Phase::Decode(token) = job.phase {
+                let position = slot.cached.len() as i32;
+                if let Err(err) = self.batch.add(token, position, &[slot.seq], true) {
+                    failed = Some(err.to_string());
+                    break;
+                }
+                sampled.push((index, self.batch.n_tokens() - 1));
+            }
+        }
+        let generating = sampled.len();
+        let chunk_limit = if generating > 0 {
+            // Leave room for answers to keep flowing while prompts load.
+            (self.batch_size / 4).max(32)
+        } else {
+            self.batch_size
+        };
+        let mut prefilled: Vec<(usize, usize)> = Vec::new();
+        for index in 0..self.slots.len() {
+            let room = self
+                .batch_size
+                .saturating_sub(self.batch.n_tokens() as usize);
+            let slot = &self.slots[index];
+            let Some(job) = &slot.job else { continue };
+            if job.phase != Phase::Prefill || room == 0 {
+                continue;
+            }
+            let start = slot.cached.len();
+            let count = (job.tokens.len() - start).min(room).min(chunk_limit);
+            let last_chunk = start + count == job.tokens.len();
+            for (offset, &token) in job.tokens[start..start + count].iter().enumerate() {
+                let is_last = last_chunk && offset + 1 == count;
+                if let Err(err) =
+                    self.batch
+                        .add(token, (start + offset) as i32, &[slot.seq], is_last)
+                {
+                    failed = Some(err.to_string());
+                    break;
+                }
+            }
+            prefilled.push((index, count));
+            if last_chunk {
+                sampled.push((index, self.batch.n_tokens() - 1));
+            }
+        }
+        if self.batch.n_tokens() == 0 {
+            return step;
+        }
+        step.progressed = true;
+        let decoded = match failed {
+            Some(err) => Err(GeniusError::engine(format!("cannot fill the batch: {err}"))),
+            None => {
+                let batch = &mut self.batch;
+                self.cell
+                    .with_dependent_mut(|_, context| context.decode(batch))
+                    .map_err(|err| GeniusError::engine_from("decoding failed", err))
+            }
+        };
+        if let Err(err) = decoded {
+            // The state of every sequence in the batch is unknown now.
+            let involved: Vec<usize> = sampled
+                .iter()
+                .map(|(index, _)| *index)
+                .chain(prefilled.iter().map(|(index, _)| *index))
+                .collect();
+            for index in involved {
+                if self.slots[index].job.is_some() {
+                    let message = GeniusError::engine_from("decoding failed", err.report());
+                    step.ended.push(self.end_job(index, Err(message)));
+                    self.reset_slot(index);
+                }
+            }
+            return step;
+        }
+        // What was decoded is now in the cache.
+        for &(index, count) in &prefilled {
+            let slot = &mut self.slots[index];
+            if let Some(job) = &slot.job {
+                let start = slot.cached.len();
+                slot.cached
+                    .extend_from_slice(&job.tokens[start..start + count]);
+            }
+        }
+        for &(index, _) in sampled.iter().take(generating) {
+            let slot = &mut self.slots[index];
+            if let Some(Job {
+                phase: Phase::Decode(token),
+                ..
+            }) = &slot.job
+            {
+                slot.cached.push(*token);
+            }
+        }
+        // Every job with fresh logits chooses.
+        for (index, logits_index) in sampled {
+            let finished_prompt = self.slots[index]
+                .job
+                .as_ref()
+                .is_some_and(|job| job.phase == Phase::Prefill);
+            if finished_prompt {
+                let logits = self.cell.borrow_dependent().get_logits_ith(logits_index);
+                let slot = &mut self.slots[index];
+                let mut kept = slot
+                    .prompt_logits
+                    .take()
+                    .map(|(_, buffer)| buffer)
+                    .unwrap_or_default();
+                kept.clear();
+                kept.extend_from_slice(logits);
+                slot.prompt_logits = Some((slot.cached.len(), kept));
+                if let Some(job) = &mut slot.job {
+                    job.usage.prompt_ms = millis_since(job.prompt_started);
+                }
+            }
+            if let Some(ended) = self.choose(index, Logits::Batch(logits_index)) {
+                step.ended.push(ended);
+            }
+        }
+        step
+    }
+
+    /// Chooses slot `index`'s next token, shows it, and either queues it
+    /// for decoding or ends the job.
+    fn choose(&mut self, index: usize, source: Logits) -> Option<Ended> {
+        let Loaded {
+            cell,
+            slots,
+            prompter,
+            slot_context,
+            ..
+        } = self;
+        let model = cell.borrow_owner();
+        let Slot {
+            cached,
+            prompt_logits,
+            job,
+            ..
+        } = &mut slots[index];
+        let logits: &[f32] = match source {
+            Logits::Saved => &prompt_logits.as_ref()?.1,
+            Logits::Batch(at) => cell.borrow_dependent().get_logits_ith(at),
+        };
+        let job = job.as_mut()?;
+        job.generation_started.get_or_insert_with(Instant::now);
+        let turn = (|| -> Result<Turn, GeniusError> {
+            if job
+                .config
+                .max_tokens
+                .is_some_and(|max| job.usage.generated_tokens >= max)
+            {
+                return Ok(Turn::Ended(FinishReason::MaxTokens));
+            }
+            if cached.len() >= *slot_context {
+                return Ok(Turn::Ended(FinishReason::ContextFull));
+            }
+            let token = job.chooser.choose(logits)?;
+            let end = model.vocab().is_eog(token);
+            if job.config.logprobs && !end {
+                let report = token_logprobs(
+                    model,
+                    logits,
+                    token,
+                    usize::from(job.config.top_logprobs),
+                    &mut job.chooser,
+                );
+                job.output.logprobs(report);
+            }
+            job.chooser.accept(token)?;
+            if end {
+                return Ok(Turn::Ended(FinishReason::EndOfGeneration));
+            }
+            job.usage.generated_tokens += 1;
+            let mut piece = Vec::with_capacity(16);
+            model
+                .vocab()
+                .token_to_piece_into(token, &mut piece, prompter.is_markup(token), None);
+            job.answer.extend_from_slice(&piece);
+            job.phase = Phase::Decode(token);
+            Ok(match job.output.push(&piece) {
+                Some(reason) => Turn::Ended(reason),
+                None => Turn::Moved,
+            })
+        })();
+        match turn {
+            Ok(Turn::Moved) => None,
+            Ok(Turn::Ended(reason)) => Some(self.end_job(index, Ok(reason))),
+            Err(err) => Some(self.end_job(index, Err(err))),
+        }
+    }
+
+    /// Takes the job out of slot `index`, remembering its transcript when
+    /// the cache holds all of it.
+    fn end_job(&mut self, index: usize, result: Result<FinishReason, GeniusError>) -> Ended {
+        let slot = &mut self.slots[index];
+        let mut job = slot.job.take().expect("a job to end");
+        let finished_answer = job.tokens.len() + job.usage.generated_tokens;
+        // The cache holds the prompt and every answer token but one that
+        // was chosen and never decoded: the next turn continues from here
+        // only when its text extends exactly this.
+        slot.transcript = match (&result, String::from_utf8(std::mem::take(&mut job.answer))) {
+            (Ok(_), Ok(answer)) if slot.cached.len() == finished_answer => {
+                Some(format!("{}{answer}", job.text))
+            }
+            _ => None,
+        };
+        if let Some(started) = job.generation_started {
+            job.usage.generation_ms = millis_since(started);
+        }
+        if job.chooser.resampled > 0 {
+            log::debug!(
+                "the grammar redirected {} of {} tokens",
+                job.chooser.resampled,
+                job.usage.generated_tokens
+            );
+        }
+        Ended {
+            id: job.id,
+            output: job.output,
+            result: result.map(|reason| Usage {
+                finish_reason: reason,
+                ..job.usage
+            }),
+        }
+    }
+}
+
+/// An output that goes nowhere, left in a request whose real output moved
+/// into the engine.
+fn placeholder_output() -> Output {
+    struct Nowhere;
+    impl crate::engine::EventSink for Nowhere {
+        fn send(
+            &mut self,
+            _: Result<rusty_genius_core::protocol::InferenceEvent, rusty_genius_core::ErrorReport>,
+        ) -> bool {
+            false
+        }
+    }
+    Output::new(
+        &InferenceConfig::default(),
+        Nowhere,
+        crate::CancelToken::default(),
+    )
+}
+
+/// Which part of the request a grammar comes from, for its errors.
+fn grammar_field(config: &InferenceConfig) -> &'static str {
+    match config.response_format {
+        ResponseFormat::Grammar { .. } => "response_format.grammar",
+        ResponseFormat::Text => "tools",
+        _ => "response_format",
     }
 }
 
 /// The llama.cpp [`Engine`].
 ///
-/// Keeps one model and one context; the context's KV cache survives between
-/// requests, so a prompt that extends the previous prompt (and answer) only
-/// decodes the new tokens. Create it on the thread that will use it (the
+/// Keeps one model and one context with a sequence per request it serves
+/// at once ([`LlamaOptions::parallel`]); each step decodes the next token
+/// of every answering request and a chunk of any new prompt in one batch.
+/// Each sequence's KV cache survives between requests, and a new request
+/// goes to the free sequence whose cache shares the longest prefix with its
+/// prompt, so a conversation's next turn decodes only what is new. Create
+/// it on the thread that will use it (the
 /// [`EngineThread`](crate::EngineThread) does this).
 pub struct LlamaEngine {
     options: LlamaOptions,
@@ -378,13 +790,14 @@ impl Engine for LlamaEngine {
         let loaded = Loaded::new(name, model, &self.options)?;
         let info = ModelInfo {
             name: loaded.name.clone(),
-            context_size: loaded.context().n_ctx() as usize,
+            context_size: loaded.slot_context,
             vocab_size: loaded.model().n_vocab().max(0) as usize,
         };
         log::info!(
-            "loaded {} from {} (context {} tokens, {} threads, {})",
+            "loaded {} from {} ({} requests at once, {} tokens of context each, {} threads, {})",
             info.name,
             path.display(),
+            loaded.slots.len(),
             info.context_size,
             self.options.threads,
             loaded.prompter.describe()
@@ -399,155 +812,44 @@ impl Engine for LlamaEngine {
         }
     }
 
-    fn infer(
-        &mut self,
-        prompt: &Prompt,
-        config: &InferenceConfig,
-        output: &mut Output<'_>,
-    ) -> Result<Usage, GeniusError> {
-        let loaded = self.loaded.as_mut().ok_or(GeniusError::NoModelLoaded)?;
-        let prepared = loaded.prompter.tokens(loaded.model(), prompt, config)?;
-        let tokens = loaded.continue_transcript(&prepared.text, prepared.tokens);
-        if tokens.is_empty() {
-            return Err(GeniusError::EmptyPrompt);
-        }
-        let n_ctx = loaded.context().n_ctx() as usize;
-        if tokens.len() >= n_ctx {
-            return Err(GeniusError::PromptTooLong {
-                tokens: tokens.len(),
-                context: n_ctx,
-            });
-        }
-        // Everything about the request that can be wrong is found before
-        // any decoding: a bad schema or grammar costs nothing.
-        let grammar = match grammar_text(config, prepared.tool_syntax)? {
-            Some(text) => Some(grammar_sampler(
-                loaded.model(),
-                &text,
-                grammar_field(config),
-            )?),
-            None => None,
-        };
-        if let Some(syntax) = prepared.tool_syntax {
-            output.parse_tool_calls(syntax);
-        }
-
-        let prompt_started = Instant::now();
-        let fed = loaded.feed_prompt(&tokens, output)?;
-        let prompt_ms = millis_since(prompt_started);
-        let mut usage = Usage {
-            prompt_tokens: tokens.len(),
-            cached_tokens: fed.as_ref().map_or(0, |fed| fed.reused),
-            generated_tokens: 0,
-            prompt_ms,
-            generation_ms: 0.0,
-            finish_reason: FinishReason::Cancelled,
-        };
-        let Some(fed) = fed else {
-            return Ok(usage);
-        };
-
-        let mut chooser = Chooser::new(sampler_for(config, loaded.model().n_vocab()), grammar);
-        chooser.accept_prompt(&tokens);
-        let generation_started = Instant::now();
-        let mut logits_index = loaded.batch.n_tokens() - 1;
-        let mut piece = Vec::with_capacity(32);
-        let mut answer = Vec::new();
-        usage.finish_reason = loop {
-            if config
-                .max_tokens
-                .is_some_and(|max| usage.generated_tokens >= max)
-            {
-                break FinishReason::MaxTokens;
-            }
-            if loaded.cached.len() >= n_ctx {
-                break FinishReason::ContextFull;
-            }
-            // The first token of a repeated prompt comes from the logits
-            // saved with it; every other from the context's.
-            let saved = match &loaded.prompt_logits {
-                Some((_, logits)) if fed.saved_logits && usage.generated_tokens == 0 => {
-                    Some(logits.as_slice())
-                }
-                _ => None,
-            };
-            let (token, accepted) = match saved {
-                Some(logits) => (chooser.choose(logits)?, false),
-                // The fast path reads the context's logits in place and
-                // accepts the token itself.
-                None if chooser.is_plain() => {
-                    (chooser.chain().sample(loaded.context(), logits_index), true)
-                }
-                None => (
-                    chooser.choose(loaded.context().get_logits_ith(logits_index))?,
-                    false,
-                ),
-            };
-            let end = loaded.model().vocab().is_eog(token);
-            if config.logprobs && !end {
-                let logits = saved.unwrap_or_else(|| loaded.context().get_logits_ith(logits_index));
-                let report = token_logprobs(
-                    loaded.model(),
-                    logits,
-                    token,
-                    usize::from(config.top_logprobs),
-                    &mut chooser,
-                );
-                output.logprobs(report);
-            }
-            if !accepted {
-                chooser.accept(token)?;
-            }
-            if end {
-                break FinishReason::EndOfGeneration;
-            }
-            usage.generated_tokens += 1;
-            piece.clear();
-            let show_special = loaded.prompter.is_markup(token);
-            loaded
-                .model()
-                .vocab()
-                .token_to_piece_into(token, &mut piece, show_special, None);
-            answer.extend_from_slice(&piece);
-            if let Some(reason) = output.push(&piece) {
-                break reason;
-            }
-            loaded.batch.clear();
-            let position = loaded.cached.len() as i32;
-            loaded
-                .batch
-                .add(token, position, &[0], true)
-                .map_err(|err| GeniusError::engine_from("cannot fill the batch", err))?;
-            loaded.decode_batch("the next token")?;
-            loaded.cached.push(token);
-            logits_index = 0;
-        };
-        usage.generation_ms = millis_since(generation_started);
-        if chooser.resampled > 0 {
-            log::debug!(
-                "the grammar redirected {} of {} tokens",
-                chooser.resampled,
-                usage.generated_tokens
-            );
-        }
-        // The cache now holds the prompt and every answer token but the
-        // last, whose state was never computed: the next turn continues
-        // from here only if its text extends exactly this.
-        let answered = usage.generated_tokens;
-        let decoded_answer = loaded.cached.len() == tokens.len() + answered;
-        loaded.transcript = match String::from_utf8(answer) {
-            Ok(answer) if decoded_answer => Some(format!("{}{answer}", prepared.text)),
-            _ => None,
-        };
-        Ok(usage)
+    fn capacity(&self) -> usize {
+        self.loaded
+            .as_ref()
+            .map_or(self.options.parallel.max(1) as usize, |loaded| {
+                loaded.slots.len()
+            })
     }
-}
 
-/// Which part of the request a grammar comes from, for its errors.
-fn grammar_field(config: &InferenceConfig) -> &'static str {
-    match config.response_format {
-        rusty_genius_core::ResponseFormat::Grammar { .. } => "response_format.grammar",
-        rusty_genius_core::ResponseFormat::Text => "tools",
-        _ => "response_format",
+    fn running(&self) -> usize {
+        self.loaded.as_ref().map_or(0, |loaded| {
+            loaded
+                .slots
+                .iter()
+                .filter(|slot| slot.job.is_some())
+                .count()
+        })
+    }
+
+    fn start(&mut self, mut request: Request) -> Result<(), Refused> {
+        let Some(loaded) = self.loaded.as_mut() else {
+            return Err(Refused {
+                output: request.output,
+                error: GeniusError::NoModelLoaded,
+            });
+        };
+        match loaded.start(&mut request) {
+            Ok(()) => Ok(()),
+            Err(error) => Err(Refused {
+                output: request.output,
+                error,
+            }),
+        }
+    }
+
+    fn step(&mut self) -> Step {
+        match self.loaded.as_mut() {
+            Some(loaded) => loaded.step(),
+            None => Step::default(),
+        }
     }
 }

@@ -126,6 +126,9 @@ pub(super) struct Chooser {
     grammar: Option<LlamaSampler>,
     /// How often the grammar had to reject the chain's first choice.
     pub(super) resampled: usize,
+    /// The candidate list, one entry per vocabulary token, kept between
+    /// tokens so that choosing allocates nothing (it is megabytes).
+    buffer: Vec<LlamaTokenData>,
 }
 
 impl Chooser {
@@ -134,6 +137,7 @@ impl Chooser {
             chain,
             grammar,
             resampled: 0,
+            buffer: Vec::new(),
         }
     }
 
@@ -143,15 +147,9 @@ impl Chooser {
             .accept_many(&tokens[tokens.len().saturating_sub(PENALTY_WINDOW)..]);
     }
 
-    /// Whether the chain alone can sample straight from the context (the
-    /// fast path: no copy of the logits).
+    /// Whether no grammar constrains the choice.
     pub(super) fn is_plain(&self) -> bool {
         self.grammar.is_none()
-    }
-
-    /// The chain, for sampling straight from the context.
-    pub(super) fn chain(&mut self) -> &mut LlamaSampler {
-        &mut self.chain
     }
 
     /// Chooses a token from `logits` (call [`accept`](Self::accept) with
@@ -161,18 +159,35 @@ impl Chooser {
     /// llama.cpp's own sampler does, because checking every token at every
     /// step is what makes grammars slow.
     pub(super) fn choose(&mut self, logits: &[f32]) -> Result<LlamaToken, GeniusError> {
-        let mut candidates = candidates(logits);
+        let mut candidates = self.candidates(logits);
         candidates.apply_sampler(&mut self.chain);
-        let token = selected(&candidates)?;
-        if self.allowed(&[token]).is_empty() {
+        let token = selected(&candidates);
+        self.buffer = candidates.data;
+        let token = token?;
+        if !self.is_plain() && self.allowed(&[token]).is_empty() {
             self.resampled += 1;
+            let mut candidates = self.candidates(logits);
             let grammar = self.grammar.as_mut().expect("only a grammar refuses");
-            let mut candidates = self::candidates(logits);
             candidates.apply_sampler(grammar);
             candidates.apply_sampler(&mut self.chain);
-            return selected(&candidates);
+            let token = selected(&candidates);
+            self.buffer = candidates.data;
+            return token;
         }
         Ok(token)
+    }
+
+    /// Every token with its logit, in the reused buffer.
+    fn candidates(&mut self, logits: &[f32]) -> LlamaTokenDataArray {
+        let mut data = std::mem::take(&mut self.buffer);
+        data.clear();
+        data.extend(
+            logits
+                .iter()
+                .enumerate()
+                .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
+        );
+        LlamaTokenDataArray::new(data, false)
     }
 
     /// Takes `token` as chosen: the grammar and the chain move on.
@@ -206,16 +221,6 @@ impl Chooser {
             .map(LlamaTokenData::id)
             .collect()
     }
-}
-
-fn candidates(logits: &[f32]) -> LlamaTokenDataArray {
-    LlamaTokenDataArray::from_iter(
-        logits
-            .iter()
-            .enumerate()
-            .map(|(id, &logit)| LlamaTokenData::new(LlamaToken(id as i32), logit, 0.0)),
-        false,
-    )
 }
 
 fn selected(candidates: &LlamaTokenDataArray) -> Result<LlamaToken, GeniusError> {

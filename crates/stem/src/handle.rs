@@ -1,0 +1,270 @@
+//! Many requests at once: a cloneable handle to a running Orchestrator,
+//! and a stream of its own events for every request.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::channel::{mpsc, oneshot};
+use futures::Stream;
+use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::protocol::{BrainstemOutput, InferenceEvent};
+use rusty_genius_core::{ChatMessage, ErrorReport, GeniusError, InferenceConfig, Prompt};
+use rusty_genius_cortex::{CancelToken, EventSink, RequestId};
+
+/// What handles ask of the Orchestrator's loop.
+pub(crate) enum Command {
+    /// Answer a request; its events go to `sink`.
+    Submit {
+        id: RequestId,
+        prompt: Prompt,
+        config: Box<InferenceConfig>,
+        sink: Box<dyn EventSink>,
+        cancel: CancelToken,
+    },
+    /// Load a model (once the running requests are done); `done` hears
+    /// how it went.
+    Load { name: String, done: LoadDone },
+    /// Hear every status and download event too.
+    Listen(Listener),
+    /// End every running and queued request, then the loop.
+    Shutdown,
+}
+
+/// Hears how a load went.
+pub(crate) type LoadDone = Box<dyn FnOnce(Result<ModelInfo, ErrorReport>) + Send>;
+
+/// Hears status and download events; `false` once it stopped listening.
+pub(crate) type Listener = Box<dyn FnMut(BrainstemOutput) -> bool + Send>;
+
+/// A handle to a running Orchestrator, for any number of tasks at once.
+///
+/// Cheap to clone. Every request gets a [`RequestStream`] of its own
+/// events; requests run together, as many at once as the engine decodes
+/// together (`parallel`), the others wait their turn. The loop ends when
+/// every handle and stream is gone and nothing runs, or at
+/// [`shutdown`](Self::shutdown).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use futures::StreamExt;
+/// use rusty_genius_core::protocol::InferenceEvent;
+/// use rusty_genius_core::InferenceConfig;
+/// use rusty_genius_stem::Orchestrator;
+///
+/// let genius = Orchestrator::new().await?.start();
+/// genius.load("qwen-2.5-0.5b-instruct").await?;
+/// let mut a = genius.infer("Name a colour.", InferenceConfig::default());
+/// let mut b = genius.infer("Name a fruit.", InferenceConfig::default());
+/// while let Some(event) = a.next().await {
+///     if let InferenceEvent::Content(text) = event? {
+///         print!("{text}");
+///     }
+/// }
+/// # drop(b); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct OrchestratorHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for OrchestratorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OrchestratorHandle")
+            .field("running", &!self.commands.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl OrchestratorHandle {
+    pub(crate) fn new(commands: mpsc::UnboundedSender<Command>) -> Self {
+        Self {
+            commands,
+            next_id: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Answers `prompt` (see `BrainstemInput::Infer`).
+    pub fn infer(&self, prompt: impl Into<String>, config: InferenceConfig) -> RequestStream {
+        self.submit(Prompt::Text(prompt.into()), config)
+    }
+
+    /// Answers a conversation (see `BrainstemInput::Chat`).
+    pub fn chat(&self, messages: Vec<ChatMessage>, config: InferenceConfig) -> RequestStream {
+        self.submit(Prompt::Chat(messages), config)
+    }
+
+    /// Answers `prompt`, a text or a conversation.
+    pub fn submit(&self, prompt: Prompt, config: InferenceConfig) -> RequestStream {
+        let id = self.next_id();
+        let (sink, stream) = request_channel(id);
+        let submitted = self.commands.unbounded_send(Command::Submit {
+            id,
+            prompt,
+            config: Box::new(config),
+            sink: Box::new(sink),
+            cancel: stream.cancel.clone(),
+        });
+        // If the loop is gone the sink was dropped with the command, and
+        // the stream reports that.
+        drop(submitted);
+        stream
+    }
+
+    /// Loads a model (a path, registry name or HuggingFace id), once the
+    /// requests already running are done; requests sent after this wait
+    /// for it. Download progress and status changes go to
+    /// [`events`](Self::events) listeners.
+    pub async fn load(&self, name: &str) -> Result<ModelInfo, ErrorReport> {
+        let (done, answer) = oneshot::channel();
+        let sent = self.commands.unbounded_send(Command::Load {
+            name: name.to_owned(),
+            done: Box::new(move |result| {
+                let _ = done.send(result);
+            }),
+        });
+        if sent.is_err() {
+            return Err(GeniusError::ShutDown.report());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(GeniusError::ShutDown.report()))
+    }
+
+    /// Every status change (`Loading`, `Loaded`, `Hibernated`, ...) and
+    /// download event from now on.
+    pub fn events(&self) -> impl Stream<Item = BrainstemOutput> + Send + 'static {
+        let (tx, rx) = mpsc::unbounded();
+        let _ = self
+            .commands
+            .unbounded_send(Command::Listen(Box::new(move |output| {
+                tx.unbounded_send(output).is_ok()
+            })));
+        rx
+    }
+
+    /// Ends the Orchestrator: running requests are cancelled (each still
+    /// ends with `Complete`), queued ones answered with a `ShutDown` error.
+    pub fn shutdown(&self) {
+        let _ = self.commands.unbounded_send(Command::Shutdown);
+    }
+
+    pub(crate) fn next_id(&self) -> RequestId {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn send(&self, command: Command) -> bool {
+        self.commands.unbounded_send(command).is_ok()
+    }
+}
+
+/// The events of one request, from `ProcessStart` to `Complete`, or its
+/// error; then the stream ends.
+///
+/// Dropping it cancels the request (and no other): the engine stops within
+/// a token. A stream read slowly holds up only its own request: up to
+/// [`MAX_BACKLOG`](rusty_genius_cortex::MAX_BACKLOG) events wait for it,
+/// then its generation pauses (keeping its place and cache) until it is
+/// read again.
+pub struct RequestStream {
+    id: RequestId,
+    events: mpsc::UnboundedReceiver<Result<InferenceEvent, ErrorReport>>,
+    backlog: Arc<AtomicUsize>,
+    cancel: CancelToken,
+    ended: bool,
+}
+
+impl std::fmt::Debug for RequestStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestStream")
+            .field("id", &self.id)
+            .field("backlog", &self.backlog.load(Ordering::Relaxed))
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl RequestStream {
+    /// The request's id.
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// Stops this request's generation early (like `Stop`): the stream
+    /// still ends with `Usage` and `Complete`.
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Stream for RequestStream {
+    type Item = Result<InferenceEvent, ErrorReport>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut self.events).poll_next(cx) {
+            Poll::Ready(Some(item)) => {
+                self.backlog.fetch_sub(1, Ordering::Relaxed);
+                if matches!(item, Ok(InferenceEvent::Complete) | Err(_)) {
+                    self.ended = true;
+                }
+                Poll::Ready(Some(item))
+            }
+            Poll::Ready(None) => {
+                // The engine dropped the request without answering it (it
+                // stopped or failed): say so once.
+                self.ended = true;
+                Poll::Ready(Some(Err(GeniusError::EngineGone.report())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cancel.cancel();
+        }
+    }
+}
+
+/// A request's side of its stream: counts what waits to be read.
+pub(crate) struct ChannelSink {
+    tx: mpsc::UnboundedSender<Result<InferenceEvent, ErrorReport>>,
+    backlog: Arc<AtomicUsize>,
+}
+
+impl EventSink for ChannelSink {
+    fn send(&mut self, event: Result<InferenceEvent, ErrorReport>) -> bool {
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        self.tx.unbounded_send(event).is_ok()
+    }
+
+    fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
+    }
+}
+
+/// A request's sink and stream.
+pub(crate) fn request_channel(id: RequestId) -> (ChannelSink, RequestStream) {
+    let (tx, events) = mpsc::unbounded();
+    let backlog = Arc::new(AtomicUsize::new(0));
+    (
+        ChannelSink {
+            tx,
+            backlog: backlog.clone(),
+        },
+        RequestStream {
+            id,
+            events,
+            backlog,
+            cancel: CancelToken::default(),
+            ended: false,
+        },
+    )
+}

@@ -14,13 +14,13 @@ pub use rusty_genius_core as core;
 pub use rusty_genius_cortex as cortex;
 pub use rusty_genius_stem as stem;
 
-pub use rusty_genius_stem::{CortexStrategy, Orchestrator};
+pub use rusty_genius_stem::{CortexStrategy, Orchestrator, OrchestratorHandle, RequestStream};
 
 /// The types most programs need, in one import.
 pub mod prelude {
     pub use rusty_genius_core::protocol::{
         AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus, InferenceEvent, ThoughtEvent,
     };
-    pub use rusty_genius_core::{InferenceConfig, PromptFormat};
-    pub use rusty_genius_stem::{CortexStrategy, Orchestrator};
+    pub use rusty_genius_core::{ChatMessage, InferenceConfig, PromptFormat};
+    pub use rusty_genius_stem::{CortexStrategy, Orchestrator, OrchestratorHandle, RequestStream};
 }

@@ -1,0 +1,220 @@
+//! Many requests at once on a real model: gemma-3-270m decoding several
+//! sequences in one batch, each request with a stream of its own.
+//!
+//! The model file is named by `GENIUS_TEST_MODEL` (`.ci/fetch-model.sh`
+//! prints its path); without it these tests are skipped with a message,
+//! except under CI, where a missing model fails them.
+
+#![cfg(feature = "llama")]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
+use rusty_genius::core::protocol::{FinishReason, InferenceEvent};
+use rusty_genius::core::{InferenceConfig, PromptFormat};
+use rusty_genius::cortex::{LlamaEngine, LlamaOptions, MAX_BACKLOG};
+use rusty_genius::facecrab::testing::GEMMA;
+use rusty_genius::stem::testing::{read_stream, wait_for_usages, RecordingEngine, Usages};
+use rusty_genius::{Orchestrator, OrchestratorHandle};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// Prompts whose greedy continuations are firm for 14 tokens (every token
+/// chosen by at least 1.2 logits over the runner-up on the machine that
+/// wrote them; the test checks this again wherever it runs).
+const SEQUENCES: [&str; 4] = [
+    "1, 2, 3, 4, 5, 6, 7,",
+    "A B C D E F G",
+    "100, 99, 98, 97, 96,",
+    "2, 4, 6, 8, 10,",
+];
+
+/// Real-model tests share two cores: one at a time.
+static ONE_AT_A_TIME: async_std::sync::Mutex<()> = async_std::sync::Mutex::new(());
+
+/// gemma in an Orchestrator serving `parallel` requests at once, with
+/// what its engine recorded.
+struct Served {
+    genius: OrchestratorHandle,
+    usages: Usages,
+    peak: Arc<AtomicUsize>,
+}
+
+async fn serve(parallel: u32) -> Option<Served> {
+    let model = GEMMA.for_test()?;
+    let options = LlamaOptions {
+        context_size: 1024,
+        parallel,
+        ..LlamaOptions::default()
+    };
+    let usages = Usages::default();
+    let peak = Arc::new(AtomicUsize::new(0));
+    let (recorded, most) = (usages.clone(), peak.clone());
+    let genius = Orchestrator::builder()
+        .engine(move || {
+            let engine = LlamaEngine::new(options.clone())?;
+            Ok(RecordingEngine::new(engine, recorded.clone()).with_peak(most.clone()))
+        })
+        .build()
+        .unwrap()
+        .start();
+    let info = genius.load(&model.display().to_string()).await.unwrap();
+    assert_eq!(
+        info.context_size, 1024,
+        "each request gets the whole context"
+    );
+    Some(Served {
+        genius,
+        usages,
+        peak,
+    })
+}
+
+fn greedy(max_tokens: usize) -> InferenceConfig {
+    InferenceConfig::greedy()
+        .with_max_tokens(max_tokens)
+        .with_prompt_format(PromptFormat::Raw)
+        .with_logprobs(2)
+}
+
+#[async_std::test]
+async fn four_greedy_requests_interleave_and_each_answers_as_it_would_alone() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(alone) = serve(4).await else { return };
+    let mut expected = Vec::new();
+    for prompt in SEQUENCES {
+        let streamed = read_stream(alone.genius.infer(prompt, greedy(14)), LIMIT).await;
+        // The comparison below is portable only if no token is a near tie.
+        streamed.reply.assert_all_firm();
+        assert_eq!(streamed.reply.usage().generated_tokens, 14);
+        expected.push(streamed.reply.text);
+    }
+    drop(alone);
+
+    // A fresh engine, so that no slot holds these prompts already.
+    let together = serve(4).await.unwrap();
+    let streams = SEQUENCES.map(|prompt| together.genius.infer(prompt, greedy(14)));
+    let done = join_all(streams.map(|stream| read_stream(stream, LIMIT))).await;
+    let first_end = done.iter().map(|d| d.ended).min().unwrap();
+    for ((prompt, streamed), text) in SEQUENCES.iter().zip(&done).zip(&expected) {
+        assert_eq!(&streamed.reply.text, text, "{prompt:?} together vs alone");
+        assert_eq!(streamed.reply.usage().cached_tokens, 0);
+        assert!(
+            streamed.first_content.unwrap() < first_end,
+            "{prompt:?} began only after another request had ended"
+        );
+    }
+    assert_eq!(together.peak.load(Ordering::Relaxed), 4);
+}
+
+#[async_std::test]
+async fn a_short_request_answers_while_a_long_one_generates() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(s) = serve(4).await else { return };
+    let mut long = s.genius.infer(SEQUENCES[0], greedy(400));
+    // Wait until the long answer is flowing.
+    while !matches!(long.next().await, Some(Ok(InferenceEvent::Content(_)))) {}
+    let short = s.genius.infer(SEQUENCES[1], greedy(6));
+    let short = read_stream(short, LIMIT).await;
+    assert_eq!(short.reply.usage().generated_tokens, 6);
+    // The long request is still going: the short one did not wait for it.
+    long.stop();
+    let long = read_stream(long, LIMIT).await;
+    let usage = long.reply.usage();
+    assert_eq!(usage.finish_reason, FinishReason::Cancelled);
+    assert!(usage.generated_tokens < 400, "{usage:?}");
+}
+
+#[async_std::test]
+async fn dropping_one_stream_cancels_that_request_within_two_tokens() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(s) = serve(4).await else { return };
+    let kept: Vec<_> = SEQUENCES[1..]
+        .iter()
+        .map(|prompt| s.genius.infer(*prompt, greedy(40)))
+        .collect();
+    let mut dropped = s.genius.infer(SEQUENCES[0], greedy(40));
+    let mut tokens = 0;
+    while tokens < 5 {
+        if let Some(Ok(InferenceEvent::Logprobs(_))) = dropped.next().await {
+            tokens += 1;
+        }
+    }
+    // Tokens already generated but not read yet count as seen too.
+    while let Some(Some(event)) = dropped.next().now_or_never() {
+        if let Ok(InferenceEvent::Logprobs(_)) = event {
+            tokens += 1;
+        }
+    }
+    drop(dropped);
+    let done = join_all(kept.into_iter().map(|stream| read_stream(stream, LIMIT))).await;
+    for streamed in &done {
+        assert_eq!(streamed.reply.usage().generated_tokens, 40);
+    }
+    let usages = wait_for_usages(&s.usages, 4, LIMIT).await;
+    let cancelled: Vec<_> = usages
+        .iter()
+        .filter(|u| u.finish_reason == FinishReason::Cancelled)
+        .collect();
+    assert_eq!(cancelled.len(), 1, "{usages:?}");
+    assert!(
+        cancelled[0].generated_tokens <= tokens + 2,
+        "{} tokens generated after {tokens} were seen",
+        cancelled[0].generated_tokens
+    );
+}
+
+#[async_std::test]
+async fn an_unread_stream_pauses_and_the_others_finish() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(s) = serve(4).await else { return };
+    // More events than may wait for a reader (a token and its
+    // log-probabilities each), so the unread request must pause.
+    let mut unread = s.genius.infer(SEQUENCES[0], greedy(200));
+    let started = std::time::Instant::now();
+    let read: Vec<_> = SEQUENCES[1..]
+        .iter()
+        .map(|prompt| s.genius.infer(*prompt, greedy(60)))
+        .collect();
+    let done = join_all(read.into_iter().map(|stream| read_stream(stream, LIMIT))).await;
+    for streamed in &done {
+        assert_eq!(streamed.reply.usage().generated_tokens, 60);
+    }
+    // Left unread for 10 s (the whole answer takes about 4 s here), it
+    // waits with at most a backlog's worth of events.
+    async_std::task::sleep(Duration::from_secs(10).saturating_sub(started.elapsed())).await;
+    let mut waiting = 0;
+    while let Some(Some(_)) = unread.next().now_or_never() {
+        waiting += 1;
+    }
+    assert!(
+        waiting <= MAX_BACKLOG + 4,
+        "{waiting} events piled up for a reader that read nothing"
+    );
+    // The paused request lost nothing: read now, it finishes.
+    let rest = read_stream(unread, LIMIT).await;
+    assert_eq!(rest.reply.usage().generated_tokens, 200);
+    assert_eq!(rest.reply.usage().finish_reason, FinishReason::MaxTokens);
+}
+
+#[async_std::test]
+async fn sixteen_requests_on_four_slots_all_complete() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(s) = serve(4).await else { return };
+    let streams: Vec<_> = (0..16)
+        .map(|i| s.genius.infer(SEQUENCES[i % 4], greedy(14)))
+        .collect();
+    let done = join_all(streams.into_iter().map(|stream| read_stream(stream, LIMIT))).await;
+    for streamed in &done {
+        assert!(streamed.reply.completed, "{}", streamed.reply.event_list());
+        assert_eq!(streamed.reply.usage().generated_tokens, 14);
+    }
+    // Same prompt, same greedy answer, whichever slot and batch it ran in.
+    for (i, streamed) in done.iter().enumerate().skip(4) {
+        assert_eq!(streamed.reply.text, done[i % 4].reply.text);
+    }
+    assert_eq!(s.peak.load(Ordering::Relaxed), 4);
+}

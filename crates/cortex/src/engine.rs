@@ -45,7 +45,7 @@ pub trait Engine {
 
     /// Takes `request`: checks it, tokenizes it, gives it a place. A
     /// request it refuses comes back with the reason; nothing of it ran.
-    fn start(&mut self, request: Request) -> Result<(), Refused>;
+    fn start(&mut self, request: Request) -> Result<(), Box<Refused>>;
 
     /// Advances every running request that is not paused; returns those
     /// that ended, and whether anything moved.

@@ -206,14 +206,14 @@ impl Engine for Pinky {
         self.running.len()
     }
 
-    fn start(&mut self, request: Request) -> Result<(), Refused> {
+    fn start(&mut self, request: Request) -> Result<(), Box<Refused>> {
         let Request {
             id,
             prompt,
             config,
             mut output,
         } = request;
-        let refuse = |output, error| Err(Refused { output, error });
+        let refuse = |output, error| Err(Box::new(Refused { output, error }));
         if !self.loaded {
             return refuse(output, GeniusError::NoModelLoaded);
         }

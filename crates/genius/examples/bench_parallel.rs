@@ -290,10 +290,10 @@ fn tokens_predicted(reply: &str, mode: Mode) -> Result<usize, serde_json::Error>
         Mode::Collected => serde_json::from_str::<serde_json::Value>(reply)?,
         Mode::Streamed => reply
             .lines()
+            .rev()
             .filter_map(|line| line.strip_prefix("data: "))
             .filter_map(|data| serde_json::from_str::<serde_json::Value>(data).ok())
-            .filter(|event| event["stop"] == true)
-            .last()
+            .find(|event| event["stop"] == true)
             .unwrap_or_default(),
     };
     Ok(last["tokens_predicted"]
@@ -483,8 +483,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokens as f64 / (end - started).as_secs_f64()
         }
     };
-    let read = three_of_four(false).await;
-    let unread = three_of_four(true).await;
+    let (mut read, mut unread) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        read.push(three_of_four(false).await);
+        unread.push(three_of_four(true).await);
+    }
+    let (read, unread) = (median(read), median(unread));
     println!(
         "three streams beside a fourth: read {read:.1} tok/s, unread for 10 s {unread:.1} tok/s, ratio {:.2}",
         unread / read

@@ -493,7 +493,7 @@ impl<E: rusty_genius_cortex::Engine> rusty_genius_cortex::Engine for RecordingEn
     fn start(
         &mut self,
         request: rusty_genius_cortex::Request,
-    ) -> Result<(), rusty_genius_cortex::Refused> {
+    ) -> Result<(), Box<rusty_genius_cortex::Refused>> {
         let started = self.inner.start(request);
         if let Some(peak) = &self.peak {
             peak.fetch_max(self.inner.running(), std::sync::atomic::Ordering::Relaxed);

@@ -394,6 +394,7 @@ impl Loaded {
             request.output.parse_tool_calls(syntax);
         }
         let mut chooser = Chooser::new(
+            &request.config,
             sampler_for(&request.config, self.model().n_vocab()),
             grammar,
         );
@@ -830,19 +831,19 @@ impl Engine for LlamaEngine {
         })
     }
 
-    fn start(&mut self, mut request: Request) -> Result<(), Refused> {
+    fn start(&mut self, mut request: Request) -> Result<(), Box<Refused>> {
         let Some(loaded) = self.loaded.as_mut() else {
-            return Err(Refused {
+            return Err(Box::new(Refused {
                 output: request.output,
                 error: GeniusError::NoModelLoaded,
-            });
+            }));
         };
         match loaded.start(&mut request) {
             Ok(()) => Ok(()),
-            Err(error) => Err(Refused {
+            Err(error) => Err(Box::new(Refused {
                 output: request.output,
                 error,
-            }),
+            })),
         }
     }
 

@@ -129,15 +129,25 @@ pub(super) struct Chooser {
     /// The candidate list, one entry per vocabulary token, kept between
     /// tokens so that choosing allocates nothing (it is megabytes).
     buffer: Vec<LlamaTokenData>,
+    /// Whether the chain only takes the likeliest token (greedy, no
+    /// penalty), so that a scan of the logits can stand in for it.
+    argmax: bool,
 }
 
 impl Chooser {
-    pub(super) fn new(chain: LlamaSampler, grammar: Option<LlamaSampler>) -> Self {
+    /// Chooses for `config` with `chain` (from [`sampler_for`]) and the
+    /// grammar, if any.
+    pub(super) fn new(
+        config: &InferenceConfig,
+        chain: LlamaSampler,
+        grammar: Option<LlamaSampler>,
+    ) -> Self {
         Self {
             chain,
             grammar,
             resampled: 0,
             buffer: Vec::new(),
+            argmax: config.temperature <= 0.0 && config.repetition_penalty == 1.0,
         }
     }
 
@@ -159,6 +169,12 @@ impl Chooser {
     /// llama.cpp's own sampler does, because checking every token at every
     /// step is what makes grammars slow.
     pub(super) fn choose(&mut self, logits: &[f32]) -> Result<LlamaToken, GeniusError> {
+        if self.argmax && self.is_plain() {
+            // What the greedy sampler picks (the first of equal maxima),
+            // without building the candidate list of the whole vocabulary.
+            return first_max(logits)
+                .ok_or_else(|| GeniusError::engine("the model gave no logits"));
+        }
         let mut candidates = self.candidates(logits);
         candidates.apply_sampler(&mut self.chain);
         let token = selected(&candidates);
@@ -221,6 +237,17 @@ impl Chooser {
             .map(LlamaTokenData::id)
             .collect()
     }
+}
+
+/// The token with the largest logit; the first one on a tie.
+fn first_max(logits: &[f32]) -> Option<LlamaToken> {
+    let mut best: Option<(usize, f32)> = None;
+    for (id, &logit) in logits.iter().enumerate() {
+        if best.is_none_or(|(_, top)| logit > top) {
+            best = Some((id, logit));
+        }
+    }
+    best.map(|(id, _)| LlamaToken(id as i32))
 }
 
 fn selected(candidates: &LlamaTokenDataArray) -> Result<LlamaToken, GeniusError> {

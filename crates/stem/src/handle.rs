@@ -107,9 +107,13 @@ impl OrchestratorHandle {
             sink: Box::new(sink),
             cancel: stream.cancel.clone(),
         });
-        // If the loop is gone the sink was dropped with the command, and
-        // the stream reports that.
-        drop(submitted);
+        // The loop has ended (shut down, or every handle dropped before):
+        // the request is answered as one that came too late.
+        if let Err(refused) = submitted {
+            if let Command::Submit { mut sink, .. } = refused.into_inner() {
+                sink.send(Err(GeniusError::ShutDown.report()));
+            }
+        }
         stream
     }
 

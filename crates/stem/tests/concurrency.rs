@@ -233,6 +233,7 @@ async fn shutdown_ends_every_running_and_waiting_request_with_an_end() {
         .map(|i| s.genius.infer(format!("r{i}"), InferenceConfig::default()))
         .collect();
     async_std::task::sleep(Duration::from_millis(100)).await;
+    let mut events = s.genius.events();
     s.genius.shutdown();
     let late = s.genius.infer("too late", InferenceConfig::default());
     let done = join_all(streams.into_iter().map(|st| read_stream(st, LIMIT))).await;
@@ -249,6 +250,12 @@ async fn shutdown_ends_every_running_and_waiting_request_with_an_end() {
     assert!(started >= 2, "the two running requests end with usage");
     let late = read_stream(late, LIMIT).await;
     assert_eq!(late.reply.error().unwrap().kind, ErrorKind::ShutDown);
+    // Once the loop has ended, requests and loads are still answered.
+    while events.next().await.is_some() {}
+    let later = read_stream(s.genius.infer("later", InferenceConfig::default()), LIMIT).await;
+    assert_eq!(later.reply.error().unwrap().kind, ErrorKind::ShutDown);
+    let load = s.genius.load("anything").await;
+    assert_eq!(load.unwrap_err().kind, ErrorKind::ShutDown);
 }
 
 #[async_std::test]

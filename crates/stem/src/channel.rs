@@ -175,13 +175,18 @@ fn start(
 ) -> Busy {
     let prompt = match input {
         BrainstemInput::LoadModel(name) => {
-            let items = items.clone();
-            handle.send(Command::Load {
+            let answer = items.clone();
+            let sent = handle.send(Command::Load {
                 name,
                 done: Box::new(move |result| {
-                    let _ = items.unbounded_send(Item::Loaded(result.map(|_| ())));
+                    let _ = answer.unbounded_send(Item::Loaded(result.map(|_| ())));
                 }),
             });
+            if !sent {
+                // The loop is gone, and the answer with it.
+                let report = GeniusError::EngineGone.report();
+                let _ = items.unbounded_send(Item::Loaded(Err(report)));
+            }
             return Busy::Load;
         }
         BrainstemInput::Infer { prompt, config } => (Prompt::Text(prompt), config),

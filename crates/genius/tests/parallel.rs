@@ -12,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use rusty_genius::core::protocol::{FinishReason, InferenceEvent};
 use rusty_genius::core::{InferenceConfig, PromptFormat};
 use rusty_genius::cortex::{LlamaEngine, LlamaOptions, MAX_BACKLOG};
 use rusty_genius::facecrab::testing::GEMMA;
-use rusty_genius::stem::testing::{read_stream, wait_for_usages, RecordingEngine, Usages};
+use rusty_genius::stem::testing::{
+    read_stream, ready_events, wait_for_usages, RecordingEngine, Usages,
+};
 use rusty_genius::{Orchestrator, OrchestratorHandle};
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -144,11 +146,10 @@ async fn dropping_one_stream_cancels_that_request_within_two_tokens() {
         }
     }
     // Tokens already generated but not read yet count as seen too.
-    while let Some(Some(event)) = dropped.next().now_or_never() {
-        if let Ok(InferenceEvent::Logprobs(_)) = event {
-            tokens += 1;
-        }
-    }
+    tokens += ready_events(&mut dropped)
+        .iter()
+        .filter(|event| matches!(event, Ok(InferenceEvent::Logprobs(_))))
+        .count();
     drop(dropped);
     let done = join_all(kept.into_iter().map(|stream| read_stream(stream, LIMIT))).await;
     for streamed in &done {
@@ -186,10 +187,7 @@ async fn an_unread_stream_pauses_and_the_others_finish() {
     // Left unread for 10 s (the whole answer takes about 4 s here), it
     // waits with at most a backlog's worth of events.
     async_std::task::sleep(Duration::from_secs(10).saturating_sub(started.elapsed())).await;
-    let mut waiting = 0;
-    while let Some(Some(_)) = unread.next().now_or_never() {
-        waiting += 1;
-    }
+    let waiting = ready_events(&mut unread).len();
     assert!(
         waiting <= MAX_BACKLOG + 4,
         "{waiting} events piled up for a reader that read nothing"

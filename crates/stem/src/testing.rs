@@ -578,3 +578,16 @@ pub async fn read_stream_with(
     streamed.ended = Instant::now();
     streamed
 }
+
+/// The events `stream` already holds, taken without waiting for more: what
+/// the engine sent that the reader has not read yet.
+pub fn ready_events(
+    stream: &mut crate::RequestStream,
+) -> Vec<Result<InferenceEvent, rusty_genius_core::ErrorReport>> {
+    use futures::FutureExt;
+    let mut ready = Vec::new();
+    while let Some(Some(event)) = stream.next().now_or_never() {
+        ready.push(event);
+    }
+    ready
+}

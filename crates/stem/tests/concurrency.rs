@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use facecrab::testing::TempDir;
 use futures::future::join_all;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use rusty_genius_core::protocol::{BrainstemOutput, EngineStatus, FinishReason, InferenceEvent};
 use rusty_genius_core::{ErrorKind, InferenceConfig};
 use rusty_genius_cortex::{Pinky, MAX_BACKLOG};
-use rusty_genius_stem::testing::{read_stream, RecordingEngine, Usages};
+use rusty_genius_stem::testing::{read_stream, ready_events, RecordingEngine, Usages};
 use rusty_genius_stem::{CortexStrategy, Orchestrator, OrchestratorHandle};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -181,10 +181,7 @@ async fn a_stream_that_is_not_read_pauses_its_request_alone() {
     // Unpaused, the long answer would be over in 2 ms x 512 tokens; give
     // it twice that and more, then see what waits for the reader.
     async_std::task::sleep(Duration::from_millis(1500).saturating_sub(started.elapsed())).await;
-    let mut waiting = 0;
-    while let Some(Some(_)) = unread.next().now_or_never() {
-        waiting += 1;
-    }
+    let waiting = ready_events(&mut unread).len();
     assert!(
         waiting <= MAX_BACKLOG + 4,
         "{waiting} events piled up for a reader that read nothing"

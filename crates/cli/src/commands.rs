@@ -1,0 +1,447 @@
+//! What each subcommand does.
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use rusty_genius::core::protocol::{AssetEvent, BrainstemOutput, InferenceEvent};
+use rusty_genius::core::{ChatMessage, ErrorKind, ErrorReport, InferenceConfig, PromptFormat};
+use rusty_genius::cortex::Pinky;
+use rusty_genius::facecrab::{AssetAuthority, FacecrabError};
+use rusty_genius::{CortexStrategy, Orchestrator, OrchestratorHandle, RequestStream};
+use tokio::io::AsyncBufReadExt;
+
+use crate::serve::{self, ServeSettings};
+use crate::{exit, Command, EngineArgs, EngineKind, ServeArgs};
+
+/// Why a command failed, and its exit code.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<FacecrabError> for Failure {
+    fn from(err: FacecrabError) -> Self {
+        let code = match err {
+            FacecrabError::InvalidName { .. }
+            | FacecrabError::NotFound { .. }
+            | FacecrabError::MissingFile { .. }
+            | FacecrabError::NoSingleFile { .. }
+            | FacecrabError::NotCached { .. } => exit::MODEL_NOT_FOUND,
+            FacecrabError::Network { .. }
+            | FacecrabError::Unauthorized { .. }
+            | FacecrabError::ChecksumMismatch { .. }
+            | FacecrabError::CommitMismatch { .. }
+            | FacecrabError::PinMismatch { .. } => exit::DOWNLOAD_FAILED,
+            _ => exit::FAILED,
+        };
+        Self::new(code, err.to_string())
+    }
+}
+
+impl From<ErrorReport> for Failure {
+    fn from(err: ErrorReport) -> Self {
+        let code = match err.kind {
+            ErrorKind::ModelNotFound => exit::MODEL_NOT_FOUND,
+            ErrorKind::Asset => exit::DOWNLOAD_FAILED,
+            _ => exit::FAILED,
+        };
+        Self::new(code, err.message)
+    }
+}
+
+pub(crate) async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Pull { model } => pull(&model).await,
+        Command::Run {
+            model,
+            prompt,
+            system,
+            temperature,
+            max_tokens,
+            seed,
+            raw,
+            engine,
+        } => {
+            let mut config = InferenceConfig::default();
+            if let Some(temperature) = temperature {
+                config = if temperature == 0.0 {
+                    InferenceConfig::greedy()
+                } else {
+                    config.with_temperature(temperature)
+                };
+            }
+            config.max_tokens = max_tokens;
+            config.seed = seed;
+            if raw {
+                config.prompt_format = PromptFormat::Raw;
+            }
+            config
+                .validate()
+                .map_err(|err| Failure::new(exit::FAILED, err.to_string()))?;
+            run_model(&model, prompt, system, config, &engine).await
+        }
+        Command::List => list(),
+        Command::Rm { model } => remove(&model),
+        Command::Serve(args) => serve_command(args).await,
+    }
+}
+
+fn authority() -> Result<AssetAuthority, Failure> {
+    Ok(AssetAuthority::new()?)
+}
+
+fn progress_bar() -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} {bytes}/{total_bytes} [{wide_bar}] {bytes_per_sec} {eta}",
+        )
+        .expect("a valid progress template")
+        .progress_chars("=> "),
+    );
+    bar
+}
+
+async fn pull(model: &str) -> Result<(), Failure> {
+    let path = fetch(model).await?;
+    println!("{}", path.display());
+    Ok(())
+}
+
+/// Resolves `model` to a local file, downloading it with a progress bar.
+async fn fetch(model: &str) -> Result<std::path::PathBuf, Failure> {
+    let authority = authority()?;
+    let bar = progress_bar();
+    bar.set_message(model.to_owned());
+    let mut events = std::pin::pin!(authority.ensure_model_with_events(model));
+    let mut path = None;
+    while let Some(event) = events.next().await {
+        match event {
+            Progress::Event(AssetEvent::Progress(done, total)) => {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            Progress::Done(result) => path = Some(result),
+            _ => {}
+        }
+    }
+    bar.finish_and_clear();
+    Ok(path.ok_or_else(|| Failure::new(exit::FAILED, "the download ended without a result"))??)
+}
+
+/// A download's events, then its typed result (the stream API reports the
+/// error only as text).
+enum Progress {
+    Event(AssetEvent),
+    Done(Result<std::path::PathBuf, FacecrabError>),
+}
+
+trait WithEvents {
+    fn ensure_model_with_events(&self, name: &str)
+        -> futures::stream::BoxStream<'static, Progress>;
+}
+
+impl WithEvents for AssetAuthority {
+    fn ensure_model_with_events(
+        &self,
+        name: &str,
+    ) -> futures::stream::BoxStream<'static, Progress> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let authority = self.clone();
+        let name = name.to_owned();
+        let work = async move {
+            let events = tx.clone();
+            let mut forward = move |event| {
+                let _ = events.unbounded_send(Progress::Event(event));
+            };
+            let result = authority.ensure_model_with(&name, &mut forward).await;
+            let _ = tx.unbounded_send(Progress::Done(result));
+        };
+        let work = futures::stream::once(work).filter_map(|()| async { None });
+        futures::stream::select(rx, work).boxed()
+    }
+}
+
+fn list() -> Result<(), Failure> {
+    let models = authority()?.cached_models()?;
+    if models.is_empty() {
+        eprintln!("no models in the cache yet: `genius pull <model>` fetches one");
+        return Ok(());
+    }
+    let name = |m: &rusty_genius::facecrab::CachedModel| format!("{}/{}", m.repo, m.file);
+    let width = models
+        .iter()
+        .map(|m| name(m).len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!("{:width$}  {:>10}  {:12}  PATH", "NAME", "SIZE", "COMMIT");
+    for model in &models {
+        println!(
+            "{:width$}  {:>10}  {:12}  {}",
+            name(model),
+            human_size(model.size),
+            &model.commit[..model.commit.len().min(12)],
+            model.path.display()
+        );
+    }
+    Ok(())
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut size = bytes as f64;
+    let mut unit = 0;
+    while size >= 1000.0 && unit + 1 < UNITS.len() {
+        size /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{size:.1} {}", UNITS[unit])
+    }
+}
+
+fn remove(model: &str) -> Result<(), Failure> {
+    let authority = authority()?;
+    let cached = authority.cached_models()?;
+    let matching: Vec<_> = cached
+        .iter()
+        .filter(|m| format!("{}/{}", m.repo, m.file) == model)
+        .collect();
+    if !matching.is_empty() {
+        let mut freed = 0;
+        for m in matching {
+            freed += authority.remove_model(m)?;
+        }
+        eprintln!("removed {model} ({} freed)", human_size(freed));
+        return Ok(());
+    }
+    if cached.iter().any(|m| m.repo == model) && authority.remove_repo(model)? {
+        eprintln!("removed every file of {model}");
+        return Ok(());
+    }
+    Err(Failure::new(
+        exit::MODEL_NOT_FOUND,
+        format!("`{model}` is not in the cache; `genius list` shows what is"),
+    ))
+}
+
+/// An Orchestrator with the engine the arguments choose.
+fn orchestrator(
+    engine: &EngineArgs,
+    strategy: CortexStrategy,
+) -> Result<OrchestratorHandle, Failure> {
+    let builder = Orchestrator::builder()
+        .strategy(strategy)
+        .asset_authority(authority()?);
+    let builder = match engine.engine {
+        EngineKind::Pinky => builder.pinky(
+            Pinky::new()
+                .with_capacity(engine.parallel.unwrap_or(4) as usize)
+                .with_token_delay(Duration::from_millis(engine.pinky_token_ms)),
+        ),
+        EngineKind::Llama => llama(builder, engine)?,
+    };
+    let genius = builder
+        .build()
+        .map_err(|err| Failure::new(exit::FAILED, err.to_string()))?;
+    Ok(genius.start())
+}
+
+#[cfg(feature = "llama")]
+fn llama(
+    builder: rusty_genius::stem::OrchestratorBuilder,
+    engine: &EngineArgs,
+) -> Result<rusty_genius::stem::OrchestratorBuilder, Failure> {
+    use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
+    let mut options = LlamaOptions::from_env();
+    if let Some(parallel) = engine.parallel {
+        options.parallel = parallel.max(1);
+    }
+    if let Some(context) = engine.ctx_size {
+        options.context_size = context.max(1);
+    }
+    if let Some(threads) = engine.threads {
+        options.threads = threads.max(1);
+    }
+    Ok(builder.engine(move || LlamaEngine::new(options.clone())))
+}
+
+#[cfg(not(feature = "llama"))]
+fn llama(
+    _builder: rusty_genius::stem::OrchestratorBuilder,
+    _engine: &EngineArgs,
+) -> Result<rusty_genius::stem::OrchestratorBuilder, Failure> {
+    Err(Failure::new(
+        exit::FAILED,
+        "this genius was built without the llama feature; only `--engine pinky` is available",
+    ))
+}
+
+/// Loads `model`, showing download progress.
+async fn load(genius: &OrchestratorHandle, model: &str) -> Result<(), Failure> {
+    let bar = progress_bar();
+    bar.set_message(model.to_owned());
+    let events = genius.events();
+    let progress = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(events);
+            while let Some(event) = events.next().await {
+                if let BrainstemOutput::Asset(AssetEvent::Progress(done, total)) = event {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            }
+        })
+    };
+    let loaded = genius.load(model).await;
+    progress.abort();
+    bar.finish_and_clear();
+    loaded?;
+    Ok(())
+}
+
+async fn run_model(
+    model: &str,
+    prompt: Vec<String>,
+    system: Option<String>,
+    config: InferenceConfig,
+    engine: &EngineArgs,
+) -> Result<(), Failure> {
+    let genius = orchestrator(engine, CortexStrategy::KeepAlive)?;
+    load(&genius, model).await?;
+    let result = if prompt.is_empty() {
+        chat(&genius, system, config).await
+    } else {
+        let prompt = prompt.join(" ");
+        let stream = match system {
+            Some(system) if config.prompt_format == PromptFormat::Auto => genius.chat(
+                vec![ChatMessage::system(system), ChatMessage::user(prompt)],
+                config,
+            ),
+            _ => genius.infer(prompt, config),
+        };
+        print_answer(stream).await.map(|_| ())
+    };
+    genius.shutdown();
+    result
+}
+
+/// Prints an answer as it streams; returns its text.
+async fn print_answer(mut stream: RequestStream) -> Result<String, Failure> {
+    let mut stdout = std::io::stdout();
+    let mut answer = String::new();
+    while let Some(event) = stream.next().await {
+        match event? {
+            InferenceEvent::Content(text) => {
+                answer.push_str(&text);
+                let _ = write!(stdout, "{text}");
+                let _ = stdout.flush();
+            }
+            InferenceEvent::ToolCall {
+                name, arguments, ..
+            } => {
+                let _ = writeln!(stdout, "[tool call] {name}({arguments})");
+            }
+            InferenceEvent::Complete => break,
+            _ => {}
+        }
+    }
+    let _ = writeln!(stdout);
+    Ok(answer)
+}
+
+/// A conversation on stdin and stdout, with its history.
+async fn chat(
+    genius: &OrchestratorHandle,
+    system: Option<String>,
+    config: InferenceConfig,
+) -> Result<(), Failure> {
+    let interactive = std::io::stdin().is_terminal();
+    if interactive {
+        eprintln!("Chatting; /bye or Ctrl-D ends it, /clear forgets the history.");
+    }
+    let mut history: Vec<ChatMessage> = system.iter().map(ChatMessage::system).collect();
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    loop {
+        if interactive {
+            eprint!(">>> ");
+        }
+        let Some(line) = lines
+            .next_line()
+            .await
+            .map_err(|err| Failure::new(exit::FAILED, format!("cannot read stdin: {err}")))?
+        else {
+            break;
+        };
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/bye" | "/exit" | "/quit" => break,
+            "/clear" => {
+                history.retain(|m| m.role == rusty_genius::core::chat::Role::System);
+                continue;
+            }
+            _ => {}
+        }
+        history.push(ChatMessage::user(line));
+        let stream = genius.chat(history.clone(), config.clone());
+        match print_answer(stream).await {
+            Ok(answer) => history.push(ChatMessage::assistant(answer)),
+            Err(failure) => {
+                // A bad turn is reported and forgotten; the chat goes on.
+                eprintln!("error: {}", failure.message);
+                history.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
+    let strategy = match args.idle_unload {
+        0 => CortexStrategy::KeepAlive,
+        seconds => CortexStrategy::HibernateAfter(Duration::from_secs(seconds)),
+    };
+    if let Some(model) = &args.model {
+        // Fetch before serving, with progress, so that a missing model is
+        // an exit code rather than a server that answers 500s.
+        let path = fetch(model).await?;
+        log::info!("{model} is at {}", path.display());
+    }
+    let genius = orchestrator(&args.engine, strategy)?;
+    let settings = ServeSettings {
+        addr: args.addr,
+        model: args.model,
+        api_key: args.api_key.filter(|key| !key.is_empty()),
+        max_body_bytes: args.max_body_bytes,
+    };
+    if settings.api_key.is_none() && !settings.addr.ip().is_loopback() {
+        log::warn!(
+            "serving on {} without an API key: anyone who can reach it can use it (--api-key)",
+            settings.addr
+        );
+    }
+    serve::serve(genius, authority()?, settings)
+        .await
+        .map_err(|message| Failure::new(exit::FAILED, message))
+}

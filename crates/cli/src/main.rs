@@ -1,0 +1,180 @@
+//! `genius`: pull, run and serve local models from the shell.
+
+#![allow(clippy::print_stdout, clippy::print_stderr)] // a command line prints
+
+mod commands;
+mod openai;
+mod serve;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit codes scripts can rely on (besides 0 for success and 2 for a
+/// command line clap could not parse).
+pub(crate) mod exit {
+    /// Anything else that failed.
+    pub(crate) const FAILED: u8 = 1;
+    /// The model named is not in the registry, the cache or the Hub.
+    pub(crate) const MODEL_NOT_FOUND: u8 = 3;
+    /// Fetching the model failed (network, access, checksum, disk).
+    pub(crate) const DOWNLOAD_FAILED: u8 = 4;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure (the message says why)
+  2  the command line is wrong
+  3  the model is not found (registry, cache or Hub)
+  4  fetching the model failed (network, access, checksum, disk)";
+
+/// Local models from the shell: pull, run and serve them over the OpenAI API.
+///
+/// A model is a path to a .gguf file, a registry name (`qwen-2.5-3b-instruct`)
+/// or a HuggingFace id (`org/repo`, `org/repo:Q4_K_M`, `org/repo/file.gguf`).
+/// Models are cached in `$GENIUS_HOME/hub` (else `$HF_HUB_CACHE`, `$HF_HOME/hub`
+/// or the platform's cache folder), shared with other HuggingFace tools.
+#[derive(Debug, Parser)]
+#[command(name = "genius", version, after_help = EXIT_CODES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log more: -v for the libraries' info records, -vv for debug
+    /// (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download a model into the cache (with a progress bar) and print its path.
+    #[command(after_help = EXIT_CODES)]
+    Pull {
+        /// The model: registry name, HuggingFace id or path.
+        model: String,
+    },
+    /// Answer one prompt, or chat (with history) when no prompt is given.
+    #[command(after_help = EXIT_CODES)]
+    Run {
+        /// The model: registry name, HuggingFace id or path (pulled first if needed).
+        model: String,
+        /// The prompt; without it, an interactive chat reads lines from stdin
+        /// (`/bye` or end of input to quit).
+        prompt: Vec<String>,
+        /// A system message for the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        /// Sampling temperature; 0 is greedy (always the same answer).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// The most tokens to generate per answer.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Seed of the sampler, for a reproducible answer.
+        #[arg(long)]
+        seed: Option<u32>,
+        /// Send the prompt exactly as given, without the model's chat template.
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// List the models in the cache.
+    #[command(alias = "ls", after_help = EXIT_CODES)]
+    List,
+    /// Remove a model from the cache: `org/repo/file.gguf` as `list` shows
+    /// it, or `org/repo` for every file of the repository.
+    #[command(alias = "remove", after_help = EXIT_CODES)]
+    Rm {
+        /// The model as `genius list` shows it.
+        model: String,
+    },
+    /// Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions,
+    /// /v1/models and /health.
+    #[command(after_help = EXIT_CODES)]
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on. The default is loopback only; use
+    /// 0.0.0.0:8080 to accept other machines (and set an API key).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GENIUS_ADDR")]
+    addr: SocketAddr,
+    /// The model to serve, loaded at start (and pulled if needed). Without
+    /// it, every model already in the cache is served, each loaded on its
+    /// first request; nothing is downloaded on a client's behalf.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// Require `Authorization: Bearer <KEY>` on every endpoint but /health.
+    #[arg(long, env = "GENIUS_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// The largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Unload the model after this many idle seconds (0: never). It is
+    /// loaded again by the next request.
+    #[arg(long, default_value_t = 0)]
+    idle_unload: u64,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// The engine's settings (the `GENIUS_*` variables give the defaults).
+#[derive(Debug, Clone, Args)]
+struct EngineArgs {
+    /// Requests decoded together; more wait their turn (GENIUS_PARALLEL, default 4).
+    #[arg(long)]
+    parallel: Option<u32>,
+    /// Context window of each request in tokens (GENIUS_CONTEXT_SIZE, default 4096).
+    #[arg(long)]
+    ctx_size: Option<u32>,
+    /// CPU threads (GENIUS_THREADS, default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// The engine: llama.cpp, or the Pinky stub (for testing clients
+    /// without a model: it answers "Narf! You said: ...").
+    #[arg(long, value_enum, default_value_t = EngineKind::Llama, hide = true)]
+    engine: EngineKind,
+    /// Pinky's delay per token, in milliseconds.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pinky_token_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EngineKind {
+    Llama,
+    Pinky,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match (cli.verbose, &cli.command) {
+        (0, Command::Serve(_)) => "info",
+        (0, _) => "warn",
+        (1, _) => "info",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let result = runtime.block_on(commands::run(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}

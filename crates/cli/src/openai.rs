@@ -1,0 +1,266 @@
+//! The OpenAI HTTP API's request and response shapes, and how they map onto
+//! the library's types.
+//!
+//! Requests are read leniently where the API is (unknown fields are
+//! ignored, `stop` is a string or a list) and strictly where a wrong value
+//! would silently change the answer (`n` other than 1, a bad type).
+
+use rusty_genius::core::chat::{ResponseFormat, Tool, ToolChoice};
+use rusty_genius::core::protocol::{FinishReason, Usage};
+use rusty_genius::core::{ChatMessage, InferenceConfig, PromptFormat};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// `POST /v1/chat/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ChatRequest {
+    pub(crate) model: String,
+    pub(crate) messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    pub(crate) sampling: Sampling,
+    #[serde(default)]
+    pub(crate) tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    pub(crate) tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    pub(crate) response_format: Option<ResponseFormat>,
+    #[serde(default)]
+    pub(crate) logprobs: Option<bool>,
+    #[serde(default)]
+    pub(crate) top_logprobs: Option<u8>,
+}
+
+/// `POST /v1/completions`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct CompletionRequest {
+    pub(crate) model: String,
+    pub(crate) prompt: PromptText,
+    #[serde(flatten)]
+    pub(crate) sampling: Sampling,
+    #[serde(default)]
+    pub(crate) echo: Option<bool>,
+    #[serde(default)]
+    pub(crate) suffix: Option<String>,
+}
+
+/// A completion prompt: one string, or a list holding exactly one.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum PromptText {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The settings both endpoints share.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct Sampling {
+    #[serde(default)]
+    pub(crate) stream: Option<bool>,
+    #[serde(default)]
+    pub(crate) stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub(crate) max_tokens: Option<u32>,
+    #[serde(default)]
+    pub(crate) max_completion_tokens: Option<u32>,
+    #[serde(default)]
+    pub(crate) temperature: Option<f32>,
+    #[serde(default)]
+    pub(crate) top_p: Option<f32>,
+    #[serde(default)]
+    pub(crate) seed: Option<i64>,
+    #[serde(default)]
+    pub(crate) stop: Option<Stop>,
+    #[serde(default)]
+    pub(crate) n: Option<u32>,
+    #[serde(default)]
+    pub(crate) frequency_penalty: Option<f32>,
+    #[serde(default)]
+    pub(crate) presence_penalty: Option<f32>,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub(crate) struct StreamOptions {
+    #[serde(default)]
+    pub(crate) include_usage: bool,
+}
+
+/// `stop`: one string or up to four.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A request the API accepts but this server cannot honour as asked: the
+/// field and why (answered as a 400 naming the field).
+#[derive(Debug)]
+pub(crate) struct Unsupported {
+    pub(crate) param: &'static str,
+    pub(crate) message: String,
+}
+
+impl Sampling {
+    pub(crate) fn streams(&self) -> bool {
+        self.stream.unwrap_or(false)
+    }
+
+    pub(crate) fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|options| options.include_usage)
+    }
+
+    /// The library's settings for these. Fields left out keep the OpenAI
+    /// API's meaning where it has one (no repetition penalty) and the
+    /// library's sampling defaults otherwise.
+    pub(crate) fn config(&self) -> Result<InferenceConfig, Unsupported> {
+        if let Some(n) = self.n {
+            if n != 1 {
+                return Err(Unsupported {
+                    param: "n",
+                    message: format!("n={n}: this server returns one choice per request; send n=1 and make separate requests"),
+                });
+            }
+        }
+        let mut config = InferenceConfig {
+            repetition_penalty: 1.0,
+            ..InferenceConfig::default()
+        };
+        if let Some(temperature) = self.temperature {
+            config.temperature = temperature;
+            if temperature == 0.0 {
+                config = InferenceConfig {
+                    stop: config.stop,
+                    ..InferenceConfig::greedy()
+                };
+            }
+        }
+        if let Some(top_p) = self.top_p {
+            config.top_p = top_p;
+        }
+        config.max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            .map(|n| n as usize);
+        // OpenAI seeds are 64-bit; the sampler's are 32. Folding keeps
+        // distinct small seeds distinct and the same seed the same.
+        config.seed = self
+            .seed
+            .map(|seed| (seed as u64 ^ (seed as u64 >> 32)) as u32);
+        config.stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(stop)) => vec![stop.clone()],
+            Some(Stop::Many(stops)) => stops.clone(),
+        };
+        for (param, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if value.is_some_and(|v| v != 0.0) {
+                log::debug!("{param} is not supported; ignored");
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl ChatRequest {
+    pub(crate) fn config(&self) -> Result<InferenceConfig, Unsupported> {
+        let mut config = self.sampling.config()?;
+        config.tools = self.tools.clone().unwrap_or_default();
+        if let Some(choice) = &self.tool_choice {
+            config.tool_choice = choice.clone();
+        }
+        if let Some(format) = &self.response_format {
+            config.response_format = format.clone();
+        }
+        if self.logprobs == Some(true) {
+            config.logprobs = true;
+            config.top_logprobs = self.top_logprobs.unwrap_or(0);
+        } else if self.top_logprobs.is_some_and(|n| n > 0) {
+            return Err(Unsupported {
+                param: "top_logprobs",
+                message: "top_logprobs needs logprobs set to true".into(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+impl CompletionRequest {
+    pub(crate) fn prompt(&self) -> Result<String, Unsupported> {
+        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+            return Err(Unsupported {
+                param: "suffix",
+                message: "suffix (fill-in-the-middle) is not supported".into(),
+            });
+        }
+        if self.echo == Some(true) {
+            return Err(Unsupported {
+                param: "echo",
+                message: "echo is not supported".into(),
+            });
+        }
+        match &self.prompt {
+            PromptText::One(text) => Ok(text.clone()),
+            PromptText::Many(texts) if texts.len() == 1 => Ok(texts[0].clone()),
+            PromptText::Many(texts) => Err(Unsupported {
+                param: "prompt",
+                message: format!(
+                    "{} prompts in one request: send one prompt per request",
+                    texts.len()
+                ),
+            }),
+        }
+    }
+
+    pub(crate) fn config(&self) -> Result<InferenceConfig, Unsupported> {
+        // A completion continues the text exactly as given.
+        let mut config = self
+            .sampling
+            .config()?
+            .with_prompt_format(PromptFormat::Raw);
+        // The API's default for completions is 16 tokens.
+        if config.max_tokens.is_none() {
+            config.max_tokens = Some(16);
+        }
+        Ok(config)
+    }
+}
+
+/// The API's name for why a generation ended.
+pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::MaxTokens | FinishReason::ContextFull => "length",
+        FinishReason::ToolCalls => "tool_calls",
+        _ => "stop",
+    }
+}
+
+/// The API's `usage` object.
+pub(crate) fn usage(usage: &Usage) -> Value {
+    json!({
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.generated_tokens,
+        "total_tokens": usage.prompt_tokens + usage.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    })
+}
+
+/// An error in the API's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Serialize)]
+pub(crate) struct ErrorBody {
+    pub(crate) error: ErrorDetail,
+}
+
+/// The inside of an [`ErrorBody`].
+#[derive(Debug, Serialize)]
+pub(crate) struct ErrorDetail {
+    pub(crate) message: String,
+    #[serde(rename = "type")]
+    pub(crate) kind: &'static str,
+    pub(crate) param: Option<String>,
+    pub(crate) code: Option<&'static str>,
+}

@@ -1,0 +1,885 @@
+//! `genius serve`: the OpenAI HTTP API over an [`OrchestratorHandle`].
+//!
+//! Every HTTP request becomes one library request with a stream of its
+//! own, so concurrent clients are decoded together by the engine's
+//! parallel sequences. A client that goes away drops its stream, which
+//! cancels its generation.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures::{Stream, StreamExt};
+use rusty_genius::core::protocol::{InferenceEvent, ThoughtEvent, TokenLogprobs, Usage};
+use rusty_genius::core::{ErrorKind, ErrorReport};
+use rusty_genius::facecrab::AssetAuthority;
+use rusty_genius::{OrchestratorHandle, RequestStream};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, Unsupported};
+
+/// How `genius serve` was asked to run.
+#[derive(Debug, Clone)]
+pub(crate) struct ServeSettings {
+    pub(crate) addr: SocketAddr,
+    /// The model to serve (loaded at start); `None` serves whatever the
+    /// local cache holds, loading each on first use.
+    pub(crate) model: Option<String>,
+    pub(crate) api_key: Option<String>,
+    pub(crate) max_body_bytes: usize,
+}
+
+/// A model the server answers for: the id clients send, the name the
+/// Orchestrator loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Served {
+    id: String,
+    name: String,
+}
+
+struct AppState {
+    genius: OrchestratorHandle,
+    settings: ServeSettings,
+    authority: AssetAuthority,
+    /// The name of the model loaded (or being loaded) last.
+    loaded: Mutex<Option<String>>,
+    /// Whether the start-up load has finished (successfully or not).
+    ready: std::sync::atomic::AtomicBool,
+    created: u64,
+}
+
+/// Serves until Ctrl-C or SIGTERM; then lets the open responses finish
+/// and shuts the Orchestrator down.
+pub(crate) async fn serve(
+    genius: OrchestratorHandle,
+    authority: AssetAuthority,
+    settings: ServeSettings,
+) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind(settings.addr)
+        .await
+        .map_err(|err| format!("cannot listen on {}: {err}", settings.addr))?;
+    let local = listener.local_addr().map_err(|err| err.to_string())?;
+    let state = Arc::new(AppState {
+        genius: genius.clone(),
+        settings: settings.clone(),
+        authority,
+        loaded: Mutex::new(None),
+        ready: std::sync::atomic::AtomicBool::new(settings.model.is_none()),
+        created: unix_now(),
+    });
+    if let Some(name) = settings.model.clone() {
+        // Load in the background so that /health can say "loading"
+        // meanwhile; requests wait for the load (they queue behind it).
+        let state = state.clone();
+        *state.loaded.lock().await = Some(name.clone());
+        tokio::spawn(async move {
+            match state.genius.load(&name).await {
+                Ok(info) => log::info!(
+                    "model `{}` loaded: context {} tokens per request",
+                    info.name,
+                    info.context_size
+                ),
+                Err(err) => {
+                    log::error!("cannot load `{name}`: {err}");
+                    *state.loaded.lock().await = None;
+                }
+            }
+            state
+                .ready
+                .store(true, std::sync::atomic::Ordering::Release);
+        });
+    }
+    let app = router(state);
+    log::info!("listening on http://{local}");
+    // The one line scripts wait for (the port may have been 0).
+    eprintln!("genius: serving the OpenAI API on http://{local}/v1");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|err| format!("the server failed: {err}"))?;
+    genius.shutdown();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    log::info!("shutting down: finishing the open responses");
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/v1/models/{*id}", get(get_model))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+// ---- errors -------------------------------------------------------------
+
+/// An HTTP error answered with the OpenAI error body.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    detail: ErrorDetail,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            detail: ErrorDetail {
+                message: message.into(),
+                kind,
+                param: None,
+                code: None,
+            },
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    fn param(mut self, param: impl Into<String>) -> Self {
+        self.detail.param = Some(param.into());
+        self
+    }
+
+    fn code(mut self, code: &'static str) -> Self {
+        self.detail.code = Some(code);
+        self
+    }
+
+    fn model_not_found(model: &str, known: &[Served]) -> Self {
+        let known = known
+            .iter()
+            .map(|m| m.id.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let known = if known.is_empty() {
+            "none yet: `genius pull <model>` first".to_owned()
+        } else {
+            known
+        };
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("the model `{model}` does not exist on this server (served: {known})"),
+        )
+        .param("model")
+        .code("model_not_found")
+    }
+
+    /// The HTTP answer to a library error.
+    fn from_report(report: &ErrorReport) -> Self {
+        let (status, kind, code) = match report.kind {
+            ErrorKind::InvalidRequest => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            ErrorKind::ContextExceeded => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("context_length_exceeded"),
+            ),
+            ErrorKind::ModelNotFound => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("model_not_found"),
+            ),
+            ErrorKind::NoModelLoaded | ErrorKind::ShutDown => {
+                (StatusCode::SERVICE_UNAVAILABLE, "server_error", None)
+            }
+            ErrorKind::Asset => (StatusCode::BAD_GATEWAY, "server_error", None),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        };
+        let mut error = Self::new(status, kind, report.message.clone());
+        error.detail.code = code;
+        error
+    }
+
+    fn body(self) -> ErrorBody {
+        ErrorBody { error: self.detail }
+    }
+}
+
+impl From<Unsupported> for ApiError {
+    fn from(unsupported: Unsupported) -> Self {
+        Self::invalid(unsupported.message).param(unsupported.param)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            log::warn!("{} {}", self.status, self.detail.message);
+        } else {
+            log::debug!("{} {}", self.status, self.detail.message);
+        }
+        let status = self.status;
+        let mut response = (status, axum::Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+async fn not_found(method: Method, request: Request) -> ApiError {
+    let path = request.uri().path().to_owned();
+    let known = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+    ];
+    if known.contains(&path.as_str()) {
+        return ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            format!("{method} is not allowed on {path}"),
+        );
+    }
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("no such endpoint: {method} {path}"),
+    )
+    .code("unknown_url")
+}
+
+// ---- request checks -----------------------------------------------------
+
+impl AppState {
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        let Some(key) = &self.settings.api_key else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .map(str::trim);
+        match given {
+            Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "incorrect API key provided",
+            )
+            .code("invalid_api_key")),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "missing API key: send the header `Authorization: Bearer <key>`",
+            )
+            .code("invalid_api_key")),
+        }
+    }
+
+    /// Reads the body, up to the size limit.
+    async fn body<T: DeserializeOwned>(
+        &self,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Result<T, ApiError> {
+        let limit = self.settings.max_body_bytes;
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!(
+                    "the request body is larger than {limit} bytes (genius serve --max-body-bytes)"
+                ),
+            )
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(too_large());
+        }
+        let bytes: Bytes = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|_| too_large())?;
+        serde_json::from_slice(&bytes).map_err(|err| {
+            let what = if err.is_syntax() || err.is_eof() {
+                "the body is not valid JSON"
+            } else {
+                "the body does not match the API"
+            };
+            ApiError::invalid(format!("{what}: {err}"))
+        })
+    }
+
+    /// The models this server answers for.
+    fn served(&self) -> Vec<Served> {
+        if let Some(name) = &self.settings.model {
+            return vec![Served {
+                id: model_id(name),
+                name: name.clone(),
+            }];
+        }
+        match self.authority.cached_models() {
+            Ok(models) => models
+                .into_iter()
+                .map(|m| {
+                    let id = format!("{}/{}", m.repo, m.file);
+                    Served {
+                        name: id.clone(),
+                        id,
+                    }
+                })
+                .collect(),
+            Err(err) => {
+                log::warn!("cannot list the model cache: {err}");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The served model `requested` names, loaded (or queued to load)
+    /// before the request that needs it.
+    async fn model(&self, requested: &str) -> Result<Served, ApiError> {
+        let served = self.served();
+        let Some(model) = served
+            .iter()
+            .find(|m| m.id == requested || m.name == requested)
+            .cloned()
+        else {
+            return Err(ApiError::model_not_found(requested, &served));
+        };
+        let mut loaded = self.loaded.lock().await;
+        if loaded.as_deref() != Some(model.name.as_str()) {
+            log::info!("loading `{}` for a request", model.name);
+            self.genius
+                .load(&model.name)
+                .await
+                .map_err(|err| ApiError::from_report(&err))?;
+            *loaded = Some(model.name.clone());
+        }
+        Ok(model)
+    }
+}
+
+/// The id a model is listed under: a file's name without `.gguf`, or the
+/// name as given.
+fn model_id(name: &str) -> String {
+    let path = std::path::Path::new(name);
+    if path.extension().is_some_and(|ext| ext == "gguf") && path.is_file() {
+        if let Some(stem) = path.file_stem() {
+            return stem.to_string_lossy().into_owned();
+        }
+    }
+    name.to_owned()
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+// ---- endpoints ----------------------------------------------------------
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let ready = state.ready.load(std::sync::atomic::Ordering::Acquire);
+    let loaded = state.loaded.lock().await.clone();
+    if !ready {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "loading", "model": loaded})),
+        )
+            .into_response();
+    }
+    if state.settings.model.is_some() && loaded.is_none() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "error", "message": "the model failed to load; see the server's log"})),
+        )
+            .into_response();
+    }
+    axum::Json(json!({"status": "ok", "model": loaded.map(|name| model_id(&name))})).into_response()
+}
+
+async fn list_models(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let data: Vec<Value> = state
+        .served()
+        .iter()
+        .map(|m| model_object(m, state.created))
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+async fn get_model(
+    State(state): State<Arc<AppState>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let served = state.served();
+    match served.iter().find(|m| m.id == id || m.name == id) {
+        Some(model) => Ok(axum::Json(model_object(model, state.created)).into_response()),
+        None => Err(ApiError::model_not_found(&id, &served)),
+    }
+}
+
+fn model_object(model: &Served, created: u64) -> Value {
+    json!({"id": model.id, "object": "model", "created": created, "owned_by": "local"})
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let request: ChatRequest = state.body(&headers, body).await?;
+    let config = request.config()?;
+    let model = state.model(&request.model).await?;
+    let streams = request.sampling.streams();
+    let include_usage = request.sampling.include_usage();
+    let stream = state.genius.chat(request.messages, config);
+    let reply = Reply::new(Endpoint::Chat, model.id, state.created_now());
+    if streams {
+        stream_reply(reply, stream, include_usage).await
+    } else {
+        whole_reply(reply, stream).await
+    }
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let request: CompletionRequest = state.body(&headers, body).await?;
+    let prompt = request.prompt()?;
+    let config = request.config()?;
+    let model = state.model(&request.model).await?;
+    let streams = request.sampling.streams();
+    let include_usage = request.sampling.include_usage();
+    let stream = state.genius.infer(prompt, config);
+    let reply = Reply::new(Endpoint::Completion, model.id, state.created_now());
+    if streams {
+        stream_reply(reply, stream, include_usage).await
+    } else {
+        whole_reply(reply, stream).await
+    }
+}
+
+impl AppState {
+    fn created_now(&self) -> u64 {
+        unix_now()
+    }
+}
+
+// ---- answers ------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// What one answer has gathered so far, and how to write it.
+struct Reply {
+    endpoint: Endpoint,
+    id: String,
+    model: String,
+    created: u64,
+    content: String,
+    reasoning: String,
+    tool_calls: Vec<Value>,
+    logprobs: Vec<Value>,
+    /// How many of `logprobs` went out with streamed chunks.
+    logprobs_sent: usize,
+    usage: Option<Usage>,
+}
+
+impl Reply {
+    fn new(endpoint: Endpoint, model: String, created: u64) -> Self {
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        };
+        Self {
+            endpoint,
+            id: format!("{prefix}-{}", request_id()),
+            model,
+            created,
+            content: String::new(),
+            reasoning: String::new(),
+            tool_calls: Vec::new(),
+            logprobs: Vec::new(),
+            logprobs_sent: 0,
+            usage: None,
+        }
+    }
+
+    fn finish_reason(&self) -> &'static str {
+        self.usage
+            .as_ref()
+            .map_or("stop", |usage| openai::finish_reason(usage.finish_reason))
+    }
+
+    fn object(&self, streamed: bool) -> &'static str {
+        match (self.endpoint, streamed) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    fn whole(&self) -> Value {
+        let logprobs = if self.logprobs.is_empty() {
+            Value::Null
+        } else {
+            json!({"content": self.logprobs})
+        };
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                let mut message = json!({
+                    "role": "assistant",
+                    "content": if self.content.is_empty() && !self.tool_calls.is_empty() {
+                        Value::Null
+                    } else {
+                        Value::String(self.content.clone())
+                    },
+                });
+                if !self.tool_calls.is_empty() {
+                    message["tool_calls"] = Value::Array(self.tool_calls.clone());
+                }
+                if !self.reasoning.is_empty() {
+                    message["reasoning_content"] = Value::String(self.reasoning.clone());
+                }
+                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason()})
+            }
+            Endpoint::Completion => {
+                json!({"index": 0, "text": self.content, "logprobs": logprobs, "finish_reason": self.finish_reason()})
+            }
+        };
+        let mut whole = self.envelope(false, vec![choice]);
+        if let Some(usage) = &self.usage {
+            whole["usage"] = openai::usage(usage);
+        }
+        whole
+    }
+
+    fn envelope(&self, streamed: bool, choices: Vec<Value>) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.object(streamed),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": concat!("rusty-genius-", env!("CARGO_PKG_VERSION")),
+            "choices": choices,
+        })
+    }
+
+    /// A streamed chunk with one change of the answer.
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>, logprobs: Option<Value>) -> Value {
+        let logprobs = logprobs.map_or(Value::Null, |content| json!({"content": content}));
+        let choice = match self.endpoint {
+            Endpoint::Chat => {
+                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+            }
+            Endpoint::Completion => json!({
+                "index": 0,
+                "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }),
+        };
+        self.envelope(true, vec![choice])
+    }
+
+    /// Takes in one event; returns the chunk to stream for it, if any.
+    fn take(&mut self, event: InferenceEvent) -> Option<Value> {
+        match event {
+            InferenceEvent::Content(text) => {
+                self.content.push_str(&text);
+                let logprobs = self.pending_logprobs();
+                Some(self.chunk(json!({"content": text}), None, logprobs))
+            }
+            InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
+                self.reasoning.push_str(&text);
+                (self.endpoint == Endpoint::Chat)
+                    .then(|| self.chunk(json!({"reasoning_content": text}), None, None))
+            }
+            InferenceEvent::ToolCall {
+                id,
+                name,
+                arguments,
+            } => {
+                let index = self.tool_calls.len();
+                let call = json!({
+                    "id": id,
+                    "type": "function",
+                    "function": {"name": name, "arguments": arguments.to_string()},
+                });
+                self.tool_calls.push(call.clone());
+                let mut streamed = call;
+                streamed["index"] = json!(index);
+                Some(self.chunk(json!({"tool_calls": [streamed]}), None, None))
+            }
+            InferenceEvent::Logprobs(token) => {
+                self.logprobs.push(logprob_json(&token));
+                None
+            }
+            InferenceEvent::Usage(usage) => {
+                self.usage = Some(usage);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Log-probabilities not yet sent with a streamed chunk.
+    fn pending_logprobs(&mut self) -> Option<Value> {
+        let sent = self.logprobs_sent;
+        (sent < self.logprobs.len()).then(|| {
+            self.logprobs_sent = self.logprobs.len();
+            Value::Array(self.logprobs[sent..].to_vec())
+        })
+    }
+}
+
+fn logprob_json(token: &TokenLogprobs) -> Value {
+    json!({
+        "token": token.token,
+        "logprob": token.logprob,
+        "bytes": token.bytes,
+        "top_logprobs": token.top_logprobs.iter().map(|top| json!({
+            "token": top.token,
+            "logprob": top.logprob,
+            "bytes": top.bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    format!("{:x}{:08x}{n:x}", unix_now(), nanos)
+}
+
+async fn whole_reply(mut reply: Reply, mut stream: RequestStream) -> Result<Response, ApiError> {
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(InferenceEvent::Complete) => break,
+            Ok(event) => {
+                reply.take(event);
+            }
+            Err(err) => return Err(ApiError::from_report(&err)),
+        }
+    }
+    Ok(axum::Json(reply.whole()).into_response())
+}
+
+/// Streams the answer as server-sent events. The first event is awaited
+/// before the response starts, so that a request the library refuses
+/// gets its HTTP error status rather than an error inside a 200 stream.
+async fn stream_reply(
+    reply: Reply,
+    mut stream: RequestStream,
+    include_usage: bool,
+) -> Result<Response, ApiError> {
+    let first = loop {
+        match stream.next().await {
+            Some(Ok(InferenceEvent::ProcessStart)) => continue,
+            Some(Ok(event)) => break Some(event),
+            Some(Err(err)) => return Err(ApiError::from_report(&err)),
+            None => break None,
+        }
+    };
+    let opening = match reply.endpoint {
+        Endpoint::Chat => {
+            Some(reply.chunk(json!({"role": "assistant", "content": ""}), None, None))
+        }
+        Endpoint::Completion => None,
+    };
+    let events = Watched {
+        stream: Some(stream),
+        id: reply.id.clone(),
+        sent: 0,
+    };
+    let body = sse(reply, opening, first, events, include_usage);
+    let mut response = Response::new(Body::from_stream(body));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx (and proxies like it) not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+fn data(value: &Value) -> Result<Bytes, std::convert::Infallible> {
+    Ok(Bytes::from(format!("data: {value}\n\n")))
+}
+
+/// The SSE frames of one answer, ending in `data: [DONE]`.
+fn sse(
+    reply: Reply,
+    opening: Option<Value>,
+    first: Option<InferenceEvent>,
+    events: Watched,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    enum Phase {
+        Running,
+        Done,
+    }
+    let start = futures::stream::iter(opening.as_ref().map(data));
+    let state = (reply, first, events, Phase::Running);
+    let rest = futures::stream::unfold(
+        state,
+        move |(mut reply, mut first, mut events, phase)| async move {
+            if let Phase::Done = phase {
+                return None;
+            }
+            loop {
+                let event = match first.take() {
+                    Some(event) => Some(Ok(event)),
+                    None => events.next().await,
+                };
+                match event {
+                    Some(Ok(InferenceEvent::Complete)) | None => {
+                        events.finished();
+                        let mut frames = String::new();
+                        let logprobs = reply.pending_logprobs();
+                        let finish = reply.chunk(json!({}), Some(reply.finish_reason()), logprobs);
+                        frames.push_str(&format!("data: {finish}\n\n"));
+                        if include_usage {
+                            if let Some(usage) = &reply.usage {
+                                let mut last = reply.envelope(true, Vec::new());
+                                last["usage"] = openai::usage(usage);
+                                frames.push_str(&format!("data: {last}\n\n"));
+                            }
+                        }
+                        frames.push_str("data: [DONE]\n\n");
+                        return Some((Ok(Bytes::from(frames)), (reply, None, events, Phase::Done)));
+                    }
+                    Some(Ok(event)) => {
+                        let is_token = matches!(event, InferenceEvent::Content(_));
+                        if let Some(chunk) = reply.take(event) {
+                            if is_token {
+                                events.sent += 1;
+                            }
+                            return Some((data(&chunk), (reply, None, events, Phase::Running)));
+                        }
+                    }
+                    Some(Err(err)) => {
+                        events.finished();
+                        let error = ApiError::from_report(&err).body();
+                        let frame = json!(error);
+                        return Some((data(&frame), (reply, None, events, Phase::Done)));
+                    }
+                }
+            }
+        },
+    );
+    start.chain(rest)
+}
+
+/// A request's stream while its answer is streamed to a client. If the
+/// client goes away first, the request is stopped and what the engine
+/// generated is logged, so a cancelled generation can be seen to end.
+struct Watched {
+    stream: Option<RequestStream>,
+    id: String,
+    /// Content events handed to the client.
+    sent: usize,
+}
+
+impl Watched {
+    async fn next(&mut self) -> Option<Result<InferenceEvent, ErrorReport>> {
+        self.stream.as_mut()?.next().await
+    }
+
+    /// The stream has ended normally.
+    fn finished(&mut self) {
+        self.stream = None;
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.stream.take() else {
+            return;
+        };
+        stream.stop();
+        let id = self.id.clone();
+        let sent = self.sent;
+        // The stopped request still ends with its usage: read it, without
+        // holding anything else up.
+        tokio::spawn(async move {
+            let deadline = tokio::time::sleep(Duration::from_secs(30));
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    event = stream.next() => match event {
+                        Some(Ok(InferenceEvent::Usage(usage))) => {
+                            log::info!(
+                                "{id}: the client went away after {sent} streamed pieces; generation stopped after {} tokens ({} after the last piece sent)",
+                                usage.generated_tokens,
+                                usage.generated_tokens.saturating_sub(sent),
+                            );
+                            return;
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => return,
+                    },
+                    () = &mut deadline => return,
+                }
+            }
+        });
+    }
+}

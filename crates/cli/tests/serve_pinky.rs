@@ -1,0 +1,373 @@
+//! `genius serve` over the Pinky stub engine: the HTTP API's shapes,
+//! errors, limits and cancellation, without a model.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use common::{post, request, send, Server};
+use rusty_genius::facecrab::testing::TempDir;
+use serde_json::{json, Value};
+
+const KEY: &str = "sk-test-key";
+
+fn pinky_server(dir: &TempDir, extra: &[&str]) -> Server {
+    let model = common::pinky_model(dir.path());
+    let mut args = vec![
+        "--engine",
+        "pinky",
+        "--model",
+        model.as_str(),
+        "--api-key",
+        KEY,
+    ];
+    args.extend_from_slice(extra);
+    let server = Server::start(
+        &args,
+        &[("GENIUS_HOME", &dir.join("home").display().to_string())],
+    );
+    server.wait_healthy();
+    server
+}
+
+const AUTH: (&str, &str) = ("Authorization", "Bearer sk-test-key");
+
+fn chat_body(text: &str, stream: bool) -> Value {
+    json!({
+        "model": "pinky",
+        "messages": [{"role": "user", "content": text}],
+        "stream": stream,
+    })
+}
+
+#[test]
+fn chat_answers_whole_and_streamed_in_the_openai_shape() {
+    let dir = TempDir::new("serve-shape");
+    let server = pinky_server(&dir, &[]);
+
+    let whole = post(
+        server.addr,
+        "/v1/chat/completions",
+        &chat_body("hello there", false),
+        &[AUTH],
+    );
+    assert_eq!(
+        whole.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&whole.body)
+    );
+    let body = whole.json();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "pinky");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "Narf! You said: hello there"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "stop");
+    let usage = &body["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+
+    let mut streamed_body = chat_body("hello there", true);
+    streamed_body["stream_options"] = json!({"include_usage": true});
+    let streamed = post(server.addr, "/v1/chat/completions", &streamed_body, &[AUTH]);
+    assert_eq!(streamed.status, 200);
+    assert_eq!(streamed.header("content-type"), Some("text/event-stream"));
+    let events = streamed.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "Narf! You said: hello there");
+    // One chunk per token: the words arrive one by one.
+    let pieces = chunks
+        .iter()
+        .filter(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        })
+        .count();
+    assert_eq!(pieces, 5, "{chunks:?}");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "stop");
+    let last = &chunks[chunks.len() - 1];
+    assert_eq!(last["choices"], json!([]));
+    assert!(last["usage"]["completion_tokens"].as_u64().unwrap() > 0);
+
+    // Completions continue the raw text; max_tokens ends them by length.
+    let completion = post(
+        server.addr,
+        "/v1/completions",
+        &json!({"model": "pinky", "prompt": "one two three", "max_tokens": 2}),
+        &[AUTH],
+    );
+    assert_eq!(completion.status, 200);
+    let body = completion.json();
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["choices"][0]["text"], "Narf! You ");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+
+    let models = request(server.addr, "GET", "/v1/models", &[AUTH], None).unwrap();
+    assert_eq!(models.status, 200);
+    assert_eq!(models.json()["data"][0]["id"], "pinky");
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let dir = TempDir::new("serve-errors");
+    let server = pinky_server(&dir, &["--max-body-bytes", "1000000"]);
+    let error_of = |reply: &common::Reply| -> Value {
+        let body = reply.json();
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        assert!(body["error"]["type"].is_string(), "{body}");
+        body["error"].clone()
+    };
+
+    let malformed = request(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[AUTH],
+        Some(b"{\"model\": \"pinky\", \"messages\": ["),
+    )
+    .unwrap();
+    assert_eq!(malformed.status, 400);
+    assert!(error_of(&malformed)["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid JSON"));
+
+    let wrong_type = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"model": "pinky", "messages": 5}),
+        &[AUTH],
+    );
+    assert_eq!(wrong_type.status, 400);
+    error_of(&wrong_type);
+
+    let bad_value = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"model": "pinky", "messages": [{"role": "user", "content": "x"}], "temperature": -1}),
+        &[AUTH],
+    );
+    assert_eq!(bad_value.status, 400);
+    assert!(error_of(&bad_value)["message"]
+        .as_str()
+        .unwrap()
+        .contains("temperature"));
+
+    let huge = format!(
+        "{{\"model\": \"pinky\", \"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}",
+        "a".repeat(10 * 1024 * 1024)
+    );
+    let too_large = request(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[AUTH],
+        Some(huge.as_bytes()),
+    )
+    .unwrap();
+    assert_eq!(too_large.status, 413);
+    error_of(&too_large);
+
+    let unknown = post(
+        server.addr,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+        &[AUTH],
+    );
+    assert_eq!(unknown.status, 404);
+    assert_eq!(error_of(&unknown)["code"], "model_not_found");
+
+    let no_key = post(
+        server.addr,
+        "/v1/chat/completions",
+        &chat_body("x", false),
+        &[],
+    );
+    assert_eq!(no_key.status, 401);
+    assert_eq!(error_of(&no_key)["code"], "invalid_api_key");
+    let wrong_key = post(
+        server.addr,
+        "/v1/chat/completions",
+        &chat_body("x", false),
+        &[("Authorization", "Bearer sk-wrong")],
+    );
+    assert_eq!(wrong_key.status, 401);
+    let models_without_key = request(server.addr, "GET", "/v1/models", &[], None).unwrap();
+    assert_eq!(models_without_key.status, 401);
+
+    let nowhere = request(server.addr, "GET", "/v1/nothing", &[AUTH], None).unwrap();
+    assert_eq!(nowhere.status, 404);
+    error_of(&nowhere);
+
+    // /health needs no key (load balancers probe it).
+    assert_eq!(
+        request(server.addr, "GET", "/health", &[], None)
+            .unwrap()
+            .status,
+        200
+    );
+    let fine = post(
+        server.addr,
+        "/v1/chat/completions",
+        &chat_body("still here", false),
+        &[AUTH],
+    );
+    assert_eq!(fine.status, 200);
+    assert_eq!(
+        fine.json()["choices"][0]["message"]["content"],
+        "Narf! You said: still here"
+    );
+}
+
+#[test]
+fn a_client_that_hangs_up_stops_its_generation_and_the_others_finish() {
+    let dir = TempDir::new("serve-hangup");
+    let server = pinky_server(&dir, &["--pinky-token-ms", "20"]);
+    let words: Vec<String> = (0..200).map(|i| format!("w{i}")).collect();
+    let long = words.join(" ");
+
+    let others: Vec<_> = (0..3)
+        .map(|i| {
+            let addr = server.addr;
+            let text = format!("other {i} {}", words[..40].join(" "));
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/chat/completions",
+                    &chat_body(&text, true),
+                    &[AUTH],
+                )
+            })
+        })
+        .collect();
+
+    let body = chat_body(&long, true).to_string();
+    let stream = send(
+        server.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[AUTH],
+        Some(body.as_bytes()),
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut pieces = 0;
+    let mut line = String::new();
+    while pieces < 10 {
+        line.clear();
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "the stream ended early"
+        );
+        if line.contains("\"content\":\"") && !line.contains("\"content\":\"\"") {
+            pieces += 1;
+        }
+    }
+    drop(reader); // hang up mid-stream
+
+    let stopped = server
+        .wait_for_log("the client went away", Duration::from_secs(10))
+        .expect("the server logs the stopped generation");
+    let generated: usize = stopped
+        .split("stopped after ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a token count");
+    let after: usize = stopped
+        .split("tokens (")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count after the last piece");
+    eprintln!("{stopped}");
+    assert!(
+        (10..30).contains(&generated) && after <= 2,
+        "the generation went on after the client left: {stopped}"
+    );
+
+    for other in others {
+        let reply = other.join().unwrap();
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.events().last().map(String::as_str), Some("[DONE]"));
+        let text: String = reply.events()[..reply.events().len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert!(text.ends_with("w39"), "{text}");
+    }
+}
+
+#[test]
+fn thirty_two_concurrent_clients_all_get_their_own_answer() {
+    let dir = TempDir::new("serve-32");
+    let server = pinky_server(&dir, &["--pinky-token-ms", "2", "--parallel", "4"]);
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            let addr = server.addr;
+            std::thread::spawn(move || {
+                let text = format!("client number {i}");
+                let reply = post(
+                    addr,
+                    "/v1/chat/completions",
+                    &chat_body(&text, i % 2 == 0),
+                    &[AUTH],
+                );
+                (i, text, reply)
+            })
+        })
+        .collect();
+    for client in clients {
+        let (i, text, reply) = client.join().unwrap();
+        assert_eq!(reply.status, 200);
+        let answer: String = if i % 2 == 0 {
+            reply
+                .events()
+                .iter()
+                .filter(|e| *e != "[DONE]")
+                .map(|e| serde_json::from_str::<Value>(e).unwrap())
+                .filter_map(|c| {
+                    c["choices"][0]["delta"]["content"]
+                        .as_str()
+                        .map(str::to_owned)
+                })
+                .collect()
+        } else {
+            reply.json()["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(answer, format!("Narf! You said: {text}"));
+    }
+}

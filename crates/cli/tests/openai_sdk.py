@@ -1,0 +1,233 @@
+"""The official `openai` Python client against `genius serve`.
+
+Run by tests/openai_sdk.rs with the server's base URL, its API key and the
+served model id:
+
+    python3 openai_sdk.py http://127.0.0.1:PORT/v1 KEY MODEL
+
+Every expected text rests on a firm greedy choice: each answer is checked
+with the server's own log-probabilities (the chosen token must beat the
+runner-up by MIN_MARGIN logits, as fixtures/README.md asks).
+"""
+
+import json
+import sys
+import time
+
+import jsonschema
+import openai
+
+MIN_MARGIN = 1.0
+
+base_url, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    },
+}
+PARIS = [{"role": "user", "content": "What is the weather in Paris?"}]
+JAPAN = [{"role": "user", "content": "What is the capital of Japan?"}]
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "job": {"type": "string", "enum": ["baker", "pilot", "teacher", "painter"]},
+        "hobbies": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["name", "age", "job", "hobbies"],
+}
+
+passed = []
+
+
+def check(name):
+    def wrap(test):
+        test()
+        passed.append(name)
+        print(f"ok   {name}", flush=True)
+        return test
+
+    return wrap
+
+
+def firm_until(logprobs, text):
+    """The tokens up to the end of `text` in the answer each won by MIN_MARGIN."""
+    seen = ""
+    for token in logprobs:
+        tops = token.top_logprobs
+        assert tops and tops[0].token == token.token, (token.token, tops)
+        if len(tops) > 1:
+            margin = tops[0].logprob - tops[1].logprob
+            assert margin >= MIN_MARGIN, f"{token.token!r} won by only {margin:.3f}"
+        seen += token.token
+        if text in seen:
+            return
+    raise AssertionError(f"{text!r} not in {seen!r}")
+
+
+@check("chat, whole answer")
+def _():
+    reply = client.chat.completions.create(
+        model=model, messages=JAPAN, temperature=0, max_tokens=24, logprobs=True, top_logprobs=2
+    )
+    choice = reply.choices[0]
+    assert "Tokyo" in choice.message.content, choice.message.content
+    firm_until(choice.logprobs.content, "Tokyo")
+    assert choice.finish_reason in ("stop", "length"), choice.finish_reason
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 0
+    assert reply.model == model
+
+
+@check("chat, streamed token by token")
+def _():
+    stream = client.chat.completions.create(
+        model=model, messages=JAPAN, temperature=0, max_tokens=24, stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, arrivals, usage, finish = [], [], None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+                arrivals.append(time.monotonic())
+            finish = choice.finish_reason or finish
+    text = "".join(pieces)
+    assert "Tokyo" in text, text
+    assert len(pieces) >= 3, pieces
+    # The pieces came one by one, not in one burst at the end.
+    assert arrivals[-1] - arrivals[0] > 0.01 * (len(arrivals) - 1), arrivals
+    assert usage and usage.completion_tokens >= len(pieces) - 1, usage
+    assert finish in ("stop", "length"), finish
+
+
+@check("tool call, whole answer")
+def _():
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        reply = client.chat.completions.create(
+            model=model, messages=PARIS, temperature=0, max_tokens=64,
+            tools=[WEATHER], tool_choice=choice,
+        )
+        message = reply.choices[0].message
+        assert reply.choices[0].finish_reason == "tool_calls", reply
+        assert len(message.tool_calls) == 1, message
+        call = message.tool_calls[0]
+        assert call.type == "function" and call.id
+        assert call.function.name == "get_weather"
+        assert json.loads(call.function.arguments) == {"city": "Paris"}, call.function.arguments
+        assert not message.content, message.content
+
+
+@check("tool call, streamed")
+def _():
+    stream = client.chat.completions.create(
+        model=model, messages=PARIS, temperature=0, max_tokens=64,
+        tools=[WEATHER], tool_choice="required", stream=True,
+    )
+    calls, finish = {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += delta.id or ""
+                if delta.function:
+                    call["name"] += delta.function.name or ""
+                    call["arguments"] += delta.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls", finish
+    assert list(calls) == [0], calls
+    assert calls[0]["name"] == "get_weather" and calls[0]["id"], calls
+    assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}, calls
+
+
+@check("tool result answered")
+def _():
+    messages = PARIS + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, sunny"},
+    ]
+    reply = client.chat.completions.create(
+        model=model, messages=messages, temperature=0, max_tokens=48, tools=[WEATHER],
+    )
+    assert reply.choices[0].message.content, reply
+
+
+@check("JSON-schema answer validates")
+def _():
+    for who in ("a baker from Lyon", "a retired pilot who loves chess", "a young teacher in Osaka"):
+        reply = client.chat.completions.create(
+            model=model, temperature=0, max_tokens=128,
+            messages=[{"role": "user", "content": f"Describe {who} as a JSON object with the fields name, age, job and hobbies."}],
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": "person", "schema": PERSON, "strict": True}},
+        )
+        jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
+
+
+@check("completions")
+def _():
+    reply = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=8, temperature=0)
+    assert reply.choices[0].text, reply
+    assert reply.choices[0].finish_reason == "length"
+
+
+@check("models.list()")
+def _():
+    ids = [m.id for m in client.models.list()]
+    assert ids == [model], ids
+    assert client.models.retrieve(model).id == model
+
+
+@check("unknown model: NotFoundError")
+def _():
+    try:
+        client.chat.completions.create(model="no-such-model", messages=JAPAN)
+    except openai.NotFoundError as err:
+        assert err.status_code == 404 and err.code == "model_not_found", err
+    else:
+        raise AssertionError("no error")
+
+
+@check("bad API key: AuthenticationError")
+def _():
+    wrong = openai.OpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0)
+    try:
+        wrong.chat.completions.create(model=model, messages=JAPAN)
+    except openai.AuthenticationError as err:
+        assert err.status_code == 401, err
+    else:
+        raise AssertionError("no error")
+    try:
+        wrong.models.list()
+    except openai.AuthenticationError:
+        pass
+    else:
+        raise AssertionError("no error")
+
+
+@check("bad request: BadRequestError, and the server goes on")
+def _():
+    try:
+        client.chat.completions.create(model=model, messages=JAPAN, temperature=-1)
+    except openai.BadRequestError as err:
+        assert err.status_code == 400 and "temperature" in str(err), err
+    else:
+        raise AssertionError("no error")
+    reply = client.chat.completions.create(model=model, messages=JAPAN, temperature=0, max_tokens=8)
+    assert "Tokyo" in reply.choices[0].message.content
+
+
+print(f"openai {openai.__version__}: {len(passed)} checks passed", flush=True)

@@ -39,6 +39,9 @@ pub(crate) struct CompletionRequest {
     pub(crate) sampling: Sampling,
     #[serde(default)]
     pub(crate) echo: Option<bool>,
+    /// The legacy API's `logprobs`: how many likeliest tokens to list.
+    #[serde(default)]
+    pub(crate) logprobs: Option<u8>,
     #[serde(default)]
     pub(crate) suffix: Option<String>,
 }
@@ -222,6 +225,9 @@ impl CompletionRequest {
             .sampling
             .config()?
             .with_prompt_format(PromptFormat::Raw);
+        if let Some(top) = self.logprobs {
+            config = config.with_logprobs(top);
+        }
         // The API's default for completions is 16 tokens.
         if config.max_tokens.is_none() {
             config.max_tokens = Some(16);

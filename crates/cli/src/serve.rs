@@ -596,6 +596,7 @@ impl Reply {
                 json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason()})
             }
             Endpoint::Completion => {
+                let logprobs = legacy_logprobs(&self.logprobs);
                 json!({"index": 0, "text": self.content, "logprobs": logprobs, "finish_reason": self.finish_reason()})
             }
         };
@@ -683,6 +684,40 @@ impl Reply {
             Value::Array(self.logprobs[sent..].to_vec())
         })
     }
+}
+
+/// Log-probabilities in the completions API's older shape: parallel
+/// lists of tokens, their log-probabilities, the likeliest alternatives
+/// (token to log-probability) and each token's offset in the text.
+fn legacy_logprobs(tokens: &[Value]) -> Value {
+    if tokens.is_empty() {
+        return Value::Null;
+    }
+    let mut offset = 0;
+    let mut offsets = Vec::new();
+    for token in tokens {
+        offsets.push(offset);
+        offset += token["token"].as_str().map_or(0, str::len);
+    }
+    let top: Vec<Value> = tokens
+        .iter()
+        .map(|token| {
+            let mut map = serde_json::Map::new();
+            for alternative in token["top_logprobs"].as_array().into_iter().flatten() {
+                if let Some(text) = alternative["token"].as_str() {
+                    map.entry(text.to_owned())
+                        .or_insert_with(|| alternative["logprob"].clone());
+                }
+            }
+            Value::Object(map)
+        })
+        .collect();
+    json!({
+        "tokens": tokens.iter().map(|t| t["token"].clone()).collect::<Vec<_>>(),
+        "token_logprobs": tokens.iter().map(|t| t["logprob"].clone()).collect::<Vec<_>>(),
+        "top_logprobs": top,
+        "text_offset": offsets,
+    })
 }
 
 fn logprob_json(token: &TokenLogprobs) -> Value {

@@ -24,7 +24,8 @@ fn python_with_openai() -> Option<String> {
     if found {
         return Some(python);
     }
-    let why = format!("{python} lacks the openai or jsonschema package (pip install openai jsonschema)");
+    let why =
+        format!("{python} lacks the openai or jsonschema package (pip install openai jsonschema)");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{why}: CI must run the OpenAI client tests");
     }
@@ -35,12 +36,23 @@ fn python_with_openai() -> Option<String> {
 #[test]
 fn the_official_openai_client_works_against_genius_serve() {
     let Some(model) = QWEN.for_test() else { return };
-    let Some(python) = python_with_openai() else { return };
+    let Some(python) = python_with_openai() else {
+        return;
+    };
     let home = TempDir::new("openai-sdk");
     let key = "sk-genius-test";
     let model_arg = model.display().to_string();
     let server = Server::start(
-        &["--model", &model_arg, "--api-key", key, "--parallel", "2", "--ctx-size", "2048"],
+        &[
+            "--model",
+            &model_arg,
+            "--api-key",
+            key,
+            "--parallel",
+            "2",
+            "--ctx-size",
+            "2048",
+        ],
         &[("GENIUS_HOME", &home.path().display().to_string())],
     );
     server.wait_healthy();

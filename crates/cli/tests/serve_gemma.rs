@@ -1,0 +1,161 @@
+//! `genius serve` on the real base model: 32 concurrent clients each get
+//! the answer their prompt gets alone, and a client killed mid-stream
+//! stops its generation at once while the others finish.
+
+#![cfg(feature = "llama")]
+#![allow(clippy::print_stderr)] // the measured counts go to the test log
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use common::{post, send, Server};
+use rusty_genius::facecrab::testing::{TempDir, GEMMA};
+use serde_json::{json, Value};
+
+/// Prompts whose greedy continuations are firm for 14 tokens (the test
+/// checks every token's margin again, from the server's logprobs).
+const SEQUENCES: [&str; 4] = [
+    "1, 2, 3, 4, 5, 6, 7,",
+    "A B C D E F G",
+    "100, 99, 98, 97, 96,",
+    "2, 4, 6, 8, 10,",
+];
+
+const MIN_MARGIN: f64 = 1.0;
+
+fn completion(prompt: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "gemma-3-270m-q4_k_m",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    })
+}
+
+fn text_of(reply: &common::Reply, streamed: bool) -> String {
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    if streamed {
+        let events = reply.events();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str::<Value>(e).unwrap())
+            .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
+            .collect()
+    } else {
+        reply.json()["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+#[test]
+fn thirty_two_clients_get_their_answers_and_a_killed_one_stops_at_once() {
+    let Some(model) = GEMMA.for_test() else {
+        return;
+    };
+    let home = TempDir::new("serve-gemma");
+    let model_arg = model.display().to_string();
+    let server = Server::start(
+        &[
+            "--model",
+            &model_arg,
+            "--parallel",
+            "4",
+            "--ctx-size",
+            "1024",
+        ],
+        &[("GENIUS_HOME", &home.path().display().to_string())],
+    );
+    server.wait_healthy();
+    let addr = server.addr;
+
+    // Each prompt alone, with every token's margin checked.
+    let mut expected = Vec::new();
+    let mut smallest = f64::INFINITY;
+    for prompt in SEQUENCES {
+        let mut body = completion(prompt, 14, false);
+        body["logprobs"] = json!(2);
+        let reply = post(addr, "/v1/completions", &body, &[]);
+        expected.push(text_of(&reply, false));
+        let tops = reply.json()["choices"][0]["logprobs"]["top_logprobs"].clone();
+        let tops = tops.as_array().expect("top_logprobs");
+        assert_eq!(tops.len(), 14);
+        for top in tops {
+            let mut values: Vec<f64> = top
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            values.sort_by(|a, b| b.total_cmp(a));
+            smallest = smallest.min(values[0] - values[1]);
+        }
+    }
+    eprintln!("smallest margin over the 4 x 14 tokens: {smallest:.2}");
+    assert!(smallest >= MIN_MARGIN, "a near tie: {smallest}");
+
+    // One client asks for a long answer and hangs up after 10 pieces,
+    // while 32 others (half streamed) run.
+    let killed = std::thread::spawn(move || {
+        let body = completion("1, 2, 3, 4, 5, 6, 7,", 400, true).to_string();
+        let stream = send(addr, "POST", "/v1/completions", &[], Some(body.as_bytes())).unwrap();
+        let mut reader = BufReader::new(stream);
+        let mut pieces = 0;
+        let mut line = String::new();
+        while pieces < 10 {
+            line.clear();
+            assert!(reader.read_line(&mut line).unwrap() > 0);
+            if line.starts_with("data: {") {
+                pieces += 1;
+            }
+        }
+    });
+    let clients: Vec<_> = (0..32)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let prompt = SEQUENCES[i % 4];
+                let streamed = i % 2 == 0;
+                let reply = post(
+                    addr,
+                    "/v1/completions",
+                    &completion(prompt, 14, streamed),
+                    &[],
+                );
+                (i % 4, text_of(&reply, streamed))
+            })
+        })
+        .collect();
+    killed.join().unwrap();
+    for client in clients {
+        let (which, text) = client.join().unwrap();
+        assert_eq!(
+            text, expected[which],
+            "{:?} with 32 clients vs alone",
+            SEQUENCES[which]
+        );
+    }
+    let stopped = server
+        .wait_for_log("the client went away", Duration::from_secs(30))
+        .expect("the server logs the stopped generation");
+    eprintln!("{stopped}");
+    let after: usize = stopped
+        .split("tokens (")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(
+        after <= 2,
+        "the killed client's generation went on: {stopped}"
+    );
+}

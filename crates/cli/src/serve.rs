@@ -139,7 +139,25 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(get_model))
         .route("/health", get(health))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
+}
+
+/// One log line per request: method, path, status and the time to the
+/// response's head (for a stream, to its first token).
+async fn access_log(request: Request, next: axum::middleware::Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+    if path == "/health" {
+        log::debug!("{method} {path} {status} {elapsed:.1} ms");
+    } else {
+        log::info!("{method} {path} {status} {elapsed:.1} ms");
+    }
+    response
 }
 
 // ---- errors -------------------------------------------------------------

@@ -139,6 +139,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models/{*id}", get(get_model))
         .route("/health", get(health))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
 }
@@ -270,21 +271,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+async fn method_not_allowed(method: Method, request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("{method} is not allowed on {}", request.uri().path()),
+    )
+}
+
 async fn not_found(method: Method, request: Request) -> ApiError {
     let path = request.uri().path().to_owned();
-    let known = [
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/models",
-        "/health",
-    ];
-    if known.contains(&path.as_str()) {
-        return ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "invalid_request_error",
-            format!("{method} is not allowed on {path}"),
-        );
-    }
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",

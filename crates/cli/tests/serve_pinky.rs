@@ -223,6 +223,9 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
     let nowhere = request(server.addr, "GET", "/v1/nothing", &[AUTH], None).unwrap();
     assert_eq!(nowhere.status, 404);
     error_of(&nowhere);
+    let wrong_method = request(server.addr, "DELETE", "/v1/models", &[AUTH], None).unwrap();
+    assert_eq!(wrong_method.status, 405);
+    error_of(&wrong_method);
 
     // /health needs no key (load balancers probe it).
     assert_eq!(

@@ -1,0 +1,188 @@
+//! The `genius` command line: pull, list, rm, run, help and exit codes.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use rusty_genius::facecrab::testing::{TempDir, TestHub};
+
+fn genius(home: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_genius"));
+    command
+        .args(args)
+        .env("GENIUS_HOME", home.path())
+        .env_remove("HF_TOKEN");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.output().expect("genius runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn every_command_has_help() {
+    let home = TempDir::new("cli-help");
+    for command in [&[][..], &["pull"], &["run"], &["list"], &["rm"], &["serve"]] {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let out = genius(&home, &args, &[]);
+        assert!(out.status.success(), "{args:?}");
+        let help = text(&out.stdout);
+        assert!(help.contains("Usage: genius"), "{help}");
+        assert!(help.contains("Exit codes"), "{help}");
+    }
+    let wrong = genius(&home, &["frobnicate"], &[]);
+    assert_eq!(wrong.status.code(), Some(2));
+}
+
+#[test]
+fn pull_list_and_rm_work_on_the_cache_with_exit_codes_scripts_can_use() {
+    let home = TempDir::new("cli-cache");
+    let hub = TestHub::start().unwrap();
+    let model = common::pinky_model(home.path());
+    let bytes = std::fs::read(&model).unwrap();
+    let source = home.join("source.gguf");
+    std::fs::write(&source, &bytes).unwrap();
+    hub.add_file("org/tiny-GGUF", "tiny-q4_k_m.gguf", &source, None)
+        .unwrap();
+    let endpoint = hub.endpoint();
+    let env = [("HF_ENDPOINT", endpoint.as_str())];
+
+    let empty = genius(&home, &["list"], &env);
+    assert!(empty.status.success());
+    assert!(
+        text(&empty.stderr).contains("no models"),
+        "{}",
+        text(&empty.stderr)
+    );
+
+    let pulled = genius(&home, &["pull", "org/tiny-GGUF"], &env);
+    assert!(pulled.status.success(), "{}", text(&pulled.stderr));
+    let path = text(&pulled.stdout).trim().to_owned();
+    assert_eq!(std::fs::read(&path).unwrap(), bytes);
+
+    let listed = genius(&home, &["list"], &env);
+    assert!(listed.status.success());
+    assert!(
+        text(&listed.stdout).contains("org/tiny-GGUF/tiny-q4_k_m.gguf"),
+        "{}",
+        text(&listed.stdout)
+    );
+
+    // A second pull is served from the cache: no request reaches the Hub.
+    hub.clear_requests();
+    let again = genius(&home, &["pull", "org/tiny-GGUF"], &env);
+    assert!(again.status.success());
+    assert_eq!(text(&again.stdout).trim(), path);
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+
+    let missing = genius(&home, &["pull", "org/no-such-repo"], &env);
+    assert_eq!(missing.status.code(), Some(3), "{}", text(&missing.stderr));
+    assert!(text(&missing.stderr).starts_with("error: "));
+    let not_registry = genius(&home, &["pull", "no-such-registry-name"], &env);
+    assert_eq!(not_registry.status.code(), Some(3));
+    let unreachable = genius(
+        &home,
+        &["pull", "org/other-GGUF"],
+        &[("HF_ENDPOINT", "http://127.0.0.1:9")],
+    );
+    assert_eq!(
+        unreachable.status.code(),
+        Some(4),
+        "{}",
+        text(&unreachable.stderr)
+    );
+
+    let removed = genius(&home, &["rm", "org/tiny-GGUF/tiny-q4_k_m.gguf"], &env);
+    assert!(removed.status.success(), "{}", text(&removed.stderr));
+    assert!(!std::path::Path::new(&path).exists());
+    let gone = genius(&home, &["rm", "org/tiny-GGUF/tiny-q4_k_m.gguf"], &env);
+    assert_eq!(gone.status.code(), Some(3));
+}
+
+#[test]
+fn run_answers_a_prompt_and_chats_from_stdin() {
+    let home = TempDir::new("cli-run");
+    let model = common::pinky_model(home.path());
+    let once = genius(
+        &home,
+        &["run", &model, "--engine", "pinky", "hello", "world"],
+        &[],
+    );
+    assert!(once.status.success(), "{}", text(&once.stderr));
+    assert_eq!(text(&once.stdout).trim(), "Narf! You said: hello world");
+
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_genius"))
+        .args(["run", &model, "--engine", "pinky"])
+        .env("GENIUS_HOME", home.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"first line\n\nsecond line\n/bye\nnever read\n")
+        .unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
+    assert_eq!(
+        lines,
+        ["Narf! You said: first line", "Narf! You said: second line"]
+    );
+
+    let missing = genius(
+        &home,
+        &["run", "/no/such/model.gguf", "--engine", "pinky", "hi"],
+        &[],
+    );
+    assert_eq!(missing.status.code(), Some(3), "{}", text(&missing.stderr));
+}
+
+/// The interactive chat keeps its history: the model answers the second
+/// turn from the first (on the instruct test model).
+#[cfg(feature = "llama")]
+#[test]
+fn the_interactive_chat_remembers_the_conversation() {
+    let Some(model) = rusty_genius::facecrab::testing::QWEN.for_test() else {
+        return;
+    };
+    let home = TempDir::new("cli-chat");
+    let mut chat = Command::new(env!("CARGO_BIN_EXE_genius"))
+        .args(["run", &model.display().to_string()])
+        .args(["--system", "Answer in one short sentence."])
+        .args([
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "48",
+            "--parallel",
+            "1",
+        ])
+        .env("GENIUS_HOME", home.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"My name is Ada.\nWhat is my name?\n")
+        .unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let answers = text(&out.stdout);
+    let second = answers
+        .lines()
+        .filter(|l| !l.is_empty())
+        .nth(1)
+        .unwrap_or("");
+    assert!(second.contains("Ada"), "{answers}");
+}

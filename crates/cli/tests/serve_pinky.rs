@@ -1,6 +1,8 @@
 //! `genius serve` over the Pinky stub engine: the HTTP API's shapes,
 //! errors, limits and cancellation, without a model.
 
+#![allow(clippy::print_stderr)] // the measured count goes to the test log
+
 mod common;
 
 use std::io::{BufRead, BufReader};

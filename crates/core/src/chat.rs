@@ -19,6 +19,10 @@ pub enum Prompt {
     Text(String),
     /// A conversation, as in `BrainstemInput::Chat`.
     Chat(Vec<ChatMessage>),
+    /// Texts to embed, as in `BrainstemInput::Embed`: answered with one
+    /// [`InferenceEvent::Embeddings`](crate::protocol::InferenceEvent::Embeddings)
+    /// rather than generated text.
+    Embed(crate::Embed),
 }
 
 impl From<String> for Prompt {

@@ -11,6 +11,7 @@
 
 pub mod chat;
 mod config;
+pub mod embed;
 mod error;
 pub mod manifest;
 pub mod protocol;
@@ -20,4 +21,5 @@ pub use chat::{
     Tool, ToolCall, ToolChoice, ToolKind,
 };
 pub use config::{InferenceConfig, PromptFormat};
+pub use embed::{Embed, Embeddings, Pooling};
 pub use error::{BoxError, ErrorKind, ErrorReport, GeniusError, Result};

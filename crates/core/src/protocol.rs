@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ChatMessage, ErrorReport, InferenceConfig};
+use crate::{ChatMessage, Embed, Embeddings, ErrorReport, InferenceConfig};
 
 /// A request to the Orchestrator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +38,11 @@ pub enum BrainstemInput {
         /// Sampling, stopping, tools and output format.
         config: InferenceConfig,
     },
+    /// Embed texts with the loaded model: answered with one
+    /// [`InferenceEvent::Embeddings`] (one vector per input, in order),
+    /// then `Usage` and `Complete`. An embedding model (BERT-style) uses
+    /// its own pooling; a generative model needs [`Embed::pooling`].
+    Embed(Embed),
     /// End the generation in progress early. Its output still ends with
     /// [`InferenceEvent::Usage`] and [`InferenceEvent::Complete`]. Requests
     /// queued behind it are kept. Without a generation, does nothing.
@@ -91,6 +96,8 @@ pub enum InferenceEvent {
         /// Its arguments (a JSON object).
         arguments: serde_json::Value,
     },
+    /// The vectors of an `Embed` request, one per input, in order.
+    Embeddings(Embeddings),
     /// Token counts and timings of the request; sent just before `Complete`.
     Usage(Usage),
     /// The answer is finished.

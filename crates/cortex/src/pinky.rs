@@ -4,8 +4,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{FinishReason, TokenLogprobs, TopLogprob, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig, Prompt, Role, ToolChoice};
+use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, TopLogprob, Usage};
+use rusty_genius_core::{
+    Embed, Embeddings, GeniusError, InferenceConfig, Prompt, Role, ToolChoice,
+};
 
 use crate::engine::{
     check_gguf, millis_since, reusable_prefix, Ended, Engine, Output, Refused, Request, RequestId,
@@ -179,6 +181,99 @@ impl Pinky {
     }
 }
 
+impl Pinky {
+    /// The width of Pinky's embeddings.
+    pub const EMBEDDING_WIDTH: usize = 64;
+
+    /// Answers an `Embed` request at once: its vectors go out now, and the
+    /// request ends at the next step.
+    fn start_embedding(
+        &mut self,
+        id: RequestId,
+        embed: &Embed,
+        mut output: Output,
+        config: InferenceConfig,
+    ) -> Result<(), Box<Refused>> {
+        let refuse = |output, error| Err(Box::new(Refused { output, error }));
+        let mut tokens = Vec::new();
+        let mut vectors = Vec::new();
+        for text in &embed.inputs {
+            let mut text = text.as_str();
+            if text.len() > PINKY_CONTEXT {
+                if !embed.truncate {
+                    let error = GeniusError::PromptTooLong {
+                        tokens: text.len(),
+                        context: PINKY_CONTEXT,
+                    };
+                    return refuse(output, error);
+                }
+                let mut end = PINKY_CONTEXT;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text = &text[..end];
+            }
+            tokens.push(text.len());
+            vectors.push(Pinky::embedding(text, embed.normalize));
+        }
+        let busy: Vec<usize> = self.running.iter().map(|run| run.slot).collect();
+        let Some(slot) = (0..self.capacity()).find(|slot| !busy.contains(slot)) else {
+            let error = GeniusError::engine("Pinky has no free slot (start called past capacity)");
+            return refuse(output, error);
+        };
+        let started = Instant::now();
+        output.send(InferenceEvent::Embeddings(Embeddings {
+            vectors,
+            tokens: tokens.clone(),
+        }));
+        self.running.push(Run {
+            id,
+            slot,
+            output,
+            reply: Vec::new().into_iter(),
+            usage: Usage {
+                prompt_tokens: tokens.iter().sum(),
+                cached_tokens: 0,
+                generated_tokens: 0,
+                prompt_ms: millis_since(started),
+                generation_ms: 0.0,
+                finish_reason: FinishReason::EndOfGeneration,
+            },
+            context_used: 0,
+            config,
+            started,
+        });
+        Ok(())
+    }
+
+    /// Pinky's embedding of `text`: a bag of its lower-cased words, each
+    /// hashed to one of [`EMBEDDING_WIDTH`](Self::EMBEDDING_WIDTH) places with a sign. The
+    /// same text always gets the same vector, and texts that share words
+    /// are closer than texts that share none, so retrieval code can be
+    /// tested without a model.
+    pub fn embedding(text: &str, normalize: bool) -> Vec<f32> {
+        let mut vector = vec![0.0; Self::EMBEDDING_WIDTH];
+        let words = text
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|word| !word.is_empty());
+        for word in words {
+            // FNV-1a over the lower-cased word.
+            let hash = word
+                .to_lowercase()
+                .bytes()
+                .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+            let place = (hash % Self::EMBEDDING_WIDTH as u64) as usize;
+            vector[place] += if hash >> 63 == 0 { 1.0 } else { -1.0 };
+        }
+        if normalize {
+            rusty_genius_core::embed::normalize(&mut vector);
+        }
+        vector
+    }
+}
+
 impl Engine for Pinky {
     fn load(&mut self, name: &str, path: &Path) -> Result<ModelInfo, GeniusError> {
         check_gguf(path)?;
@@ -217,8 +312,12 @@ impl Engine for Pinky {
         if !self.loaded {
             return refuse(output, GeniusError::NoModelLoaded);
         }
+        if let Prompt::Embed(embed) = &prompt {
+            return self.start_embedding(id, embed, output, config);
+        }
         // A conversation reaches Pinky as one line per message.
         let (text, said) = match &prompt {
+            Prompt::Embed(_) => unreachable!("answered above"),
             Prompt::Text(text) => (text.clone(), text.clone()),
             Prompt::Chat(messages) => {
                 let text: String = messages

@@ -73,6 +73,15 @@ pub const GEMMA: TestModel = TestModel {
     env: "GENIUS_TEST_MODEL",
 };
 
+/// all-MiniLM-L6-v2 in F32: a BERT sentence-embedding model, converted by
+/// `.ci/minilm.py` (`GENIUS_TEST_EMBED_MODEL`).
+pub const MINILM: TestModel = TestModel {
+    repo: "sentence-transformers/all-MiniLM-L6-v2",
+    file: "all-minilm-l6-v2-f32.gguf",
+    sha256: "74fa566e13b40738a458f71f6eff917116dda1431d8cece4d9c38cf6d3da3d64",
+    env: "GENIUS_TEST_EMBED_MODEL",
+};
+
 /// Qwen2.5-Coder-0.5B-Instruct Q4_K_M: an instruct model whose chat
 /// template offers tools (`GENIUS_TEST_CHAT_MODEL`).
 pub const QWEN: TestModel = TestModel {

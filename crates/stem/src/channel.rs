@@ -11,7 +11,7 @@ use futures::channel::mpsc;
 use futures::future::{self, Either};
 use futures::{FutureExt, SinkExt, StreamExt};
 use rusty_genius_core::protocol::{BrainstemInput, BrainstemOutput, InferenceEvent};
-use rusty_genius_core::{ErrorReport, GeniusError, Prompt};
+use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Prompt};
 use rusty_genius_cortex::{CancelToken, EventSink};
 
 use crate::handle::{Command, OrchestratorHandle};
@@ -191,6 +191,7 @@ fn start(
         }
         BrainstemInput::Infer { prompt, config } => (Prompt::Text(prompt), config),
         BrainstemInput::Chat { messages, config } => (Prompt::Chat(messages), config),
+        BrainstemInput::Embed(embed) => (Prompt::Embed(embed), InferenceConfig::default()),
         other => {
             let report = GeniusError::invalid_request(
                 "input",

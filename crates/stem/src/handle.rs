@@ -10,7 +10,9 @@ use futures::channel::{mpsc, oneshot};
 use futures::Stream;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{BrainstemOutput, InferenceEvent};
-use rusty_genius_core::{ChatMessage, ErrorReport, GeniusError, InferenceConfig, Prompt};
+use rusty_genius_core::{
+    ChatMessage, Embed, Embeddings, ErrorReport, GeniusError, InferenceConfig, Prompt,
+};
 use rusty_genius_cortex::{CancelToken, EventSink, RequestId};
 
 /// What handles ask of the Orchestrator's loop.
@@ -94,6 +96,27 @@ impl OrchestratorHandle {
     /// Answers a conversation (see `BrainstemInput::Chat`).
     pub fn chat(&self, messages: Vec<ChatMessage>, config: InferenceConfig) -> RequestStream {
         self.submit(Prompt::Chat(messages), config)
+    }
+
+    /// Embeds texts (see `BrainstemInput::Embed`): the stream carries one
+    /// [`InferenceEvent::Embeddings`], then `Usage` and `Complete`.
+    pub fn embed(&self, request: Embed) -> RequestStream {
+        self.submit(Prompt::Embed(request), InferenceConfig::default())
+    }
+
+    /// Embeds texts and returns the vectors, one per input, in order.
+    pub async fn embeddings(&self, request: Embed) -> Result<Embeddings, ErrorReport> {
+        use futures::StreamExt;
+        let mut stream = self.embed(request);
+        let mut found = None;
+        while let Some(event) = stream.next().await {
+            match event? {
+                InferenceEvent::Embeddings(embeddings) => found = Some(embeddings),
+                InferenceEvent::Complete => break,
+                _ => {}
+            }
+        }
+        found.ok_or_else(|| GeniusError::engine("the engine answered without embeddings").report())
     }
 
     /// Answers `prompt`, a text or a conversation.

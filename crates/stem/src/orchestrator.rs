@@ -584,6 +584,7 @@ impl Brainstem {
             Prompt::Text(text) if text.trim().is_empty() => Err(GeniusError::EmptyPrompt),
             Prompt::Text(_) => Ok(()),
             Prompt::Chat(messages) => validate_messages(messages),
+            Prompt::Embed(embed) => embed.validate(),
         };
         if let Err(err) = checked.and_then(|()| submitted.config.validate()) {
             return submitted.fail(&err);

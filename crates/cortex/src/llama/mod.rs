@@ -1,5 +1,6 @@
 //! The llama.cpp engine, on the `llama-cpp-2` bindings.
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_void, CStr};
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -14,14 +15,17 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{FinishReason, Usage};
-use rusty_genius_core::{GeniusError, InferenceConfig, ResponseFormat};
+use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
+use rusty_genius_core::{
+    Embeddings, GeniusError, InferenceConfig, Pooling, Prompt, ResponseFormat,
+};
 
 use crate::engine::{
     check_gguf, millis_since, reusable_prefix, Ended, Engine, Output, Refused, Request, RequestId,
     Step,
 };
 
+mod embed;
 mod prompt;
 mod sampling;
 
@@ -140,13 +144,20 @@ unsafe extern "C" fn forward_log(
     log::log!(target: "llama.cpp", level, "{text}");
 }
 
+/// The llama.cpp contexts of one model: the one requests generate in, and
+/// the one texts are embedded in (made on first use, with its pooling).
+struct Contexts<'model> {
+    main: LlamaContext<'model>,
+    embed: Option<(Pooling, LlamaContext<'model>)>,
+}
+
 self_cell::self_cell!(
-    /// A model and the llama.cpp context that borrows it. The context is
+    /// A model and the llama.cpp contexts that borrow it. The contexts are
     /// dropped before the model, and the model never moves while borrowed.
     struct ModelContext {
         owner: LlamaModel,
         #[covariant]
-        dependent: LlamaContext,
+        dependent: Contexts,
     }
 );
 
@@ -162,6 +173,15 @@ struct Loaded {
     slot_context: usize,
     /// The most tokens one step decodes.
     batch_size: usize,
+    /// The pooling the model declares: an embedding model, which embeds
+    /// and does not generate.
+    declared_pooling: Option<Pooling>,
+    /// The embedding context's sizes.
+    embed_shape: embed::Shape,
+    embed_batch: LlamaBatch<'static>,
+    /// `Embed` requests waiting for the next step.
+    embed_jobs: VecDeque<embed::EmbedJob>,
+    threads: i32,
 }
 
 /// One sequence of the context: the tokens its KV cache holds, and the
@@ -252,7 +272,9 @@ impl Loaded {
             // Keep the full attention window of sliding-window models (such
             // as Gemma 3) so that a cached prefix can always be reused.
             .with_swa_full(true);
-        let cell = ModelContext::try_new(model, |model| model.new_context(backend, params))
+        let cell = ModelContext::try_new(model, |model| {
+            model.new_context(backend, params).map(|main| Contexts { main, embed: None })
+        })
             .map_err(|err| {
                 GeniusError::engine_from(
                     format!(
@@ -262,7 +284,14 @@ impl Loaded {
                 )
             })?;
         let prompter = Prompter::of(cell.borrow_owner());
-        let slot_context = cell.borrow_dependent().n_ctx() as usize / parallel as usize;
+        let slot_context = cell.borrow_dependent().main.n_ctx() as usize / parallel as usize;
+        let declared_pooling = embed::declared_pooling(cell.borrow_owner());
+        let embed_shape = embed::Shape::new(
+            (options
+                .context_size
+                .min(cell.borrow_owner().n_ctx_train().max(1))) as usize,
+            options.batch_size as usize,
+        );
         let slots = (0..parallel as i32)
             .map(|seq| Slot {
                 seq,
@@ -280,6 +309,11 @@ impl Loaded {
             slots,
             slot_context,
             batch_size: options.batch_size as usize,
+            declared_pooling,
+            embed_batch: LlamaBatch::new(embed_shape.batch, 1),
+            embed_shape,
+            embed_jobs: VecDeque::new(),
+            threads,
         })
     }
 
@@ -290,8 +324,10 @@ impl Loaded {
     /// Forgets a slot's cache, e.g. after a failed decode.
     fn reset_slot(&mut self, index: usize) {
         let seq = self.slots[index].seq;
-        let _ = self.cell.with_dependent_mut(|_, context| {
-            context.clear_kv_cache_seq(Some(seq as u32), None, None)
+        let _ = self.cell.with_dependent_mut(|_, contexts| {
+            contexts
+                .main
+                .clear_kv_cache_seq(Some(seq as u32), None, None)
         });
         let slot = &mut self.slots[index];
         slot.cached.clear();
@@ -304,8 +340,10 @@ impl Loaded {
     fn truncate_slot(&mut self, index: usize, keep: usize) -> bool {
         let seq = self.slots[index].seq;
         if keep < self.slots[index].cached.len() {
-            let removed = self.cell.with_dependent_mut(|_, context| {
-                context.clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None)
+            let removed = self.cell.with_dependent_mut(|_, contexts| {
+                contexts
+                    .main
+                    .clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None)
             });
             if !matches!(removed, Ok(true)) {
                 return false;
@@ -350,6 +388,28 @@ impl Loaded {
 
     /// Checks and places a request; the error if it cannot run.
     fn start(&mut self, request: &mut Request) -> Result<(), GeniusError> {
+        if let Prompt::Embed(embed) = &request.prompt {
+            let (pooling, inputs) =
+                embed::prepare(self.model(), &self.name, embed, self.embed_shape.window)?;
+            self.embed_jobs.push_back(embed::EmbedJob {
+                id: request.id,
+                output: std::mem::replace(&mut request.output, placeholder_output()),
+                inputs,
+                pooling,
+                normalize: embed.normalize,
+                started: Instant::now(),
+            });
+            return Ok(());
+        }
+        if self.declared_pooling.is_some() {
+            return Err(GeniusError::invalid_request(
+                "prompt",
+                format!(
+                    "`{}` is an embedding model: it turns texts into vectors (Embed) and cannot generate text",
+                    self.name
+                ),
+            ));
+        }
         let prepared = self
             .prompter
             .tokens(self.model(), &request.prompt, &request.config)?;
@@ -448,8 +508,59 @@ impl Loaded {
     /// batch (a generating job its last token, a prefilling job a chunk of
     /// its prompt), the batch is decoded once, and every job with fresh
     /// logits chooses its next token.
+    /// Embeds every queued `Embed` request, each in as few decodes as its
+    /// texts fit.
+    fn embed_queued(&mut self, step: &mut Step) {
+        while let Some(mut job) = self.embed_jobs.pop_front() {
+            step.progressed = true;
+            if let Some(reason) = job.output.check_cancelled() {
+                let usage = embed_usage(&job, reason);
+                step.ended.push(Ended {
+                    id: job.id,
+                    output: job.output,
+                    result: Ok(usage),
+                });
+                continue;
+            }
+            let Self {
+                cell,
+                embed_batch,
+                embed_shape,
+                threads,
+                ..
+            } = self;
+            let (shape, threads) = (*embed_shape, *threads);
+            let result = cell.with_dependent_mut(|model, contexts| {
+                if contexts.embed.as_ref().map(|(pooling, _)| *pooling) != Some(job.pooling) {
+                    // Free the old one first.
+                    contexts.embed = None;
+                    let context = model
+                        .new_context(llama_backend()?, shape.params(job.pooling, threads))
+                        .map_err(|err| {
+                            GeniusError::engine_from("cannot create the embedding context", err)
+                        })?;
+                    contexts.embed = Some((job.pooling, context));
+                }
+                let (_, context) = contexts.embed.as_mut().expect("made above");
+                embed::run(context, embed_batch, shape, &job.inputs, job.normalize)
+            });
+            let result = result.map(|vectors| {
+                let tokens = job.inputs.iter().map(Vec::len).collect();
+                job.output
+                    .send(InferenceEvent::Embeddings(Embeddings { vectors, tokens }));
+                embed_usage(&job, FinishReason::EndOfGeneration)
+            });
+            step.ended.push(Ended {
+                id: job.id,
+                output: job.output,
+                result,
+            });
+        }
+    }
+
     fn step(&mut self) -> Step {
         let mut step = Step::default();
+        self.embed_queued(&mut step);
         // Cancelled jobs end before anything is spent on them.
         for index in 0..self.slots.len() {
             let cancelled = self.slots[index]
@@ -540,7 +651,7 @@ impl Loaded {
             None => {
                 let batch = &mut self.batch;
                 self.cell
-                    .with_dependent_mut(|_, context| context.decode(batch))
+                    .with_dependent_mut(|_, contexts| contexts.main.decode(batch))
                     .map_err(|err| GeniusError::engine_from("decoding failed", err))
             }
         };
@@ -586,7 +697,11 @@ impl Loaded {
                 .as_ref()
                 .is_some_and(|job| job.phase == Phase::Prefill);
             if finished_prompt {
-                let logits = self.cell.borrow_dependent().get_logits_ith(logits_index);
+                let logits = self
+                    .cell
+                    .borrow_dependent()
+                    .main
+                    .get_logits_ith(logits_index);
                 let slot = &mut self.slots[index];
                 let mut kept = slot
                     .prompt_logits
@@ -626,7 +741,7 @@ impl Loaded {
         } = &mut slots[index];
         let logits: &[f32] = match source {
             Logits::Saved => &prompt_logits.as_ref()?.1,
-            Logits::Batch(at) => cell.borrow_dependent().get_logits_ith(at),
+            Logits::Batch(at) => cell.borrow_dependent().main.get_logits_ith(at),
         };
         let job = job.as_mut()?;
         job.generation_started.get_or_insert_with(Instant::now);
@@ -740,6 +855,18 @@ fn grammar_field(config: &InferenceConfig) -> &'static str {
     }
 }
 
+/// The usage of an embedding job: its tokens, all "prompt".
+fn embed_usage(job: &embed::EmbedJob, finish_reason: FinishReason) -> Usage {
+    Usage {
+        prompt_tokens: job.inputs.iter().map(Vec::len).sum(),
+        cached_tokens: 0,
+        generated_tokens: 0,
+        prompt_ms: millis_since(job.started),
+        generation_ms: 0.0,
+        finish_reason,
+    }
+}
+
 /// The llama.cpp [`Engine`].
 ///
 /// Keeps one model and one context with a sequence per request it serves
@@ -828,6 +955,7 @@ impl Engine for LlamaEngine {
                 .iter()
                 .filter(|slot| slot.job.is_some())
                 .count()
+                + loaded.embed_jobs.len()
         })
     }
 

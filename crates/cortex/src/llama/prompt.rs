@@ -126,6 +126,10 @@ impl Prompter {
                 }),
             },
             Prompt::Chat(messages) => self.chat(model, messages, config),
+            Prompt::Embed(_) => Err(GeniusError::invalid_request(
+                "prompt",
+                "texts to embed are not a prompt to answer",
+            )),
         }
     }
 

@@ -1,0 +1,156 @@
+//! Embeddings: one vector per text, for retrieval, search and clustering.
+
+use serde::{Deserialize, Serialize};
+
+/// How the vectors of a text's tokens become the text's one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The average over all tokens (sentence-transformers models).
+    Mean,
+    /// The first token's (`[CLS]`; BERT-style classifiers, BGE).
+    Cls,
+    /// The last token's (decoder models trained for embeddings).
+    Last,
+}
+
+/// Asks for the embeddings of one or more texts.
+///
+/// An embedding model (a GGUF that declares its pooling, such as a BERT
+/// sentence encoder) uses its own pooling unless `pooling` overrides it; a
+/// generative model embeds only when `pooling` is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Embed {
+    /// The texts, each embedded on its own. At least one; none empty.
+    pub inputs: Vec<String>,
+    /// How token vectors are pooled. Default: the model's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<Pooling>,
+    /// Scale every vector to length 1 (so a dot product is the cosine).
+    /// Default `true`.
+    #[serde(default = "yes")]
+    pub normalize: bool,
+    /// Cut texts longer than the model's window to fit, instead of
+    /// refusing the request. Default `false`.
+    #[serde(default)]
+    pub truncate: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Embed {
+    /// Embeds `inputs` with the model's pooling, normalised, refusing
+    /// texts longer than the window.
+    pub fn new<I, S>(inputs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            inputs: inputs.into_iter().map(Into::into).collect(),
+            pooling: None,
+            normalize: true,
+            truncate: false,
+        }
+    }
+
+    /// Sets [`pooling`](Self::pooling).
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = Some(pooling);
+        self
+    }
+
+    /// Keeps the vectors as the model makes them, unnormalised.
+    pub fn without_normalizing(mut self) -> Self {
+        self.normalize = false;
+        self
+    }
+
+    /// Cuts over-long texts to the window (see [`truncate`](Self::truncate)).
+    pub fn truncating(mut self) -> Self {
+        self.truncate = true;
+        self
+    }
+
+    /// Checks what can be checked without a model: at least one input,
+    /// none empty.
+    pub fn validate(&self) -> Result<(), crate::GeniusError> {
+        if self.inputs.is_empty() {
+            return Err(crate::GeniusError::invalid_request(
+                "inputs",
+                "there is nothing to embed: send at least one text",
+            ));
+        }
+        if let Some(index) = self.inputs.iter().position(|text| text.trim().is_empty()) {
+            return Err(crate::GeniusError::invalid_request(
+                format!("inputs[{index}]"),
+                "the text is empty: an empty text has no embedding",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The answer to an [`Embed`] request: one vector per input, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embeddings {
+    /// The vectors, in the order of the inputs; all of the model's width.
+    pub vectors: Vec<Vec<f32>>,
+    /// How many tokens each input was (after truncation).
+    pub tokens: Vec<usize>,
+}
+
+impl Embeddings {
+    /// The cosine similarity of two vectors (0 when either is all zeros).
+    pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let (na, nb) = (norm(a), norm(b));
+        if na == 0.0 || nb == 0.0 {
+            0.0
+        } else {
+            dot / (na * nb)
+        }
+    }
+}
+
+/// Scales `vector` to length 1 (leaves an all-zero vector as it is).
+pub fn normalize(vector: &mut [f32]) {
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in_when_deserialising() {
+        let embed: Embed = serde_json::from_str(r#"{"inputs": ["a"]}"#).unwrap();
+        assert_eq!(embed, Embed::new(["a"]));
+        assert!(embed.normalize && !embed.truncate && embed.pooling.is_none());
+        let cls: Embed = serde_json::from_str(r#"{"inputs": ["a"], "pooling": "cls"}"#).unwrap();
+        assert_eq!(cls.pooling, Some(Pooling::Cls));
+    }
+
+    #[test]
+    fn empty_requests_and_texts_are_refused_by_name() {
+        assert!(Embed::new(Vec::<String>::new()).validate().is_err());
+        let err = Embed::new(["fine", "  "]).validate().unwrap_err();
+        assert!(err.to_string().contains("inputs[1]"), "{err}");
+        assert!(Embed::new(["fine"]).validate().is_ok());
+    }
+
+    #[test]
+    fn cosine_and_normalize_agree() {
+        let mut v = vec![3.0, 4.0];
+        normalize(&mut v);
+        assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6);
+        assert!((Embeddings::cosine(&[1.0, 0.0], &[2.0, 0.0]) - 1.0).abs() < 1e-6);
+        assert_eq!(Embeddings::cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+}

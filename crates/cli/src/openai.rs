@@ -46,6 +46,79 @@ pub(crate) struct CompletionRequest {
     pub(crate) suffix: Option<String>,
 }
 
+/// `POST /v1/embeddings`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct EmbeddingRequest {
+    pub(crate) model: String,
+    pub(crate) input: EmbeddingInput,
+    /// `float` (default) or `base64` (little-endian f32s).
+    #[serde(default)]
+    pub(crate) encoding_format: Option<String>,
+    #[serde(default)]
+    pub(crate) dimensions: Option<usize>,
+    /// Not in the OpenAI API: the pooling for a generative model.
+    #[serde(default)]
+    pub(crate) pooling: Option<rusty_genius::core::Pooling>,
+    /// Not in the OpenAI API: cut over-long texts instead of refusing them.
+    #[serde(default)]
+    pub(crate) truncate: bool,
+}
+
+/// The texts to embed: one string or a list of them (token arrays are
+/// not accepted).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl EmbeddingRequest {
+    /// Whether vectors go out as base64 text.
+    pub(crate) fn base64(&self) -> Result<bool, Unsupported> {
+        match self.encoding_format.as_deref() {
+            None | Some("float") => Ok(false),
+            Some("base64") => Ok(true),
+            Some(other) => Err(Unsupported {
+                param: "encoding_format",
+                message: format!("encoding_format `{other}`: use float or base64"),
+            }),
+        }
+    }
+
+    pub(crate) fn embed(&self) -> rusty_genius::core::Embed {
+        let inputs = match &self.input {
+            EmbeddingInput::One(text) => vec![text.clone()],
+            EmbeddingInput::Many(texts) => texts.clone(),
+        };
+        let mut embed = rusty_genius::core::Embed::new(inputs);
+        embed.pooling = self.pooling;
+        embed.truncate = self.truncate;
+        embed
+    }
+}
+
+/// Standard base64 (with padding) of `vector`'s little-endian bytes.
+pub(crate) fn base64_f32(vector: &[f32]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
+}
+
 /// A completion prompt: one string, or a list holding exactly one.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -256,6 +329,21 @@ pub(crate) fn usage(usage: &Usage) -> Value {
 }
 
 /// An error in the API's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_encoding() {
+        // 1.0f32 is 00 00 80 3f; two of them are 8 bytes.
+        assert_eq!(base64_f32(&[1.0]), "AACAPw==");
+        assert_eq!(base64_f32(&[1.0, 1.0]), "AACAPwAAgD8=");
+        assert_eq!(base64_f32(&[]), "");
+        // Three bytes short of a multiple: 12 bytes make 16 characters.
+        assert_eq!(base64_f32(&[0.0, 0.0, 0.0]).len(), 16);
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub(crate) struct ErrorBody {
     pub(crate) error: ErrorDetail,

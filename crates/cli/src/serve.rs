@@ -24,7 +24,9 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use crate::openai::{self, ChatRequest, CompletionRequest, ErrorBody, ErrorDetail, Unsupported};
+use crate::openai::{
+    self, ChatRequest, CompletionRequest, EmbeddingRequest, ErrorBody, ErrorDetail, Unsupported,
+};
 
 /// How `genius serve` was asked to run.
 #[derive(Debug, Clone)]
@@ -135,6 +137,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/health", get(health))
@@ -520,6 +523,52 @@ async fn completions(
     } else {
         whole_reply(reply, stream).await
     }
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let request: EmbeddingRequest = state.body(&headers, body).await?;
+    let base64 = request.base64()?;
+    let model = state.model(&request.model).await?;
+    let embeddings = state
+        .genius
+        .embeddings(request.embed())
+        .await
+        .map_err(|err| ApiError::from_report(&err).param("input"))?;
+    if let Some(wanted) = request.dimensions {
+        let width = embeddings.vectors.first().map_or(0, Vec::len);
+        if wanted != width {
+            return Err(ApiError::invalid(format!(
+                "dimensions={wanted}: this model's vectors have {width}; leave dimensions out"
+            ))
+            .param("dimensions"));
+        }
+    }
+    let data: Vec<Value> = embeddings
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                Value::String(openai::base64_f32(vector))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens: usize = embeddings.tokens.iter().sum();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
 }
 
 impl AppState {

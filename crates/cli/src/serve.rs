@@ -51,8 +51,11 @@ struct AppState {
     genius: OrchestratorHandle,
     settings: ServeSettings,
     authority: AssetAuthority,
-    /// The name of the model loaded (or being loaded) last.
-    loaded: Mutex<Option<String>>,
+    /// The model `--model` named: the only one served. `None` serves the
+    /// cache.
+    fixed: Option<Served>,
+    /// The model loaded (or being loaded) last.
+    loaded: Mutex<Option<Served>>,
     /// Whether the start-up load has finished (successfully or not).
     ready: std::sync::atomic::AtomicBool,
     created: u64,
@@ -69,19 +72,25 @@ pub(crate) async fn serve(
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", settings.addr))?;
     let local = listener.local_addr().map_err(|err| err.to_string())?;
+    let fixed = settings.model.as_ref().map(|name| Served {
+        id: model_id(name),
+        name: name.clone(),
+    });
     let state = Arc::new(AppState {
         genius: genius.clone(),
         settings: settings.clone(),
         authority,
+        fixed: fixed.clone(),
         loaded: Mutex::new(None),
         ready: std::sync::atomic::AtomicBool::new(settings.model.is_none()),
         created: unix_now(),
     });
-    if let Some(name) = settings.model.clone() {
+    if let Some(model) = fixed {
         // Load in the background so that /health can say "loading"
         // meanwhile; requests wait for the load (they queue behind it).
         let state = state.clone();
-        *state.loaded.lock().await = Some(name.clone());
+        let name = model.name.clone();
+        *state.loaded.lock().await = Some(model);
         tokio::spawn(async move {
             match state.genius.load(&name).await {
                 Ok(info) => log::info!(
@@ -359,11 +368,8 @@ impl AppState {
 
     /// The models this server answers for.
     fn served(&self) -> Vec<Served> {
-        if let Some(name) = &self.settings.model {
-            return vec![Served {
-                id: model_id(name),
-                name: name.clone(),
-            }];
+        if let Some(model) = &self.fixed {
+            return vec![model.clone()];
         }
         match self.authority.cached_models() {
             Ok(models) => models
@@ -395,13 +401,13 @@ impl AppState {
             return Err(ApiError::model_not_found(requested, &served));
         };
         let mut loaded = self.loaded.lock().await;
-        if loaded.as_deref() != Some(model.name.as_str()) {
+        if loaded.as_ref() != Some(&model) {
             log::info!("loading `{}` for a request", model.name);
             self.genius
                 .load(&model.name)
                 .await
                 .map_err(|err| ApiError::from_report(&err))?;
-            *loaded = Some(model.name.clone());
+            *loaded = Some(model.clone());
         }
         Ok(model)
     }
@@ -436,7 +442,7 @@ fn unix_now() -> u64 {
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let ready = state.ready.load(std::sync::atomic::Ordering::Acquire);
-    let loaded = state.loaded.lock().await.clone();
+    let loaded = state.loaded.lock().await.clone().map(|model| model.id);
     if !ready {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -444,14 +450,14 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response();
     }
-    if state.settings.model.is_some() && loaded.is_none() {
+    if state.fixed.is_some() && loaded.is_none() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({"status": "error", "message": "the model failed to load; see the server's log"})),
         )
             .into_response();
     }
-    axum::Json(json!({"status": "ok", "model": loaded.map(|name| model_id(&name))})).into_response()
+    axum::Json(json!({"status": "ok", "model": loaded})).into_response()
 }
 
 async fn list_models(
@@ -493,15 +499,9 @@ async fn chat_completions(
     let request: ChatRequest = state.body(&headers, body).await?;
     let config = request.config()?;
     let model = state.model(&request.model).await?;
-    let streams = request.sampling.streams();
-    let include_usage = request.sampling.include_usage();
+    let reply = Reply::new(Endpoint::Chat, model.id, unix_now());
     let stream = state.genius.chat(request.messages, config);
-    let reply = Reply::new(Endpoint::Chat, model.id, state.created_now());
-    if streams {
-        stream_reply(reply, stream, include_usage).await
-    } else {
-        whole_reply(reply, stream).await
-    }
+    answer(reply, stream, &request.sampling).await
 }
 
 async fn completions(
@@ -514,12 +514,20 @@ async fn completions(
     let prompt = request.prompt()?;
     let config = request.config()?;
     let model = state.model(&request.model).await?;
-    let streams = request.sampling.streams();
-    let include_usage = request.sampling.include_usage();
+    let reply = Reply::new(Endpoint::Completion, model.id, unix_now());
     let stream = state.genius.infer(prompt, config);
-    let reply = Reply::new(Endpoint::Completion, model.id, state.created_now());
-    if streams {
-        stream_reply(reply, stream, include_usage).await
+    answer(reply, stream, &request.sampling).await
+}
+
+/// The answer to a generating request: whole, or streamed as the request
+/// asked.
+async fn answer(
+    reply: Reply,
+    stream: RequestStream,
+    sampling: &openai::Sampling,
+) -> Result<Response, ApiError> {
+    if sampling.streams() {
+        stream_reply(reply, stream, sampling.include_usage()).await
     } else {
         whole_reply(reply, stream).await
     }
@@ -569,12 +577,6 @@ async fn embeddings(
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }))
     .into_response())
-}
-
-impl AppState {
-    fn created_now(&self) -> u64 {
-        unix_now()
-    }
 }
 
 // ---- answers ------------------------------------------------------------

@@ -129,53 +129,15 @@ async fn fetch(model: &str) -> Result<std::path::PathBuf, Failure> {
     let authority = authority()?;
     let bar = progress_bar();
     bar.set_message(model.to_owned());
-    let mut events = std::pin::pin!(authority.ensure_model_with_events(model));
-    let mut path = None;
-    while let Some(event) = events.next().await {
-        match event {
-            Progress::Event(AssetEvent::Progress(done, total)) => {
-                bar.set_length(total);
-                bar.set_position(done);
-            }
-            Progress::Done(result) => path = Some(result),
-            _ => {}
+    let mut show = |event| {
+        if let AssetEvent::Progress(done, total) = event {
+            bar.set_length(total);
+            bar.set_position(done);
         }
-    }
+    };
+    let path = authority.ensure_model_with(model, &mut show).await;
     bar.finish_and_clear();
-    Ok(path.ok_or_else(|| Failure::new(exit::FAILED, "the download ended without a result"))??)
-}
-
-/// A download's events, then its typed result (the stream API reports the
-/// error only as text).
-enum Progress {
-    Event(AssetEvent),
-    Done(Result<std::path::PathBuf, FacecrabError>),
-}
-
-trait WithEvents {
-    fn ensure_model_with_events(&self, name: &str)
-        -> futures::stream::BoxStream<'static, Progress>;
-}
-
-impl WithEvents for AssetAuthority {
-    fn ensure_model_with_events(
-        &self,
-        name: &str,
-    ) -> futures::stream::BoxStream<'static, Progress> {
-        let (tx, rx) = futures::channel::mpsc::unbounded();
-        let authority = self.clone();
-        let name = name.to_owned();
-        let work = async move {
-            let events = tx.clone();
-            let mut forward = move |event| {
-                let _ = events.unbounded_send(Progress::Event(event));
-            };
-            let result = authority.ensure_model_with(&name, &mut forward).await;
-            let _ = tx.unbounded_send(Progress::Done(result));
-        };
-        let work = futures::stream::once(work).filter_map(|()| async { None });
-        futures::stream::select(rx, work).boxed()
-    }
+    Ok(path?)
 }
 
 fn list() -> Result<(), Failure> {

@@ -169,6 +169,21 @@ const GATHER_AT_MOST: Duration = Duration::from_millis(10);
 /// paused behind a slow consumer.
 const PAUSED_POLL: Duration = Duration::from_millis(5);
 
+/// The next command, waiting at most `wait` (not at all when zero).
+fn receive(
+    inbox: &mpsc::Receiver<Command>,
+    wait: Duration,
+) -> Result<Command, mpsc::RecvTimeoutError> {
+    if wait.is_zero() {
+        inbox.try_recv().map_err(|err| match err {
+            mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+            mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
+        })
+    } else {
+        inbox.recv_timeout(wait)
+    }
+}
+
 impl Serving {
     fn new(factory: EngineFactory, reports: UnboundedSender<EngineReport>) -> Self {
         // Every request fails with the reason the engine could not start.
@@ -208,12 +223,9 @@ impl Serving {
                     .recv()
                     .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
             } else if paused {
-                inbox.recv_timeout(PAUSED_POLL)
+                receive(&inbox, PAUSED_POLL)
             } else {
-                inbox.try_recv().map_err(|err| match err {
-                    mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
-                    mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
-                })
+                receive(&inbox, Duration::ZERO)
             };
             match received {
                 Ok(command) => {
@@ -233,17 +245,7 @@ impl Serving {
                                 .saturating_duration_since(Instant::now())
                                 .min(GATHER)
                         };
-                        let next = if wait.is_zero() {
-                            inbox.try_recv().map_err(|err| match err {
-                                mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
-                                mpsc::TryRecvError::Disconnected => {
-                                    mpsc::RecvTimeoutError::Disconnected
-                                }
-                            })
-                        } else {
-                            inbox.recv_timeout(wait)
-                        };
-                        match next {
+                        match receive(&inbox, wait) {
                             Ok(command) => open &= self.handle(command),
                             Err(mpsc::RecvTimeoutError::Timeout) => break,
                             Err(mpsc::RecvTimeoutError::Disconnected) => open = false,

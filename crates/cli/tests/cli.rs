@@ -19,6 +19,20 @@ fn genius(home: &TempDir, args: &[&str], env: &[(&str, &str)]) -> Output {
     command.output().expect("genius runs")
 }
 
+/// `genius <args>` with `input` on its stdin, as a chat typed in.
+fn genius_fed(home: &TempDir, args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_genius"))
+        .args(args)
+        .env("GENIUS_HOME", home.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("genius runs");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -116,20 +130,11 @@ fn run_answers_a_prompt_and_chats_from_stdin() {
     assert!(once.status.success(), "{}", text(&once.stderr));
     assert_eq!(text(&once.stdout).trim(), "Narf! You said: hello world");
 
-    let mut chat = Command::new(env!("CARGO_BIN_EXE_genius"))
-        .args(["run", &model, "--engine", "pinky"])
-        .env("GENIUS_HOME", home.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    chat.stdin
-        .take()
-        .unwrap()
-        .write_all(b"first line\n\nsecond line\n/bye\nnever read\n")
-        .unwrap();
-    let out = chat.wait_with_output().unwrap();
+    let out = genius_fed(
+        &home,
+        &["run", &model, "--engine", "pinky"],
+        b"first line\n\nsecond line\n/bye\nnever read\n",
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let lines: Vec<String> = text(&out.stdout).lines().map(str::to_owned).collect();
     assert_eq!(
@@ -154,29 +159,23 @@ fn the_interactive_chat_remembers_the_conversation() {
         return;
     };
     let home = TempDir::new("cli-chat");
-    let mut chat = Command::new(env!("CARGO_BIN_EXE_genius"))
-        .args(["run", &model.display().to_string()])
-        .args(["--system", "Answer in one short sentence."])
-        .args([
+    let model = model.display().to_string();
+    let out = genius_fed(
+        &home,
+        &[
+            "run",
+            &model,
+            "--system",
+            "Answer in one short sentence.",
             "--temperature",
             "0",
             "--max-tokens",
             "48",
             "--parallel",
             "1",
-        ])
-        .env("GENIUS_HOME", home.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    chat.stdin
-        .take()
-        .unwrap()
-        .write_all(b"My name is Ada.\nWhat is my name?\n")
-        .unwrap();
-    let out = chat.wait_with_output().unwrap();
+        ],
+        b"My name is Ada.\nWhat is my name?\n",
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let answers = text(&out.stdout);
     let second = answers

@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::Command;
 
 use common::Server;
@@ -33,26 +34,19 @@ fn python_with_openai() -> Option<String> {
     None
 }
 
-#[test]
-fn the_official_openai_client_works_against_genius_serve() {
-    let Some(model) = QWEN.for_test() else { return };
+/// Serves `model` (with `serve_args`), runs tests/openai_sdk.py against it
+/// with `script_args`, and checks that all `checks` passed.
+fn run_checks(model: &Path, serve_args: &[&str], script_args: &[&str], checks: usize) {
     let Some(python) = python_with_openai() else {
         return;
     };
     let home = TempDir::new("openai-sdk");
     let key = "sk-genius-test";
     let model_arg = model.display().to_string();
+    let mut args = vec!["--model", &model_arg, "--api-key", key];
+    args.extend_from_slice(serve_args);
     let server = Server::start(
-        &[
-            "--model",
-            &model_arg,
-            "--api-key",
-            key,
-            "--parallel",
-            "2",
-            "--ctx-size",
-            "2048",
-        ],
+        &args,
         &[("GENIUS_HOME", &home.path().display().to_string())],
     );
     server.wait_healthy();
@@ -60,6 +54,7 @@ fn the_official_openai_client_works_against_genius_serve() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
     let output = Command::new(python)
         .args([script, &format!("http://{}/v1", server.addr), key, &id])
+        .args(script_args)
         .output()
         .expect("python runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -70,7 +65,16 @@ fn the_official_openai_client_works_against_genius_serve() {
         String::from_utf8_lossy(&output.stderr),
         server.log().join("\n")
     );
-    assert!(stdout.contains("11 checks passed"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{checks} checks passed")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn the_official_openai_client_works_against_genius_serve() {
+    let Some(model) = QWEN.for_test() else { return };
+    run_checks(&model, &["--parallel", "2", "--ctx-size", "2048"], &[], 11);
 }
 
 #[test]
@@ -78,35 +82,9 @@ fn the_official_openai_client_gets_embeddings_from_genius_serve() {
     let Some(model) = MINILM.for_test() else {
         return;
     };
-    let Some(python) = python_with_openai() else {
-        return;
-    };
-    let home = TempDir::new("openai-sdk-embed");
-    let key = "sk-genius-test";
-    let model_arg = model.display().to_string();
-    let server = Server::start(
-        &["--model", &model_arg, "--api-key", key],
-        &[("GENIUS_HOME", &home.path().display().to_string())],
-    );
-    server.wait_healthy();
-    let id = model.file_stem().unwrap().to_string_lossy().into_owned();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
     let reference = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../fixtures/embeddings/minilm-reference.json"
     );
-    let output = Command::new(python)
-        .args([script, &format!("http://{}/v1", server.addr), key, &id])
-        .args(["--embeddings", reference])
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        output.status.success(),
-        "the openai client checks failed:\n{stdout}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        server.log().join("\n")
-    );
-    assert!(stdout.contains("4 checks passed"), "{stdout}");
+    run_checks(&model, &[], &["--embeddings", reference], 4);
 }

@@ -35,29 +35,6 @@ fn completion(prompt: &str, max_tokens: u32, stream: bool) -> Value {
     })
 }
 
-fn text_of(reply: &common::Reply, streamed: bool) -> String {
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    if streamed {
-        let events = reply.events();
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-        events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str::<Value>(e).unwrap())
-            .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
-            .collect()
-    } else {
-        reply.json()["choices"][0]["text"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-}
-
 #[test]
 fn thirty_two_clients_get_their_answers_and_a_killed_one_stops_at_once() {
     let Some(model) = GEMMA.for_test() else {
@@ -86,7 +63,7 @@ fn thirty_two_clients_get_their_answers_and_a_killed_one_stops_at_once() {
         let mut body = completion(prompt, 14, false);
         body["logprobs"] = json!(2);
         let reply = post(addr, "/v1/completions", &body, &[]);
-        expected.push(text_of(&reply, false));
+        expected.push(reply.completion_text(false));
         let tops = reply.json()["choices"][0]["logprobs"]["top_logprobs"].clone();
         let tops = tops.as_array().expect("top_logprobs");
         assert_eq!(tops.len(), 14);
@@ -131,7 +108,7 @@ fn thirty_two_clients_get_their_answers_and_a_killed_one_stops_at_once() {
                     &completion(prompt, 14, streamed),
                     &[],
                 );
-                (i % 4, text_of(&reply, streamed))
+                (i % 4, reply.completion_text(streamed))
             })
         })
         .collect();

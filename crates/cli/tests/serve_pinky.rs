@@ -35,6 +35,9 @@ fn pinky_server(dir: &TempDir, extra: &[&str]) -> Server {
 
 const AUTH: (&str, &str) = ("Authorization", "Bearer sk-test-key");
 
+/// Where a streamed chat chunk carries its text.
+const CONTENT: &str = "/choices/0/delta/content";
+
 fn chat_body(text: &str, stream: bool) -> Value {
     json!({
         "model": "pinky",
@@ -80,21 +83,15 @@ fn chat_answers_whole_and_streamed_in_the_openai_shape() {
     let streamed = post(server.addr, "/v1/chat/completions", &streamed_body, &[AUTH]);
     assert_eq!(streamed.status, 200);
     assert_eq!(streamed.header("content-type"), Some("text/event-stream"));
-    let events = streamed.events();
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = streamed.chunks();
     assert!(chunks
         .iter()
         .all(|c| c["object"] == "chat.completion.chunk"));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
-    assert_eq!(text, "Narf! You said: hello there");
+    assert_eq!(
+        streamed.streamed_text(CONTENT),
+        "Narf! You said: hello there"
+    );
     // One chunk per token: the words arrive one by one.
     let pieces = chunks
         .iter()
@@ -319,16 +316,7 @@ fn a_client_that_hangs_up_stops_its_generation_and_the_others_finish() {
     for other in others {
         let reply = other.join().unwrap();
         assert_eq!(reply.status, 200);
-        assert_eq!(reply.events().last().map(String::as_str), Some("[DONE]"));
-        let text: String = reply.events()[..reply.events().len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str::<Value>(e).unwrap())
-            .filter_map(|c| {
-                c["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_owned)
-            })
-            .collect();
+        let text = reply.streamed_text(CONTENT);
         assert!(text.ends_with("w39"), "{text}");
     }
 }
@@ -356,17 +344,7 @@ fn thirty_two_concurrent_clients_all_get_their_own_answer() {
         let (i, text, reply) = client.join().unwrap();
         assert_eq!(reply.status, 200);
         let answer: String = if i % 2 == 0 {
-            reply
-                .events()
-                .iter()
-                .filter(|e| *e != "[DONE]")
-                .map(|e| serde_json::from_str::<Value>(e).unwrap())
-                .filter_map(|c| {
-                    c["choices"][0]["delta"]["content"]
-                        .as_str()
-                        .map(str::to_owned)
-                })
-                .collect()
+            reply.streamed_text(CONTENT)
         } else {
             reply.json()["choices"][0]["message"]["content"]
                 .as_str()

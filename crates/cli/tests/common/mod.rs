@@ -141,6 +141,43 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The JSON chunks of a server-sent event stream, which must have
+    /// ended in `data: [DONE]`.
+    pub(crate) fn chunks(&self) -> Vec<Value> {
+        let events = self.events();
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "the stream did not end in [DONE]: {events:?}"
+        );
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect()
+    }
+
+    /// The text a stream carried, joined from each chunk's string at
+    /// `pointer` (e.g. `/choices/0/delta/content`).
+    pub(crate) fn streamed_text(&self, pointer: &str) -> String {
+        self.chunks()
+            .iter()
+            .filter_map(|chunk| chunk.pointer(pointer).and_then(Value::as_str))
+            .collect()
+    }
+
+    /// The text of a successful `/v1/completions` answer, whole or streamed.
+    pub(crate) fn completion_text(&self, streamed: bool) -> String {
+        assert_eq!(self.status, 200, "{}", String::from_utf8_lossy(&self.body));
+        if streamed {
+            self.streamed_text("/choices/0/text")
+        } else {
+            self.json()["choices"][0]["text"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    }
+
     /// The `data:` payloads of a server-sent event stream.
     pub(crate) fn events(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.body)

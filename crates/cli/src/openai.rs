@@ -207,10 +207,7 @@ impl Sampling {
         if let Some(temperature) = self.temperature {
             config.temperature = temperature;
             if temperature == 0.0 {
-                config = InferenceConfig {
-                    stop: config.stop,
-                    ..InferenceConfig::greedy()
-                };
+                config = InferenceConfig::greedy();
             }
         }
         if let Some(top_p) = self.top_p {

@@ -47,6 +47,13 @@ struct Served {
     name: String,
 }
 
+impl Served {
+    /// Whether a request naming `model` means this one.
+    fn answers_to(&self, model: &str) -> bool {
+        self.id == model || self.name == model
+    }
+}
+
 struct AppState {
     genius: OrchestratorHandle,
     settings: ServeSettings,
@@ -392,15 +399,15 @@ impl AppState {
     /// The served model `requested` names, loaded (or queued to load)
     /// before the request that needs it.
     async fn model(&self, requested: &str) -> Result<Served, ApiError> {
+        let mut loaded = self.loaded.lock().await;
+        // The usual case, without listing the cache again.
+        if let Some(model) = loaded.as_ref().filter(|m| m.answers_to(requested)) {
+            return Ok(model.clone());
+        }
         let served = self.served();
-        let Some(model) = served
-            .iter()
-            .find(|m| m.id == requested || m.name == requested)
-            .cloned()
-        else {
+        let Some(model) = served.iter().find(|m| m.answers_to(requested)).cloned() else {
             return Err(ApiError::model_not_found(requested, &served));
         };
-        let mut loaded = self.loaded.lock().await;
         if loaded.as_ref() != Some(&model) {
             log::info!("loading `{}` for a request", model.name);
             self.genius
@@ -480,7 +487,7 @@ async fn get_model(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
     let served = state.served();
-    match served.iter().find(|m| m.id == id || m.name == id) {
+    match served.iter().find(|m| m.answers_to(&id)) {
         Some(model) => Ok(axum::Json(model_object(model, state.created)).into_response()),
         None => Err(ApiError::model_not_found(&id, &served)),
     }

@@ -119,6 +119,37 @@ fn pull_list_and_rm_work_on_the_cache_with_exit_codes_scripts_can_use() {
 }
 
 #[test]
+fn pull_refuses_a_file_that_is_not_a_model_and_an_encoded_dot_dot() {
+    let home = TempDir::new("cli-pull-bad");
+    let hub = TestHub::start().unwrap();
+    let endpoint = hub.endpoint();
+    let env = [("HF_ENDPOINT", endpoint.as_str())];
+    let text_file = home.join("passwd");
+    std::fs::write(&text_file, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    for path in [text_file.display().to_string(), "/etc/passwd".to_owned()] {
+        if !std::path::Path::new(&path).is_file() {
+            continue;
+        }
+        let pulled = genius(&home, &["pull", &path], &env);
+        assert_eq!(pulled.status.code(), Some(1), "{}", text(&pulled.stderr));
+        assert!(
+            text(&pulled.stderr).contains("not a GGUF model"),
+            "{}",
+            text(&pulled.stderr)
+        );
+        assert!(text(&pulled.stdout).is_empty());
+    }
+    let encoded = genius(&home, &["pull", "org/tiny-GGUF/%2e%2e/x.gguf@v1"], &env);
+    assert_eq!(encoded.status.code(), Some(3), "{}", text(&encoded.stderr));
+    assert!(
+        text(&encoded.stderr).contains("invalid model name"),
+        "{}",
+        text(&encoded.stderr)
+    );
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+}
+
+#[test]
 fn run_answers_a_prompt_and_chats_from_stdin() {
     let home = TempDir::new("cli-run");
     let model = common::pinky_model(home.path());

@@ -296,6 +296,7 @@ impl AssetAuthority {
         let hub = match ModelRef::parse(name)? {
             ModelRef::Local(path) => {
                 return if path.is_file() {
+                    crate::cache::check_gguf_magic(&path)?;
                     Ok(path)
                 } else {
                     Err(FacecrabError::MissingFile { path })

@@ -12,6 +12,7 @@
 //! The same layout as the `huggingface_hub` tools, so models are shared both
 //! ways. Nothing here touches the network.
 
+use crate::FacecrabError;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -213,6 +214,32 @@ pub(crate) fn is_commit_hash(s: &str) -> bool {
 }
 
 /// Whether `s` is a lowercase or uppercase sha256 in hex.
+/// Checks that the file at `path` starts with the GGUF magic bytes.
+pub(crate) fn check_gguf_magic(path: &Path) -> Result<(), FacecrabError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(path).and_then(|mut file| file.read_exact(&mut magic));
+    let reason = match read {
+        Ok(()) if &magic == b"GGUF" => return Ok(()),
+        Ok(()) => {
+            "it does not start with the GGUF magic bytes (is it a safetensors or other file?)"
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+            "it is too short to be a model"
+        }
+        Err(err) => return Err(FacecrabError::io(path, err)),
+    };
+    Err(FacecrabError::NotAModel {
+        path: path.to_path_buf(),
+        reason: reason.to_owned(),
+    })
+}
+
+/// Whether `s` is a git object id (40 hex digits, a SHA-1).
+pub(crate) fn is_git_oid(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 pub(crate) fn is_sha256(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }

@@ -257,13 +257,54 @@ async fn download(
                 actual,
             });
         }
+    } else if crate::cache::is_git_oid(request.etag) {
+        // Not an LFS file: the Hub's ETag is the git object id, the SHA-1
+        // of "blob <length>\0" and the bytes, which checks length and
+        // content at once (such files are small: the Hub keeps larger
+        // ones in LFS).
+        let actual = git_blob_id(partial.to_path_buf()).await.map_err(io)?;
+        if !request.etag.eq_ignore_ascii_case(&actual) {
+            let _ = std::fs::remove_file(partial);
+            return Err(FacecrabError::ChecksumMismatch {
+                file: format!("{}/{}", request.repo, request.file),
+                expected: request.etag.to_ascii_lowercase(),
+                actual,
+            });
+        }
     } else {
-        log::warn!(
-            "{} has no sha256 to check against (not an LFS file); keeping it unverified",
-            request.file
-        );
+        let _ = std::fs::remove_file(partial);
+        return Err(FacecrabError::Network {
+            url: request.url.clone(),
+            reason: format!(
+                "the Hub gave neither a sha256 nor a git object id for {} (ETag `{}`), so the download cannot be verified",
+                request.file, request.etag
+            ),
+        });
     }
     Ok(lock)
+}
+
+/// The git object id of the file at `path`, computed on a thread of its
+/// own and awaited.
+async fn git_blob_id(path: PathBuf) -> std::io::Result<String> {
+    let (done, result) = futures::channel::oneshot::channel();
+    std::thread::Builder::new()
+        .name("facecrab-verify".into())
+        .spawn(move || {
+            let hashed = (|| {
+                use sha1::{Digest, Sha1};
+                let mut file = File::open(&path)?;
+                let length = file.metadata()?.len();
+                let mut hasher = Sha1::new();
+                hasher.update(format!("blob {length}\0").as_bytes());
+                std::io::copy(&mut file, &mut hasher)?;
+                Ok(hex(&hasher.finalize()))
+            })();
+            let _ = done.send(hashed);
+        })?;
+    result
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the verifying thread stopped")))
 }
 
 /// Takes downloaded chunks off the async task and runs them through a

@@ -28,6 +28,15 @@ pub enum FacecrabError {
         /// The path as given.
         path: PathBuf,
     },
+    /// A local path was given, but the file there is not a GGUF model.
+    #[error("{} is not a GGUF model file: {reason}", path.display())]
+    NotAModel {
+        /// The path as given.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// The repository has no single GGUF file matching the request.
     #[error("{repo} has {} GGUF file matching {wanted}; pick one with `{repo}:<QUANT>` or `{repo}/<file>`. Available: {}", if available_matches.is_empty() { "no" } else { "more than one" }, if files.is_empty() { "none".to_owned() } else { files.join(", ") })]
     NoSingleFile {

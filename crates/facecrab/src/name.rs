@@ -174,6 +174,13 @@ pub(crate) fn check_file_path(path: &str) -> Result<(), String> {
         if component.chars().any(|c| c.is_control() || c == ':') {
             return Err(format!("the file path `{path}` has a forbidden character"));
         }
+        // A URL would read these as an escape (`%2e%2e` is `..`, which the
+        // URL parser then takes out of the path), a query or a fragment.
+        if let Some(c) = component.chars().find(|c| matches!(c, '%' | '?' | '#')) {
+            return Err(format!(
+                "the file path `{path}` has `{c}`, which a URL would not keep as it is"
+            ));
+        }
     }
     if !path.to_ascii_lowercase().ends_with(".gguf") {
         return Err(format!("`{path}` is not a .gguf file"));
@@ -255,6 +262,13 @@ mod tests {
             "name\nwith newline",
             "org/repo:Q4:extra/x",
             "org/repo/x.gguf:Q8_0",
+            "org/repo/%2e%2e/x.gguf",
+            "org/repo/%2E%2E/x.gguf",
+            "org/repo/a%2fb.gguf",
+            "org/repo/x.gguf?download=1.gguf",
+            "org/repo/x#y.gguf",
+            "org/repo/./x.gguf",
+            "org%2frepo/x.gguf",
             "-flag/repo",
             "name@rev",
         ] {

@@ -163,6 +163,10 @@ pub enum Fault {
     Unauthorized,
     /// Send at most this many body bytes per second.
     Throttle(u64),
+    /// Announce no length anywhere (no `Content-Length`, no
+    /// `X-Linked-Size`, no chunking), as a server whose body ends when the
+    /// connection does.
+    NoLength,
 }
 
 /// Which of the two servers a request reached.
@@ -204,6 +208,8 @@ struct Served {
     source: PathBuf,
     sha256: String,
     size: u64,
+    /// Stored in git, not LFS: announced by its git object id alone.
+    git_oid: Option<String>,
 }
 
 #[derive(Default)]
@@ -299,8 +305,28 @@ impl TestHub {
                 source: source.to_path_buf(),
                 sha256,
                 size,
+                git_oid: None,
             },
         );
+        Ok(commit)
+    }
+
+    /// Serves `source` as `path` in `repo` as the Hub serves a small file
+    /// kept in git rather than LFS: its ETag is the git object id (the
+    /// SHA-1 of `blob <length>\0` and the bytes), with no sha256 and no
+    /// `X-Linked-*` headers. Returns the repository's commit hash.
+    pub fn add_git_file(&self, repo: &str, path: &str, source: &Path) -> std::io::Result<String> {
+        use sha1::{Digest as _, Sha1};
+        let commit = self.add_file(repo, path, source, None)?;
+        let bytes = std::fs::read(source)?;
+        let mut hasher = Sha1::new();
+        hasher.update(format!("blob {}\0", bytes.len()).as_bytes());
+        hasher.update(&bytes);
+        let oid = crate::download::hex(&hasher.finalize());
+        let mut state = self.state.lock().unwrap();
+        if let Some(served) = state.files.get_mut(&(repo.to_owned(), path.to_owned())) {
+            served.git_oid = Some(oid);
+        }
         Ok(commit)
     }
 
@@ -511,7 +537,7 @@ fn respond(
             )
         }
     };
-    let (source, sha256, size, commit, fault, redirect) = {
+    let (source, sha256, size, git_oid, commit, fault, redirect) = {
         let state = state.lock().unwrap();
         let key = (repo.clone(), file.clone());
         let fault = state.faults.get(&key).cloned();
@@ -537,19 +563,34 @@ fn respond(
             served.source.clone(),
             served.sha256.clone(),
             served.size,
+            served.git_oid.clone(),
             commit.clone(),
             fault,
             state.redirect,
         )
     };
-    let hub_headers = vec![
-        ("X-Repo-Commit", commit.clone()),
-        ("X-Linked-Etag", format!("\"{sha256}\"")),
-        ("X-Linked-Size", size.to_string()),
-        ("ETag", format!("\"{sha256}\"")),
-        ("Accept-Ranges", "bytes".into()),
-    ];
-    if record.host == Host::Hub && redirect {
+    let no_length = fault == Some(Fault::NoLength);
+    let hub_headers = match &git_oid {
+        // A git file is served in place, never redirected.
+        Some(oid) => vec![
+            ("X-Repo-Commit", commit.clone()),
+            ("ETag", format!("\"{oid}\"")),
+            ("Accept-Ranges", "bytes".into()),
+        ],
+        None => {
+            let mut headers = vec![
+                ("X-Repo-Commit", commit.clone()),
+                ("X-Linked-Etag", format!("\"{sha256}\"")),
+                ("ETag", format!("\"{sha256}\"")),
+                ("Accept-Ranges", "bytes".into()),
+            ];
+            if !no_length {
+                headers.push(("X-Linked-Size", size.to_string()));
+            }
+            headers
+        }
+    };
+    if record.host == Host::Hub && redirect && git_oid.is_none() {
         let mut headers = hub_headers;
         headers.push((
             "Location",
@@ -576,7 +617,9 @@ fn respond(
         );
     }
     let mut headers = hub_headers;
-    headers.push(("Content-Length", (size - start).to_string()));
+    if !no_length {
+        headers.push(("Content-Length", (size - start).to_string()));
+    }
     let status = if range_from.is_some() {
         headers.push((
             "Content-Range",

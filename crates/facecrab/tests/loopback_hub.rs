@@ -424,6 +424,11 @@ async fn unsafe_names_are_refused_and_nothing_is_written_outside_the_cache() {
         "acme/..",
         "acme/x@../../main",
         "bad\u{7}name",
+        // A percent-encoded `..` would be decoded and taken out of the URL
+        // by the URL parser, and the revision with it.
+        "acme/tiny-GGUF/%2e%2e/x.gguf",
+        "acme/tiny-GGUF/%2E%2E/%2E%2E/x.gguf@main",
+        "acme/tiny-GGUF/./x.gguf",
     ] {
         let err = authority.ensure_model(bad).await.unwrap_err();
         assert!(
@@ -814,4 +819,98 @@ async fn removal_waits_for_the_blob_lock_and_gives_up_cleanly() {
     lock.unlock().unwrap();
     assert_eq!(authority.remove_model(&model).unwrap(), MIB);
     assert!(!s.blob().exists());
+}
+
+/// Where the snapshot of `file` in `repo` would be, and whether anything
+/// of it (blob or snapshot) was left in the cache.
+fn left_in_cache(cache: &Path, repo: &str) -> Vec<PathBuf> {
+    let folder = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let mut found = Vec::new();
+    for sub in ["blobs", "snapshots"] {
+        let mut stack = vec![folder.join(sub)];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if !path.to_string_lossy().ends_with(".lock") {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
+}
+
+#[async_std::test]
+async fn a_file_kept_in_git_is_checked_against_its_object_id() {
+    let s = setup("git-file", 0);
+    let (small, _) = make_model(s.dir.path(), "small.gguf", 300_000);
+    let repo = "acme/small-GGUF";
+    let file = "small-Q4_K_M.gguf";
+    s.hub.add_git_file(repo, file, &small).unwrap();
+
+    // Corrupted on the way: refused, and nothing reaches a final path.
+    s.hub.set_fault(repo, file, Some(Fault::WrongBytes));
+    let err = s.authority().ensure_model(repo).await.unwrap_err();
+    assert!(
+        matches!(err, FacecrabError::ChecksumMismatch { .. }),
+        "{err}"
+    );
+    let left: Vec<PathBuf> = left_in_cache(&s.cache(), repo)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().ends_with(".incomplete"))
+        .collect();
+    assert!(left.is_empty(), "left at final paths: {left:?}");
+
+    // Served right: it arrives, identical.
+    s.hub.set_fault(repo, file, None);
+    let path = s.authority().ensure_model(repo).await.unwrap();
+    assert!(same_content(&path, &small));
+}
+
+#[async_std::test]
+async fn a_body_with_no_length_that_ends_early_is_never_taken_as_complete() {
+    // An LFS file and a git file, each from a server that announces no
+    // length and whose body ends when the connection does: here it ends
+    // after nothing at all (the client sees a clean end of file).
+    let s = setup("no-length", MIB);
+    let (small, _) = make_model(s.dir.path(), "small.gguf", 200_000);
+    let git_repo = "acme/small-GGUF";
+    let git_file = "small-Q4_K_M.gguf";
+    s.hub.add_git_file(git_repo, git_file, &small).unwrap();
+    for (repo, file) in [(REPO, FILE), (git_repo, git_file)] {
+        s.hub.set_fault(repo, file, Some(Fault::NoLength));
+        let err = s.authority().ensure_model(repo).await.unwrap_err();
+        assert!(
+            matches!(err, FacecrabError::ChecksumMismatch { .. }),
+            "{repo}: {err}"
+        );
+        let left = left_in_cache(&s.cache(), repo);
+        assert!(left.is_empty(), "{repo}: left behind: {left:?}");
+    }
+}
+
+#[async_std::test]
+async fn a_local_file_that_is_not_a_model_is_refused_by_type() {
+    let s = setup("not-a-model", 0);
+    let text = s.dir.path().join("notes.txt");
+    std::fs::write(&text, "root:x:0:0:root:/root:/bin/bash\n").unwrap();
+    let short = s.dir.path().join("short.gguf");
+    std::fs::write(&short, "GG").unwrap();
+    for path in [&text, &short] {
+        let err = s
+            .authority()
+            .ensure_model(&path.display().to_string())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FacecrabError::NotAModel { .. }), "{err}");
+    }
+    let (model, _) = make_model(s.dir.path(), "fine.gguf", 1000);
+    let found = s
+        .authority()
+        .ensure_model(&model.display().to_string())
+        .await
+        .unwrap();
+    assert_eq!(found, model);
 }

@@ -85,6 +85,20 @@ pub enum GeniusError {
         reason: String,
     },
 
+    /// A request asks for more than a [`Limits`](crate::Limits) bound
+    /// allows; nothing of it ran.
+    #[error("the request has {value} {what}, over the limit of {max} (limit `{limit}`): make it smaller, or raise the limit")]
+    LimitExceeded {
+        /// What was counted, e.g. `tools` or `bytes in the grammar`.
+        what: String,
+        /// The field of [`Limits`](crate::Limits) that bounds it.
+        limit: &'static str,
+        /// What the request has.
+        value: usize,
+        /// The bound.
+        max: usize,
+    },
+
     /// Resolving or downloading a model failed for a reason other than
     /// the name (network, checksum, access, offline mode, disk).
     #[error("cannot fetch model `{name}`: {source}")]
@@ -150,9 +164,10 @@ impl GeniusError {
             Self::NoModelLoaded => ErrorKind::NoModelLoaded,
             Self::ModelNotFound { .. } | Self::FileNotFound { .. } => ErrorKind::ModelNotFound,
             Self::InvalidModelFile { .. } => ErrorKind::InvalidModel,
-            Self::EmptyPrompt | Self::InvalidConfig { .. } | Self::InvalidRequest { .. } => {
-                ErrorKind::InvalidRequest
-            }
+            Self::EmptyPrompt
+            | Self::InvalidConfig { .. }
+            | Self::InvalidRequest { .. }
+            | Self::LimitExceeded { .. } => ErrorKind::InvalidRequest,
             Self::PromptTooLong { .. } => ErrorKind::ContextExceeded,
             Self::Asset { .. } => ErrorKind::Asset,
             Self::Engine { .. } | Self::EngineGone | Self::Io(_) => ErrorKind::Engine,

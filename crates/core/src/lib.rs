@@ -13,6 +13,7 @@ pub mod chat;
 mod config;
 pub mod embed;
 mod error;
+mod limits;
 pub mod manifest;
 pub mod protocol;
 
@@ -23,3 +24,4 @@ pub use chat::{
 pub use config::{InferenceConfig, PromptFormat};
 pub use embed::{Embed, Embeddings, Pooling};
 pub use error::{BoxError, ErrorKind, ErrorReport, GeniusError, Result};
+pub use limits::{grammar_depth, Limits};

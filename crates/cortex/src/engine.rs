@@ -4,7 +4,7 @@ use std::path::Path;
 
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
-use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Prompt};
+use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Limits, Prompt};
 
 use crate::text::TextPipeline;
 use crate::thread::CancelToken;
@@ -63,6 +63,9 @@ pub struct Request {
     pub prompt: Prompt,
     /// How.
     pub config: InferenceConfig,
+    /// The bounds it was checked against; the engine checks those only it
+    /// can count (the tokens of texts to embed) before it starts work.
+    pub limits: Limits,
     /// Where its events go.
     pub output: Output,
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, TopLogprob, Usage};
 use rusty_genius_core::{
-    Embed, Embeddings, GeniusError, InferenceConfig, Prompt, Role, ToolChoice,
+    Embed, Embeddings, GeniusError, InferenceConfig, Limits, Prompt, Role, ToolChoice,
 };
 
 use crate::engine::{
@@ -193,6 +193,7 @@ impl Pinky {
         embed: &Embed,
         mut output: Output,
         config: InferenceConfig,
+        limits: &Limits,
     ) -> Result<(), Box<Refused>> {
         let refuse = |output, error| Err(Box::new(Refused { output, error }));
         let mut tokens = Vec::new();
@@ -215,6 +216,9 @@ impl Pinky {
             }
             tokens.push(text.len());
             vectors.push(Pinky::embedding(text, embed.normalize));
+        }
+        if let Err(error) = limits.check_embed_tokens(tokens.iter().sum()) {
+            return refuse(output, error);
         }
         let busy: Vec<usize> = self.running.iter().map(|run| run.slot).collect();
         let Some(slot) = (0..self.capacity()).find(|slot| !busy.contains(slot)) else {
@@ -306,6 +310,7 @@ impl Engine for Pinky {
             id,
             prompt,
             config,
+            limits,
             mut output,
         } = request;
         let refuse = |output, error| Err(Box::new(Refused { output, error }));
@@ -313,7 +318,7 @@ impl Engine for Pinky {
             return refuse(output, GeniusError::NoModelLoaded);
         }
         if let Prompt::Embed(embed) = &prompt {
-            return self.start_embedding(id, embed, output, config);
+            return self.start_embedding(id, embed, output, config, &limits);
         }
         // A conversation reaches Pinky as one line per message.
         let (text, said) = match &prompt {

@@ -90,6 +90,7 @@ impl EngineThread {
         // caller ever blocks on the thread.
         let _detached: JoinHandle<()> = std::thread::Builder::new()
             .name("genius-engine".into())
+            .stack_size(ENGINE_STACK)
             .spawn(move || {
                 Serving::new(factory, reports).serve(inbox);
                 let _ = exiting.send(());
@@ -158,6 +159,14 @@ struct Serving {
     started: Vec<(RequestId, CancelToken)>,
     reports: UnboundedSender<EngineReport>,
 }
+
+/// The engine thread's stack. llama.cpp parses a grammar's groups
+/// recursively, about 400 bytes of stack per level of nesting (measured:
+/// 4,000 levels parse on a 2 MiB stack, 8,000 overflow it, which aborts
+/// the process). [`Limits::grammar_depth`](rusty_genius_core::Limits)
+/// keeps requests far below that; this is the margin for callers that
+/// raise the limit. Only the pages touched are ever committed.
+const ENGINE_STACK: usize = 64 << 20;
 
 /// Coming out of idle, how long the thread waits after each request for
 /// another of the same burst before its first step ...

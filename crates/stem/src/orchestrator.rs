@@ -21,7 +21,7 @@ use futures::{FutureExt, StreamExt};
 use rusty_genius_core::chat::validate_messages;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus};
-use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
+use rusty_genius_core::{GeniusError, InferenceConfig, Limits, Prompt};
 use rusty_genius_cortex::{
     default_engine_factory, CancelToken, Engine, EngineFactory, EngineReport, EngineThread,
     EventSink, Output, Pinky, Request, RequestId,
@@ -49,12 +49,14 @@ pub struct Orchestrator {
     strategy: CortexStrategy,
     factory: EngineFactory,
     authority: Arc<AssetAuthority>,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Orchestrator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Orchestrator")
             .field("strategy", &self.strategy)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -64,6 +66,7 @@ pub struct OrchestratorBuilder {
     strategy: CortexStrategy,
     factory: Option<EngineFactory>,
     authority: Option<AssetAuthority>,
+    limits: Limits,
 }
 
 impl OrchestratorBuilder {
@@ -93,6 +96,14 @@ impl OrchestratorBuilder {
         self.engine(move || Ok(pinky.clone()))
     }
 
+    /// Sets the bounds every request is checked against before it runs
+    /// (grammar and schema sizes, tools, texts to embed). Default
+    /// [`Limits::default`].
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
     /// Sets the asset authority that resolves model names.
     pub fn asset_authority(mut self, authority: AssetAuthority) -> Self {
         self.authority = Some(authority);
@@ -112,6 +123,7 @@ impl OrchestratorBuilder {
             strategy: self.strategy,
             factory: self.factory.unwrap_or_else(default_engine_factory),
             authority: Arc::new(authority),
+            limits: self.limits,
         })
     }
 }
@@ -129,6 +141,7 @@ impl Orchestrator {
             strategy: CortexStrategy::default(),
             factory: None,
             authority: None,
+            limits: Limits::default(),
         }
     }
 
@@ -180,6 +193,7 @@ impl Orchestrator {
         let (commands, inbox) = mpsc::unbounded();
         let handle = OrchestratorHandle::new(commands);
         let strategy = self.strategy;
+        let limits = self.limits;
         let factory = self.factory.clone();
         let authority = self.authority.clone();
         let core = async move {
@@ -194,6 +208,7 @@ impl Orchestrator {
             let (asset_tx, asset_rx) = mpsc::unbounded();
             let mut stem = Brainstem {
                 strategy,
+                limits,
                 authority,
                 engine: Some(engine),
                 reports,
@@ -297,6 +312,7 @@ type Resolution = Pin<Box<dyn Future<Output = Result<PathBuf, FacecrabError>> + 
 
 struct Brainstem {
     strategy: CortexStrategy,
+    limits: Limits,
     authority: Arc<AssetAuthority>,
     /// Taken only when the loop has ended, to shut it down.
     engine: Option<EngineThread>,
@@ -586,7 +602,10 @@ impl Brainstem {
             Prompt::Chat(messages) => validate_messages(messages),
             Prompt::Embed(embed) => embed.validate(),
         };
-        if let Err(err) = checked.and_then(|()| submitted.config.validate()) {
+        let checked = checked
+            .and_then(|()| submitted.config.validate())
+            .and_then(|()| self.limits.check(&submitted.prompt, &submitted.config));
+        if let Err(err) = checked {
             return submitted.fail(&err);
         }
         let Submitted {
@@ -602,6 +621,7 @@ impl Brainstem {
             id,
             prompt,
             config: *config,
+            limits: self.limits,
             output,
         });
     }

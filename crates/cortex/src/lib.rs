@@ -14,6 +14,8 @@ mod engine;
 #[cfg(feature = "llama")]
 mod llama;
 mod pinky;
+#[cfg_attr(not(feature = "llama"), allow(dead_code))]
+mod schema;
 pub mod template;
 pub mod text;
 mod thread;

@@ -9,14 +9,16 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use rusty_genius_core::{Embed, GeniusError, Pooling};
+use rusty_genius_core::{Embed, GeniusError, Limits, Pooling};
 
 use crate::engine::{Output, RequestId};
 
 /// The most texts one decode embeds together.
 pub(super) const MAX_SEQUENCES: u32 = 64;
 
-/// An `Embed` request waiting for its turn, already tokenized.
+/// An `Embed` request, already tokenized, and the vectors made so far.
+/// Each engine step decodes one batch of its texts, so that the other
+/// requests get their steps in between.
 pub(super) struct EmbedJob {
     pub(super) id: RequestId,
     pub(super) output: Output,
@@ -24,6 +26,15 @@ pub(super) struct EmbedJob {
     pub(super) pooling: Pooling,
     pub(super) normalize: bool,
     pub(super) started: Instant,
+    /// The vectors of `inputs[..vectors.len()]`.
+    pub(super) vectors: Vec<Vec<f32>>,
+}
+
+impl EmbedJob {
+    /// Whether every text has its vector.
+    pub(super) fn is_done(&self) -> bool {
+        self.vectors.len() == self.inputs.len()
+    }
 }
 
 /// The pooling the model file declares (`<arch>.pooling_type`), which
@@ -57,12 +68,38 @@ pub(super) struct Shape {
     pub(super) batch: usize,
 }
 
+/// How many bytes the output of one embedding decode may take. With
+/// embeddings on, llama.cpp computes the output layer for every token of
+/// the batch, into a buffer of vocabulary × batch floats (twice: the
+/// compute buffer and the output buffer): for a generative model with a
+/// large vocabulary that is gigabytes (gemma 3: 262,144 × 4096 × 4 bytes
+/// = 4 GiB per buffer), and most of the decode's time.
+const OUTPUT_BUDGET: usize = 256 << 20;
+
 impl Shape {
-    pub(super) fn new(window: usize, batch_size: usize) -> Self {
-        Self {
-            window,
-            batch: batch_size.max(window),
-        }
+    /// The shape for a model with `vocab` tokens whose texts may be up to
+    /// `window` tokens. An embedding model (`declares_pooling`) keeps its
+    /// whole window: it has no output layer over the vocabulary. A
+    /// generative model embeds texts of at most as many tokens as keep
+    /// that layer's output within [`OUTPUT_BUDGET`] (at least 64).
+    pub(super) fn new(
+        window: usize,
+        batch_size: usize,
+        vocab: usize,
+        declares_pooling: bool,
+    ) -> Self {
+        let window = if declares_pooling {
+            window
+        } else {
+            let fits = OUTPUT_BUDGET / (vocab.max(1) * std::mem::size_of::<f32>() * 2);
+            window.min((fits / 64 * 64).max(64))
+        };
+        let batch = if declares_pooling {
+            batch_size.max(window)
+        } else {
+            window
+        };
+        Self { window, batch }
     }
 
     pub(super) fn params(&self, pooling: Pooling, threads: i32) -> LlamaContextParams {
@@ -89,6 +126,7 @@ pub(super) fn prepare(
     name: &str,
     embed: &Embed,
     window: usize,
+    limits: &Limits,
 ) -> Result<(Pooling, Vec<Vec<LlamaToken>>), GeniusError> {
     embed.validate()?;
     let pooling = embed.pooling.or_else(|| declared_pooling(model)).ok_or_else(|| {
@@ -101,6 +139,7 @@ pub(super) fn prepare(
     })?;
     let vocab = model.vocab();
     let mut inputs = Vec::with_capacity(embed.inputs.len());
+    let mut total = 0;
     for (index, text) in embed.inputs.iter().enumerate() {
         let mut tokens = vocab.tokenize(text.as_bytes(), true, false);
         if tokens.is_empty() {
@@ -126,54 +165,56 @@ pub(super) fn prepare(
                 tokens[window - 1] = last;
             }
         }
+        total += tokens.len();
+        limits.check_embed_tokens(total)?;
         inputs.push(tokens);
     }
     Ok((pooling, inputs))
 }
 
-/// Embeds `inputs` in `context`: as many texts per decode as fit the batch
+/// Embeds the next texts of `job` in `context`: as many as fit one batch
 /// (each its own sequence), each pooled by the context into one vector.
-pub(super) fn run(
+pub(super) fn run_batch(
     context: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     shape: Shape,
-    inputs: &[Vec<LlamaToken>],
-    normalize: bool,
-) -> Result<Vec<Vec<f32>>, GeniusError> {
-    let mut vectors = Vec::with_capacity(inputs.len());
-    let mut next = 0;
-    while next < inputs.len() {
-        batch.clear();
-        let first = next;
-        let mut tokens = 0;
-        while next < inputs.len()
-            && next - first < MAX_SEQUENCES as usize
-            && tokens + inputs[next].len() <= shape.batch
-        {
-            let seq = (next - first) as i32;
-            for (position, &token) in inputs[next].iter().enumerate() {
-                batch
-                    .add(token, position as i32, &[seq], true)
-                    .map_err(|err| GeniusError::engine_from("cannot fill the batch", err))?;
-            }
-            tokens += inputs[next].len();
-            next += 1;
+    job: &mut EmbedJob,
+) -> Result<(), GeniusError> {
+    let inputs = &job.inputs;
+    batch.clear();
+    let first = job.vectors.len();
+    let mut next = first;
+    let mut tokens = 0;
+    while next < inputs.len()
+        && next - first < MAX_SEQUENCES as usize
+        && tokens + inputs[next].len() <= shape.batch
+    {
+        let seq = (next - first) as i32;
+        for (position, &token) in inputs[next].iter().enumerate() {
+            batch
+                .add(token, position as i32, &[seq], true)
+                .map_err(|err| GeniusError::engine_from("cannot fill the batch", err))?;
         }
-        context.clear_kv_cache();
-        context
-            .decode(batch)
-            .map_err(|err| GeniusError::engine_from("decoding the texts to embed failed", err))?;
+        tokens += inputs[next].len();
+        next += 1;
+    }
+    context.clear_kv_cache();
+    let decoded = context
+        .decode(batch)
+        .map_err(|err| GeniusError::engine_from("decoding the texts to embed failed", err));
+    let pooled = decoded.and_then(|()| {
         for seq in 0..(next - first) as i32 {
             let pooled = context.embeddings_seq_ith(seq).map_err(|err| {
                 GeniusError::engine_from("llama.cpp returned no pooled embedding", err)
             })?;
             let mut vector = pooled.to_vec();
-            if normalize {
+            if job.normalize {
                 rusty_genius_core::embed::normalize(&mut vector);
             }
-            vectors.push(vector);
+            job.vectors.push(vector);
         }
-    }
+        Ok(())
+    });
     context.clear_kv_cache();
-    Ok(vectors)
+    pooled
 }

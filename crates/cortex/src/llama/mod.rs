@@ -16,9 +16,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
-use rusty_genius_core::{
-    Embeddings, GeniusError, InferenceConfig, Pooling, Prompt, ResponseFormat,
-};
+use rusty_genius_core::{Embeddings, GeniusError, InferenceConfig, Pooling, Prompt};
 
 use crate::engine::{
     check_gguf, millis_since, reusable_prefix, Ended, Engine, Output, Refused, Request, RequestId,
@@ -30,7 +28,9 @@ mod prompt;
 mod sampling;
 
 use prompt::Prompter;
-use sampling::{grammar_sampler, grammar_text, sampler_for, token_logprobs, Chooser};
+use sampling::{
+    grammar_field, grammar_sampler, grammar_text, sampler_for, token_logprobs, Chooser,
+};
 
 /// Settings of the llama.cpp engine that hold for every request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +291,8 @@ impl Loaded {
                 .context_size
                 .min(cell.borrow_owner().n_ctx_train().max(1))) as usize,
             options.batch_size as usize,
+            cell.borrow_owner().n_vocab().max(1) as usize,
+            declared_pooling.is_some(),
         );
         let slots = (0..parallel as i32)
             .map(|seq| Slot {
@@ -389,11 +391,17 @@ impl Loaded {
     /// Checks and places a request; the error if it cannot run.
     fn start(&mut self, request: &mut Request) -> Result<(), GeniusError> {
         if let Prompt::Embed(embed) = &request.prompt {
-            let (pooling, inputs) =
-                embed::prepare(self.model(), &self.name, embed, self.embed_shape.window)?;
+            let (pooling, inputs) = embed::prepare(
+                self.model(),
+                &self.name,
+                embed,
+                self.embed_shape.window,
+                &request.limits,
+            )?;
             self.embed_jobs.push_back(embed::EmbedJob {
                 id: request.id,
                 output: std::mem::replace(&mut request.output, placeholder_output()),
+                vectors: Vec::with_capacity(inputs.len()),
                 inputs,
                 pooling,
                 normalize: embed.normalize,
@@ -504,63 +512,83 @@ impl Loaded {
         Ok(())
     }
 
-    /// One step: every job that needs the model gets its tokens into one
-    /// batch (a generating job its last token, a prefilling job a chunk of
-    /// its prompt), the batch is decoded once, and every job with fresh
-    /// logits chooses its next token.
-    /// Embeds every queued `Embed` request, each in as few decodes as its
-    /// texts fit.
-    fn embed_queued(&mut self, step: &mut Step) {
-        while let Some(mut job) = self.embed_jobs.pop_front() {
-            step.progressed = true;
-            if let Some(reason) = job.output.check_cancelled() {
-                let usage = embed_usage(&job, reason);
+    /// Decodes one batch of texts of the oldest `Embed` request, ending it
+    /// when all its texts have vectors. One batch per step, so that the
+    /// other requests' steps come in between a long embedding's batches.
+    fn embed_next(&mut self, step: &mut Step) {
+        let Some(mut job) = self.embed_jobs.pop_front() else {
+            return;
+        };
+        step.progressed = true;
+        if let Some(reason) = job.output.check_cancelled() {
+            let usage = embed_usage(&job, reason);
+            step.ended.push(Ended {
+                id: job.id,
+                output: job.output,
+                result: Ok(usage),
+            });
+            return;
+        }
+        let Self {
+            cell,
+            embed_batch,
+            embed_shape,
+            threads,
+            ..
+        } = self;
+        let (shape, threads) = (*embed_shape, *threads);
+        let result = cell.with_dependent_mut(|model, contexts| {
+            if contexts.embed.as_ref().map(|(pooling, _)| *pooling) != Some(job.pooling) {
+                // Free the old one first.
+                contexts.embed = None;
+                let context = model
+                    .new_context(llama_backend()?, shape.params(job.pooling, threads))
+                    .map_err(|err| {
+                        GeniusError::engine_from("cannot create the embedding context", err)
+                    })?;
+                contexts.embed = Some((job.pooling, context));
+            }
+            let (_, context) = contexts.embed.as_mut().expect("made above");
+            embed::run_batch(context, embed_batch, shape, &mut job)
+        });
+        match result {
+            Ok(()) if !job.is_done() => self.embed_jobs.push_front(job),
+            Ok(()) => {
+                let tokens = job.inputs.iter().map(Vec::len).collect();
+                let vectors = std::mem::take(&mut job.vectors);
+                job.output
+                    .send(InferenceEvent::Embeddings(Embeddings { vectors, tokens }));
+                let usage = embed_usage(&job, FinishReason::EndOfGeneration);
                 step.ended.push(Ended {
                     id: job.id,
                     output: job.output,
                     result: Ok(usage),
                 });
-                continue;
             }
-            let Self {
-                cell,
-                embed_batch,
-                embed_shape,
-                threads,
-                ..
-            } = self;
-            let (shape, threads) = (*embed_shape, *threads);
-            let result = cell.with_dependent_mut(|model, contexts| {
-                if contexts.embed.as_ref().map(|(pooling, _)| *pooling) != Some(job.pooling) {
-                    // Free the old one first.
-                    contexts.embed = None;
-                    let context = model
-                        .new_context(llama_backend()?, shape.params(job.pooling, threads))
-                        .map_err(|err| {
-                            GeniusError::engine_from("cannot create the embedding context", err)
-                        })?;
-                    contexts.embed = Some((job.pooling, context));
-                }
-                let (_, context) = contexts.embed.as_mut().expect("made above");
-                embed::run(context, embed_batch, shape, &job.inputs, job.normalize)
-            });
-            let result = result.map(|vectors| {
-                let tokens = job.inputs.iter().map(Vec::len).collect();
-                job.output
-                    .send(InferenceEvent::Embeddings(Embeddings { vectors, tokens }));
-                embed_usage(&job, FinishReason::EndOfGeneration)
-            });
-            step.ended.push(Ended {
+            Err(err) => step.ended.push(Ended {
                 id: job.id,
                 output: job.output,
-                result,
-            });
+                result: Err(err),
+            }),
         }
     }
 
+    /// One step: every job that needs the model gets its tokens into one
+    /// batch (a generating job its last token, a prefilling job a chunk of
+    /// its prompt), the batch is decoded once, and every job with fresh
+    /// logits chooses its next token. After it, one batch of texts to
+    /// embed, if any wait.
     fn step(&mut self) -> Step {
+        // Generation first: a request that just arrived gets its prompt
+        // decoded before the next batch of texts to embed, not after.
+        let mut step = self.generate();
+        self.embed_next(&mut step);
+        step
+    }
+
+    /// The generating half of a step.
+    fn generate(&mut self) -> Step {
         let mut step = Step::default();
-        self.embed_queued(&mut step);
         // Cancelled jobs end before anything is spent on them.
         for index in 0..self.slots.len() {
             let cancelled = self.slots[index]
@@ -855,15 +883,6 @@ fn placeholder_output() -> Output {
         Nowhere,
         crate::CancelToken::default(),
     )
-}
-
-/// Which part of the request a grammar comes from, for its errors.
-fn grammar_field(config: &InferenceConfig) -> &'static str {
-    match config.response_format {
-        ResponseFormat::Grammar { .. } => "response_format.grammar",
-        ResponseFormat::Text => "tools",
-        _ => "response_format",
-    }
 }
 
 /// The usage of an embedding job: its tokens, all "prompt".

@@ -3,6 +3,7 @@
 //! log-probabilities reported to the application.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
@@ -71,13 +72,13 @@ pub(super) fn grammar_text(
     tool_syntax: Option<ToolSyntax>,
 ) -> Result<Option<String>, GeniusError> {
     let schema_grammar = |schema: &serde_json::Value, what: &str| {
-        llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|err| {
-            let why = take_last_error().unwrap_or_else(|| err.to_string());
-            GeniusError::invalid_request(
-                what,
-                format!("the JSON-schema converter cannot handle this schema: {why}"),
-            )
-        })
+        // A schema is refused rather than quietly weakened: every keyword
+        // the converter would drop is an error, and so is every pattern it
+        // would replace by "any string".
+        for pattern in crate::schema::check(what, schema)? {
+            check_pattern(&pattern)?;
+        }
+        convert_schema(schema, what)
     };
     match &config.response_format {
         ResponseFormat::Text => {}
@@ -107,6 +108,54 @@ pub(super) fn grammar_text(
     Ok(Some(syntax.calls_grammar(&call)))
 }
 
+/// Which part of the request a grammar comes from, for its errors.
+pub(super) fn grammar_field(config: &InferenceConfig) -> &'static str {
+    match config.response_format {
+        ResponseFormat::Grammar { .. } => "response_format.grammar",
+        ResponseFormat::Text => "tools",
+        _ => "response_format",
+    }
+}
+
+/// llama.cpp's grammar for `schema`, or why it has none.
+fn convert_schema(schema: &serde_json::Value, what: &str) -> Result<String, GeniusError> {
+    llama_cpp_2::json_schema_to_grammar(&schema.to_string()).map_err(|err| {
+        let why = take_last_error().unwrap_or_else(|| err.to_string());
+        GeniusError::invalid_request(
+            what,
+            format!("the JSON-schema converter cannot handle this schema: {why}"),
+        )
+    })
+}
+
+/// Refuses a pattern the converter cannot turn into grammar rules: it
+/// would accept any string in its place (and only say so on stderr).
+fn check_pattern(pattern: &crate::schema::Pattern) -> Result<(), GeniusError> {
+    let alone = serde_json::json!({"type": "string", "pattern": pattern.pattern});
+    let grammar = convert_schema(&alone, &pattern.at).map_err(|_| {
+        GeniusError::invalid_request(
+            pattern.at.clone(),
+            format!(
+                "the pattern `{}` is not a regular expression the grammar converter can read (check its brackets and escapes)",
+                pattern.pattern
+            ),
+        )
+    })?;
+    let unconstrained = grammar
+        .lines()
+        .any(|line| line.trim_end() == "root ::= string");
+    if unconstrained {
+        return Err(GeniusError::invalid_request(
+            pattern.at.clone(),
+            format!(
+                "the pattern `{}` uses regular-expression syntax the grammar converter does not support (it must be anchored with ^ and $, without lookaround, backreferences or anchors inside), so the answer could not be held to it",
+                pattern.pattern
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// A grammar sampler for `grammar` (rule `root`), or why it cannot be one.
 pub(super) fn grammar_sampler(
     model: &LlamaModel,
@@ -126,6 +175,18 @@ pub(super) struct Chooser {
     grammar: Option<LlamaSampler>,
     /// How often the grammar had to reject the chain's first choice.
     pub(super) resampled: usize,
+    /// Tokens accepted so far.
+    accepted: usize,
+    /// The part of the request the grammar comes from, for errors.
+    field: &'static str,
+    /// Greedy decoding: the likeliest allowed token is the choice.
+    greedy: bool,
+    /// The chain's `top_k` (0: off) and `min_p` (0: off).
+    top_k: usize,
+    min_p: f32,
+    /// The chain's repetition penalty and the tokens it looks at.
+    penalty: f32,
+    recent: VecDeque<LlamaToken>,
     /// The candidate list, one entry per vocabulary token, kept between
     /// tokens so that choosing allocates nothing (it is megabytes).
     buffer: Vec<LlamaTokenData>,
@@ -146,6 +207,13 @@ impl Chooser {
             chain,
             grammar,
             resampled: 0,
+            accepted: 0,
+            field: grammar_field(config),
+            greedy: config.temperature <= 0.0,
+            top_k: config.top_k as usize,
+            min_p: config.min_p,
+            penalty: config.repetition_penalty,
+            recent: VecDeque::with_capacity(PENALTY_WINDOW + 1),
             buffer: Vec::new(),
             argmax: config.temperature <= 0.0 && config.repetition_penalty == 1.0,
         }
@@ -153,8 +221,21 @@ impl Chooser {
 
     /// Feeds the prompt's last tokens to the chain's repetition penalty.
     pub(super) fn accept_prompt(&mut self, tokens: &[LlamaToken]) {
-        self.chain
-            .accept_many(&tokens[tokens.len().saturating_sub(PENALTY_WINDOW)..]);
+        let tail = &tokens[tokens.len().saturating_sub(PENALTY_WINDOW)..];
+        self.chain.accept_many(tail);
+        for &token in tail {
+            self.remember(token);
+        }
+    }
+
+    /// Keeps `token` in the window the repetition penalty looks at.
+    fn remember(&mut self, token: LlamaToken) {
+        if self.penalty != 1.0 {
+            if self.recent.len() == PENALTY_WINDOW {
+                self.recent.pop_front();
+            }
+            self.recent.push_back(token);
+        }
     }
 
     /// Whether no grammar constrains the choice.
@@ -164,10 +245,9 @@ impl Chooser {
 
     /// Chooses a token from `logits` (call [`accept`](Self::accept) with
     /// it next). With a grammar, the chain chooses first and the grammar
-    /// only checks that one token; only when it is refused is the grammar
-    /// applied to the whole vocabulary and the choice made again, as
-    /// llama.cpp's own sampler does, because checking every token at every
-    /// step is what makes grammars slow.
+    /// only checks that one token, as llama.cpp's own sampler does; only
+    /// when it is refused does the grammar look further, and then not at
+    /// the whole vocabulary at once: see [`choose_allowed`](Self::choose_allowed).
     pub(super) fn choose(&mut self, logits: &[f32]) -> Result<LlamaToken, GeniusError> {
         if self.argmax && self.is_plain() {
             // What the greedy sampler picks (the first of equal maxima),
@@ -182,15 +262,114 @@ impl Chooser {
         let token = token?;
         if !self.is_plain() && self.allowed(&[token]).is_empty() {
             self.resampled += 1;
-            let mut candidates = self.candidates(logits);
-            let grammar = self.grammar.as_mut().expect("only a grammar refuses");
-            candidates.apply_sampler(grammar);
-            candidates.apply_sampler(&mut self.chain);
-            let token = selected(&candidates);
-            self.buffer = candidates.data;
-            return token;
+            return self.choose_allowed(logits);
         }
         Ok(token)
+    }
+
+    /// Chooses among the tokens the grammar allows. A grammar's cost is
+    /// the number of its open alternatives times the tokens it checks, so
+    /// checking the whole vocabulary (150,000 tokens and more) under a
+    /// grammar of a thousand alternatives takes a second, for every
+    /// token. Instead the likeliest tokens are checked first, in growing
+    /// rounds (64, 512, 4096, ...), until the allowed ones found must hold
+    /// the choice: for greedy decoding, any allowed token (the likeliest
+    /// of them wins, and every unchecked token is less likely); for
+    /// sampling, `top_k` of them, or a best allowed token so far above
+    /// everything unchecked that the rest could never be drawn (`min_p`
+    /// would drop them, or they are 20 logits down). The chain then
+    /// chooses among them as it would have among all allowed tokens.
+    fn choose_allowed(&mut self, logits: &[f32]) -> Result<LlamaToken, GeniusError> {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let mut checked = 0;
+        let mut round = FIRST_ROUND.min(order.len());
+        let mut allowed: Vec<LlamaToken> = Vec::new();
+        loop {
+            // The next `round` likeliest tokens, likeliest first.
+            let rest = &mut order[checked..];
+            let take = round.min(rest.len());
+            if take < rest.len() {
+                rest.select_nth_unstable_by(take, |a, b| {
+                    logits[*b as usize].total_cmp(&logits[*a as usize])
+                });
+            }
+            rest[..take]
+                .sort_unstable_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+            let batch: Vec<LlamaToken> = rest[..take]
+                .iter()
+                .map(|&id| LlamaToken(id as i32))
+                .collect();
+            allowed.extend(self.allowed(&batch));
+            checked += take;
+            let exhausted = checked == order.len();
+            // Every unchecked token's logit is at most this.
+            let boundary = if exhausted {
+                f32::NEG_INFINITY
+            } else {
+                logits[order[checked - 1] as usize]
+            };
+            if self.holds_the_choice(&allowed, logits, boundary) || exhausted {
+                break;
+            }
+            round = round.saturating_mul(ROUND_GROWTH);
+        }
+        if allowed.is_empty() {
+            return Err(GeniusError::invalid_request(
+                self.field,
+                format!(
+                    "no token of this model can continue the required grammar here (after {} generated tokens): it asks for text no token spells, such as a control character",
+                    self.accepted
+                ),
+            ));
+        }
+        let mut candidates = LlamaTokenDataArray::from_iter(
+            allowed
+                .iter()
+                .map(|&token| LlamaTokenData::new(token, logits[token.0 as usize], 0.0)),
+            false,
+        );
+        candidates.apply_sampler(&mut self.chain);
+        selected(&candidates)
+    }
+
+    /// Whether the allowed tokens found so far must hold the chain's
+    /// choice, when no unchecked token's logit is above `boundary`.
+    fn holds_the_choice(&self, allowed: &[LlamaToken], logits: &[f32], boundary: f32) -> bool {
+        // A repetition penalty only ever lowers a logit, so the best
+        // allowed token is judged by its penalised logit.
+        let Some(best) = allowed
+            .iter()
+            .map(|token| self.penalised(*token, logits[token.0 as usize]))
+            .max_by(f32::total_cmp)
+        else {
+            return false;
+        };
+        if self.greedy {
+            return best >= boundary;
+        }
+        if self.top_k > 0 && allowed.len() >= self.top_k {
+            // The top_k likeliest allowed tokens are all among them (up to
+            // penalties, which only push checked tokens down).
+            return best >= boundary;
+        }
+        let negligible = if self.min_p > 0.0 {
+            -self.min_p.ln()
+        } else {
+            NEGLIGIBLE
+        };
+        best - boundary >= negligible
+    }
+
+    /// `logit` after the chain's repetition penalty, as llama.cpp applies
+    /// it to a token seen in the recent window.
+    fn penalised(&self, token: LlamaToken, logit: f32) -> f32 {
+        if self.penalty == 1.0 || !self.recent.contains(&token) {
+            logit
+        } else if logit > 0.0 {
+            logit / self.penalty
+        } else {
+            logit * self.penalty
+        }
     }
 
     /// Every token with its logit, in the reused buffer.
@@ -214,6 +393,8 @@ impl Chooser {
             })?;
         }
         self.chain.accept(token);
+        self.remember(token);
+        self.accepted += 1;
         Ok(())
     }
 
@@ -238,6 +419,16 @@ impl Chooser {
             .collect()
     }
 }
+
+/// How many of the likeliest tokens the grammar checks first, when it
+/// refused the chain's choice, and how much each further round grows.
+const FIRST_ROUND: usize = 64;
+const ROUND_GROWTH: usize = 8;
+
+/// How far below the best allowed token (in logits) unchecked tokens may
+/// be ignored when sampling without `min_p`: e^-20 is 2e-9 of its
+/// probability, less than a 150,000-token vocabulary could add up to.
+const NEGLIGIBLE: f32 = 20.0;
 
 /// The token with the largest logit; the first one on a tie.
 fn first_max(logits: &[f32]) -> Option<LlamaToken> {

@@ -6,12 +6,15 @@ use std::time::Duration;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use rusty_genius::core::protocol::{AssetEvent, BrainstemOutput, InferenceEvent};
-use rusty_genius::core::{ChatMessage, ErrorKind, ErrorReport, InferenceConfig, PromptFormat};
+use rusty_genius::core::{
+    ChatMessage, ErrorKind, ErrorReport, InferenceConfig, Limits, PromptFormat,
+};
 use rusty_genius::cortex::Pinky;
 use rusty_genius::facecrab::{AssetAuthority, FacecrabError};
 use rusty_genius::{CortexStrategy, Orchestrator, OrchestratorHandle, RequestStream};
 use tokio::io::AsyncBufReadExt;
 
+use crate::http::Timeouts;
 use crate::serve::{self, ServeSettings};
 use crate::{exit, Command, EngineArgs, EngineKind, ServeArgs};
 
@@ -210,9 +213,11 @@ fn remove(model: &str) -> Result<(), Failure> {
 fn orchestrator(
     engine: &EngineArgs,
     strategy: CortexStrategy,
+    limits: Limits,
 ) -> Result<OrchestratorHandle, Failure> {
     let builder = Orchestrator::builder()
         .strategy(strategy)
+        .limits(limits)
         .asset_authority(authority()?);
     let builder = match engine.engine {
         EngineKind::Pinky => builder.pinky(
@@ -289,7 +294,7 @@ async fn run_model(
     config: InferenceConfig,
     engine: &EngineArgs,
 ) -> Result<(), Failure> {
-    let genius = orchestrator(engine, CortexStrategy::KeepAlive)?;
+    let genius = orchestrator(engine, CortexStrategy::KeepAlive, Limits::default())?;
     load(&genius, model).await?;
     let result = if prompt.is_empty() {
         chat(&genius, system, config).await
@@ -390,12 +395,18 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
         let path = fetch(model).await?;
         log::info!("{model} is at {}", path.display());
     }
-    let genius = orchestrator(&args.engine, strategy)?;
+    let genius = orchestrator(&args.engine, strategy, args.limits.limits())?;
     let settings = ServeSettings {
         addr: args.addr,
         model: args.model,
         api_key: args.api_key.filter(|key| !key.is_empty()),
         max_body_bytes: args.max_body_bytes,
+        allowed_hosts: args.allowed_hosts,
+        timeouts: Timeouts {
+            header: Duration::from_secs(args.header_timeout.max(1)),
+            body: Duration::from_secs(args.body_timeout.max(1)),
+            idle: Duration::from_secs(args.idle_timeout.max(1)),
+        },
     };
     if settings.api_key.is_none() && !settings.addr.ip().is_loopback() {
         log::warn!(

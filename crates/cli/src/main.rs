@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)] // a command line prints
 
 mod commands;
+mod http;
 mod openai;
 mod serve;
 
@@ -10,6 +11,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rusty_genius::core::Limits;
 
 /// Exit codes scripts can rely on (besides 0 for success and 2 for a
 /// command line clap could not parse).
@@ -118,8 +120,77 @@ struct ServeArgs {
     /// loaded again by the next request.
     #[arg(long, default_value_t = 0)]
     idle_unload: u64,
+    /// Without an API key, also answer requests whose Host header is this
+    /// name (repeatable). localhost and IP addresses are always accepted;
+    /// any other name is refused, so that no web page can reach the
+    /// server through DNS rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    allowed_hosts: Vec<String>,
+    /// Seconds a client may take to send a request's headers, from their
+    /// first byte.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    header_timeout: u64,
+    /// Seconds a client may take to send a request's body.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    body_timeout: u64,
+    /// Seconds a connection may stay open with no request in flight, or
+    /// with an answer its client does not read.
+    #[arg(long, default_value_t = 75, value_name = "SECS")]
+    idle_timeout: u64,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+/// The most one request may ask for; a request over a limit gets a 400
+/// naming it.
+#[derive(Debug, Clone, Args)]
+struct LimitArgs {
+    /// Bytes of a GBNF grammar (response_format grammar).
+    #[arg(long, default_value_t = Limits::default().grammar_bytes, value_name = "BYTES")]
+    max_grammar_bytes: usize,
+    /// Levels of nested parentheses in a grammar.
+    #[arg(long, default_value_t = Limits::default().grammar_depth, value_name = "N")]
+    max_grammar_depth: usize,
+    /// Bytes of all JSON schemas of a request (response_format and tools).
+    #[arg(long, default_value_t = Limits::default().schema_bytes, value_name = "BYTES")]
+    max_schema_bytes: usize,
+    /// Levels of nested JSON objects and arrays in a schema.
+    #[arg(long, default_value_t = Limits::default().schema_depth, value_name = "N")]
+    max_schema_depth: usize,
+    /// Values of one enum in a schema.
+    #[arg(long, default_value_t = Limits::default().enum_values, value_name = "N")]
+    max_enum_values: usize,
+    /// Tools in one request.
+    #[arg(long, default_value_t = Limits::default().tools, value_name = "N")]
+    max_tools: usize,
+    /// Stop sequences of one request.
+    #[arg(long, default_value_t = Limits::default().stop_sequences, value_name = "N")]
+    max_stop: usize,
+    /// Texts in one embeddings request.
+    #[arg(long, default_value_t = Limits::default().embed_inputs, value_name = "N")]
+    max_embed_inputs: usize,
+    /// Tokens of all texts of one embeddings request.
+    #[arg(long, default_value_t = Limits::default().embed_tokens, value_name = "N")]
+    max_embed_tokens: usize,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            grammar_bytes: self.max_grammar_bytes,
+            grammar_depth: self.max_grammar_depth,
+            schema_bytes: self.max_schema_bytes,
+            schema_depth: self.max_schema_depth,
+            enum_values: self.max_enum_values,
+            tools: self.max_tools,
+            stop_sequences: self.max_stop,
+            embed_inputs: self.max_embed_inputs,
+            embed_tokens: self.max_embed_tokens,
+            ..Limits::default()
+        }
+    }
 }
 
 /// The engine's settings (the `GENIUS_*` variables give the defaults).

@@ -24,6 +24,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
+use crate::http::Timeouts;
 use crate::openai::{
     self, ChatRequest, CompletionRequest, EmbeddingRequest, ErrorBody, ErrorDetail, Unsupported,
 };
@@ -37,6 +38,10 @@ pub(crate) struct ServeSettings {
     pub(crate) model: Option<String>,
     pub(crate) api_key: Option<String>,
     pub(crate) max_body_bytes: usize,
+    /// Host names accepted besides `localhost` and IP addresses, when no
+    /// API key is set (`--allowed-host`).
+    pub(crate) allowed_hosts: Vec<String>,
+    pub(crate) timeouts: Timeouts,
 }
 
 /// A model the server answers for: the id clients send, the name the
@@ -115,14 +120,12 @@ pub(crate) async fn serve(
                 .store(true, std::sync::atomic::Ordering::Release);
         });
     }
+    let timeouts = settings.timeouts;
     let app = router(state);
     log::info!("listening on http://{local}");
     // The one line scripts wait for (the port may have been 0).
     eprintln!("genius: serving the OpenAI API on http://{local}/v1");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|err| format!("the server failed: {err}"))?;
+    crate::http::serve(listener, app, timeouts, shutdown_signal()).await;
     genius.shutdown();
     Ok(())
 }
@@ -159,8 +162,30 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
+}
+
+/// What every request passes before its handler. Without an API key, the
+/// server trusts whoever can reach it, so it makes sure a web page cannot
+/// be that someone: the `Host` must be `localhost`, an IP address or a
+/// name given with `--allowed-host` (a DNS-rebinding page sends its own
+/// domain), and a POST must say it is JSON (a page can send `text/plain`
+/// across origins without asking; `application/json` needs a CORS
+/// preflight, which this server never grants). With a key, a page cannot
+/// authenticate, and neither check applies.
+async fn gate(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if state.settings.api_key.is_none() {
+        if let Err(refused) = state.check_origin(&request) {
+            return refused.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// One log line per request: method, path, status and the time to the
@@ -256,7 +281,18 @@ impl ApiError {
             ErrorKind::Asset => (StatusCode::BAD_GATEWAY, "server_error", None),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
-        let mut error = Self::new(status, kind, report.message.clone());
+        // A client learns what it did wrong, never where the server keeps
+        // its files or what failed inside it: the log has those.
+        let message = if status == StatusCode::INTERNAL_SERVER_ERROR
+            || status == StatusCode::BAD_GATEWAY
+        {
+            let reference = request_id();
+            log::error!("{status} (ref {reference}): {}", report.message);
+            format!("the server could not answer this request; its log says why (ref {reference})")
+        } else {
+            without_paths(&report.message)
+        };
+        let mut error = Self::new(status, kind, message);
         error.detail.code = code;
         error
     }
@@ -311,6 +347,51 @@ async fn not_found(method: Method, request: Request) -> ApiError {
 // ---- request checks -----------------------------------------------------
 
 impl AppState {
+    /// The keyless server's checks of where a request comes from.
+    fn check_origin(&self, request: &Request) -> Result<(), ApiError> {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
+        if let Some(host) = host {
+            if !host_allowed(&host, &self.settings.allowed_hosts) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "invalid_request_error",
+                    format!(
+                        "the Host `{}` is not one this server answers to: without an API key it accepts only localhost, IP addresses and the names given with --allowed-host (so that no web page can reach it through DNS rebinding)",
+                        host.escape_debug()
+                    ),
+                )
+                .code("host_not_allowed"));
+            }
+        }
+        if request.method() == Method::POST {
+            let content_type = request
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or("");
+            let essence = content_type.split(';').next().unwrap_or("").trim();
+            if !essence.eq_ignore_ascii_case("application/json") {
+                let given = if content_type.is_empty() {
+                    "no Content-Type".to_owned()
+                } else {
+                    format!("Content-Type `{}`", content_type.escape_debug())
+                };
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "invalid_request_error",
+                    format!("the body must be JSON sent with `Content-Type: application/json`; this request has {given}"),
+                )
+                .code("unsupported_media_type"));
+            }
+        }
+        Ok(())
+    }
+
     fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let Some(key) = &self.settings.api_key else {
             return Ok(());
@@ -360,8 +441,19 @@ impl AppState {
         if declared.is_some_and(|length| length > limit as u64) {
             return Err(too_large());
         }
-        let bytes: Bytes = axum::body::to_bytes(body, limit)
+        let timeout = self.settings.timeouts.body;
+        let bytes: Bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
             .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!(
+                        "the request body did not arrive within {} s (genius serve --body-timeout)",
+                        timeout.as_secs_f64()
+                    ),
+                )
+            })?
             .map_err(|_| too_large())?;
         serde_json::from_slice(&bytes).map_err(|err| {
             let what = if err.is_syntax() || err.is_eof() {
@@ -430,6 +522,57 @@ fn model_id(name: &str) -> String {
         }
     }
     name.to_owned()
+}
+
+/// `message` with every absolute file path cut to its file name.
+fn without_paths(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find('/') {
+        let before = &rest[..at];
+        let starts_path = before
+            .chars()
+            .next_back()
+            .is_none_or(|c| c.is_whitespace() || matches!(c, '`' | '\'' | '"' | '(' | '='));
+        let end = rest[at..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '`' | '\'' | '"' | ')' | ',' | ';'))
+            .map_or(rest.len(), |n| at + n);
+        let token = &rest[at..end];
+        out.push_str(before);
+        if starts_path && token.len() > 1 && token[1..].contains('/') {
+            let token = token.trim_end_matches(['.', ':']);
+            let name = token.rsplit('/').next().unwrap_or("");
+            out.push_str(name);
+            out.push_str(&rest[at + token.len()..end]);
+        } else {
+            out.push_str(token);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Whether a keyless server answers requests for `host` (a `Host`
+/// header: a name or address, maybe with a port).
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host.trim();
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("")
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+            _ => host,
+        }
+    };
+    let name = name.trim_end_matches('.');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || name.to_ascii_lowercase().ends_with(".localhost")
+        || allowed
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(name) || allowed.eq_ignore_ascii_case(host))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -107,6 +107,23 @@ impl Server {
         let _ = self.child.wait();
     }
 
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's resident memory, in bytes (Linux).
+    pub(crate) fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("the server's /proc status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|kb| kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS")
+            * 1024
+    }
+
     /// Whether the process is still running.
     pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -229,6 +246,17 @@ pub(crate) fn send(
         let _ = stream.write_all(body);
     }
     Ok(stream)
+}
+
+/// Sends `raw` bytes as they are (a whole request, head and body) and
+/// reads the whole answer.
+pub(crate) fn raw(addr: SocketAddr, raw: &[u8]) -> std::io::Result<Reply> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.write_all(raw)?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer)?;
+    Ok(parse(&answer))
 }
 
 /// Posts JSON.

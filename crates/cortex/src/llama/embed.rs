@@ -1,5 +1,8 @@
-//! Embeddings with llama.cpp: many texts decoded together, one sequence
-//! each, in a context of their own that pools each sequence into a vector.
+//! Embeddings with llama.cpp, in a context of their own: many texts decoded
+//! together, one sequence each. An embedding model (an encoder, which sees
+//! a whole text at once) has llama.cpp pool each sequence into a vector; a
+//! generative model is causal, so a text may span several decodes, and
+//! the vector is pooled here from its tokens' hidden states.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -22,18 +25,36 @@ pub(super) const MAX_SEQUENCES: u32 = 64;
 pub(super) struct EmbedJob {
     pub(super) id: RequestId,
     pub(super) output: Output,
+    /// The texts to embed.
+    pub(super) texts: Vec<String>,
+    /// The tokens of `texts[..inputs.len()]`.
     pub(super) inputs: Vec<Vec<LlamaToken>>,
+    /// How many tokens `inputs` hold in all.
+    pub(super) tokens: usize,
+    pub(super) truncate: bool,
+    pub(super) limits: Limits,
     pub(super) pooling: Pooling,
     pub(super) normalize: bool,
     pub(super) started: Instant,
     /// The vectors of `inputs[..vectors.len()]`.
     pub(super) vectors: Vec<Vec<f32>>,
+    /// In a generative model's context: the text whose tokens are partly
+    /// decoded (it goes on in the next decode).
+    pub(super) spanning: Option<Spanning>,
+}
+
+/// A text decoded in part: where it is, and what its vector gathers.
+pub(super) struct Spanning {
+    index: usize,
+    seq: i32,
+    done: usize,
+    pooled: Vec<f32>,
 }
 
 impl EmbedJob {
     /// Whether every text has its vector.
     pub(super) fn is_done(&self) -> bool {
-        self.vectors.len() == self.inputs.len()
+        self.vectors.len() == self.texts.len()
     }
 }
 
@@ -63,118 +84,303 @@ fn llama_pooling(pooling: Pooling) -> LlamaPoolingType {
 pub(super) struct Shape {
     /// The longest text, in tokens.
     pub(super) window: usize,
-    /// The most tokens one decode takes (at least `window`: an
-    /// encoder sees a whole text at once).
+    /// The most tokens one decode takes: at least `window` for an encoder,
+    /// which sees a whole text at once; [`STEP_TOKENS`] for a generative
+    /// model.
     pub(super) batch: usize,
+    /// Whether texts are pooled here from a generative model's hidden
+    /// states, over as many decodes as they need.
+    pub(super) causal: bool,
 }
 
-/// How many bytes the output of one embedding decode may take. With
+/// The most tokens one embedding decode of a generative model takes. With
 /// embeddings on, llama.cpp computes the output layer for every token of
-/// the batch, into a buffer of vocabulary × batch floats (twice: the
-/// compute buffer and the output buffer): for a generative model with a
-/// large vocabulary that is gigabytes (gemma 3: 262,144 × 4096 × 4 bytes
-/// = 4 GiB per buffer), and most of the decode's time.
-const OUTPUT_BUDGET: usize = 256 << 20;
+/// the batch (vocabulary × batch floats: for gemma 3, 262,144 × 4096 × 4
+/// bytes = 4 GiB per buffer at a 4096-token batch, in the compute buffer
+/// and again in the output buffer, and most of the time); 64 tokens keep
+/// that under 100 MB and a decode under half a second on two cores, which
+/// is how long the other requests wait for it.
+const STEP_TOKENS: usize = 64;
 
 impl Shape {
-    /// The shape for a model with `vocab` tokens whose texts may be up to
-    /// `window` tokens. An embedding model (`declares_pooling`) keeps its
-    /// whole window: it has no output layer over the vocabulary. A
-    /// generative model embeds texts of at most as many tokens as keep
-    /// that layer's output within [`OUTPUT_BUDGET`] (at least 64).
-    pub(super) fn new(
-        window: usize,
-        batch_size: usize,
-        vocab: usize,
-        declares_pooling: bool,
-    ) -> Self {
-        let window = if declares_pooling {
-            window
+    /// The shape for texts of up to `window` tokens. An embedding model
+    /// (`declares_pooling`) decodes whole texts, as many as fit a batch of
+    /// `batch_size` tokens; a generative model [`STEP_TOKENS`] at a time.
+    pub(super) fn new(window: usize, batch_size: usize, declares_pooling: bool) -> Self {
+        if declares_pooling {
+            Self {
+                window,
+                batch: batch_size.max(window),
+                causal: false,
+            }
         } else {
-            let fits = OUTPUT_BUDGET / (vocab.max(1) * std::mem::size_of::<f32>() * 2);
-            window.min((fits / 64 * 64).max(64))
-        };
-        let batch = if declares_pooling {
-            batch_size.max(window)
-        } else {
-            window
-        };
-        Self { window, batch }
+            Self {
+                window,
+                batch: STEP_TOKENS,
+                causal: true,
+            }
+        }
     }
 
     pub(super) fn params(&self, pooling: Pooling, threads: i32) -> LlamaContextParams {
         let batch = u32::try_from(self.batch).unwrap_or(u32::MAX);
+        // A text spanning decodes keeps its cells until it ends, beside
+        // the next decode's.
+        let cells = if self.causal {
+            self.window + self.batch
+        } else {
+            self.batch
+        };
+        let pooling = if self.causal {
+            LlamaPoolingType::None
+        } else {
+            llama_pooling(pooling)
+        };
         LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(batch))
+            .with_n_ctx(NonZeroU32::new(u32::try_from(cells).unwrap_or(u32::MAX)))
             .with_n_batch(batch)
             .with_n_ubatch(batch)
             .with_n_seq_max(MAX_SEQUENCES)
-            // The texts of one decode share the cells; each decode starts
-            // from an empty cache.
+            // The texts of one decode share the cells; finished texts'
+            // cells are cleared after each decode.
             .with_kv_unified(true)
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
             .with_embeddings(true)
-            .with_pooling_type(llama_pooling(pooling))
+            .with_pooling_type(pooling)
     }
 }
 
-/// Checks and tokenizes an `Embed` request: the pooling to use, and each
-/// text's tokens (cut to the window when the request allows it).
-pub(super) fn prepare(
+/// Checks an `Embed` request and chooses its pooling; its texts are
+/// tokenized later, a part per step ([`EmbedJob::tokenize_some`]).
+pub(super) fn pooling_for(
     model: &LlamaModel,
     name: &str,
     embed: &Embed,
-    window: usize,
-    limits: &Limits,
-) -> Result<(Pooling, Vec<Vec<LlamaToken>>), GeniusError> {
+) -> Result<Pooling, GeniusError> {
     embed.validate()?;
-    let pooling = embed.pooling.or_else(|| declared_pooling(model)).ok_or_else(|| {
+    embed.pooling.or_else(|| declared_pooling(model)).ok_or_else(|| {
         GeniusError::invalid_request(
             "pooling",
             format!(
                 "`{name}` is a generative model and declares no pooling: ask with a pooling (mean, cls or last) to embed with it, or load an embedding model"
             ),
         )
-    })?;
-    let vocab = model.vocab();
-    let mut inputs = Vec::with_capacity(embed.inputs.len());
-    let mut total = 0;
-    for (index, text) in embed.inputs.iter().enumerate() {
-        let mut tokens = vocab.tokenize(text.as_bytes(), true, false);
-        if tokens.is_empty() {
-            return Err(GeniusError::invalid_request(
-                format!("inputs[{index}]"),
-                "the text has no tokens",
-            ));
-        }
-        if tokens.len() > window {
-            if !embed.truncate {
-                return Err(GeniusError::invalid_request(
-                    format!("inputs[{index}]"),
-                    format!(
-                        "the text is {} tokens but `{name}` embeds at most {window}: shorten it, or ask with truncate to cut it",
-                        tokens.len()
-                    ),
-                ));
-            }
-            // Keep the end marker an encoder was trained with ([SEP]).
-            let last = *tokens.last().expect("not empty");
-            tokens.truncate(window);
-            if vocab.is_control(last) {
-                tokens[window - 1] = last;
-            }
-        }
-        total += tokens.len();
-        limits.check_embed_tokens(total)?;
-        inputs.push(tokens);
-    }
-    Ok((pooling, inputs))
+    })
 }
 
-/// Embeds the next texts of `job` in `context`: as many as fit one batch
-/// (each its own sequence), each pooled by the context into one vector.
+/// Bytes of text tokenized per engine step: tokenizing runs at a few
+/// megabytes a second, and the other requests wait while it does.
+const TOKENIZE_PER_STEP: usize = 128 * 1024;
+
+/// A text longer than this many bytes per token of the window has only
+/// this much of its beginning tokenized first: if that is already over
+/// the window, the rest cannot matter (it is refused, or cut).
+const PREFIX_BYTES_PER_TOKEN: usize = 16;
+
+impl EmbedJob {
+    /// Whether every text has its tokens.
+    pub(super) fn is_tokenized(&self) -> bool {
+        self.inputs.len() == self.texts.len()
+    }
+
+    /// Tokenizes the next texts, about [`TOKENIZE_PER_STEP`] bytes of
+    /// them, each cut to `window` tokens when the request allows it, and
+    /// checks the request's token limit as it goes.
+    pub(super) fn tokenize_some(
+        &mut self,
+        model: &LlamaModel,
+        name: &str,
+        window: usize,
+    ) -> Result<(), GeniusError> {
+        let vocab = model.vocab();
+        let mut budget = TOKENIZE_PER_STEP;
+        while !self.is_tokenized() && budget > 0 {
+            let index = self.inputs.len();
+            let text = self.texts[index].as_str();
+            let prefix = window.saturating_mul(PREFIX_BYTES_PER_TOKEN);
+            let mut tokens = if text.len() > prefix {
+                let mut end = prefix;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let head = vocab.tokenize(&text.as_bytes()[..end], true, false);
+                if head.len() > window {
+                    head
+                } else {
+                    vocab.tokenize(text.as_bytes(), true, false)
+                }
+            } else {
+                vocab.tokenize(text.as_bytes(), true, false)
+            };
+            budget = budget.saturating_sub(text.len().min(prefix.max(1)));
+            if tokens.is_empty() {
+                return Err(GeniusError::invalid_request(
+                    format!("inputs[{index}]"),
+                    "the text has no tokens",
+                ));
+            }
+            if tokens.len() > window {
+                if !self.truncate {
+                    return Err(GeniusError::invalid_request(
+                        format!("inputs[{index}]"),
+                        format!(
+                            "the text is {}{} tokens but `{name}` embeds at most {window}: shorten it, or ask with truncate to cut it",
+                            if text.len() > prefix { "more than " } else { "" },
+                            tokens.len().min(if text.len() > prefix { window } else { usize::MAX })
+                        ),
+                    ));
+                }
+                // Keep the end marker an encoder was trained with ([SEP]).
+                let last = *tokens.last().expect("not empty");
+                tokens.truncate(window);
+                if vocab.is_control(last) {
+                    tokens[window - 1] = last;
+                }
+            }
+            self.tokens += tokens.len();
+            self.limits.check_embed_tokens(self.tokens)?;
+            self.inputs.push(tokens);
+        }
+        Ok(())
+    }
+}
+
+/// Embeds the next texts of `job` in `context`, one decode's worth.
 pub(super) fn run_batch(
+    context: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    shape: Shape,
+    job: &mut EmbedJob,
+) -> Result<(), GeniusError> {
+    if shape.causal {
+        run_causal(context, batch, shape, job)
+    } else {
+        run_whole(context, batch, shape, job)
+    }
+}
+
+/// The next [`STEP_TOKENS`] tokens of `job`'s texts in a generative model:
+/// the text left partly decoded goes on first (its cells stayed), then new
+/// texts, each its own sequence, the last of them perhaps in part. Every
+/// token's hidden state is pooled into its text's vector as it comes.
+fn run_causal(
+    context: &mut LlamaContext<'_>,
+    batch: &mut LlamaBatch<'_>,
+    shape: Shape,
+    job: &mut EmbedJob,
+) -> Result<(), GeniusError> {
+    let fill = |err| GeniusError::engine_from("cannot fill the batch", err);
+    if job.vectors.is_empty() && job.spanning.is_none() {
+        // A job cancelled midway may have left a text's cells.
+        context.clear_kv_cache();
+    }
+    batch.clear();
+    // (text index, sequence, first position, tokens in this batch, row of
+    // its first token)
+    let mut parts: Vec<(usize, i32, usize, usize, i32)> = Vec::new();
+    let mut room = shape.batch;
+    let mut spanning = job.spanning.take();
+    let mut next = job.vectors.len() + usize::from(spanning.is_some());
+    if let Some(text) = &spanning {
+        let tokens = &job.inputs[text.index];
+        let count = (tokens.len() - text.done).min(room);
+        let row = batch.n_tokens();
+        for (offset, &token) in tokens[text.done..text.done + count].iter().enumerate() {
+            batch
+                .add(token, (text.done + offset) as i32, &[text.seq], true)
+                .map_err(fill)?;
+        }
+        parts.push((text.index, text.seq, text.done, count, row));
+        room -= count;
+    }
+    let busy = spanning.as_ref().map(|text| text.seq);
+    let mut seqs = (0..MAX_SEQUENCES as i32).filter(|seq| Some(*seq) != busy);
+    while room > 0 && next < job.inputs.len() {
+        let Some(seq) = seqs.next() else { break };
+        let tokens = &job.inputs[next];
+        let count = tokens.len().min(room);
+        let row = batch.n_tokens();
+        for (position, &token) in tokens[..count].iter().enumerate() {
+            batch
+                .add(token, position as i32, &[seq], true)
+                .map_err(fill)?;
+        }
+        parts.push((next, seq, 0, count, row));
+        room -= count;
+        next += 1;
+    }
+    let result = (|| {
+        context
+            .decode(batch)
+            .map_err(|err| GeniusError::engine_from("decoding the texts to embed failed", err))?;
+        for &(index, seq, start, count, row) in &parts {
+            let mut text = match spanning.take() {
+                Some(text) if text.index == index => text,
+                other => {
+                    spanning = other;
+                    Spanning {
+                        index,
+                        seq,
+                        done: 0,
+                        pooled: Vec::new(),
+                    }
+                }
+            };
+            for offset in 0..count {
+                let hidden = context.embeddings_ith(row + offset as i32).map_err(|err| {
+                    GeniusError::engine_from("llama.cpp returned no hidden state", err)
+                })?;
+                pool_token(job.pooling, &mut text.pooled, hidden, start + offset);
+            }
+            text.done = start + count;
+            let length = job.inputs[index].len();
+            if text.done < length {
+                job.spanning = Some(text);
+                continue;
+            }
+            let mut vector = text.pooled;
+            if job.pooling == Pooling::Mean {
+                let n = length as f32;
+                vector.iter_mut().for_each(|x| *x /= n);
+            }
+            if job.normalize {
+                rusty_genius_core::embed::normalize(&mut vector);
+            }
+            job.vectors.push(vector);
+            let _ = context.clear_kv_cache_seq(Some(seq as u32), None, None);
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        job.spanning = None;
+        context.clear_kv_cache();
+    }
+    result
+}
+
+/// Adds the hidden state of a text's token at `position` to its vector.
+fn pool_token(pooling: Pooling, pooled: &mut Vec<f32>, hidden: &[f32], position: usize) {
+    match pooling {
+        Pooling::Mean => {
+            if pooled.is_empty() {
+                pooled.resize(hidden.len(), 0.0);
+            }
+            pooled.iter_mut().zip(hidden).for_each(|(sum, x)| *sum += x);
+        }
+        Pooling::Cls if position == 0 => *pooled = hidden.to_vec(),
+        Pooling::Cls => {}
+        Pooling::Last => {
+            pooled.clear();
+            pooled.extend_from_slice(hidden);
+        }
+    }
+}
+
+/// Embeds the next whole texts of `job` in an encoder's `context`: as
+/// many as fit one batch (each its own sequence), each pooled by the
+/// context into one vector.
+fn run_whole(
     context: &mut LlamaContext<'_>,
     batch: &mut LlamaBatch<'_>,
     shape: Shape,

@@ -29,7 +29,7 @@ mod sampling;
 
 use prompt::Prompter;
 use sampling::{
-    grammar_field, grammar_sampler, grammar_text, sampler_for, token_logprobs, Chooser,
+    grammar_field, grammar_sampler, grammar_text, sampler_for, token_logprobs, Choice, Chooser,
 };
 
 /// Settings of the llama.cpp engine that hold for every request.
@@ -182,6 +182,9 @@ struct Loaded {
     /// `Embed` requests waiting for the next step.
     embed_jobs: VecDeque<embed::EmbedJob>,
     threads: i32,
+    /// What a token of a large batch has cost lately, in milliseconds (a
+    /// moving average; it grows with the depth of the context).
+    ms_per_token: Option<f64>,
 }
 
 /// One sequence of the context: the tokens its KV cache holds, and the
@@ -233,6 +236,9 @@ enum Phase {
     FromSaved,
     /// This token was chosen and shown; it is decoded in the next step.
     Decode(LlamaToken),
+    /// Its grammar is still choosing its next token (a choice that checks
+    /// many tokens takes several steps; see `Chooser::resume`).
+    Choosing,
 }
 
 /// Where a job's next logits are.
@@ -242,6 +248,8 @@ enum Logits {
     Saved,
     /// This row of the batch just decoded.
     Batch(i32),
+    /// Those of the choice under way (kept by its chooser).
+    Pending,
 }
 
 /// How a job's turn in a step went.
@@ -291,7 +299,6 @@ impl Loaded {
                 .context_size
                 .min(cell.borrow_owner().n_ctx_train().max(1))) as usize,
             options.batch_size as usize,
-            cell.borrow_owner().n_vocab().max(1) as usize,
             declared_pooling.is_some(),
         );
         let slots = (0..parallel as i32)
@@ -316,6 +323,7 @@ impl Loaded {
             embed_shape,
             embed_jobs: VecDeque::new(),
             threads,
+            ms_per_token: None,
         })
     }
 
@@ -388,21 +396,65 @@ impl Loaded {
         spliced
     }
 
+    /// Refuses a prompt whose beginning alone overflows the context,
+    /// having tokenized only that beginning: rendering and tokenizing a
+    /// 4 MiB prompt whole took the engine 6 s, which every other request
+    /// waited through, only to find it 250 times too long.
+    fn check_prompt_size(&self, prompt: &Prompt) -> Result<(), GeniusError> {
+        let texts: Vec<&str> = match prompt {
+            Prompt::Text(text) => vec![text.as_str()],
+            Prompt::Chat(messages) => messages
+                .iter()
+                .filter_map(|message| message.content.as_deref())
+                .collect(),
+            Prompt::Embed(_) => return Ok(()),
+        };
+        let total: usize = texts.iter().map(|text| text.len()).sum();
+        let budget = self
+            .slot_context
+            .saturating_mul(PROMPT_PREFIX_BYTES_PER_TOKEN);
+        if total <= budget {
+            return Ok(());
+        }
+        let vocab = self.model().vocab();
+        let (mut left, mut tokens) = (budget, 0);
+        for text in texts {
+            if left == 0 {
+                break;
+            }
+            let mut end = left.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            tokens += vocab.tokenize(&text.as_bytes()[..end], false, false).len();
+            left -= end;
+        }
+        if tokens >= self.slot_context {
+            // The whole is at least as long; its length is estimated from
+            // the part.
+            return Err(GeniusError::PromptTooLong {
+                tokens: (tokens as f64 * total as f64 / budget as f64) as usize,
+                context: self.slot_context,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks and places a request; the error if it cannot run.
     fn start(&mut self, request: &mut Request) -> Result<(), GeniusError> {
-        if let Prompt::Embed(embed) = &request.prompt {
-            let (pooling, inputs) = embed::prepare(
-                self.model(),
-                &self.name,
-                embed,
-                self.embed_shape.window,
-                &request.limits,
-            )?;
+        if let Prompt::Embed(embed) = &mut request.prompt {
+            let pooling = embed::pooling_for(self.model(), &self.name, embed)?;
+            let texts = std::mem::take(&mut embed.inputs);
             self.embed_jobs.push_back(embed::EmbedJob {
                 id: request.id,
                 output: std::mem::replace(&mut request.output, placeholder_output()),
-                vectors: Vec::with_capacity(inputs.len()),
-                inputs,
+                vectors: Vec::with_capacity(texts.len()),
+                inputs: Vec::with_capacity(texts.len()),
+                texts,
+                spanning: None,
+                tokens: 0,
+                truncate: embed.truncate,
+                limits: request.limits,
                 pooling,
                 normalize: embed.normalize,
                 started: Instant::now(),
@@ -418,6 +470,7 @@ impl Loaded {
                 ),
             ));
         }
+        self.check_prompt_size(&request.prompt)?;
         let prepared = self
             .prompter
             .tokens(self.model(), &request.prompt, &request.config)?;
@@ -529,6 +582,20 @@ impl Loaded {
             });
             return;
         }
+        if !job.is_tokenized() {
+            // Its texts are tokenized a part per step, before any of them
+            // is decoded.
+            let tokenized = job.tokenize_some(self.model(), &self.name, self.embed_shape.window);
+            match tokenized {
+                Ok(()) => self.embed_jobs.push_front(job),
+                Err(err) => step.ended.push(Ended {
+                    id: job.id,
+                    output: job.output,
+                    result: Err(err),
+                }),
+            }
+            return;
+        }
         let Self {
             cell,
             embed_batch,
@@ -600,17 +667,18 @@ impl Loaded {
                 step.ended.push(self.end_job(index, Ok(reason)));
             }
         }
-        // First tokens from saved logits need no decoding.
+        // First tokens from saved logits need no decoding, nor do choices
+        // a grammar is still making.
         for index in 0..self.slots.len() {
-            let from_saved = self.slots[index]
-                .job
-                .as_ref()
-                .is_some_and(|job| job.phase == Phase::FromSaved && !job.output.is_paused());
-            if from_saved {
-                step.progressed = true;
-                if let Some(ended) = self.choose(index, Logits::Saved) {
-                    step.ended.push(ended);
-                }
+            let source = match self.slots[index].job.as_ref() {
+                Some(job) if job.output.is_paused() => continue,
+                Some(job) if job.phase == Phase::FromSaved => Logits::Saved,
+                Some(job) if job.phase == Phase::Choosing => Logits::Pending,
+                _ => continue,
+            };
+            step.progressed = true;
+            if let Some(ended) = self.choose(index, source) {
+                step.ended.push(ended);
             }
         }
 
@@ -636,12 +704,10 @@ impl Loaded {
             }
         }
         let generating = sampled.len();
-        // Prompts take the room the answers leave in the batch, oldest
-        // request first, so that each finishes its prompt as early as it
-        // can (chunked prefill: a long prompt delays the running answers by
-        // at most one batch per step, never by the whole prompt;
-        // GENIUS_BATCH_SIZE bounds that delay).
-        let mut budget = self.batch_size;
+        // Prompts take the room the answers leave in the batch (chunked
+        // prefill: a long prompt delays the running answers by at most one
+        // batch per step, never by the whole prompt; GENIUS_BATCH_SIZE
+        // bounds that delay).
         let mut prefilled: Vec<(usize, usize)> = Vec::new();
         let mut waiting: Vec<usize> = (0..self.slots.len())
             .filter(|&index| {
@@ -651,7 +717,35 @@ impl Loaded {
                     .is_some_and(|job| job.phase == Phase::Prefill && !job.output.is_paused())
             })
             .collect();
-        waiting.sort_by_key(|&index| self.slots[index].job.as_ref().map(|job| job.prompt_started));
+        // Prompts get only as many tokens as the step can decode in about
+        // a target time: deep in a long context a full batch of 512
+        // prompt tokens takes seconds on a small CPU, and whoever arrives
+        // meanwhile waits for it. The target is shorter while other
+        // requests wait on this step (answers running, or several
+        // prompts), and longer for a prompt alone, whose speed it is.
+        let contended = generating > 0 || waiting.len() > 1;
+        let target = if contended {
+            STEP_TARGET_MS
+        } else {
+            STEP_TARGET_ALONE_MS
+        };
+        let mut budget = match self.ms_per_token {
+            Some(ms) => {
+                ((target / ms) as usize).clamp(MIN_PREFILL, self.batch_size.max(MIN_PREFILL))
+            }
+            None => self.batch_size,
+        };
+        // The prompt with the least left to decode first, then the oldest:
+        // a short request's first token does not wait behind a long
+        // prompt's whole prefill (a 9,700-token prompt held another
+        // client's first token for 180 s when the oldest went first), and
+        // a long prompt still gets the room the shorter ones leave.
+        waiting.sort_by_key(|&index| {
+            let slot = &self.slots[index];
+            slot.job
+                .as_ref()
+                .map(|job| (job.tokens.len() - slot.cached.len(), job.prompt_started))
+        });
         for index in waiting {
             let room = self
                 .batch_size
@@ -685,6 +779,7 @@ impl Loaded {
             return step;
         }
         step.progressed = true;
+        let decoding = Instant::now();
         let decoded = match failed {
             Some(err) => Err(GeniusError::engine(format!("cannot fill the batch: {err}"))),
             None => {
@@ -694,6 +789,16 @@ impl Loaded {
                     .map_err(|err| GeniusError::engine_from("decoding failed", err))
             }
         };
+        let tokens = self.batch.n_tokens() as usize;
+        if tokens >= MIN_PREFILL {
+            // Batches of a few tokens cost mostly their fixed overhead and
+            // would overstate the cost of a token.
+            let ms = millis_since(decoding) / tokens as f64;
+            self.ms_per_token = Some(match self.ms_per_token {
+                Some(before) => before * 0.7 + ms * 0.3,
+                None => ms,
+            });
+        }
         if let Err(err) = decoded {
             // The state of every sequence in the batch is unknown now.
             let involved: Vec<usize> = sampled
@@ -781,6 +886,7 @@ impl Loaded {
         let logits: &[f32] = match source {
             Logits::Saved => &prompt_logits.as_ref()?.1,
             Logits::Batch(at) => cell.borrow_dependent().main.get_logits_ith(at),
+            Logits::Pending => &[],
         };
         let job = job.as_mut()?;
         job.generation_started.get_or_insert_with(Instant::now);
@@ -795,7 +901,19 @@ impl Loaded {
             if cached.len() >= *slot_context {
                 return Ok(Turn::Ended(FinishReason::ContextFull));
             }
-            let token = job.chooser.choose(logits)?;
+            let choice = match source {
+                Logits::Pending => job.chooser.resume()?,
+                _ => job.chooser.choose(logits)?,
+            };
+            let token = match choice {
+                Choice::Token(token) => token,
+                Choice::Later => {
+                    job.phase = Phase::Choosing;
+                    return Ok(Turn::Moved);
+                }
+            };
+            let searched = job.chooser.take_searched_logits();
+            let logits = searched.as_deref().unwrap_or(logits);
             let end = model.vocab().is_eog(token);
             if job.config.logprobs && !end {
                 let report = token_logprobs(
@@ -865,6 +983,20 @@ impl Loaded {
         }
     }
 }
+
+/// How long a step that decodes prompt tokens should take at most, while
+/// other requests wait on it, and for a prompt alone (a request that
+/// arrives meanwhile waits for the step): prompt tokens are cut to fit.
+const STEP_TARGET_MS: f64 = 500.0;
+const STEP_TARGET_ALONE_MS: f64 = 1500.0;
+
+/// The fewest prompt tokens a step decodes (when any wait), and the
+/// smallest batch whose time per token counts as a measure.
+const MIN_PREFILL: usize = 32;
+
+/// A prompt of more bytes than the context's tokens times this is first
+/// measured by the tokens of only that many bytes of it.
+const PROMPT_PREFIX_BYTES_PER_TOKEN: usize = 16;
 
 /// An output that goes nowhere, left in a request whose real output moved
 /// into the engine.

@@ -109,14 +109,17 @@ PERSON = {
 def firm_until(logprobs, text):
     """The tokens up to the end of `text` in the answer each won by MIN_MARGIN."""
     seen = ""
+    smallest = float("inf")
     for token in logprobs:
         tops = token.top_logprobs
         assert tops and tops[0].token == token.token, (token.token, tops)
         if len(tops) > 1:
             margin = tops[0].logprob - tops[1].logprob
+            smallest = min(smallest, margin)
             assert margin >= MIN_MARGIN, f"{token.token!r} won by only {margin:.3f}"
         seen += token.token
         if text in seen:
+            print(f"margin: smallest {smallest:.2f} for {text!r}")
             return
     raise AssertionError(f"{text!r} not in {seen!r}")
 

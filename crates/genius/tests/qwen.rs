@@ -137,7 +137,9 @@ async fn required_and_named_tool_choices_give_exactly_one_well_formed_call() {
         assert_eq!(reply.usage().finish_reason, FinishReason::ToolCalls);
         assert_no_markup(&reply);
         assert!(reply.text.trim().is_empty(), "{choice:?}: {:?}", reply.text);
-        reply.assert_all_firm();
+        // Between `{"` and `{` and a newline Qwen hesitates (1.2 to 1.4
+        // logits): a choice of JSON layout, which decides nothing here.
+        reply.assert_json_firm();
     }
 
     // Left to itself this small model writes the call as plain JSON,

@@ -149,6 +149,18 @@ pub(crate) fn expects_text(expect: &Expect) -> bool {
             .is_some_and(|calls| !calls.is_empty())
 }
 
+/// Whether the step's text expectations are on JSON (tool calls), where
+/// a choice of layout decides nothing.
+pub(crate) fn expects_json(expect: &Expect) -> bool {
+    expect
+        .tool_calls
+        .as_ref()
+        .is_some_and(|calls| !calls.is_empty())
+        && expect.contains.is_empty()
+        && expect.matches.is_none()
+        && expect.equals.as_deref().is_none_or(str::is_empty)
+}
+
 /// How many bytes of the answer decide the step's text expectations: up to
 /// the end of the first occurrence of every `contains` string, or the
 /// whole answer for `equals`, `matches` and `not_contains`.
@@ -181,7 +193,11 @@ pub(crate) fn deciding_bytes(expect: &Expect, text: &str) -> usize {
 /// [`MIN_MARGIN`]. Returns a problem for each one that was not.
 pub(crate) fn check_margins(expect: &Expect, seen: &Reply) -> Vec<String> {
     let bytes = deciding_bytes(expect, &seen.text);
-    let margins = seen.margins_through(bytes);
+    let margins = if expects_json(expect) {
+        seen.json_margins_through(bytes)
+    } else {
+        seen.margins_through(bytes)
+    };
     if margins.is_empty() && bytes > 0 && !seen.text.is_empty() {
         return vec![format!(
             "  - expected: log-probabilities for the {bytes} deciding bytes\n    +   actual: none reported"

@@ -10,7 +10,7 @@ use rusty_genius::stem::testing::{Reply, TestClient};
 use rusty_genius::{CortexStrategy, Orchestrator};
 
 use crate::case::{Case, Step, Strategy};
-use crate::check::{check_margins, check_step, deciding_bytes, expects_text};
+use crate::check::{check_margins, check_step, deciding_bytes, expects_json, expects_text};
 use crate::{Engine, Outcome};
 
 /// No step may take longer than this.
@@ -192,8 +192,12 @@ async fn run(case: &Case, engine: &Engine, env: &Env, measured: &mut Vec<Measure
         if measure {
             problems.extend(check_margins(&step.expect, &seen));
             let bytes = deciding_bytes(&step.expect, &seen.text);
-            let tokens = seen
-                .margins_through(bytes)
+            let margins = if expects_json(&step.expect) {
+                seen.json_margins_through(bytes)
+            } else {
+                seen.margins_through(bytes)
+            };
+            let tokens = margins
                 .into_iter()
                 .zip(&seen.logprobs)
                 .map(|((token, margin), logprobs)| {

@@ -22,13 +22,14 @@ fn id(model: TestModel) -> &'static str {
 
 /// A server of `model` (gemma for completions and embeddings, Qwen, which
 /// has a chat template, for constrained chat).
-fn serve(model: TestModel, dir: &TempDir, extra: &[&str]) -> Option<Server> {
+fn serve(model: TestModel, dir: &TempDir, context: u32, extra: &[&str]) -> Option<Server> {
     let model = model.for_test()?.display().to_string();
+    let context = context.to_string();
     let mut args = vec![
         "--model",
         model.as_str(),
         "--ctx-size",
-        "1024",
+        context.as_str(),
         "--parallel",
         "2",
     ];
@@ -92,7 +93,7 @@ fn still_serves(server: &mut Server, model: TestModel) {
 #[test]
 fn grammars_that_would_crash_or_wedge_llama_cpp_are_refused_and_the_server_lives() {
     let dir = TempDir::new("hostile-grammar");
-    let Some(mut server) = serve(QWEN, &dir, &[]) else {
+    let Some(mut server) = serve(QWEN, &dir, 1024, &[]) else {
         return;
     };
     let addr = server.addr;
@@ -132,6 +133,7 @@ fn the_engine_thread_parses_a_grammar_as_deep_as_a_raised_limit_admits() {
     let Some(mut server) = serve(
         QWEN,
         &dir,
+        1024,
         &[
             "--max-grammar-depth",
             "20000",
@@ -160,7 +162,7 @@ fn the_engine_thread_parses_a_grammar_as_deep_as_a_raised_limit_admits() {
 #[test]
 fn schemas_the_converter_would_weaken_are_refused_by_keyword() {
     let dir = TempDir::new("hostile-schema");
-    let Some(mut server) = serve(QWEN, &dir, &[]) else {
+    let Some(mut server) = serve(QWEN, &dir, 1024, &[]) else {
         return;
     };
     let addr = server.addr;
@@ -210,7 +212,7 @@ fn schemas_the_converter_would_weaken_are_refused_by_keyword() {
 #[test]
 fn long_texts_embedded_on_a_generative_model_are_bounded_and_errors_show_no_paths() {
     let dir = TempDir::new("hostile-embed");
-    let Some(mut server) = serve(GEMMA, &dir, &[]) else {
+    let Some(mut server) = serve(GEMMA, &dir, 256, &[]) else {
         return;
     };
     let addr = server.addr;
@@ -233,9 +235,9 @@ fn long_texts_embedded_on_a_generative_model_are_bounded_and_errors_show_no_path
     );
     assert!(message.contains("truncate"), "{message}");
 
-    // Ten such texts, cut to the window: once 4.8 GB more memory and
-    // minutes of a held engine; now bounded, and others are served
-    // meanwhile.
+    // Ten such texts, cut to the window (256 tokens here): once 4.8 GB
+    // more memory and minutes of a held engine; now bounded, and others
+    // are served meanwhile.
     let before = server.rss();
     let inputs = vec![long; 10];
     let body = json!({"model": id(GEMMA), "input": inputs, "pooling": "mean", "truncate": true});

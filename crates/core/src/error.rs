@@ -2,6 +2,7 @@
 //! wire.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -129,8 +130,20 @@ pub enum GeniusError {
     ShutDown,
 
     /// An I/O operation failed.
-    #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("i/o error{}: {source}", path.as_ref().map(|p| format!(" on {}", p.display())).unwrap_or_default())]
+    Io {
+        /// The file it was about, when there is one.
+        path: Option<PathBuf>,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl From<std::io::Error> for GeniusError {
+    fn from(source: std::io::Error) -> Self {
+        Self::Io { path: None, source }
+    }
 }
 
 impl GeniusError {
@@ -147,6 +160,14 @@ impl GeniusError {
         Self::Engine {
             message: message.into(),
             source: Some(source.into()),
+        }
+    }
+
+    /// An I/O failure on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: Some(path.into()),
+            source,
         }
     }
 
@@ -170,16 +191,20 @@ impl GeniusError {
             | Self::LimitExceeded { .. } => ErrorKind::InvalidRequest,
             Self::PromptTooLong { .. } => ErrorKind::ContextExceeded,
             Self::Asset { .. } => ErrorKind::Asset,
-            Self::Engine { .. } | Self::EngineGone | Self::Io(_) => ErrorKind::Engine,
+            Self::Engine { .. } | Self::EngineGone | Self::Io { .. } => ErrorKind::Engine,
             Self::ShutDown => ErrorKind::ShutDown,
         }
     }
 
-    /// This error as it crosses a channel or a process boundary.
+    /// This error's kind and message, without the error itself (as it
+    /// crosses a process boundary). In-process, prefer
+    /// [`ErrorReport::from`] an owned error or [`ErrorReport::shared`],
+    /// which keep it.
     pub fn report(&self) -> ErrorReport {
         ErrorReport {
             kind: self.kind(),
             message: self.to_string(),
+            cause: None,
         }
     }
 }
@@ -209,22 +234,54 @@ pub enum ErrorKind {
 }
 
 /// An error as it is sent to the application in
-/// [`BrainstemOutput::Error`](crate::protocol::BrainstemOutput::Error): its
-/// [`ErrorKind`] and its message. It displays as the message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// [`BrainstemOutput::Error`](crate::protocol::BrainstemOutput::Error) and
+/// on a request's stream: its [`ErrorKind`] and its message, and, within
+/// the process, the [`GeniusError`] itself ([`error`](Self::error)), so a
+/// caller can match on the cause and downcast its source (facecrab's
+/// error behind a `ModelNotFound`, say). Only kind and message cross a
+/// process boundary (serde). It displays as the message; two reports are
+/// equal when kind and message are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorReport {
     /// What class of error it is.
     pub kind: ErrorKind,
     /// The full message of the error, with its causes.
     pub message: String,
+    /// The error, while the report stays in the process that made it.
+    #[serde(skip)]
+    cause: Option<Arc<GeniusError>>,
 }
 
 impl ErrorReport {
+    /// The report of an error shared with other reports (the same load
+    /// failure answering every request that waited for it).
+    pub fn shared(err: &Arc<GeniusError>) -> Self {
+        Self {
+            kind: err.kind(),
+            message: err.to_string(),
+            cause: Some(err.clone()),
+        }
+    }
+
+    /// The error this report was made from, when it was made in this
+    /// process: match on it, or downcast its `source()`.
+    pub fn error(&self) -> Option<&GeniusError> {
+        self.cause.as_deref()
+    }
+
     /// Whether the message contains `text`.
     pub fn contains(&self, text: &str) -> bool {
         self.message.contains(text)
     }
 }
+
+impl PartialEq for ErrorReport {
+    fn eq(&self, other: &Self) -> bool {
+        self.kind == other.kind && self.message == other.message
+    }
+}
+
+impl Eq for ErrorReport {}
 
 impl std::fmt::Display for ErrorReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -232,7 +289,13 @@ impl std::fmt::Display for ErrorReport {
     }
 }
 
-impl std::error::Error for ErrorReport {}
+impl std::error::Error for ErrorReport {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|err| err as &(dyn std::error::Error + 'static))
+    }
+}
 
 impl From<&GeniusError> for ErrorReport {
     fn from(err: &GeniusError) -> Self {
@@ -241,8 +304,15 @@ impl From<&GeniusError> for ErrorReport {
 }
 
 impl From<GeniusError> for ErrorReport {
+    /// Keeps the error (see [`ErrorReport::error`]).
     fn from(err: GeniusError) -> Self {
-        err.report()
+        Self::shared(&Arc::new(err))
+    }
+}
+
+impl From<Arc<GeniusError>> for ErrorReport {
+    fn from(err: Arc<GeniusError>) -> Self {
+        Self::shared(&err)
     }
 }
 

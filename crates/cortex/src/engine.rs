@@ -247,7 +247,7 @@ impl Output {
             }
             Err(err) => {
                 log::warn!("{err}");
-                self.sink.send(Err(err.report()));
+                self.sink.send(Err(err.into()));
             }
         }
     }
@@ -273,9 +273,10 @@ pub fn check_gguf(path: &Path) -> Result<(), GeniusError> {
                 path: path.to_path_buf(),
             })
         }
-        Err(err) => return Err(err.into()),
+        Err(err) => return Err(GeniusError::io(path, err)),
     };
-    if !file.metadata()?.is_file() {
+    let metadata = file.metadata().map_err(|err| GeniusError::io(path, err))?;
+    if !metadata.is_file() {
         return Err(GeniusError::InvalidModelFile {
             path: path.to_path_buf(),
             reason: "it is a directory, not a file".into(),

@@ -22,7 +22,7 @@ use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::channel::oneshot;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
-use rusty_genius_core::{ErrorReport, GeniusError};
+use rusty_genius_core::GeniusError;
 
 use crate::engine::{Ended, Engine, Request, RequestId, Step};
 
@@ -153,7 +153,7 @@ impl EngineThread {
 /// The thread's state: the engine (or why it could not start) and the
 /// requests waiting for room.
 struct Serving {
-    engine: Result<Box<dyn Engine>, ErrorReport>,
+    engine: Result<Box<dyn Engine>, Arc<GeniusError>>,
     waiting: VecDeque<Request>,
     /// The cancel tokens of the running requests.
     started: Vec<(RequestId, CancelToken)>,
@@ -197,12 +197,11 @@ impl Serving {
     fn new(factory: EngineFactory, reports: UnboundedSender<EngineReport>) -> Self {
         // Every request fails with the reason the engine could not start.
         let engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
-            Ok(result) => result.map_err(|err| err.report()),
-            Err(panic) => Err(GeniusError::engine(format!(
+            Ok(result) => result.map_err(Arc::new),
+            Err(panic) => Err(Arc::new(GeniusError::engine(format!(
                 "the engine panicked while starting: {}",
                 panic_message(&panic)
-            ))
-            .report()),
+            )))),
         };
         if let Err(err) = &engine {
             log::error!("{err}");
@@ -282,11 +281,11 @@ impl Serving {
         for (_, cancel) in &self.started {
             cancel.cancel();
         }
-        self.fail_all(&GeniusError::ShutDown);
+        self.fail_all(|| GeniusError::ShutDown);
     }
 
     fn stop(&mut self) {
-        self.fail_all(&GeniusError::EngineGone);
+        self.fail_all(|| GeniusError::EngineGone);
         if let Ok(engine) = &mut self.engine {
             let _ = guarded(engine.as_mut(), |engine| {
                 engine.unload();
@@ -324,7 +323,7 @@ impl Serving {
                     .is_ok()
             }
             Command::Unload => {
-                self.fail_all(&GeniusError::NoModelLoaded);
+                self.fail_all(|| GeniusError::NoModelLoaded);
                 if let Ok(engine) = &mut self.engine {
                     let _ = guarded(engine.as_mut(), |engine| {
                         engine.unload();
@@ -435,7 +434,7 @@ impl Serving {
         for (id, _) in std::mem::take(&mut self.started) {
             self.report(EngineReport::Ended(id));
         }
-        self.fail_all(&GeniusError::engine(message));
+        self.fail_all(|| GeniusError::engine(message.clone()));
     }
 
     /// Reports as ended the requests an unload dropped.
@@ -447,13 +446,10 @@ impl Serving {
         }
     }
 
-    /// Ends every waiting request with `err`.
-    fn fail_all(&mut self, err: &GeniusError) {
+    /// Ends every waiting request with the error `err` makes.
+    fn fail_all(&mut self, err: impl Fn() -> GeniusError) {
         for mut request in std::mem::take(&mut self.waiting) {
-            request.output.end(Err(GeniusError::engine_from(
-                "the request did not run",
-                err.report(),
-            )));
+            request.output.end(Err(err()));
             self.report(EngineReport::Ended(request.id));
         }
     }
@@ -475,7 +471,7 @@ fn nothing_done(finish_reason: FinishReason) -> Usage {
     }
 }
 
-fn not_started(err: &ErrorReport) -> GeniusError {
+fn not_started(err: &Arc<GeniusError>) -> GeniusError {
     GeniusError::engine_from("the engine could not start", err.clone())
 }
 

@@ -21,7 +21,7 @@ use futures::{FutureExt, StreamExt};
 use rusty_genius_core::chat::validate_messages;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus};
-use rusty_genius_core::{GeniusError, InferenceConfig, Limits, Prompt};
+use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Limits, Prompt};
 use rusty_genius_cortex::{
     default_engine_factory, CancelToken, Engine, EngineFactory, EngineReport, EngineThread,
     EventSink, Output, Pinky, Request, RequestId,
@@ -227,7 +227,7 @@ impl Orchestrator {
             }
             // Stop any download before waiting for the engine.
             stem.resolving = None;
-            stem.fail_queue(&GeniusError::ShutDown);
+            stem.fail_queue(GeniusError::ShutDown);
             if let Some(engine) = stem.engine.take() {
                 engine.shutdown().await;
             }
@@ -293,9 +293,15 @@ struct Submitted {
 }
 
 impl Submitted {
-    fn fail(mut self, err: &GeniusError) {
+    fn fail(self, err: GeniusError) {
+        self.fail_shared(&Arc::new(err));
+    }
+
+    /// Fails with an error other requests share (one load failure ends
+    /// every request that waited for it, each with the error itself).
+    fn fail_shared(mut self, err: &Arc<GeniusError>) {
         log::warn!("request {}: {err}", self.id);
-        self.sink.send(Err(err.report()));
+        self.sink.send(Err(ErrorReport::shared(err)));
     }
 }
 
@@ -391,7 +397,7 @@ impl Brainstem {
             Event::Engine(None) => {
                 // The engine thread is gone: nothing more can run.
                 log::error!("{}", GeniusError::EngineGone);
-                self.fail_queue(&GeniusError::EngineGone);
+                self.fail_queue(GeniusError::EngineGone);
                 self.running.clear();
                 self.commands = None;
                 self.state = State::Unloaded { hibernated: None };
@@ -441,7 +447,7 @@ impl Brainstem {
                     cancel,
                 };
                 if self.shutting_down {
-                    return submitted.fail(&GeniusError::ShutDown);
+                    return submitted.fail(GeniusError::ShutDown);
                 }
                 self.queue.push_back(Pending::Submit(submitted));
             }
@@ -481,20 +487,21 @@ impl Brainstem {
         for cancel in self.running.values() {
             cancel.cancel();
         }
-        self.fail_queue(&GeniusError::ShutDown);
+        self.fail_queue(GeniusError::ShutDown);
         if matches!(self.state, State::Resolving { .. } | State::Loading { .. }) {
             self.resolving = None;
             self.state = State::Unloaded { hibernated: None };
         }
     }
 
-    fn fail_queue(&mut self, err: &GeniusError) {
+    fn fail_queue(&mut self, err: GeniusError) {
+        let err = Arc::new(err);
         for pending in std::mem::take(&mut self.queue) {
             match pending {
-                Pending::Submit(submitted) => submitted.fail(err),
+                Pending::Submit(submitted) => submitted.fail_shared(&err),
                 Pending::Load { done, .. } => {
                     if let Some(done) = done {
-                        done(Err(err.report()));
+                        done(Err(ErrorReport::shared(&err)));
                     }
                 }
             }
@@ -520,7 +527,7 @@ impl Brainstem {
                             let Some(Pending::Submit(submitted)) = self.queue.pop_front() else {
                                 unreachable!("the front is a request")
                             };
-                            submitted.fail(&GeniusError::NoModelLoaded);
+                            submitted.fail(GeniusError::NoModelLoaded);
                             continue;
                         }
                         State::Resolving { .. } | State::Loading { .. } => return,
@@ -606,7 +613,7 @@ impl Brainstem {
             .and_then(|()| submitted.config.validate())
             .and_then(|()| self.limits.check(&submitted.prompt, &submitted.config));
         if let Err(err) = checked {
-            return submitted.fail(&err);
+            return submitted.fail(err);
         }
         let Submitted {
             id,
@@ -660,8 +667,9 @@ impl Brainstem {
                     }
                     Err(err) => {
                         log::warn!("{err}");
+                        let err = Arc::new(err);
                         if let Some(done) = done {
-                            done(Err(err.report()));
+                            done(Err(ErrorReport::shared(&err)));
                         }
                         self.broadcast(BrainstemOutput::Status(EngineStatus::Unloaded));
                         // Requests that waited for this model cannot run.
@@ -696,14 +704,13 @@ impl Brainstem {
         }
     }
 
-    /// The requests at the front of the queue (before any load) fail.
-    fn fail_waiting_requests(&mut self, err: &GeniusError) {
+    /// The requests at the front of the queue (before any load) fail with
+    /// the load's own error: a model that is not found is `ModelNotFound`
+    /// for them too.
+    fn fail_waiting_requests(&mut self, err: &Arc<GeniusError>) {
         while matches!(self.queue.front(), Some(Pending::Submit(_))) {
             if let Some(Pending::Submit(submitted)) = self.queue.pop_front() {
-                submitted.fail(&GeniusError::engine_from(
-                    "the model could not be loaded",
-                    err.report(),
-                ));
+                submitted.fail_shared(err);
             }
         }
     }
@@ -723,11 +730,11 @@ impl Brainstem {
             Err(err) => {
                 let event = AssetEvent::Error(err.to_string());
                 self.broadcast(BrainstemOutput::Asset(event));
-                let err = asset_error(name.clone(), err);
+                let err = Arc::new(asset_error(name.clone(), err));
                 log::warn!("{err}");
                 if let Some(Pending::Load { done, .. }) = self.queue.front_mut() {
                     if let Some(done) = done.take() {
-                        done(Err(err.report()));
+                        done(Err(ErrorReport::shared(&err)));
                     }
                     self.queue.pop_front();
                 }

@@ -800,6 +800,7 @@ impl Loaded {
             });
         }
         if let Err(err) = decoded {
+            let err = std::sync::Arc::new(err);
             // The state of every sequence in the batch is unknown now.
             let involved: Vec<usize> = sampled
                 .iter()
@@ -808,7 +809,7 @@ impl Loaded {
                 .collect();
             for index in involved {
                 if self.slots[index].job.is_some() {
-                    let message = GeniusError::engine_from("decoding failed", err.report());
+                    let message = GeniusError::engine_from("the batch failed", err.clone());
                     step.ended.push(self.end_job(index, Err(message)));
                     self.reset_slot(index);
                 }

@@ -37,8 +37,6 @@ pub type EngineFactory = Arc<dyn Fn() -> Result<Box<dyn Engine>, GeniusError> + 
 pub enum EngineReport {
     /// A `load` finished.
     Loaded(Result<ModelInfo, GeniusError>),
-    /// The request started running (it had been queued for a free place).
-    Started(RequestId),
     /// The request ended; its `Complete` or error was sent to its output.
     Ended(RequestId),
 }
@@ -133,8 +131,8 @@ impl EngineThread {
         self.send(Command::Unload);
     }
 
-    /// Queues a request; it starts when the engine has room (reported by
-    /// [`EngineReport::Started`]) and ends with [`EngineReport::Ended`].
+    /// Queues a request; it starts when the engine has room and ends with
+    /// [`EngineReport::Ended`].
     /// Its events go to its own output; its cancel token (in the output)
     /// ends it early, queued or running.
     pub fn submit(&self, request: Request) {
@@ -168,15 +166,34 @@ struct Serving {
 /// raise the limit. Only the pages touched are ever committed.
 const ENGINE_STACK: usize = 64 << 20;
 
-/// Coming out of idle, how long the thread waits after each request for
-/// another of the same burst before its first step ...
-const GATHER: Duration = Duration::from_millis(2);
-/// ... and how long in all, however many keep coming.
-const GATHER_AT_MOST: Duration = Duration::from_millis(10);
-
 /// How long the thread waits for commands when every running request is
 /// paused behind a slow consumer.
 const PAUSED_POLL: Duration = Duration::from_millis(5);
+
+/// The next command, for an idle thread. It looks for one without sleeping
+/// for a few microseconds first: a client that sends its next request as
+/// soon as the last one ends would otherwise wait for the thread to be
+/// woken from its sleep (a few microseconds on bare metal, tens in a
+/// virtual machine), on every request.
+fn wait_for_command(inbox: &mpsc::Receiver<Command>) -> Result<Command, mpsc::RecvTimeoutError> {
+    let until = Instant::now() + IDLE_SPIN;
+    while Instant::now() < until {
+        match inbox.try_recv() {
+            Ok(command) => return Ok(command),
+            Err(mpsc::TryRecvError::Disconnected) => {
+                return Err(mpsc::RecvTimeoutError::Disconnected)
+            }
+            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    inbox
+        .recv()
+        .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+}
+
+/// How long an idle engine thread looks for its next command before it
+/// sleeps.
+const IDLE_SPIN: Duration = Duration::from_micros(50);
 
 /// The next command, waiting at most `wait` (not at all when zero).
 fn receive(
@@ -227,9 +244,7 @@ impl Serving {
             let received = if !open {
                 Err(mpsc::RecvTimeoutError::Disconnected)
             } else if !busy {
-                inbox
-                    .recv()
-                    .map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                wait_for_command(&inbox)
             } else if paused {
                 receive(&inbox, PAUSED_POLL)
             } else {
@@ -238,22 +253,11 @@ impl Serving {
             match received {
                 Ok(command) => {
                     open &= self.handle(command);
-                    // Requests sent together (clients that connect at once)
-                    // arrive a few hundred microseconds apart. Coming out of
-                    // idle, wait briefly after each for the next one of the
-                    // burst, so that their prompts share the first batch and
-                    // their answers run in step, instead of the first one
-                    // decoding alone while the rest queue behind it.
-                    let deadline = Instant::now() + GATHER_AT_MOST;
+                    // Whatever else has arrived joins this step: requests
+                    // sent together start together. Nothing waits for more
+                    // to come; one arriving during the step joins the next.
                     while open {
-                        let wait = if busy {
-                            Duration::ZERO
-                        } else {
-                            deadline
-                                .saturating_duration_since(Instant::now())
-                                .min(GATHER)
-                        };
-                        match receive(&inbox, wait) {
+                        match receive(&inbox, Duration::ZERO) {
                             Ok(command) => open &= self.handle(command),
                             Err(mpsc::RecvTimeoutError::Timeout) => break,
                             Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
@@ -374,10 +378,7 @@ impl Serving {
             let cancel = request.output.cancel_token();
             let started = catch_unwind(AssertUnwindSafe(|| engine.start(request)));
             match started {
-                Ok(Ok(())) => {
-                    self.started.push((id, cancel));
-                    self.report(EngineReport::Started(id));
-                }
+                Ok(Ok(())) => self.started.push((id, cancel)),
                 Ok(Err(mut refused)) => {
                     refused.output.end(Err(refused.error));
                     self.report(EngineReport::Ended(id));

@@ -677,7 +677,6 @@ impl Brainstem {
                     }
                 }
             }
-            EngineReport::Started(_) => {}
             EngineReport::Ended(id) => {
                 self.running.remove(&id);
                 if !self.running.is_empty() {

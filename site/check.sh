@@ -11,8 +11,7 @@ python3 site/snippets.py --check
 
 if ! command -v chromium >/dev/null 2>&1; then
     echo "--- installing chromium"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    .ci/apt-install.sh chromium
 fi
 
 tools=${XDG_CACHE_HOME:-$HOME/.cache}/rusty-genius-site-check

@@ -6,8 +6,8 @@ use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
 use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Limits, Prompt};
 
+use crate::cancel::CancelToken;
 use crate::text::TextPipeline;
-use crate::thread::CancelToken;
 use crate::tools::ToolSyntax;
 
 /// An inference engine: loads one model at a time and answers requests,

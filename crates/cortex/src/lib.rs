@@ -10,17 +10,22 @@
 //! default) and [`Pinky`], a deterministic stub for tests that is always
 //! compiled.
 
+mod cancel;
 mod engine;
 #[cfg(feature = "llama")]
 mod llama;
 mod pinky;
 #[cfg_attr(not(feature = "llama"), allow(dead_code))]
+mod plan;
+#[cfg_attr(not(feature = "llama"), allow(dead_code))]
 mod schema;
+mod suffix;
 pub mod template;
 pub mod text;
 mod thread;
 pub mod tools;
 
+pub use cancel::CancelToken;
 pub use engine::{
     check_gguf, Ended, Engine, EventSink, Output, Refused, Request, RequestId, Step, MAX_BACKLOG,
 };
@@ -31,7 +36,7 @@ pub use llama::{llama_backend, LlamaEngine, LlamaOptions};
 #[cfg(feature = "llama")]
 pub use llama_cpp_2;
 pub use pinky::Pinky;
-pub use thread::{CancelToken, EngineFactory, EngineReport, EngineThread};
+pub use thread::{EngineFactory, EngineReport, EngineThread};
 
 /// The engine used when none is chosen: llama.cpp with options from the
 /// environment, or Pinky in builds without the `llama` feature.

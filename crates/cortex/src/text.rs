@@ -8,6 +8,7 @@
 
 use rusty_genius_core::protocol::{InferenceEvent, ThoughtEvent};
 
+use crate::suffix::partial_suffix;
 use crate::tools::{ToolCallParser, ToolSyntax};
 
 /// Reassembles UTF-8 text from byte pieces that may split characters.
@@ -65,18 +66,6 @@ impl Utf8Decoder {
             out.push(char::REPLACEMENT_CHARACTER);
         }
     }
-}
-
-/// The length of the longest suffix of `text` that is a proper prefix of
-/// `pattern`, cut at a character boundary.
-pub(crate) fn partial_suffix(text: &str, pattern: &str) -> usize {
-    let max = pattern.len().saturating_sub(1).min(text.len());
-    (1..=max)
-        .rev()
-        .find(|&n| {
-            text.is_char_boundary(text.len() - n) && pattern.starts_with(&text[text.len() - n..])
-        })
-        .unwrap_or(0)
 }
 
 /// Finds stop sequences in streamed text, holding back what might be the

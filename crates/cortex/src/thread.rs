@@ -13,7 +13,6 @@
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +23,7 @@ use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
 use rusty_genius_core::GeniusError;
 
+use crate::cancel::CancelToken;
 use crate::engine::{Ended, Engine, Request, RequestId, Step};
 
 /// Creates an engine. Called on the engine thread, so the engine itself
@@ -45,22 +45,6 @@ enum Command {
     Load { name: String, path: PathBuf },
     Unload,
     Submit(Box<Request>),
-}
-
-/// Ends a request early when [`cancel`](Self::cancel)led.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// Asks the request to stop; it ends within one step of the engine.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    /// Whether [`cancel`](Self::cancel) was called.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
 }
 
 /// An engine running on a thread of its own.

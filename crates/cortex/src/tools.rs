@@ -16,7 +16,7 @@ use rusty_genius_core::protocol::InferenceEvent;
 use rusty_genius_core::{Tool, ToolChoice};
 use serde_json::{json, Value};
 
-use crate::text::partial_suffix;
+use crate::suffix::partial_suffix;
 
 /// A family of tool-call markup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

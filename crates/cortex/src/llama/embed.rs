@@ -14,7 +14,11 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::{Embed, GeniusError, Limits, Pooling};
 
-use crate::engine::{Output, RequestId};
+use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
+use rusty_genius_core::Embeddings;
+
+use super::{llama_backend, Loaded};
+use crate::engine::{millis_since, Ended, Output, RequestId, Step};
 
 /// The most texts one decode embeds together.
 pub(super) const MAX_SEQUENCES: u32 = 64;
@@ -423,4 +427,93 @@ fn run_whole(
     });
     context.clear_kv_cache();
     pooled
+}
+
+/// The usage of an embedding job: its tokens, all "prompt".
+fn embed_usage(job: &EmbedJob, finish_reason: FinishReason) -> Usage {
+    Usage {
+        prompt_tokens: job.inputs.iter().map(Vec::len).sum(),
+        cached_tokens: 0,
+        generated_tokens: 0,
+        prompt_ms: millis_since(job.started),
+        generation_ms: 0.0,
+        finish_reason,
+    }
+}
+
+impl Loaded {
+    /// Decodes one batch of texts of the oldest `Embed` request, ending it
+    /// when all its texts have vectors. One batch per step, so that the
+    /// other requests' steps come in between a long embedding's batches.
+    pub(super) fn embed_next(&mut self, step: &mut Step) {
+        let Some(mut job) = self.embed_jobs.pop_front() else {
+            return;
+        };
+        step.progressed = true;
+        if let Some(reason) = job.output.check_cancelled() {
+            let usage = embed_usage(&job, reason);
+            step.ended.push(Ended {
+                id: job.id,
+                output: job.output,
+                result: Ok(usage),
+            });
+            return;
+        }
+        if !job.is_tokenized() {
+            // Its texts are tokenized a part per step, before any of them
+            // is decoded.
+            let tokenized = job.tokenize_some(self.model(), &self.name, self.embed_shape.window);
+            match tokenized {
+                Ok(()) => self.embed_jobs.push_front(job),
+                Err(err) => step.ended.push(Ended {
+                    id: job.id,
+                    output: job.output,
+                    result: Err(err),
+                }),
+            }
+            return;
+        }
+        let Self {
+            cell,
+            embed_batch,
+            embed_shape,
+            threads,
+            ..
+        } = self;
+        let (shape, threads) = (*embed_shape, *threads);
+        let result = cell.with_dependent_mut(|model, contexts| {
+            if contexts.embed.as_ref().map(|(pooling, _)| *pooling) != Some(job.pooling) {
+                // Free the old one first.
+                contexts.embed = None;
+                let context = model
+                    .new_context(llama_backend()?, shape.params(job.pooling, threads))
+                    .map_err(|err| {
+                        GeniusError::engine_from("cannot create the embedding context", err)
+                    })?;
+                contexts.embed = Some((job.pooling, context));
+            }
+            let (_, context) = contexts.embed.as_mut().expect("made above");
+            run_batch(context, embed_batch, shape, &mut job)
+        });
+        match result {
+            Ok(()) if !job.is_done() => self.embed_jobs.push_front(job),
+            Ok(()) => {
+                let tokens = job.inputs.iter().map(Vec::len).collect();
+                let vectors = std::mem::take(&mut job.vectors);
+                job.output
+                    .send(InferenceEvent::Embeddings(Embeddings { vectors, tokens }));
+                let usage = embed_usage(&job, FinishReason::EndOfGeneration);
+                step.ended.push(Ended {
+                    id: job.id,
+                    output: job.output,
+                    result: Ok(usage),
+                });
+            }
+            Err(err) => step.ended.push(Ended {
+                id: job.id,
+                output: job.output,
+                result: Err(err),
+            }),
+        }
+    }
 }

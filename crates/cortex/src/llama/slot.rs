@@ -1,0 +1,305 @@
+//! The slots of a loaded model: one sequence of the context each, the
+//! tokens its KV cache holds, the request running in it; and how a new
+//! request is checked and given the slot whose cache it reuses most.
+
+use std::time::Instant;
+
+use llama_cpp_2::token::LlamaToken;
+use rusty_genius_core::protocol::{FinishReason, Usage};
+use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
+
+use super::sampling::{grammar_field, grammar_sampler, grammar_text, sampler_for, Chooser};
+use super::Loaded;
+use crate::engine::{reusable_prefix, Output, RequestId};
+use crate::plan;
+
+/// One sequence of the context: the tokens its KV cache holds, and the
+/// request using it, if any.
+pub(super) struct Slot {
+    pub(super) seq: i32,
+    /// Tokens whose keys and values sit in this sequence, in position
+    /// order.
+    pub(super) cached: Vec<LlamaToken>,
+    /// The text of the last prompt and its answer, while `cached` holds
+    /// exactly their tokens: a conversation's next turn, which renders them
+    /// again, continues from these tokens instead of tokenizing the answer
+    /// anew (which could split it into other tokens and so lose the cache
+    /// from there on).
+    pub(super) transcript: Option<String>,
+    /// The logits after the last prompt this slot finished, with that
+    /// prompt's length (`cached` starts with it). The same prompt again
+    /// starts from them rather than decoding its last token anew: llama.cpp
+    /// computes a batch of one token with other kernels than a batch of
+    /// many, and the rounding differs enough to change a greedy answer.
+    pub(super) prompt_logits: Option<(usize, Vec<f32>)>,
+    pub(super) job: Option<Job>,
+}
+
+/// A request running in a slot.
+pub(super) struct Job {
+    pub(super) id: RequestId,
+    pub(super) output: Output,
+    pub(super) config: InferenceConfig,
+    pub(super) chooser: Chooser,
+    /// The whole prompt.
+    pub(super) tokens: Vec<LlamaToken>,
+    /// The prompt's text, to remember as the slot's transcript.
+    pub(super) text: String,
+    pub(super) usage: Usage,
+    pub(super) phase: Phase,
+    /// The answer's bytes so far.
+    pub(super) answer: Vec<u8>,
+    pub(super) prompt_started: Instant,
+    pub(super) generation_started: Option<Instant>,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Decoding its prompt; the slot's `cached` grows toward `tokens`.
+    Prefill,
+    /// Its first token comes from the slot's saved prompt logits.
+    FromSaved,
+    /// This token was chosen and shown; it is decoded in the next step.
+    Decode(LlamaToken),
+    /// Its grammar is still choosing its next token (a choice that checks
+    /// many tokens takes several steps; see `Chooser::resume`).
+    Choosing,
+}
+
+/// Where a job's next logits are.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Logits {
+    /// Its slot's saved prompt logits.
+    Saved,
+    /// This row of the batch just decoded.
+    Batch(i32),
+    /// Those of the choice under way (kept by its chooser).
+    Pending,
+}
+
+/// A prompt checked and given a slot, ready to become its job.
+pub(super) struct Placed {
+    pub(super) index: usize,
+    pub(super) tokens: Vec<LlamaToken>,
+    pub(super) text: String,
+    pub(super) tool_syntax: Option<crate::tools::ToolSyntax>,
+    pub(super) chooser: Chooser,
+    pub(super) phase: Phase,
+    pub(super) cached: usize,
+}
+
+/// How a job's turn in a step went.
+pub(super) enum Turn {
+    /// It produced a token (or decoded prompt tokens).
+    Moved,
+    /// It ended, with this reason.
+    Ended(FinishReason),
+}
+
+/// A prompt of more bytes than the context's tokens times this is first
+/// measured by the tokens of only that many bytes of it.
+const PROMPT_PREFIX_BYTES_PER_TOKEN: usize = 16;
+
+impl Loaded {
+    /// Forgets a slot's cache, e.g. after a failed decode.
+    pub(super) fn reset_slot(&mut self, index: usize) {
+        let seq = self.slots[index].seq;
+        let _ = self.cell.with_dependent_mut(|_, contexts| {
+            contexts
+                .main
+                .clear_kv_cache_seq(Some(seq as u32), None, None)
+        });
+        let slot = &mut self.slots[index];
+        slot.cached.clear();
+        slot.prompt_logits = None;
+        slot.transcript = None;
+    }
+
+    /// Drops a slot's cache after its first `keep` tokens; false if this
+    /// context cannot.
+    pub(super) fn truncate_slot(&mut self, index: usize, keep: usize) -> bool {
+        let seq = self.slots[index].seq;
+        if keep < self.slots[index].cached.len() {
+            let removed = self.cell.with_dependent_mut(|_, contexts| {
+                contexts
+                    .main
+                    .clear_kv_cache_seq(Some(seq as u32), Some(keep as u32), None)
+            });
+            if !matches!(removed, Ok(true)) {
+                return false;
+            }
+            self.slots[index].cached.truncate(keep);
+        }
+        true
+    }
+
+    /// `tokens` for the prompt `text` in `slot`: spliced onto the slot's
+    /// cached tokens when `text` continues its transcript at a special token
+    /// (where a tokenizer never merges across), so the last answer keeps
+    /// the very tokens the model generated.
+    pub(super) fn continue_transcript(
+        &self,
+        slot: &Slot,
+        text: &str,
+        tokens: &[LlamaToken],
+    ) -> Vec<LlamaToken> {
+        let Some(rest) = slot
+            .transcript
+            .as_deref()
+            .and_then(|transcript| text.strip_prefix(transcript))
+        else {
+            return tokens.to_vec();
+        };
+        let vocab = self.model().vocab();
+        let tail = vocab.tokenize(rest.as_bytes(), false, true);
+        let starts_with_special = tail.first().is_some_and(|&first| {
+            vocab.is_control(first)
+                && rest
+                    .as_bytes()
+                    .starts_with(&vocab.token_to_piece(first, true, None))
+        });
+        if !starts_with_special {
+            return tokens.to_vec();
+        }
+        let mut spliced = slot.cached.clone();
+        spliced.extend(tail);
+        spliced
+    }
+
+    /// Refuses a prompt whose beginning alone overflows the context,
+    /// having tokenized only that beginning: rendering and tokenizing a
+    /// 4 MiB prompt whole took the engine 6 s, which every other request
+    /// waited through, only to find it 250 times too long.
+    pub(super) fn check_prompt_size(&self, prompt: &Prompt) -> Result<(), GeniusError> {
+        let texts: Vec<&str> = match prompt {
+            Prompt::Text(text) => vec![text.as_str()],
+            Prompt::Chat(messages) => messages
+                .iter()
+                .filter_map(|message| message.content.as_deref())
+                .collect(),
+            Prompt::Embed(_) => return Ok(()),
+        };
+        let total: usize = texts.iter().map(|text| text.len()).sum();
+        let budget = self
+            .slot_context
+            .saturating_mul(PROMPT_PREFIX_BYTES_PER_TOKEN);
+        if total <= budget {
+            return Ok(());
+        }
+        let vocab = self.model().vocab();
+        let (mut left, mut tokens) = (budget, 0);
+        for text in texts {
+            if left == 0 {
+                break;
+            }
+            let mut end = left.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            tokens += vocab.tokenize(&text.as_bytes()[..end], false, false).len();
+            left -= end;
+        }
+        if tokens >= self.slot_context {
+            // The whole is at least as long; its length is estimated from
+            // the part.
+            return Err(GeniusError::PromptTooLong {
+                tokens: (tokens as f64 * total as f64 / budget as f64) as usize,
+                context: self.slot_context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Tokenizes a prompt, builds its sampler and grammar, and gives it a
+    /// slot: everything about a request that can be wrong is found here,
+    /// before any decoding (a bad schema or grammar costs nothing), and
+    /// only then is the slot's cache cut to what the prompt reuses.
+    pub(super) fn place(
+        &mut self,
+        prompt: &Prompt,
+        config: &InferenceConfig,
+    ) -> Result<Placed, GeniusError> {
+        if self.declared_pooling.is_some() {
+            return Err(GeniusError::invalid_request(
+                "prompt",
+                format!(
+                    "`{}` is an embedding model: it turns texts into vectors (Embed) and cannot generate text",
+                    self.name
+                ),
+            ));
+        }
+        self.check_prompt_size(prompt)?;
+        let prepared = self.prompter.tokens(self.model(), prompt, config)?;
+        // The free slot whose cache shares the longest prefix with the
+        // prompt (continuing its transcript where possible), as the
+        // planner picks it.
+        let mut candidates: Vec<(usize, Vec<LlamaToken>, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| slot.job.is_none())
+            .map(|(index, slot)| {
+                let tokens = self.continue_transcript(slot, &prepared.text, &prepared.tokens);
+                let reuse = reusable_prefix(&slot.cached, &tokens);
+                (index, tokens, reuse)
+            })
+            .collect();
+        let picked = plan::pick_slot(
+            candidates
+                .iter()
+                .map(|(index, _, reuse)| (*index, *reuse, self.slots[*index].cached.len())),
+        )
+        .ok_or_else(|| GeniusError::engine("no free slot for the request"))?;
+        let at = candidates
+            .iter()
+            .position(|(index, _, _)| *index == picked)
+            .expect("a candidate");
+        let (index, tokens, reuse) = candidates.swap_remove(at);
+        if tokens.is_empty() {
+            return Err(GeniusError::EmptyPrompt);
+        }
+        if tokens.len() >= self.slot_context {
+            return Err(GeniusError::PromptTooLong {
+                tokens: tokens.len(),
+                context: self.slot_context,
+            });
+        }
+        let grammar = match grammar_text(config, prepared.tool_syntax)? {
+            Some(text) => Some(grammar_sampler(self.model(), &text, grammar_field(config))?),
+            None => None,
+        };
+        let mut chooser =
+            Chooser::new(config, sampler_for(config, self.model().n_vocab()), grammar);
+        chooser.accept_prompt(&tokens);
+
+        // The same prompt again starts from its saved logits; otherwise the
+        // slot keeps the common prefix and decodes the rest.
+        let slot = &self.slots[index];
+        let same_prompt = slot.prompt_logits.as_ref().is_some_and(|(len, _)| {
+            *len == tokens.len() && slot.cached.get(..*len) == Some(&tokens[..])
+        });
+        let (phase, cached) = if same_prompt && self.truncate_slot(index, tokens.len()) {
+            (Phase::FromSaved, tokens.len())
+        } else {
+            self.slots[index].prompt_logits = None;
+            if self.truncate_slot(index, reuse) {
+                (Phase::Prefill, reuse)
+            } else {
+                log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
+                self.reset_slot(index);
+                (Phase::Prefill, 0)
+            }
+        };
+        self.slots[index].transcript = None;
+        Ok(Placed {
+            index,
+            tokens,
+            text: prepared.text,
+            tool_syntax: prepared.tool_syntax,
+            chooser,
+            phase,
+            cached,
+        })
+    }
+}

@@ -1,0 +1,341 @@
+//! One step of a loaded model: the planned batch built, decoded once,
+//! and every request with fresh logits choosing its next token.
+
+use std::time::Instant;
+
+use rusty_genius_core::protocol::{FinishReason, Usage};
+use rusty_genius_core::GeniusError;
+
+use super::sampling::{token_logprobs, Choice};
+use super::slot::{Job, Logits, Phase, Slot, Turn};
+use super::Loaded;
+use crate::engine::{millis_since, Ended, Step};
+use crate::plan::{self, Budget, Want, MIN_PREFILL};
+
+impl Loaded {
+    /// One step: every job that needs the model gets its tokens into one
+    /// batch (a generating job its last token, a prefilling job a chunk of
+    /// its prompt), the batch is decoded once, and every job with fresh
+    /// logits chooses its next token. After it, one batch of texts to
+    /// embed, if any wait.
+    pub(super) fn step(&mut self) -> Step {
+        // Generation first: a request that just arrived gets its prompt
+        // decoded before the next batch of texts to embed, not after.
+        let mut step = self.generate();
+        self.embed_next(&mut step);
+        step
+    }
+
+    /// The generating half of a step.
+    pub(super) fn generate(&mut self) -> Step {
+        let mut step = Step::default();
+        // Cancelled jobs end before anything is spent on them.
+        for index in 0..self.slots.len() {
+            let cancelled = self.slots[index]
+                .job
+                .as_mut()
+                .and_then(|job| job.output.check_cancelled());
+            if let Some(reason) = cancelled {
+                step.progressed = true;
+                step.ended.push(self.end_job(index, Ok(reason)));
+            }
+        }
+        // First tokens from saved logits need no decoding, nor do choices
+        // a grammar is still making.
+        for index in 0..self.slots.len() {
+            let source = match self.slots[index].job.as_ref() {
+                Some(job) if job.output.is_paused() => continue,
+                Some(job) if job.phase == Phase::FromSaved => Logits::Saved,
+                Some(job) if job.phase == Phase::Choosing => Logits::Pending,
+                _ => continue,
+            };
+            step.progressed = true;
+            if let Some(ended) = self.choose(index, source) {
+                step.ended.push(ended);
+            }
+        }
+
+        // The batch: what the planner decides, from each slot's want.
+        let wants: Vec<Want> = self
+            .slots
+            .iter()
+            .map(|slot| match &slot.job {
+                Some(job) if job.output.is_paused() => Want::Nothing,
+                Some(Job {
+                    phase: Phase::Decode(_),
+                    ..
+                }) => Want::Decode,
+                Some(job) if job.phase == Phase::Prefill => Want::Prompt {
+                    left: job.tokens.len() - slot.cached.len(),
+                    since: job.prompt_started,
+                },
+                _ => Want::Nothing,
+            })
+            .collect();
+        let plan = plan::plan(
+            &wants,
+            Budget {
+                batch: self.batch_size,
+                ms_per_token: self.ms_per_token,
+            },
+        );
+        if plan.tokens() == 0 {
+            return step;
+        }
+        self.batch.clear();
+        let mut sampled: Vec<(usize, i32)> = Vec::new();
+        let mut failed: Option<String> = None;
+        for &index in &plan.decode {
+            let slot = &self.slots[index];
+            let Some(Job {
+                phase: Phase::Decode(token),
+                ..
+            }) = &slot.job
+            else {
+                continue;
+            };
+            let position = slot.cached.len() as i32;
+            if let Err(err) = self.batch.add(*token, position, &[slot.seq], true) {
+                failed = Some(err.to_string());
+                break;
+            }
+            sampled.push((index, self.batch.n_tokens() - 1));
+        }
+        let generating = sampled.len();
+        let mut prefilled: Vec<(usize, usize)> = Vec::new();
+        for &(index, count) in &plan.prefill {
+            if failed.is_some() {
+                break;
+            }
+            let slot = &self.slots[index];
+            let Some(job) = &slot.job else { continue };
+            let start = slot.cached.len();
+            let last_chunk = start + count == job.tokens.len();
+            for (offset, &token) in job.tokens[start..start + count].iter().enumerate() {
+                let is_last = last_chunk && offset + 1 == count;
+                if let Err(err) =
+                    self.batch
+                        .add(token, (start + offset) as i32, &[slot.seq], is_last)
+                {
+                    failed = Some(err.to_string());
+                    break;
+                }
+            }
+            prefilled.push((index, count));
+            if last_chunk {
+                sampled.push((index, self.batch.n_tokens() - 1));
+            }
+        }
+        if self.batch.n_tokens() == 0 {
+            return step;
+        }
+        step.progressed = true;
+        let decoding = Instant::now();
+        let decoded = match failed {
+            Some(err) => Err(GeniusError::engine(format!("cannot fill the batch: {err}"))),
+            None => {
+                let batch = &mut self.batch;
+                self.cell
+                    .with_dependent_mut(|_, contexts| contexts.main.decode(batch))
+                    .map_err(|err| GeniusError::engine_from("decoding failed", err))
+            }
+        };
+        let tokens = self.batch.n_tokens() as usize;
+        if tokens >= MIN_PREFILL {
+            // Batches of a few tokens cost mostly their fixed overhead and
+            // would overstate the cost of a token.
+            let ms = millis_since(decoding) / tokens as f64;
+            self.ms_per_token = Some(match self.ms_per_token {
+                Some(before) => before * 0.7 + ms * 0.3,
+                None => ms,
+            });
+        }
+        if let Err(err) = decoded {
+            let err = std::sync::Arc::new(err);
+            // The state of every sequence in the batch is unknown now.
+            let involved: Vec<usize> = sampled
+                .iter()
+                .map(|(index, _)| *index)
+                .chain(prefilled.iter().map(|(index, _)| *index))
+                .collect();
+            for index in involved {
+                if self.slots[index].job.is_some() {
+                    let message = GeniusError::engine_from("the batch failed", err.clone());
+                    step.ended.push(self.end_job(index, Err(message)));
+                    self.reset_slot(index);
+                }
+            }
+            return step;
+        }
+        // What was decoded is now in the cache.
+        for &(index, count) in &prefilled {
+            let slot = &mut self.slots[index];
+            if let Some(job) = &slot.job {
+                let start = slot.cached.len();
+                slot.cached
+                    .extend_from_slice(&job.tokens[start..start + count]);
+            }
+        }
+        for &(index, _) in sampled.iter().take(generating) {
+            let slot = &mut self.slots[index];
+            if let Some(Job {
+                phase: Phase::Decode(token),
+                ..
+            }) = &slot.job
+            {
+                slot.cached.push(*token);
+            }
+        }
+        // Every job with fresh logits chooses.
+        for (index, logits_index) in sampled {
+            let finished_prompt = self.slots[index]
+                .job
+                .as_ref()
+                .is_some_and(|job| job.phase == Phase::Prefill);
+            if finished_prompt {
+                let logits = self
+                    .cell
+                    .borrow_dependent()
+                    .main
+                    .get_logits_ith(logits_index);
+                let slot = &mut self.slots[index];
+                let mut kept = slot
+                    .prompt_logits
+                    .take()
+                    .map(|(_, buffer)| buffer)
+                    .unwrap_or_default();
+                kept.clear();
+                kept.extend_from_slice(logits);
+                slot.prompt_logits = Some((slot.cached.len(), kept));
+                if let Some(job) = &mut slot.job {
+                    job.usage.prompt_ms = millis_since(job.prompt_started);
+                }
+            }
+            if let Some(ended) = self.choose(index, Logits::Batch(logits_index)) {
+                step.ended.push(ended);
+            }
+        }
+        step
+    }
+
+    /// Chooses slot `index`'s next token, shows it, and either queues it
+    /// for decoding or ends the job.
+    pub(super) fn choose(&mut self, index: usize, source: Logits) -> Option<Ended> {
+        let Loaded {
+            cell,
+            slots,
+            prompter,
+            slot_context,
+            ..
+        } = self;
+        let model = cell.borrow_owner();
+        let Slot {
+            cached,
+            prompt_logits,
+            job,
+            ..
+        } = &mut slots[index];
+        let logits: &[f32] = match source {
+            Logits::Saved => &prompt_logits.as_ref()?.1,
+            Logits::Batch(at) => cell.borrow_dependent().main.get_logits_ith(at),
+            Logits::Pending => &[],
+        };
+        let job = job.as_mut()?;
+        job.generation_started.get_or_insert_with(Instant::now);
+        let turn = (|| -> Result<Turn, GeniusError> {
+            if job
+                .config
+                .max_tokens
+                .is_some_and(|max| job.usage.generated_tokens >= max)
+            {
+                return Ok(Turn::Ended(FinishReason::MaxTokens));
+            }
+            if cached.len() >= *slot_context {
+                return Ok(Turn::Ended(FinishReason::ContextFull));
+            }
+            let choice = match source {
+                Logits::Pending => job.chooser.resume()?,
+                _ => job.chooser.choose(logits)?,
+            };
+            let token = match choice {
+                Choice::Token(token) => token,
+                Choice::Later => {
+                    job.phase = Phase::Choosing;
+                    return Ok(Turn::Moved);
+                }
+            };
+            let searched = job.chooser.take_searched_logits();
+            let logits = searched.as_deref().unwrap_or(logits);
+            let end = model.vocab().is_eog(token);
+            if job.config.logprobs && !end {
+                let report = token_logprobs(
+                    model,
+                    logits,
+                    token,
+                    usize::from(job.config.top_logprobs),
+                    &mut job.chooser,
+                );
+                job.output.logprobs(report);
+            }
+            job.chooser.accept(token)?;
+            if end {
+                return Ok(Turn::Ended(FinishReason::EndOfGeneration));
+            }
+            job.usage.generated_tokens += 1;
+            let mut piece = Vec::with_capacity(16);
+            model
+                .vocab()
+                .token_to_piece_into(token, &mut piece, prompter.is_markup(token), None);
+            job.answer.extend_from_slice(&piece);
+            job.phase = Phase::Decode(token);
+            Ok(match job.output.push(&piece) {
+                Some(reason) => Turn::Ended(reason),
+                None => Turn::Moved,
+            })
+        })();
+        match turn {
+            Ok(Turn::Moved) => None,
+            Ok(Turn::Ended(reason)) => Some(self.end_job(index, Ok(reason))),
+            Err(err) => Some(self.end_job(index, Err(err))),
+        }
+    }
+
+    /// Takes the job out of slot `index`, remembering its transcript when
+    /// the cache holds all of it.
+    pub(super) fn end_job(
+        &mut self,
+        index: usize,
+        result: Result<FinishReason, GeniusError>,
+    ) -> Ended {
+        let slot = &mut self.slots[index];
+        let mut job = slot.job.take().expect("a job to end");
+        let finished_answer = job.tokens.len() + job.usage.generated_tokens;
+        // The cache holds the prompt and every answer token but one that
+        // was chosen and never decoded: the next turn continues from here
+        // only when its text extends exactly this.
+        slot.transcript = match (&result, String::from_utf8(std::mem::take(&mut job.answer))) {
+            (Ok(_), Ok(answer)) if slot.cached.len() == finished_answer => {
+                Some(format!("{}{answer}", job.text))
+            }
+            _ => None,
+        };
+        if let Some(started) = job.generation_started {
+            job.usage.generation_ms = millis_since(started);
+        }
+        if job.chooser.resampled > 0 {
+            log::debug!(
+                "the grammar redirected {} of {} tokens",
+                job.chooser.resampled,
+                job.usage.generated_tokens
+            );
+        }
+        Ended {
+            id: job.id,
+            output: job.output,
+            result: result.map(|reason| Usage {
+                finish_reason: reason,
+                ..job.usage
+            }),
+        }
+    }
+}

@@ -9,6 +9,15 @@
 //! calls on as content, holds back anything that may be the start of
 //! markup, and emits each call once it is complete, so no markup ever
 //! reaches the content, however the model's tokens split it.
+//!
+//! Each family lives in a module of its own, as one [`Family`]: how its
+//! template is recognised, how its calls look, the grammar that forces
+//! one, and how its markup is found in streamed text. A new family is a
+//! new module, a variant of [`ToolSyntax`] and a line in its `family`.
+
+mod hermes;
+mod llama3;
+mod mistral;
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -33,85 +42,98 @@ pub enum ToolSyntax {
     Mistral,
 }
 
-const HERMES_OPEN: &str = "<tool_call>";
-const HERMES_CLOSE: &str = "</tool_call>";
-const PYTHON_TAG: &str = "<|python_tag|>";
-const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
-const MISTRAL_ARGS: &str = "[ARGS]";
+/// One family's rules; see the module documentation.
+trait Family: Sync {
+    /// Whether a chat template's text teaches this markup.
+    fn teaches(&self, template: &str) -> bool;
+
+    /// Special tokens of the markup that must reach the parser as text.
+    fn markup_tokens(&self) -> &'static [&'static str];
+
+    /// The key a call's arguments go under.
+    fn arguments_key(&self) -> &'static str {
+        "arguments"
+    }
+
+    /// `calls` (name, arguments) as the model writes them.
+    fn markup(&self, calls: &[(&str, Value)]) -> String;
+
+    /// A fresh id for a call, in the form the family's templates expect.
+    fn new_call_id(&self) -> String {
+        format!("call_{}", random_alphanumeric(24))
+    }
+
+    /// The GBNF rules above one call's JSON (rule `tool-call-json`) that
+    /// make one or more calls in this markup, starting with `root`.
+    fn calls_root(&self) -> String;
+
+    /// Outside calls: passes text on, holds back what may start markup,
+    /// and enters [`State::Call`] (or [`State::Plain`]) at its start.
+    /// Returns whether the state changed.
+    fn scan_text(
+        &self,
+        p: &mut ToolCallParser,
+        events: &mut Vec<InferenceEvent>,
+        at_end: bool,
+    ) -> bool;
+
+    /// Inside a call: emits it once complete and goes back to text.
+    /// Returns whether the state changed.
+    fn scan_call(
+        &self,
+        p: &mut ToolCallParser,
+        events: &mut Vec<InferenceEvent>,
+        at_end: bool,
+    ) -> bool;
+}
+
+/// The families, in the order templates are tried against them.
+const DETECTION_ORDER: [ToolSyntax; 3] = [
+    ToolSyntax::Hermes,
+    ToolSyntax::Mistral,
+    ToolSyntax::Llama3Json,
+];
 
 impl ToolSyntax {
+    fn family(self) -> &'static dyn Family {
+        match self {
+            Self::Hermes => &hermes::Hermes,
+            Self::Llama3Json => &llama3::Llama3Json,
+            Self::Mistral => &mistral::Mistral,
+        }
+    }
+
     /// The syntax a chat template teaches, found from its text.
     pub fn detect(template: &str) -> Option<Self> {
-        if template.contains(HERMES_OPEN) {
-            Some(Self::Hermes)
-        } else if template.contains(MISTRAL_CALLS) {
-            Some(Self::Mistral)
-        } else if template.contains("<|start_header_id|>")
-            && (template.contains(PYTHON_TAG) || template.contains("tool"))
-        {
-            Some(Self::Llama3Json)
-        } else {
-            None
-        }
+        DETECTION_ORDER
+            .into_iter()
+            .find(|syntax| syntax.family().teaches(template))
     }
 
     /// Special tokens of this markup that must reach the parser as text
     /// (they are normally left out of the output like other control
     /// tokens).
     pub fn markup_tokens(self) -> &'static [&'static str] {
-        match self {
-            Self::Hermes => &[HERMES_OPEN, HERMES_CLOSE],
-            Self::Llama3Json => &[PYTHON_TAG],
-            Self::Mistral => &[MISTRAL_CALLS, MISTRAL_ARGS],
-        }
+        self.family().markup_tokens()
     }
 
     /// The markup for `calls` (name, arguments), as the model writes it;
     /// for scripting [`Pinky`](crate::Pinky) and for tests.
     pub fn markup(self, calls: &[(&str, Value)]) -> String {
-        match self {
-            Self::Hermes => calls
-                .iter()
-                .map(|(name, arguments)| {
-                    format!(
-                        "{HERMES_OPEN}\n{}\n{HERMES_CLOSE}",
-                        json!({"name": name, "arguments": arguments})
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("\n"),
-            Self::Llama3Json => calls
-                .iter()
-                .map(|(name, arguments)| json!({"name": name, "parameters": arguments}).to_string())
-                .collect::<Vec<_>>()
-                .join(";"),
-            Self::Mistral => {
-                let list: Vec<Value> = calls
-                    .iter()
-                    .map(|(name, arguments)| json!({"name": name, "arguments": arguments}))
-                    .collect();
-                format!("{MISTRAL_CALLS}{}", Value::Array(list))
-            }
-        }
+        self.family().markup(calls)
     }
 
     /// A fresh id for a call: Mistral's templates want nine letters and
     /// digits, the others take OpenAI's `call_...` form.
     pub fn new_call_id(self) -> String {
-        match self {
-            Self::Mistral => random_alphanumeric(9),
-            _ => format!("call_{}", random_alphanumeric(24)),
-        }
+        self.family().new_call_id()
     }
 
     /// The JSON schema of one call the model must make, for `choice`
     /// (`Required`: any of the tools; `Function`: that one), or `None` when
     /// the choice does not force a call.
     pub fn call_schema(self, tools: &[Tool], choice: &ToolChoice) -> Option<Value> {
-        let arguments_key = match self {
-            Self::Llama3Json => "parameters",
-            _ => "arguments",
-        };
+        let arguments_key = self.family().arguments_key();
         let one = |tool: &Tool| {
             json!({
                 "type": "object",
@@ -138,19 +160,7 @@ impl ToolSyntax {
     /// call's JSON.
     pub fn calls_grammar(self, call_grammar: &str) -> String {
         let renamed = rename_root(call_grammar, "tool-call-json");
-        let root = match self {
-            Self::Hermes => format!(
-                "root ::= tool-call (\"\\n\" tool-call)*\ntool-call ::= {} \"\\n\" tool-call-json \"\\n\" {}\n",
-                gbnf_literal(HERMES_OPEN),
-                gbnf_literal(HERMES_CLOSE)
-            ),
-            Self::Llama3Json => "root ::= tool-call-json\n".to_owned(),
-            Self::Mistral => format!(
-                "root ::= {} \"[\" tool-call-json (\", \" tool-call-json)* \"]\"\n",
-                gbnf_literal(MISTRAL_CALLS)
-            ),
-        };
-        format!("{root}{renamed}")
+        format!("{}{renamed}", self.family().calls_root())
     }
 }
 
@@ -214,13 +224,10 @@ fn random_alphanumeric(len: usize) -> String {
 enum State {
     /// Passing text on, watching for the start of a call.
     Text,
-    /// Inside `<tool_call>`, until `</tool_call>`.
-    HermesCall,
-    /// After `[TOOL_CALLS]`: a JSON list, or `name[ARGS]{...}`.
-    MistralCalls,
-    /// Llama 3: a JSON object that may be a call, until it is complete.
-    LlamaJson,
-    /// Llama 3: the answer is text; no more calls are looked for.
+    /// Inside a call's markup, until it is complete.
+    Call,
+    /// The answer is text; no more calls are looked for (Llama 3, whose
+    /// calls are the whole answer).
     Plain,
 }
 
@@ -258,13 +265,12 @@ impl ToolCallParser {
 
     /// Adds answer text; appends `Content` and `ToolCall` events.
     pub fn push(&mut self, text: &str, events: &mut Vec<InferenceEvent>) {
+        let family = self.syntax.family();
         self.held.push_str(text);
         loop {
             let progressed = match self.state {
-                State::Text => self.scan_text(events, false),
-                State::HermesCall => self.scan_hermes_call(events, false),
-                State::MistralCalls => self.scan_mistral(events, false),
-                State::LlamaJson => self.scan_llama_json(events, false),
+                State::Text => family.scan_text(self, events, false),
+                State::Call => family.scan_call(self, events, false),
                 State::Plain => {
                     let text = std::mem::take(&mut self.held);
                     self.content(text, events);
@@ -280,20 +286,15 @@ impl ToolCallParser {
     /// Ends the answer: held text is released, a complete call at the very
     /// end (without its closing tag) is emitted, an unfinished one dropped.
     pub fn finish(&mut self, events: &mut Vec<InferenceEvent>) {
+        let family = self.syntax.family();
         match self.state {
             State::Text | State::Plain => {
-                self.scan_text(events, true);
+                family.scan_text(self, events, true);
                 let text = std::mem::take(&mut self.held);
                 self.content(text, events);
             }
-            State::HermesCall => {
-                self.scan_hermes_call(events, true);
-            }
-            State::MistralCalls => {
-                self.scan_mistral(events, true);
-            }
-            State::LlamaJson => {
-                self.scan_llama_json(events, true);
+            State::Call => {
+                family.scan_call(self, events, true);
             }
         }
         if !self.held.trim().is_empty() {
@@ -336,60 +337,13 @@ impl ToolCallParser {
         });
     }
 
-    /// Outside calls: emit text up to a marker, switch state at a marker,
-    /// hold back what may be the start of one. Returns whether the state
-    /// changed.
-    fn scan_text(&mut self, events: &mut Vec<InferenceEvent>, at_end: bool) -> bool {
-        match self.syntax {
-            ToolSyntax::Hermes => self.enter_at(HERMES_OPEN, State::HermesCall, events, at_end),
-            ToolSyntax::Mistral => {
-                self.enter_at(MISTRAL_CALLS, State::MistralCalls, events, at_end)
-            }
-            ToolSyntax::Llama3Json => {
-                // A Llama 3 call is the whole answer, or follows another
-                // after a `;`.
-                let start = if self.calls > 0 {
-                    self.held
-                        .trim_start_matches(|c: char| c == ';' || c.is_whitespace())
-                } else {
-                    self.held.trim_start()
-                };
-                if start.is_empty() {
-                    if at_end {
-                        self.held.clear();
-                    }
-                    return false;
-                }
-                if let Some(rest) = start.strip_prefix(PYTHON_TAG) {
-                    self.held = rest.to_owned();
-                    self.state = State::LlamaJson;
-                    return true;
-                }
-                if start.starts_with('{') {
-                    self.held = start.to_owned();
-                    self.state = State::LlamaJson;
-                    return true;
-                }
-                if PYTHON_TAG.starts_with(start) && !at_end {
-                    return false;
-                }
-                self.state = State::Plain;
-                true
-            }
-        }
-    }
-
-    fn enter_at(
-        &mut self,
-        marker: &str,
-        next: State,
-        events: &mut Vec<InferenceEvent>,
-        at_end: bool,
-    ) -> bool {
+    /// Passes text on up to `marker` and enters a call there; holds back
+    /// what may be the start of the marker. Returns whether it entered.
+    fn enter_at(&mut self, marker: &str, events: &mut Vec<InferenceEvent>, at_end: bool) -> bool {
         if let Some(at) = self.held.find(marker) {
             let before: String = self.held.drain(..at + marker.len()).take(at).collect();
             self.content(before, events);
-            self.state = next;
+            self.state = State::Call;
             return true;
         }
         let keep = if at_end {
@@ -400,117 +354,6 @@ impl ToolCallParser {
         let ready: String = self.held.drain(..self.held.len() - keep).collect();
         self.content(ready, events);
         false
-    }
-
-    fn scan_hermes_call(&mut self, events: &mut Vec<InferenceEvent>, at_end: bool) -> bool {
-        let body = match self.held.find(HERMES_CLOSE) {
-            Some(at) => {
-                let body: String = self
-                    .held
-                    .drain(..at + HERMES_CLOSE.len())
-                    .take(at)
-                    .collect();
-                body
-            }
-            // A call the model ended without its closing tag still counts
-            // if its JSON is complete.
-            None if at_end => std::mem::take(&mut self.held),
-            None => return false,
-        };
-        match parse_call(body.trim(), &["arguments", "parameters"]) {
-            Some((name, arguments)) => self.call(name, arguments, events),
-            None => {
-                log::warn!("a <tool_call> that is not a JSON call was dropped: {body:?}");
-            }
-        }
-        self.state = State::Text;
-        true
-    }
-
-    fn scan_mistral(&mut self, events: &mut Vec<InferenceEvent>, at_end: bool) -> bool {
-        let text = self.held.trim_start();
-        if text.starts_with('[') {
-            let Some(end) = json_end(text) else {
-                if at_end {
-                    log::warn!("an unfinished [TOOL_CALLS] list was dropped: {text:?}");
-                    self.held.clear();
-                }
-                return false;
-            };
-            let list = text[..end].to_owned();
-            let rest = text[end..].to_owned();
-            match serde_json::from_str::<Vec<Value>>(&list) {
-                Ok(calls) => {
-                    for call in calls {
-                        if let Some((name, arguments)) =
-                            call_from_value(&call, &["arguments", "parameters"])
-                        {
-                            self.call(name, arguments, events);
-                        }
-                    }
-                }
-                Err(err) => log::warn!("a [TOOL_CALLS] list that is not JSON was dropped: {err}"),
-            }
-            self.held = rest;
-            self.state = State::Text;
-            return true;
-        }
-        // `name[ARGS]{...}`
-        let Some(args_at) = text.find(MISTRAL_ARGS) else {
-            if at_end {
-                self.held.clear();
-            }
-            return false;
-        };
-        let name = text[..args_at].trim().to_owned();
-        let arguments = &text[args_at + MISTRAL_ARGS.len()..];
-        let Some(end) = json_end(arguments.trim_start()) else {
-            if at_end {
-                self.held.clear();
-            }
-            return false;
-        };
-        let arguments = arguments.trim_start();
-        let parsed = serde_json::from_str::<Value>(&arguments[..end]);
-        let rest = arguments[end..].to_owned();
-        match parsed {
-            Ok(arguments) => self.call(name, arguments, events),
-            Err(err) => log::warn!("tool call arguments that are not JSON were dropped: {err}"),
-        }
-        // Another call may follow with its own [TOOL_CALLS].
-        self.held = rest;
-        self.state = State::Text;
-        true
-    }
-
-    fn scan_llama_json(&mut self, events: &mut Vec<InferenceEvent>, at_end: bool) -> bool {
-        let text = self.held.trim_start();
-        let Some(end) = json_end(text) else {
-            if at_end {
-                // Not a complete object: it was text after all.
-                let text = std::mem::take(&mut self.held);
-                self.content(text, events);
-                self.state = State::Plain;
-            }
-            return false;
-        };
-        let object = text[..end].to_owned();
-        let rest = text[end..].to_owned();
-        match parse_call(&object, &["parameters", "arguments"]) {
-            Some((name, arguments)) => {
-                self.call(name, arguments, events);
-                // Several calls are separated by `;`.
-                self.held = rest.trim_start().trim_start_matches(';').to_owned();
-                self.state = State::Text;
-            }
-            None => {
-                self.held.clear();
-                self.content(object, events);
-                self.held = rest;
-                self.state = State::Plain;
-            }
-        }
-        true
     }
 }
 

@@ -14,9 +14,9 @@ use rusty_genius::facecrab::{AssetAuthority, FacecrabError};
 use rusty_genius::{CortexStrategy, Orchestrator, OrchestratorHandle, RequestStream};
 use tokio::io::AsyncBufReadExt;
 
+use crate::args::{exit, Command, EngineArgs, EngineKind, ServeArgs};
 use crate::http::Timeouts;
 use crate::serve::{self, ServeSettings};
-use crate::{exit, Command, EngineArgs, EngineKind, ServeArgs};
 
 /// Why a command failed, and its exit code.
 #[derive(Debug)]

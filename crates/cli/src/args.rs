@@ -1,0 +1,213 @@
+//! The command line, as clap reads it, and the exit codes.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rusty_genius::core::Limits;
+
+/// Exit codes scripts can rely on (besides 0 for success and 2 for a
+/// command line clap could not parse).
+pub(crate) mod exit {
+    /// Anything else that failed.
+    pub(crate) const FAILED: u8 = 1;
+    /// The model named is not in the registry, the cache or the Hub.
+    pub(crate) const MODEL_NOT_FOUND: u8 = 3;
+    /// Fetching the model failed (network, access, checksum, disk).
+    pub(crate) const DOWNLOAD_FAILED: u8 = 4;
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure (the message says why)
+  2  the command line is wrong
+  3  the model is not found (registry, cache or Hub)
+  4  fetching the model failed (network, access, checksum, disk)";
+
+/// Local models from the shell: pull, run and serve them over the OpenAI API.
+///
+/// A model is a path to a .gguf file, a registry name (`qwen-2.5-3b-instruct`)
+/// or a HuggingFace id (`org/repo`, `org/repo:Q4_K_M`, `org/repo/file.gguf`).
+/// Models are cached in `$GENIUS_HOME/hub` (else `$HF_HUB_CACHE`, `$HF_HOME/hub`
+/// or the platform's cache folder), shared with other HuggingFace tools.
+#[derive(Debug, Parser)]
+#[command(name = "genius", version, after_help = EXIT_CODES)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+    /// Log more: -v for the libraries' info records, -vv for debug
+    /// (RUST_LOG overrides).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Download a model into the cache (with a progress bar) and print its path.
+    #[command(after_help = EXIT_CODES)]
+    Pull {
+        /// The model: registry name, HuggingFace id or path.
+        model: String,
+    },
+    /// Answer one prompt, or chat (with history) when no prompt is given.
+    #[command(after_help = EXIT_CODES)]
+    Run {
+        /// The model: registry name, HuggingFace id or path (pulled first if needed).
+        model: String,
+        /// The prompt; without it, an interactive chat reads lines from stdin
+        /// (`/bye` or end of input to quit).
+        prompt: Vec<String>,
+        /// A system message for the conversation.
+        #[arg(long)]
+        system: Option<String>,
+        /// Sampling temperature; 0 is greedy (always the same answer).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// The most tokens to generate per answer.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Seed of the sampler, for a reproducible answer.
+        #[arg(long)]
+        seed: Option<u32>,
+        /// Send the prompt exactly as given, without the model's chat template.
+        #[arg(long)]
+        raw: bool,
+        #[command(flatten)]
+        engine: EngineArgs,
+    },
+    /// List the models in the cache.
+    #[command(alias = "ls", after_help = EXIT_CODES)]
+    List,
+    /// Remove a model from the cache: `org/repo/file.gguf` as `list` shows
+    /// it, or `org/repo` for every file of the repository.
+    #[command(alias = "remove", after_help = EXIT_CODES)]
+    Rm {
+        /// The model as `genius list` shows it.
+        model: String,
+    },
+    /// Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions,
+    /// /v1/models and /health.
+    #[command(after_help = EXIT_CODES)]
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on. The default is loopback only; use
+    /// 0.0.0.0:8080 to accept other machines (and set an API key).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "GENIUS_ADDR")]
+    pub(crate) addr: SocketAddr,
+    /// The model to serve, loaded at start (and pulled if needed). Without
+    /// it, every model already in the cache is served, each loaded on its
+    /// first request; nothing is downloaded on a client's behalf.
+    #[arg(long, short)]
+    pub(crate) model: Option<String>,
+    /// Require `Authorization: Bearer <KEY>` on every endpoint but /health.
+    #[arg(long, env = "GENIUS_API_KEY", hide_env_values = true)]
+    pub(crate) api_key: Option<String>,
+    /// The largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub(crate) max_body_bytes: usize,
+    /// Unload the model after this many idle seconds (0: never). It is
+    /// loaded again by the next request.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) idle_unload: u64,
+    /// Without an API key, also answer requests whose Host header is this
+    /// name (repeatable). localhost and IP addresses are always accepted;
+    /// any other name is refused, so that no web page can reach the
+    /// server through DNS rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub(crate) allowed_hosts: Vec<String>,
+    /// Seconds a client may take to send a request's headers, from their
+    /// first byte.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub(crate) header_timeout: u64,
+    /// Seconds a client may take to send a request's body.
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub(crate) body_timeout: u64,
+    /// Seconds a connection may stay open with no request in flight, or
+    /// with an answer its client does not read.
+    #[arg(long, default_value_t = 75, value_name = "SECS")]
+    pub(crate) idle_timeout: u64,
+    #[command(flatten)]
+    pub(crate) limits: LimitArgs,
+    #[command(flatten)]
+    pub(crate) engine: EngineArgs,
+}
+
+/// The most one request may ask for; a request over a limit gets a 400
+/// naming it.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct LimitArgs {
+    /// Bytes of a GBNF grammar (response_format grammar).
+    #[arg(long, default_value_t = Limits::default().grammar_bytes, value_name = "BYTES")]
+    pub(crate) max_grammar_bytes: usize,
+    /// Levels of nested parentheses in a grammar.
+    #[arg(long, default_value_t = Limits::default().grammar_depth, value_name = "N")]
+    pub(crate) max_grammar_depth: usize,
+    /// Bytes of all JSON schemas of a request (response_format and tools).
+    #[arg(long, default_value_t = Limits::default().schema_bytes, value_name = "BYTES")]
+    pub(crate) max_schema_bytes: usize,
+    /// Levels of nested JSON objects and arrays in a schema.
+    #[arg(long, default_value_t = Limits::default().schema_depth, value_name = "N")]
+    pub(crate) max_schema_depth: usize,
+    /// Values of one enum in a schema.
+    #[arg(long, default_value_t = Limits::default().enum_values, value_name = "N")]
+    pub(crate) max_enum_values: usize,
+    /// Tools in one request.
+    #[arg(long, default_value_t = Limits::default().tools, value_name = "N")]
+    pub(crate) max_tools: usize,
+    /// Stop sequences of one request.
+    #[arg(long, default_value_t = Limits::default().stop_sequences, value_name = "N")]
+    pub(crate) max_stop: usize,
+    /// Texts in one embeddings request.
+    #[arg(long, default_value_t = Limits::default().embed_inputs, value_name = "N")]
+    pub(crate) max_embed_inputs: usize,
+    /// Tokens of all texts of one embeddings request.
+    #[arg(long, default_value_t = Limits::default().embed_tokens, value_name = "N")]
+    pub(crate) max_embed_tokens: usize,
+}
+
+impl LimitArgs {
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            grammar_bytes: self.max_grammar_bytes,
+            grammar_depth: self.max_grammar_depth,
+            schema_bytes: self.max_schema_bytes,
+            schema_depth: self.max_schema_depth,
+            enum_values: self.max_enum_values,
+            tools: self.max_tools,
+            stop_sequences: self.max_stop,
+            embed_inputs: self.max_embed_inputs,
+            embed_tokens: self.max_embed_tokens,
+            ..Limits::default()
+        }
+    }
+}
+
+/// The engine's settings (the `GENIUS_*` variables give the defaults).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EngineArgs {
+    /// Requests decoded together; more wait their turn (GENIUS_PARALLEL, default 4).
+    #[arg(long)]
+    pub(crate) parallel: Option<u32>,
+    /// Context window of each request in tokens (GENIUS_CONTEXT_SIZE, default 4096).
+    #[arg(long)]
+    pub(crate) ctx_size: Option<u32>,
+    /// CPU threads (GENIUS_THREADS, default: every core).
+    #[arg(long)]
+    pub(crate) threads: Option<usize>,
+    /// The engine: llama.cpp, or the Pinky stub (for testing clients
+    /// without a model: it answers "Narf! You said: ...").
+    #[arg(long, value_enum, default_value_t = EngineKind::Llama, hide = true)]
+    pub(crate) engine: EngineKind,
+    /// Pinky's delay per token, in milliseconds.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub(crate) pinky_token_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum EngineKind {
+    Llama,
+    Pinky,
+}

@@ -12,9 +12,9 @@ use futures::future::{self, Either};
 use futures::{FutureExt, SinkExt, StreamExt};
 use rusty_genius_core::protocol::{BrainstemInput, BrainstemOutput, InferenceEvent};
 use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Prompt};
-use rusty_genius_cortex::{CancelToken, EventSink};
+use rusty_genius_cortex::CancelToken;
 
-use crate::handle::{Command, OrchestratorHandle};
+use crate::handle::{ChannelSink, Command, OrchestratorHandle};
 
 /// What reaches the adapter, in the order it happened.
 enum Item {
@@ -23,40 +23,6 @@ enum Item {
     Output(BrainstemOutput),
     /// The load that was asked for is done.
     Loaded(Result<(), ErrorReport>),
-}
-
-/// The running request's events, counted so that its generation pauses
-/// when the application stops reading the output.
-struct AdapterSink {
-    items: mpsc::UnboundedSender<Item>,
-    backlog: Arc<AtomicUsize>,
-    /// Whether the request's end went out.
-    ended: bool,
-}
-
-impl Drop for AdapterSink {
-    /// A request dropped without an end (its engine stopped) still ends.
-    fn drop(&mut self) {
-        if !self.ended {
-            self.send(Err(GeniusError::EngineGone.report()));
-        }
-    }
-}
-
-impl EventSink for AdapterSink {
-    fn send(&mut self, event: Result<InferenceEvent, ErrorReport>) -> bool {
-        self.ended |= matches!(event, Ok(InferenceEvent::Complete) | Err(_));
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        let output = match event {
-            Ok(event) => BrainstemOutput::Event(event),
-            Err(report) => BrainstemOutput::Error(report),
-        };
-        self.items.unbounded_send(Item::Output(output)).is_ok()
-    }
-
-    fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Relaxed)
-    }
 }
 
 /// What the adapter is waiting for.
@@ -70,6 +36,11 @@ enum Busy {
     /// The end of a load.
     Load,
 }
+
+/// Inputs read ahead of the one being answered. Past this many the
+/// adapter stops reading its input, so that a sender feels the
+/// backpressure of its bounded channel instead of a queue growing here.
+const READ_AHEAD: usize = 64;
 
 /// Serves `input` through `handle`, reporting on `output`, until
 /// `Shutdown`, the end of the input (once its requests are answered), or
@@ -101,7 +72,7 @@ pub(crate) async fn serve(
                 break;
             }
         }
-        let next_input = if input_open && !shutting_down {
+        let next_input = if input_open && !shutting_down && pending.len() < READ_AHEAD {
             Either::Left(input.next())
         } else {
             Either::Right(future::pending())
@@ -206,18 +177,19 @@ fn start(
         }
     };
     let (prompt, config) = prompt;
-    let backlog = Arc::new(AtomicUsize::new(0));
-    let cancel = CancelToken::default();
-    handle.send(Command::Submit {
-        id: handle.next_id(),
-        prompt,
-        config: Box::new(config),
-        sink: Box::new(AdapterSink {
-            items: items.clone(),
-            backlog: backlog.clone(),
-            ended: false,
-        }),
-        cancel: cancel.clone(),
+    let (sink, backlog) = ChannelSink::new(items.clone(), |event| {
+        Item::Output(match event {
+            Ok(event) => BrainstemOutput::Event(event),
+            Err(report) => BrainstemOutput::Error(report),
+        })
     });
+    let cancel = CancelToken::default();
+    handle.submit_to(
+        handle.next_id(),
+        prompt,
+        config,
+        Box::new(sink),
+        cancel.clone(),
+    );
     Busy::Request { cancel, backlog }
 }

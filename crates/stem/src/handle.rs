@@ -17,14 +17,8 @@ use rusty_genius_cortex::{CancelToken, EventSink, RequestId};
 
 /// What handles ask of the Orchestrator's loop.
 pub(crate) enum Command {
-    /// Answer a request; its events go to `sink`.
-    Submit {
-        id: RequestId,
-        prompt: Prompt,
-        config: Box<InferenceConfig>,
-        sink: Box<dyn EventSink>,
-        cancel: CancelToken,
-    },
+    /// Answer a request.
+    Submit(Submission),
     /// Load a model (once the running requests are done); `done` hears
     /// how it went.
     Load { name: String, done: LoadDone },
@@ -32,6 +26,30 @@ pub(crate) enum Command {
     Listen(Listener),
     /// End every running and queued request, then the loop.
     Shutdown,
+}
+
+/// A request as a handle sends it, kept as one value until the engine
+/// takes it: its events go to `sink`, and `cancel` ends it early.
+pub(crate) struct Submission {
+    pub(crate) id: RequestId,
+    pub(crate) prompt: Prompt,
+    pub(crate) config: Box<InferenceConfig>,
+    pub(crate) sink: Box<dyn EventSink>,
+    pub(crate) cancel: CancelToken,
+}
+
+impl Submission {
+    /// Answers the request with `err` alone.
+    pub(crate) fn fail(self, err: GeniusError) {
+        self.fail_shared(&Arc::new(err));
+    }
+
+    /// Fails with an error other requests share (one load failure ends
+    /// every request that waited for it, each with the error itself).
+    pub(crate) fn fail_shared(mut self, err: &Arc<GeniusError>) {
+        log::warn!("request {}: {err}", self.id);
+        self.sink.send(Err(ErrorReport::shared(err)));
+    }
 }
 
 /// Hears how a load went.
@@ -123,21 +141,33 @@ impl OrchestratorHandle {
     pub fn submit(&self, prompt: Prompt, config: InferenceConfig) -> RequestStream {
         let id = self.next_id();
         let (sink, stream) = request_channel(id);
-        let submitted = self.commands.unbounded_send(Command::Submit {
+        self.submit_to(id, prompt, config, Box::new(sink), stream.cancel.clone());
+        stream
+    }
+
+    /// Sends a request whose events go to `sink`. If the loop has ended
+    /// (shut down, or every handle dropped before), the request is
+    /// answered as one that came too late.
+    pub(crate) fn submit_to(
+        &self,
+        id: RequestId,
+        prompt: Prompt,
+        config: InferenceConfig,
+        sink: Box<dyn EventSink>,
+        cancel: CancelToken,
+    ) {
+        let submitted = self.commands.unbounded_send(Command::Submit(Submission {
             id,
             prompt,
             config: Box::new(config),
-            sink: Box::new(sink),
-            cancel: stream.cancel.clone(),
-        });
-        // The loop has ended (shut down, or every handle dropped before):
-        // the request is answered as one that came too late.
+            sink,
+            cancel,
+        }));
         if let Err(refused) = submitted {
-            if let Command::Submit { mut sink, .. } = refused.into_inner() {
-                sink.send(Err(GeniusError::ShutDown.report()));
+            if let Command::Submit(submission) = refused.into_inner() {
+                submission.fail(GeniusError::ShutDown);
             }
         }
-        stream
     }
 
     /// Loads a model (a path, registry name or HuggingFace id), once the
@@ -260,16 +290,41 @@ impl Drop for RequestStream {
     }
 }
 
-/// A request's side of its stream: counts what waits to be read.
-pub(crate) struct ChannelSink {
-    tx: mpsc::UnboundedSender<Result<InferenceEvent, ErrorReport>>,
+/// A request's side of its events' channel: counts what waits to be read,
+/// and ends the request with `EngineGone` if it is dropped unanswered
+/// (its engine stopped). `T` is what the channel carries: a request's own
+/// stream takes the events as they are; the channel API wraps them into
+/// its one ordered queue.
+pub(crate) struct ChannelSink<T> {
+    tx: mpsc::UnboundedSender<T>,
+    wrap: fn(Result<InferenceEvent, ErrorReport>) -> T,
     backlog: Arc<AtomicUsize>,
+    ended: bool,
 }
 
-impl EventSink for ChannelSink {
+impl<T> ChannelSink<T> {
+    /// A sink into `tx`, and the count of what it sent that is not yet
+    /// read (the reader takes one off for every item it reads).
+    pub(crate) fn new(
+        tx: mpsc::UnboundedSender<T>,
+        wrap: fn(Result<InferenceEvent, ErrorReport>) -> T,
+    ) -> (Self, Arc<AtomicUsize>) {
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let sink = ChannelSink {
+            tx,
+            wrap,
+            backlog: backlog.clone(),
+            ended: false,
+        };
+        (sink, backlog)
+    }
+}
+
+impl<T: Send> EventSink for ChannelSink<T> {
     fn send(&mut self, event: Result<InferenceEvent, ErrorReport>) -> bool {
+        self.ended |= matches!(event, Ok(InferenceEvent::Complete) | Err(_));
         self.backlog.fetch_add(1, Ordering::Relaxed);
-        self.tx.unbounded_send(event).is_ok()
+        self.tx.unbounded_send((self.wrap)(event)).is_ok()
     }
 
     fn backlog(&self) -> usize {
@@ -277,21 +332,32 @@ impl EventSink for ChannelSink {
     }
 }
 
+impl<T> Drop for ChannelSink<T> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.backlog.fetch_add(1, Ordering::Relaxed);
+            let _ = self
+                .tx
+                .unbounded_send((self.wrap)(Err(GeniusError::EngineGone.report())));
+        }
+    }
+}
+
 /// A request's sink and stream.
-pub(crate) fn request_channel(id: RequestId) -> (ChannelSink, RequestStream) {
+pub(crate) fn request_channel(
+    id: RequestId,
+) -> (
+    ChannelSink<Result<InferenceEvent, ErrorReport>>,
+    RequestStream,
+) {
     let (tx, events) = mpsc::unbounded();
-    let backlog = Arc::new(AtomicUsize::new(0));
-    (
-        ChannelSink {
-            tx,
-            backlog: backlog.clone(),
-        },
-        RequestStream {
-            id,
-            events,
-            backlog,
-            cancel: CancelToken::default(),
-            ended: false,
-        },
-    )
+    let (sink, backlog) = ChannelSink::new(tx, |event| event);
+    let stream = RequestStream {
+        id,
+        events,
+        backlog,
+        cancel: CancelToken::default(),
+        ended: false,
+    };
+    (sink, stream)
 }

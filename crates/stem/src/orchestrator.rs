@@ -21,15 +21,15 @@ use futures::{FutureExt, StreamExt};
 use rusty_genius_core::chat::validate_messages;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{AssetEvent, BrainstemInput, BrainstemOutput, EngineStatus};
-use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Limits, Prompt};
+use rusty_genius_core::{ErrorReport, GeniusError, Limits, Prompt};
 use rusty_genius_cortex::{
-    default_engine_factory, CancelToken, Engine, EngineFactory, EngineReport, EngineThread,
-    EventSink, Output, Pinky, Request, RequestId,
+    default_engine_factory, CancelToken, Engine, EngineFactory, EngineReport, EngineThread, Output,
+    Pinky, Request, RequestId,
 };
 
-use crate::handle::{Command, Listener, LoadDone, OrchestratorHandle};
+use crate::handle::{Command, Listener, LoadDone, OrchestratorHandle, Submission};
 use crate::rt;
-use crate::CortexStrategy;
+use crate::strategy::CortexStrategy;
 
 /// Runs inference requests against one engine, loading, hibernating and
 /// reloading its model as the [`CortexStrategy`] says.
@@ -167,7 +167,10 @@ impl Orchestrator {
     ///
     /// Requests sent here are answered one after another, in order, so
     /// their outputs never interleave; for requests that run together, use
-    /// [`start`](Self::start) and its handle.
+    /// [`start`](Self::start) and its handle. It reads at most 64 inputs
+    /// ahead of the one being answered; past that a sender waits on its
+    /// own bounded channel (and a `Stop` or `Shutdown` sent behind them is
+    /// read when there is room again).
     ///
     /// Nothing outlives it: a download in progress stops when it returns
     /// (or when this future is dropped), keeping what it has fetched for
@@ -201,7 +204,7 @@ impl Orchestrator {
                 Ok(spawned) => spawned,
                 Err(err) => {
                     log::error!("{err}");
-                    fail_commands(inbox, &err).await;
+                    fail_commands(inbox, &Arc::new(err)).await;
                     return;
                 }
             };
@@ -216,17 +219,15 @@ impl Orchestrator {
                 listeners: Vec::new(),
                 asset_tx,
                 asset_rx,
-                resolving: None,
                 state: State::Unloaded { hibernated: None },
                 queue: VecDeque::new(),
                 running: HashMap::new(),
-                shutting_down: false,
             };
             while let Some(event) = stem.next_event().await {
                 stem.handle_event(event);
             }
             // Stop any download before waiting for the engine.
-            stem.resolving = None;
+            stem.state = State::Unloaded { hibernated: None };
             stem.fail_queue(GeniusError::ShutDown);
             if let Some(engine) = stem.engine.take() {
                 engine.shutdown().await;
@@ -238,14 +239,12 @@ impl Orchestrator {
 }
 
 /// Answers every command with `err`: the loop could not start.
-async fn fail_commands(mut inbox: mpsc::UnboundedReceiver<Command>, err: &GeniusError) {
+async fn fail_commands(mut inbox: mpsc::UnboundedReceiver<Command>, err: &Arc<GeniusError>) {
     inbox.close();
     while let Some(command) = inbox.next().await {
         match command {
-            Command::Submit { mut sink, .. } => {
-                sink.send(Err(err.report()));
-            }
-            Command::Load { done, .. } => done(Err(err.report())),
+            Command::Submit(submission) => submission.fail_shared(err),
+            Command::Load { done, .. } => done(Err(ErrorReport::shared(err))),
             Command::Listen(_) | Command::Shutdown => {}
         }
     }
@@ -258,12 +257,15 @@ struct Model {
     path: PathBuf,
 }
 
-#[derive(Debug)]
 enum State {
     /// No model in memory; `hibernated` is the one to reload on a request.
     Unloaded { hibernated: Option<Model> },
-    /// facecrab is resolving (maybe downloading) this name.
-    Resolving { name: String },
+    /// facecrab is resolving (maybe downloading) this name; the loop
+    /// polls `resolution` itself, and dropping it cancels the download.
+    Resolving {
+        name: String,
+        resolution: Resolution,
+    },
     /// The engine is loading this model.
     Loading { model: Model },
     /// Ready; idle since the given instant when nothing runs.
@@ -281,28 +283,7 @@ enum Pending {
         name: String,
         done: Option<LoadDone>,
     },
-    Submit(Submitted),
-}
-
-struct Submitted {
-    id: RequestId,
-    prompt: Prompt,
-    config: Box<InferenceConfig>,
-    sink: Box<dyn EventSink>,
-    cancel: CancelToken,
-}
-
-impl Submitted {
-    fn fail(self, err: GeniusError) {
-        self.fail_shared(&Arc::new(err));
-    }
-
-    /// Fails with an error other requests share (one load failure ends
-    /// every request that waited for it, each with the error itself).
-    fn fail_shared(mut self, err: &Arc<GeniusError>) {
-        log::warn!("request {}: {err}", self.id);
-        self.sink.send(Err(ErrorReport::shared(err)));
-    }
+    Submit(Submission),
 }
 
 enum Event {
@@ -329,9 +310,6 @@ struct Brainstem {
     listeners: Vec<Listener>,
     asset_tx: mpsc::UnboundedSender<AssetEvent>,
     asset_rx: mpsc::UnboundedReceiver<AssetEvent>,
-    /// The name being resolved (in `State::Resolving`), polled by the loop
-    /// itself: dropping it cancels the download.
-    resolving: Option<Resolution>,
     state: State,
     /// What waits, in order: requests wait for the model, loads for the
     /// requests before them.
@@ -339,8 +317,6 @@ struct Brainstem {
     /// Requests given to the engine and not yet ended, with their cancel
     /// tokens.
     running: HashMap<RequestId, CancelToken>,
-    /// `Shutdown` was received: finish the running requests, then stop.
-    shutting_down: bool,
 }
 
 impl Brainstem {
@@ -358,9 +334,9 @@ impl Brainstem {
             Some(commands) => Either::Left(commands.next()),
             None => Either::Right(future::pending()),
         };
-        let resolved = match &mut self.resolving {
-            Some(resolution) => Either::Left(resolution.as_mut()),
-            None => Either::Right(future::pending()),
+        let resolved = match &mut self.state {
+            State::Resolving { resolution, .. } => Either::Left(resolution.as_mut()),
+            _ => Either::Right(future::pending()),
         };
         // Progress before the result it leads to; commands first, so
         // `Shutdown` is never stuck behind engine reports.
@@ -405,7 +381,6 @@ impl Brainstem {
             Event::Engine(Some(report)) => self.on_engine_report(report),
             Event::Asset(event) => self.broadcast(BrainstemOutput::Asset(event)),
             Event::Resolved(result) => {
-                self.resolving = None;
                 // Progress reported in the poll that finished the work is
                 // still queued: it goes first.
                 while let Ok(event) = self.asset_rx.try_recv() {
@@ -432,29 +407,10 @@ impl Brainstem {
 
     fn on_command(&mut self, command: Command) {
         match command {
-            Command::Submit {
-                id,
-                prompt,
-                config,
-                sink,
-                cancel,
-            } => {
-                let submitted = Submitted {
-                    id,
-                    prompt,
-                    config,
-                    sink,
-                    cancel,
-                };
-                if self.shutting_down {
-                    return submitted.fail(GeniusError::ShutDown);
-                }
-                self.queue.push_back(Pending::Submit(submitted));
-            }
+            // After `Shutdown` no command is read (`commands` is gone),
+            // so whatever arrives here is served.
+            Command::Submit(submission) => self.queue.push_back(Pending::Submit(submission)),
             Command::Load { name, done } => {
-                if self.shutting_down {
-                    return done(Err(GeniusError::ShutDown.report()));
-                }
                 self.queue.push_back(Pending::Load {
                     name,
                     done: Some(done),
@@ -469,15 +425,12 @@ impl Brainstem {
     /// its `Complete`), everything queued is answered with `ShutDown`, and
     /// the loop ends once the engine is idle.
     fn shut_down(&mut self) {
-        self.shutting_down = true;
         // Commands already sent are answered too, not dropped unread.
         if let Some(mut commands) = self.commands.take() {
             commands.close();
             while let Ok(command) = commands.try_recv() {
                 match command {
-                    Command::Submit { mut sink, .. } => {
-                        sink.send(Err(GeniusError::ShutDown.report()));
-                    }
+                    Command::Submit(submission) => submission.fail(GeniusError::ShutDown),
                     Command::Load { done, .. } => done(Err(GeniusError::ShutDown.report())),
                     Command::Listen(listener) => self.listeners.push(listener),
                     Command::Shutdown => {}
@@ -489,7 +442,6 @@ impl Brainstem {
         }
         self.fail_queue(GeniusError::ShutDown);
         if matches!(self.state, State::Resolving { .. } | State::Loading { .. }) {
-            self.resolving = None;
             self.state = State::Unloaded { hibernated: None };
         }
     }
@@ -585,13 +537,13 @@ impl Brainstem {
         let authority = self.authority.clone();
         let progress = self.asset_tx.clone();
         let requested = name.clone();
-        self.resolving = Some(Box::pin(async move {
+        let resolution = Box::pin(async move {
             let mut report = move |event| {
                 let _ = progress.unbounded_send(event);
             };
             authority.ensure_model_with(&requested, &mut report).await
-        }));
-        self.state = State::Resolving { name };
+        });
+        self.state = State::Resolving { name, resolution };
     }
 
     fn load(&mut self, model: Model) {
@@ -602,7 +554,7 @@ impl Brainstem {
     }
 
     /// Checks a request and gives it to the engine.
-    fn run(&mut self, submitted: Submitted) {
+    fn run(&mut self, submitted: Submission) {
         let checked = match &submitted.prompt {
             Prompt::Text(text) if text.trim().is_empty() => Err(GeniusError::EmptyPrompt),
             Prompt::Text(_) => Ok(()),
@@ -615,7 +567,7 @@ impl Brainstem {
         if let Err(err) = checked {
             return submitted.fail(err);
         }
-        let Submitted {
+        let Submission {
             id,
             prompt,
             config,
@@ -715,7 +667,7 @@ impl Brainstem {
     }
 
     fn on_resolved(&mut self, result: Result<PathBuf, FacecrabError>) {
-        let State::Resolving { name } =
+        let State::Resolving { name, .. } =
             std::mem::replace(&mut self.state, State::Unloaded { hibernated: None })
         else {
             return;

@@ -139,3 +139,45 @@ async fn the_channel_api_answers_embed_in_order_with_the_others() {
     assert_eq!(vectors[0].vectors[0], Pinky::embedding("hello world", true));
     assert_eq!(completes, 1);
 }
+
+#[async_std::test]
+async fn the_channel_api_reads_only_a_bounded_way_ahead_of_its_answers() {
+    let dir = TempDir::new("stem-read-ahead");
+    let model = dir.join("pinky.gguf");
+    std::fs::write(&model, b"GGUF pinky's pretend weights").unwrap();
+    // The first request holds the adapter for as long as the test runs.
+    let pinky = Pinky::new()
+        .with_script(vec!["tick "; 100_000])
+        .with_token_delay(std::time::Duration::from_millis(5));
+    let mut genius = Orchestrator::builder().pinky(pinky).build().unwrap();
+    let (mut input, rx) = mpsc::channel(8);
+    let (tx, output) = mpsc::channel(1024);
+    let task = async_std::task::spawn(async move { genius.run(rx, tx).await });
+    input
+        .send(BrainstemInput::LoadModel(model.display().to_string()))
+        .await
+        .unwrap();
+    let infer = || BrainstemInput::Infer {
+        prompt: "go".into(),
+        config: Default::default(),
+    };
+    input.send(infer()).await.unwrap();
+    // Offer many more; a bounded adapter leaves them in the sender's
+    // channel, whose fullness the sender sees.
+    let mut accepted = 0;
+    for _ in 0..50 {
+        while input.try_send(infer()).is_ok() {
+            accepted += 1;
+            assert!(accepted < 10_000, "the adapter reads without a bound");
+        }
+        async_std::task::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(
+        accepted < 200,
+        "{accepted} inputs taken ahead of their answers"
+    );
+    assert!(accepted >= 8, "the sender's own channel holds {accepted}");
+    // The application goes away: the adapter stops at its next output.
+    drop(output);
+    task.await;
+}

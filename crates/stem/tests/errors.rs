@@ -10,7 +10,7 @@ use rusty_genius_stem::Orchestrator;
 
 /// An Orchestrator on Pinky whose facecrab knows no model and may not use
 /// the network.
-fn offline(dir: &TempDir) -> Orchestrator {
+fn offline(dir: &TempDir, pinky: Pinky) -> Orchestrator {
     let authority = AssetAuthority::builder()
         .cache_dir(dir.join("hub"))
         .registry_file(dir.join("no-registry.json"))
@@ -19,7 +19,7 @@ fn offline(dir: &TempDir) -> Orchestrator {
         .build()
         .unwrap();
     Orchestrator::builder()
-        .pinky(Pinky::new())
+        .pinky(pinky)
         .asset_authority(authority)
         .build()
         .unwrap()
@@ -39,12 +39,22 @@ fn facecrab_cause(error: Option<&GeniusError>) -> Option<&FacecrabError> {
 #[async_std::test]
 async fn a_failed_load_keeps_its_cause_for_the_caller_and_for_the_requests_that_waited() {
     let dir = TempDir::new("stem-errors");
-    let genius = offline(&dir).start();
-    // A request sent after the load waits for it, and fails with it.
+    let pinky = Pinky::new()
+        .with_script(vec!["tick "; 10_000])
+        .with_token_delay(std::time::Duration::from_millis(1));
+    let genius = offline(&dir, pinky).start();
+    let model = dir.join("pinky.gguf");
+    std::fs::write(&model, b"GGUF pinky").unwrap();
+    genius.load(&model.display().to_string()).await.unwrap();
+    // While a request runs, a load waits for it, and a request sent after
+    // the load waits for the load, and fails with it.
+    let mut running = genius.infer("hello", InferenceConfig::default());
+    assert!(running.next().await.unwrap().is_ok());
     let load = genius.load("no-such-model");
     futures::pin_mut!(load);
     assert!(futures::poll!(&mut load).is_pending());
     let mut waiting = genius.infer("hello", InferenceConfig::default());
+    drop(running);
 
     let err = load.await.unwrap_err();
     assert_eq!(err.kind, ErrorKind::ModelNotFound);
@@ -76,8 +86,6 @@ async fn a_failed_load_keeps_its_cause_for_the_caller_and_for_the_requests_that_
     ));
 
     // A bad request's error is typed too.
-    let model = dir.join("pinky.gguf");
-    std::fs::write(&model, b"GGUF pinky").unwrap();
     genius.load(&model.display().to_string()).await.unwrap();
     let bad = InferenceConfig {
         top_p: 0.0,

@@ -57,6 +57,19 @@ pub struct InferenceConfig {
     /// The form of the answer: free text, JSON, JSON following a schema,
     /// or a grammar. Default [`ResponseFormat::Text`].
     pub response_format: ResponseFormat,
+    /// The model to answer with, by the name it was loaded or is resolved
+    /// by (a path, registry name or HuggingFace id). A model that is not
+    /// loaded yet is loaded first. `None`: the model of the last
+    /// `LoadModel`. Default `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// How long the model stays loaded once it is idle, from this request
+    /// on, in place of the Orchestrator's `CortexStrategy` (as Ollama's
+    /// `keep_alive`): zero unloads it as soon as it is idle,
+    /// [`Duration::MAX`](std::time::Duration::MAX) keeps it until it is
+    /// evicted or unloaded. Default `None`: the strategy's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keep_alive: Option<std::time::Duration>,
 }
 
 /// How a prompt reaches the model.
@@ -92,6 +105,8 @@ impl Default for InferenceConfig {
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
             response_format: ResponseFormat::Text,
+            model: None,
+            keep_alive: None,
         }
     }
 }
@@ -163,6 +178,18 @@ impl InferenceConfig {
     /// Sets [`response_format`](Self::response_format).
     pub fn with_response_format(mut self, format: ResponseFormat) -> Self {
         self.response_format = format;
+        self
+    }
+
+    /// Sets [`model`](Self::model): the request goes to this model.
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Sets [`keep_alive`](Self::keep_alive).
+    pub fn with_keep_alive(mut self, idle: std::time::Duration) -> Self {
+        self.keep_alive = Some(idle);
         self
     }
 

@@ -34,6 +34,15 @@ pub struct Embed {
     /// refusing the request. Default `false`.
     #[serde(default)]
     pub truncate: bool,
+    /// The model to embed with (see
+    /// [`InferenceConfig::model`](crate::InferenceConfig::model)). Default
+    /// `None`: the model of the last `LoadModel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// How long the model stays loaded once idle (see
+    /// [`InferenceConfig::keep_alive`](crate::InferenceConfig::keep_alive)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive: Option<std::time::Duration>,
 }
 
 fn yes() -> bool {
@@ -53,7 +62,21 @@ impl Embed {
             pooling: None,
             normalize: true,
             truncate: false,
+            model: None,
+            keep_alive: None,
         }
+    }
+
+    /// Sets [`model`](Self::model): the texts are embedded by this model.
+    pub fn with_model(mut self, model: impl Into<String>) -> Self {
+        self.model = Some(model.into());
+        self
+    }
+
+    /// Sets [`keep_alive`](Self::keep_alive).
+    pub fn with_keep_alive(mut self, idle: std::time::Duration) -> Self {
+        self.keep_alive = Some(idle);
+        self
     }
 
     /// Sets [`pooling`](Self::pooling).

@@ -45,6 +45,35 @@ pub enum GeniusError {
         path: PathBuf,
     },
 
+    /// The model would not fit in the memory budget even with every other
+    /// model unloaded.
+    #[error("model `{name}` needs about {} but the memory budget is {}{}: raise the budget (genius serve --memory-budget) or use a smaller model", bytes(*needed), bytes(*budget), loaded_list(loaded))]
+    ModelTooLarge {
+        /// The model's name.
+        name: String,
+        /// Its estimated size in memory, in bytes.
+        needed: u64,
+        /// The memory budget, in bytes.
+        budget: u64,
+        /// The models loaded, and their estimated sizes.
+        loaded: Vec<(String, u64)>,
+    },
+
+    /// There was no room for the model within the residency limits, and
+    /// the models that hold it stayed busy for as long as the request
+    /// could wait.
+    #[error("no room to load model `{name}` (about {}): {why}{}; retry when they are idle, or raise the limits (genius serve --max-models, --memory-budget)", bytes(*needed), loaded_list(loaded))]
+    NoRoomForModel {
+        /// The model's name.
+        name: String,
+        /// Its estimated size in memory, in bytes.
+        needed: u64,
+        /// Which limit is reached, in words.
+        why: String,
+        /// The models loaded, and their estimated sizes.
+        loaded: Vec<(String, u64)>,
+    },
+
     /// The file exists but cannot be used as a model.
     #[error("{} is not a usable GGUF model: {reason}", path.display())]
     InvalidModelFile {
@@ -140,6 +169,29 @@ pub enum GeniusError {
     },
 }
 
+/// `n` bytes for people: `1.4 GB`, `350 MB`.
+fn bytes(n: u64) -> String {
+    const MB: f64 = 1e6;
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1} GB", n / 1e9)
+    } else {
+        format!("{:.0} MB", (n / MB).max(1.0))
+    }
+}
+
+/// `; loaded: a (1.0 GB), b (90 MB)`, or `; nothing is loaded`.
+fn loaded_list(loaded: &[(String, u64)]) -> String {
+    if loaded.is_empty() {
+        return "; nothing else is loaded".to_owned();
+    }
+    let list: Vec<String> = loaded
+        .iter()
+        .map(|(name, size)| format!("`{name}` ({})", bytes(*size)))
+        .collect();
+    format!("; loaded: {}", list.join(", "))
+}
+
 impl From<std::io::Error> for GeniusError {
     fn from(source: std::io::Error) -> Self {
         Self::Io { path: None, source }
@@ -191,6 +243,8 @@ impl GeniusError {
             | Self::LimitExceeded { .. } => ErrorKind::InvalidRequest,
             Self::PromptTooLong { .. } => ErrorKind::ContextExceeded,
             Self::Asset { .. } => ErrorKind::Asset,
+            Self::ModelTooLarge { .. } => ErrorKind::ModelTooLarge,
+            Self::NoRoomForModel { .. } => ErrorKind::NoRoom,
             Self::Engine { .. } | Self::EngineGone | Self::Io { .. } => ErrorKind::Engine,
             Self::ShutDown => ErrorKind::ShutDown,
         }
@@ -231,6 +285,10 @@ pub enum ErrorKind {
     Engine,
     /// The Orchestrator shut down before the request ran.
     ShutDown,
+    /// The model does not fit in the memory budget: retrying will not help.
+    ModelTooLarge,
+    /// The models holding the memory or places stayed busy: retry later.
+    NoRoom,
 }
 
 /// An error as it is sent to the application in

@@ -33,4 +33,61 @@ pub struct ModelInfo {
     pub context_size: usize,
     /// Size of the model's vocabulary.
     pub vocab_size: usize,
+    /// How many requests it decodes together.
+    #[serde(default = "one")]
+    pub parallel: usize,
+    /// Whether it is an embedding model (it declares its own pooling).
+    #[serde(default)]
+    pub embeds: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Where a model the Orchestrator knows of is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ModelState {
+    /// Its name is being resolved (maybe downloaded).
+    Resolving,
+    /// Resolved, and waiting for room under the residency limits.
+    WaitingForRoom,
+    /// Being loaded into memory.
+    Loading,
+    /// In memory, answering requests.
+    Loaded,
+    /// Unloaded (idle too long, evicted or unloaded on request); the
+    /// next request for it loads it again.
+    Unloaded,
+}
+
+/// One model the Orchestrator knows of: what
+/// `OrchestratorHandle::models` lists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelStatus {
+    /// The name requests use for it.
+    pub name: String,
+    /// Where it is in its life.
+    pub state: ModelState,
+    /// Whether requests that name no model go to it.
+    pub default: bool,
+    /// Its estimated size in memory, in bytes (weights, KV cache for
+    /// `context × parallel` tokens, and working buffers); 0 until its
+    /// file is resolved.
+    pub memory_bytes: u64,
+    /// Whether it is an embedding model.
+    pub embeds: bool,
+    /// What the engine reported when it loaded it (context per request,
+    /// parallel requests), while it is loaded.
+    pub info: Option<ModelInfo>,
+    /// Requests it is answering now.
+    pub running: usize,
+    /// Requests waiting for it (to load, or for a place in its batch).
+    pub queued: usize,
+    /// How long it has been idle, when it is loaded and nothing runs.
+    pub idle_for: Option<std::time::Duration>,
+    /// How long it stays loaded once idle; `None`: until evicted.
+    pub keep_alive: Option<std::time::Duration>,
 }

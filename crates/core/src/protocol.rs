@@ -170,8 +170,20 @@ pub enum EngineStatus {
     /// after an inference with `Immediate`); the next `Infer` loads it
     /// again by itself.
     Hibernated(String),
-    /// No model is loaded.
+    /// No model is loaded: a load failed.
     Unloaded,
+    /// `name` was unloaded to make room for `for_model` (the least
+    /// recently used idle model goes first); a request for it loads it
+    /// again.
+    Evicted {
+        /// The model unloaded.
+        name: String,
+        /// The model it made room for.
+        for_model: String,
+    },
+    /// The model was unloaded because it was asked to be
+    /// (`OrchestratorHandle::unload`).
+    Released(String),
 }
 
 /// Why a generation ended.

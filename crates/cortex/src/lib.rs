@@ -12,6 +12,7 @@
 
 mod cancel;
 mod engine;
+pub mod gguf;
 #[cfg(feature = "llama")]
 mod llama;
 mod pinky;
@@ -50,5 +51,27 @@ pub fn default_engine_factory() -> EngineFactory {
     #[cfg(not(feature = "llama"))]
     {
         std::sync::Arc::new(|| Ok(Box::new(Pinky::new()) as Box<dyn Engine>))
+    }
+}
+
+/// How the default engine's models are sized before they load: with
+/// llama.cpp, from the GGUF header and the engine's options from the
+/// environment (context, parallel, batch); without it, by file size.
+pub fn default_footprint() -> gguf::FootprintFn {
+    #[cfg(feature = "llama")]
+    {
+        let options = LlamaOptions::from_env();
+        std::sync::Arc::new(move |path: &std::path::Path| {
+            gguf::footprint(
+                path,
+                u64::from(options.context_size),
+                u64::from(options.parallel),
+                u64::from(options.batch_size),
+            )
+        })
+    }
+    #[cfg(not(feature = "llama"))]
+    {
+        std::sync::Arc::new(|path: &std::path::Path| gguf::footprint(path, 4096, 4, 512))
     }
 }

@@ -288,6 +288,8 @@ impl Engine for Pinky {
             name: name.to_owned(),
             context_size: PINKY_CONTEXT,
             vocab_size: 256,
+            parallel: self.capacity(),
+            embeds: false,
         })
     }
 

@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use futures::channel::{mpsc, oneshot};
 use futures::Stream;
-use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::manifest::{ModelInfo, ModelStatus};
 use rusty_genius_core::protocol::{BrainstemOutput, InferenceEvent};
 use rusty_genius_core::{
     ChatMessage, Embed, Embeddings, ErrorReport, GeniusError, InferenceConfig, Prompt,
@@ -19,9 +19,12 @@ use rusty_genius_cortex::{CancelToken, EventSink, RequestId};
 pub(crate) enum Command {
     /// Answer a request.
     Submit(Submission),
-    /// Load a model (once the running requests are done); `done` hears
-    /// how it went.
+    /// Load a model and make it the default; `done` hears how it went.
     Load { name: String, done: LoadDone },
+    /// Unload a model once it is idle; `done` hears whether it was loaded.
+    Unload { name: String, done: UnloadDone },
+    /// List the models the loop knows of.
+    Models(ModelsDone),
     /// Hear every status and download event too.
     Listen(Listener),
     /// End every running and queued request, then the loop.
@@ -39,6 +42,22 @@ pub(crate) struct Submission {
 }
 
 impl Submission {
+    /// The model the request names, if it names one.
+    pub(crate) fn model(&self) -> Option<&str> {
+        match &self.prompt {
+            Prompt::Embed(embed) => embed.model.as_deref(),
+            _ => self.config.model.as_deref(),
+        }
+    }
+
+    /// The keep-alive the request asks for, if any.
+    pub(crate) fn keep_alive(&self) -> Option<std::time::Duration> {
+        match &self.prompt {
+            Prompt::Embed(embed) => embed.keep_alive,
+            _ => self.config.keep_alive,
+        }
+    }
+
     /// Answers the request with `err` alone.
     pub(crate) fn fail(self, err: GeniusError) {
         self.fail_shared(&Arc::new(err));
@@ -54,6 +73,12 @@ impl Submission {
 
 /// Hears how a load went.
 pub(crate) type LoadDone = Box<dyn FnOnce(Result<ModelInfo, ErrorReport>) + Send>;
+
+/// Hears how an unload went: whether the model was loaded.
+pub(crate) type UnloadDone = Box<dyn FnOnce(Result<bool, ErrorReport>) + Send>;
+
+/// Hears the list of models.
+pub(crate) type ModelsDone = Box<dyn FnOnce(Vec<ModelStatus>) + Send>;
 
 /// Hears status and download events; `false` once it stopped listening.
 pub(crate) type Listener = Box<dyn FnMut(BrainstemOutput) -> bool + Send>;
@@ -170,10 +195,11 @@ impl OrchestratorHandle {
         }
     }
 
-    /// Loads a model (a path, registry name or HuggingFace id), once the
-    /// requests already running are done; requests sent after this wait
-    /// for it. Download progress and status changes go to
-    /// [`events`](Self::events) listeners.
+    /// Loads a model (a path, registry name or HuggingFace id) and makes
+    /// it the default: requests that name no model, sent after this, go
+    /// to it (and wait for it to load). Models loaded before stay loaded
+    /// as the [`Residency`](crate::Residency) allows. Download progress
+    /// and status changes go to [`events`](Self::events) listeners.
     pub async fn load(&self, name: &str) -> Result<ModelInfo, ErrorReport> {
         let (done, answer) = oneshot::channel();
         let sent = self.commands.unbounded_send(Command::Load {
@@ -188,6 +214,43 @@ impl OrchestratorHandle {
         answer
             .await
             .unwrap_or_else(|_| Err(GeniusError::ShutDown.report()))
+    }
+
+    /// Unloads the model requests know as `name` once the requests it is
+    /// answering and those queued for it are done; `Ok(true)` once it
+    /// is unloaded, `Ok(false)` if it was not loaded. The next request
+    /// for it loads it again. A name the Orchestrator has never seen is
+    /// `ModelNotFound`.
+    pub async fn unload(&self, name: &str) -> Result<bool, ErrorReport> {
+        let (done, answer) = oneshot::channel();
+        let sent = self.commands.unbounded_send(Command::Unload {
+            name: name.to_owned(),
+            done: Box::new(move |result| {
+                let _ = done.send(result);
+            }),
+        });
+        if sent.is_err() {
+            return Err(GeniusError::ShutDown.report());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err(GeniusError::ShutDown.report()))
+    }
+
+    /// The models the Orchestrator knows of: loaded, loading, waiting for
+    /// room, or unloaded after use; the default model first. Answered at
+    /// once, whatever is loading.
+    pub async fn models(&self) -> Result<Vec<ModelStatus>, ErrorReport> {
+        let (done, answer) = oneshot::channel();
+        let sent = self
+            .commands
+            .unbounded_send(Command::Models(Box::new(move |models| {
+                let _ = done.send(models);
+            })));
+        if sent.is_err() {
+            return Err(GeniusError::ShutDown.report());
+        }
+        answer.await.map_err(|_| GeniusError::ShutDown.report())
     }
 
     /// Every status change (`Loading`, `Loaded`, `Hibernated`, ...) and

@@ -8,9 +8,11 @@
 //! the engine's own thread, and frees memory when the model sits idle,
 //! following its [`CortexStrategy`].
 
+mod brainstem;
 mod channel;
 mod handle;
 mod orchestrator;
+mod residency;
 mod rt;
 mod strategy;
 #[cfg(feature = "testing")]
@@ -18,4 +20,5 @@ pub mod testing;
 
 pub use handle::{OrchestratorHandle, RequestStream};
 pub use orchestrator::{Orchestrator, OrchestratorBuilder};
+pub use residency::{available_memory, Residency};
 pub use strategy::CortexStrategy;

@@ -19,3 +19,13 @@ pub(crate) async fn sleep_until(deadline: Instant) {
         async_std::task::sleep(left).await;
     }
 }
+
+/// Runs `work`, which blocks (file system calls), off the executor's
+/// threads.
+pub(crate) async fn blocking<T, F>(work: F) -> T
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    async_std::task::spawn_blocking(work).await
+}

@@ -285,6 +285,8 @@ impl Engine for LlamaEngine {
             name: loaded.name.clone(),
             context_size: loaded.slot_context,
             vocab_size: loaded.model().n_vocab().max(0) as usize,
+            parallel: loaded.slots.len(),
+            embeds: loaded.declared_pooling.is_some(),
         };
         log::info!(
             "loaded {} from {} ({} requests at once, {} tokens of context each, {} threads, {})",

@@ -86,9 +86,18 @@ pub(crate) enum Command {
         model: String,
     },
     /// Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions,
-    /// /v1/models and /health.
+    /// /v1/embeddings, /v1/models, /models/load, /models/unload and /health.
     #[command(after_help = EXIT_CODES)]
     Serve(ServeArgs),
+    /// Show the models a running `genius serve` has loaded.
+    Ps {
+        /// The server's address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "GENIUS_URL")]
+        url: String,
+        /// Its API key, if it has one.
+        #[arg(long, env = "GENIUS_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -97,11 +106,29 @@ pub(crate) struct ServeArgs {
     /// 0.0.0.0:8080 to accept other machines (and set an API key).
     #[arg(long, default_value = "127.0.0.1:8080", env = "GENIUS_ADDR")]
     pub(crate) addr: SocketAddr,
-    /// The model to serve, loaded at start (and pulled if needed). Without
-    /// it, every model already in the cache is served, each loaded on its
-    /// first request; nothing is downloaded on a client's behalf.
+    /// A model to serve, loaded at start (and pulled if needed); give it
+    /// several times to serve several. Without it, every model already in
+    /// the cache is served, each loaded on its first request; nothing is
+    /// downloaded on a client's behalf.
     #[arg(long, short)]
-    pub(crate) model: Option<String>,
+    pub(crate) model: Vec<String>,
+    /// Another name for a served model, as NAME=MODEL (repeatable): a
+    /// client asking for `gpt-4o-mini` gets MODEL.
+    #[arg(long = "alias", value_name = "NAME=MODEL", value_parser = parse_alias)]
+    pub(crate) aliases: Vec<(String, String)>,
+    /// The served model a request naming an unknown model goes to.
+    /// Without it, an unknown model is a 404.
+    #[arg(long, value_name = "MODEL")]
+    pub(crate) default_model: Option<String>,
+    /// The most models loaded at once; the least recently used idle one
+    /// is unloaded to make room for another.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub(crate) max_models: usize,
+    /// The most memory the loaded models may take together, by their
+    /// estimates (e.g. 8GB, 512MiB, or bytes). Default: the memory
+    /// available when the server starts.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub(crate) memory_budget: Option<u64>,
     /// Require `Authorization: Bearer <KEY>` on every endpoint but /health.
     #[arg(long, env = "GENIUS_API_KEY", hide_env_values = true)]
     pub(crate) api_key: Option<String>,
@@ -133,6 +160,40 @@ pub(crate) struct ServeArgs {
     pub(crate) limits: LimitArgs,
     #[command(flatten)]
     pub(crate) engine: EngineArgs,
+}
+
+fn parse_alias(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, model)) if !name.trim().is_empty() && !model.trim().is_empty() => {
+            Ok((name.trim().to_owned(), model.trim().to_owned()))
+        }
+        _ => Err(format!("`{text}` is not NAME=MODEL")),
+    }
+}
+
+/// `8GB`, `512MiB`, `1.5G`, `100000`: a number of bytes.
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size such as 8GB or 512MiB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0f64.powi(4),
+        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use B, KB, MB, GB, MiB, GiB)")),
+    };
+    Ok((number * scale) as u64)
 }
 
 /// The most one request may ask for; a request over a limit gets a 400

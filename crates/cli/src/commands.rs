@@ -11,6 +11,7 @@ use rusty_genius::core::{
 };
 use rusty_genius::cortex::Pinky;
 use rusty_genius::facecrab::{AssetAuthority, FacecrabError};
+use rusty_genius::stem::Residency;
 use rusty_genius::{CortexStrategy, Orchestrator, OrchestratorHandle, RequestStream};
 use tokio::io::AsyncBufReadExt;
 
@@ -98,6 +99,7 @@ pub(crate) async fn run(command: Command) -> Result<(), Failure> {
         Command::List => list(),
         Command::Rm { model } => remove(&model),
         Command::Serve(args) => serve_command(args).await,
+        Command::Ps { url, api_key } => ps(&url, api_key.as_deref()).await,
     }
 }
 
@@ -141,6 +143,104 @@ async fn fetch(model: &str) -> Result<std::path::PathBuf, Failure> {
     let path = authority.ensure_model_with(model, &mut show).await;
     bar.finish_and_clear();
     Ok(path?)
+}
+
+/// `genius ps`: what a running server has loaded, from its `/v1/models`.
+async fn ps(url: &str, api_key: Option<&str>) -> Result<(), Failure> {
+    let body = http_get(url, "/v1/models", api_key)
+        .await
+        .map_err(|err| Failure::new(exit::FAILED, format!("cannot ask {url}: {err}")))?;
+    let list: serde_json::Value = serde_json::from_slice(&body).map_err(|err| {
+        Failure::new(
+            exit::FAILED,
+            format!("{url} did not answer with a model list: {err}"),
+        )
+    })?;
+    let models = list["data"].as_array().cloned().unwrap_or_default();
+    let active: Vec<&serde_json::Value> = models
+        .iter()
+        .filter(|m| m["status"]["value"] != "unloaded")
+        .collect();
+    if active.is_empty() {
+        println!("no model is loaded ({} served)", models.len());
+        return Ok(());
+    }
+    println!(
+        "{:<48} {:>8} {:>9} {:>8} {:>8} {:>7} {:>8}",
+        "MODEL", "STATE", "SIZE", "CONTEXT", "PARALLEL", "RUNNING", "IDLE"
+    );
+    for model in active {
+        let resident = &model["resident"];
+        let number = |field: &str| {
+            resident[field]
+                .as_u64()
+                .map_or_else(|| "-".to_owned(), |n| n.to_string())
+        };
+        let size = resident["memory_bytes"]
+            .as_u64()
+            .map_or_else(|| "-".to_owned(), |b| format!("{:.2} GB", b as f64 / 1e9));
+        let idle = resident["idle_seconds"]
+            .as_f64()
+            .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
+        let kind = if model["embeds"] == true { " (embeds)" } else { "" };
+        println!(
+            "{:<48} {:>8} {:>9} {:>8} {:>8} {:>7} {:>8}",
+            format!("{}{kind}", model["id"].as_str().unwrap_or("?")),
+            model["status"]["value"].as_str().unwrap_or("?"),
+            size,
+            number("context"),
+            number("parallel"),
+            number("running"),
+            idle
+        );
+    }
+    Ok(())
+}
+
+/// The body of `GET <base><path>` over plain HTTP/1.1 (a local server).
+async fn http_get(base: &str, path: &str, api_key: Option<&str>) -> Result<Vec<u8>, String> {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    let uri: axum::http::Uri = format!("{}{path}", base.trim_end_matches('/'))
+        .parse()
+        .map_err(|err| format!("not a URL: {err}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err("only http:// URLs are supported".into());
+    }
+    let host = uri.host().ok_or("the URL has no host")?.to_owned();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| "timed out connecting".to_owned())?
+    .map_err(|err| err.to_string())?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|err| err.to_string())?;
+    tokio::spawn(connection);
+    let mut request = axum::http::Request::get(uri.path()).header("host", format!("{host}:{port}"));
+    if let Some(key) = api_key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let request = request.body(Body::empty()).map_err(|err| err.to_string())?;
+    let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+        .await
+        .map_err(|_| "no answer within 30 s".to_owned())?
+        .map_err(|err| err.to_string())?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|err| err.to_string())?
+        .to_bytes();
+    if !status.is_success() {
+        return Err(format!("{status}: {}", String::from_utf8_lossy(&body)));
+    }
+    Ok(body.to_vec())
 }
 
 fn list() -> Result<(), Failure> {
@@ -214,10 +314,12 @@ fn orchestrator(
     engine: &EngineArgs,
     strategy: CortexStrategy,
     limits: Limits,
+    residency: Residency,
 ) -> Result<OrchestratorHandle, Failure> {
     let builder = Orchestrator::builder()
         .strategy(strategy)
         .limits(limits)
+        .residency(residency)
         .asset_authority(authority()?);
     let builder = match engine.engine {
         EngineKind::Pinky => builder.pinky(
@@ -249,7 +351,17 @@ fn llama(
     if let Some(threads) = engine.threads {
         options.threads = threads.max(1);
     }
-    Ok(builder.engine(move || LlamaEngine::new(options.clone())))
+    let sized = options.clone();
+    Ok(builder
+        .footprint(move |path| {
+            rusty_genius::cortex::gguf::footprint(
+                path,
+                u64::from(sized.context_size),
+                u64::from(sized.parallel),
+                u64::from(sized.batch_size),
+            )
+        })
+        .engine(move || LlamaEngine::new(options.clone())))
 }
 
 #[cfg(not(feature = "llama"))]
@@ -294,7 +406,12 @@ async fn run_model(
     config: InferenceConfig,
     engine: &EngineArgs,
 ) -> Result<(), Failure> {
-    let genius = orchestrator(engine, CortexStrategy::KeepAlive, Limits::default())?;
+    let genius = orchestrator(
+        engine,
+        CortexStrategy::KeepAlive,
+        Limits::default(),
+        Residency::default(),
+    )?;
     load(&genius, model).await?;
     let result = if prompt.is_empty() {
         chat(&genius, system, config).await
@@ -389,16 +506,27 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
         0 => CortexStrategy::KeepAlive,
         seconds => CortexStrategy::HibernateAfter(Duration::from_secs(seconds)),
     };
-    if let Some(model) = &args.model {
+    for model in &args.model {
         // Fetch before serving, with progress, so that a missing model is
         // an exit code rather than a server that answers 500s.
         let path = fetch(model).await?;
         log::info!("{model} is at {}", path.display());
     }
-    let genius = orchestrator(&args.engine, strategy, args.limits.limits())?;
+    let mut residency = Residency::default().with_max_models(args.max_models.max(1));
+    if let Some(budget) = args.memory_budget {
+        residency = residency.with_memory_budget(budget);
+    }
+    log::info!(
+        "at most {} models at once, in {:.1} GB",
+        residency.max_models,
+        residency.memory_budget as f64 / 1e9
+    );
+    let genius = orchestrator(&args.engine, strategy, args.limits.limits(), residency)?;
     let settings = ServeSettings {
         addr: args.addr,
-        model: args.model,
+        models: args.model,
+        aliases: args.aliases,
+        default_model: args.default_model,
         api_key: args.api_key.filter(|key| !key.is_empty()),
         max_body_bytes: args.max_body_bytes,
         allowed_hosts: args.allowed_hosts,

@@ -17,12 +17,12 @@ use axum::routing::{get, post};
 use axum::Router;
 use futures::{Stream, StreamExt};
 use rusty_genius::core::protocol::{InferenceEvent, ThoughtEvent, TokenLogprobs, Usage};
+use rusty_genius::core::manifest::{ModelState, ModelStatus};
 use rusty_genius::core::{ErrorKind, ErrorReport};
 use rusty_genius::facecrab::AssetAuthority;
 use rusty_genius::{OrchestratorHandle, RequestStream};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
 
 use crate::http::Timeouts;
 use crate::openai::{
@@ -33,9 +33,13 @@ use crate::openai::{
 #[derive(Debug, Clone)]
 pub(crate) struct ServeSettings {
     pub(crate) addr: SocketAddr,
-    /// The model to serve (loaded at start); `None` serves whatever the
+    /// The models to serve, all loaded at start; none serves whatever the
     /// local cache holds, loading each on first use.
-    pub(crate) model: Option<String>,
+    pub(crate) models: Vec<String>,
+    /// Other names clients may use for a served model (`--alias`).
+    pub(crate) aliases: Vec<(String, String)>,
+    /// Where a request naming an unknown model goes (`--default-model`).
+    pub(crate) default_model: Option<String>,
     pub(crate) api_key: Option<String>,
     pub(crate) max_body_bytes: usize,
     /// Host names accepted besides `localhost` and IP addresses, when no
@@ -50,6 +54,8 @@ pub(crate) struct ServeSettings {
 struct Served {
     id: String,
     name: String,
+    /// Its file, when the cache says where it is.
+    path: Option<std::path::PathBuf>,
 }
 
 impl Served {
@@ -63,13 +69,15 @@ struct AppState {
     genius: OrchestratorHandle,
     settings: ServeSettings,
     authority: AssetAuthority,
-    /// The model `--model` named: the only one served. `None` serves the
+    /// The models `--model` named: the only ones served. Empty serves the
     /// cache.
-    fixed: Option<Served>,
-    /// The model loaded (or being loaded) last.
-    loaded: Mutex<Option<Served>>,
-    /// Whether the start-up load has finished (successfully or not).
+    fixed: Vec<Served>,
+    /// Whether the start-up loads have finished (successfully or not).
     ready: std::sync::atomic::AtomicBool,
+    /// The start-up models that failed to load.
+    failed: std::sync::Mutex<Vec<String>>,
+    /// Whether each model file embeds, as its header says (read once).
+    embeds: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, bool>>,
     created: u64,
 }
 
@@ -84,37 +92,50 @@ pub(crate) async fn serve(
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", settings.addr))?;
     let local = listener.local_addr().map_err(|err| err.to_string())?;
-    let fixed = settings.model.as_ref().map(|name| Served {
-        id: model_id(name),
-        name: name.clone(),
-    });
+    let fixed: Vec<Served> = settings
+        .models
+        .iter()
+        .map(|name| Served {
+            id: model_id(name),
+            name: name.clone(),
+            path: None,
+        })
+        .collect();
     let state = Arc::new(AppState {
         genius: genius.clone(),
         settings: settings.clone(),
         authority,
         fixed: fixed.clone(),
-        loaded: Mutex::new(None),
-        ready: std::sync::atomic::AtomicBool::new(settings.model.is_none()),
+        ready: std::sync::atomic::AtomicBool::new(fixed.is_empty()),
+        failed: std::sync::Mutex::new(Vec::new()),
+        embeds: std::sync::Mutex::new(std::collections::HashMap::new()),
         created: unix_now(),
     });
-    if let Some(model) = fixed {
+    if !fixed.is_empty() {
         // Load in the background so that /health can say "loading"
-        // meanwhile; requests wait for the load (they queue behind it).
+        // meanwhile; requests for a model wait for its load.
         let state = state.clone();
-        let name = model.name.clone();
-        *state.loaded.lock().await = Some(model);
         tokio::spawn(async move {
-            match state.genius.load(&name).await {
-                Ok(info) => log::info!(
-                    "model `{}` loaded: context {} tokens per request",
-                    info.name,
-                    info.context_size
-                ),
-                Err(err) => {
-                    log::error!("cannot load `{name}`: {err}");
-                    *state.loaded.lock().await = None;
+            let loads = fixed.iter().map(|model| {
+                let state = state.clone();
+                async move {
+                    match state.genius.load(&model.name).await {
+                        Ok(info) => log::info!(
+                            "model `{}` loaded: context {} tokens per request, {} at once",
+                            model.id,
+                            info.context_size,
+                            info.parallel
+                        ),
+                        Err(err) => {
+                            log::error!("cannot load `{}`: {err}", model.name);
+                            if let Ok(mut failed) = state.failed.lock() {
+                                failed.push(model.id.clone());
+                            }
+                        }
+                    }
                 }
-            }
+            });
+            futures::future::join_all(loads).await;
             state
                 .ready
                 .store(true, std::sync::atomic::Ordering::Release);
@@ -159,6 +180,9 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
+        .route("/models", get(list_models))
+        .route("/models/load", post(load_model))
+        .route("/models/unload", post(unload_model))
         .route("/health", get(health))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -279,6 +303,12 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "server_error", None)
             }
             ErrorKind::Asset => (StatusCode::BAD_GATEWAY, "server_error", None),
+            ErrorKind::ModelTooLarge => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("model_too_large"),
+            ),
+            ErrorKind::NoRoom => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("no_room")),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
         // A client learns what it did wrong, never where the server keeps
@@ -467,8 +497,8 @@ impl AppState {
 
     /// The models this server answers for.
     fn served(&self) -> Vec<Served> {
-        if let Some(model) = &self.fixed {
-            return vec![model.clone()];
+        if !self.fixed.is_empty() {
+            return self.fixed.clone();
         }
         match self.authority.cached_models() {
             Ok(models) => models
@@ -478,6 +508,7 @@ impl AppState {
                     Served {
                         name: id.clone(),
                         id,
+                        path: Some(m.path),
                     }
                 })
                 .collect(),
@@ -488,27 +519,62 @@ impl AppState {
         }
     }
 
-    /// The served model `requested` names, loaded (or queued to load)
-    /// before the request that needs it.
-    async fn model(&self, requested: &str) -> Result<Served, ApiError> {
-        let mut loaded = self.loaded.lock().await;
-        // The usual case, without listing the cache again.
-        if let Some(model) = loaded.as_ref().filter(|m| m.answers_to(requested)) {
-            return Ok(model.clone());
-        }
+    /// The served model a request naming `requested` goes to: the model
+    /// of that id or name, or of that `--alias`, or else the
+    /// `--default-model`. Nothing is loaded here: the Orchestrator loads
+    /// the model when the request reaches it, and requests for models
+    /// already loaded never wait for that.
+    fn model(&self, requested: &str) -> Result<Served, ApiError> {
         let served = self.served();
-        let Some(model) = served.iter().find(|m| m.answers_to(requested)).cloned() else {
-            return Err(ApiError::model_not_found(requested, &served));
-        };
-        if loaded.as_ref() != Some(&model) {
-            log::info!("loading `{}` for a request", model.name);
-            self.genius
-                .load(&model.name)
-                .await
-                .map_err(|err| ApiError::from_report(&err))?;
-            *loaded = Some(model.clone());
+        let find = |name: &str| served.iter().find(|m| m.answers_to(name)).cloned();
+        if let Some(model) = find(requested) {
+            return Ok(model);
         }
-        Ok(model)
+        let aliased = self
+            .settings
+            .aliases
+            .iter()
+            .find(|(alias, _)| alias == requested)
+            .map(|(_, target)| target.as_str());
+        if let Some(model) = aliased.or(self.settings.default_model.as_deref()).and_then(find) {
+            return Ok(model);
+        }
+        Err(ApiError::model_not_found(requested, &served))
+    }
+
+    /// Whether the model file at `path` is an embedding model.
+    async fn embeds(&self, path: &std::path::Path) -> bool {
+        if let Some(known) = self.embeds.lock().ok().and_then(|m| m.get(path).copied()) {
+            return known;
+        }
+        let file = path.to_path_buf();
+        let embeds = tokio::task::spawn_blocking(move || {
+            rusty_genius::cortex::gguf::GgufFacts::read(&file).is_ok_and(|f| f.declares_pooling)
+        })
+        .await
+        .unwrap_or(false);
+        if let Ok(mut known) = self.embeds.lock() {
+            known.insert(path.to_path_buf(), embeds);
+        }
+        embeds
+    }
+
+    /// Every served model as `/v1/models` lists it, with its state.
+    async fn model_objects(&self) -> Vec<Value> {
+        let statuses = self.genius.models().await.unwrap_or_default();
+        let mut objects = Vec::new();
+        for model in self.served() {
+            let status = statuses.iter().find(|s| s.name == model.name);
+            let embeds = match (status, &model.path) {
+                (Some(status), _) if status.info.is_some() || status.memory_bytes > 0 => {
+                    status.embeds
+                }
+                (_, Some(path)) => self.embeds(path).await,
+                _ => false,
+            };
+            objects.push(model_object(&model, status, embeds, self.created));
+        }
+        objects
     }
 }
 
@@ -590,24 +656,39 @@ fn unix_now() -> u64 {
 
 // ---- endpoints ----------------------------------------------------------
 
+/// Ready once the start-up models have loaded; it never waits for a
+/// load (the Orchestrator answers what it has at once).
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let ready = state.ready.load(std::sync::atomic::Ordering::Acquire);
-    let loaded = state.loaded.lock().await.clone().map(|model| model.id);
+    let loaded: Vec<String> = state
+        .genius
+        .models()
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.state == ModelState::Loaded)
+        .map(|m| model_id(&m.name))
+        .collect();
+    let model = loaded.first().cloned();
     if !ready {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "loading", "model": loaded})),
+            axum::Json(json!({"status": "loading", "model": model, "models": loaded})),
         )
             .into_response();
     }
-    if state.fixed.is_some() && loaded.is_none() {
+    let failed = state.failed.lock().map(|f| f.clone()).unwrap_or_default();
+    if !failed.is_empty() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "error", "message": "the model failed to load; see the server's log"})),
+            axum::Json(json!({
+                "status": "error",
+                "message": format!("{} failed to load; see the server's log", failed.join(", ")),
+            })),
         )
             .into_response();
     }
-    axum::Json(json!({"status": "ok", "model": loaded})).into_response()
+    axum::Json(json!({"status": "ok", "model": model, "models": loaded})).into_response()
 }
 
 async fn list_models(
@@ -615,11 +696,7 @@ async fn list_models(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
-    let data: Vec<Value> = state
-        .served()
-        .iter()
-        .map(|m| model_object(m, state.created))
-        .collect();
+    let data = state.model_objects().await;
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
@@ -629,15 +706,94 @@ async fn get_model(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
-    let served = state.served();
-    match served.iter().find(|m| m.answers_to(&id)) {
-        Some(model) => Ok(axum::Json(model_object(model, state.created)).into_response()),
-        None => Err(ApiError::model_not_found(&id, &served)),
+    let model = state.model(&id)?;
+    let data = state.model_objects().await;
+    match data.into_iter().find(|m| m["id"] == model.id.as_str()) {
+        Some(object) => Ok(axum::Json(object).into_response()),
+        None => Err(ApiError::model_not_found(&id, &state.served())),
     }
 }
 
-fn model_object(model: &Served, created: u64) -> Value {
-    json!({"id": model.id, "object": "model", "created": created, "owned_by": "local"})
+/// A model as `/v1/models` lists it: OpenAI's fields, its state (as
+/// llama-server's router says it) and, once loaded, what it holds.
+fn model_object(model: &Served, status: Option<&ModelStatus>, embeds: bool, created: u64) -> Value {
+    let state = match status.map(|s| s.state) {
+        Some(ModelState::Loaded) => "loaded",
+        Some(ModelState::Loading | ModelState::Resolving | ModelState::WaitingForRoom) => {
+            "loading"
+        }
+        _ => "unloaded",
+    };
+    let mut object = json!({
+        "id": model.id,
+        "object": "model",
+        "created": created,
+        "owned_by": "local",
+        "status": {"value": state},
+        "embeds": embeds,
+    });
+    if let Some(status) = status.filter(|s| s.state == ModelState::Loaded) {
+        object["resident"] = json!({
+            "memory_bytes": status.memory_bytes,
+            "context": status.info.as_ref().map(|i| i.context_size),
+            "parallel": status.info.as_ref().map(|i| i.parallel),
+            "running": status.running,
+            "queued": status.queued,
+            "idle_seconds": status.idle_for.map(|d| d.as_secs_f64()),
+            "keep_alive_seconds": status.keep_alive.map(|d| d.as_secs_f64()),
+        });
+    }
+    object
+}
+
+/// The body of `/models/load` and `/models/unload`.
+#[derive(serde::Deserialize)]
+struct ModelBody {
+    model: String,
+}
+
+/// `POST /models/load`: loads a served model now (it stays loaded as the
+/// residency policy allows); answers once it is loaded.
+async fn load_model(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let request: ModelBody = state.body(&headers, body).await?;
+    let model = state.model(&request.model)?;
+    let info = state
+        .genius
+        .load(&model.name)
+        .await
+        .map_err(|err| ApiError::from_report(&err).param("model"))?;
+    Ok(axum::Json(json!({
+        "success": true,
+        "model": model.id,
+        "context": info.context_size,
+        "parallel": info.parallel,
+    }))
+    .into_response())
+}
+
+/// `POST /models/unload`: unloads a model once its running requests are
+/// done; answers then.
+async fn unload_model(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state.authorize(&headers)?;
+    let request: ModelBody = state.body(&headers, body).await?;
+    let model = state.model(&request.model)?;
+    let was_loaded = match state.genius.unload(&model.name).await {
+        Ok(was_loaded) => was_loaded,
+        // Never asked for since the server started: not loaded.
+        Err(err) if err.kind == ErrorKind::ModelNotFound => false,
+        Err(err) => return Err(ApiError::from_report(&err)),
+    };
+    Ok(axum::Json(json!({"success": true, "model": model.id, "was_loaded": was_loaded}))
+        .into_response())
 }
 
 async fn chat_completions(
@@ -647,8 +803,8 @@ async fn chat_completions(
 ) -> Result<Response, ApiError> {
     state.authorize(&headers)?;
     let request: ChatRequest = state.body(&headers, body).await?;
-    let config = request.config()?;
-    let model = state.model(&request.model).await?;
+    let model = state.model(&request.model)?;
+    let config = request.config()?.with_model(model.name);
     let reply = Reply::new(Endpoint::Chat, model.id, unix_now());
     let stream = state.genius.chat(request.messages, config);
     answer(reply, stream, &request.sampling).await
@@ -662,8 +818,8 @@ async fn completions(
     state.authorize(&headers)?;
     let request: CompletionRequest = state.body(&headers, body).await?;
     let prompt = request.prompt()?;
-    let config = request.config()?;
-    let model = state.model(&request.model).await?;
+    let model = state.model(&request.model)?;
+    let config = request.config()?.with_model(model.name);
     let reply = Reply::new(Endpoint::Completion, model.id, unix_now());
     let stream = state.genius.infer(prompt, config);
     answer(reply, stream, &request.sampling).await
@@ -691,10 +847,10 @@ async fn embeddings(
     state.authorize(&headers)?;
     let request: EmbeddingRequest = state.body(&headers, body).await?;
     let base64 = request.base64()?;
-    let model = state.model(&request.model).await?;
+    let model = state.model(&request.model)?;
     let embeddings = state
         .genius
-        .embeddings(request.embed())
+        .embeddings(request.embed().with_model(model.name))
         .await
         .map_err(|err| ApiError::from_report(&err).param("input"))?;
     if let Some(wanted) = request.dimensions {

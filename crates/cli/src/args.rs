@@ -265,6 +265,9 @@ pub(crate) struct EngineArgs {
     /// Pinky's delay per token, in milliseconds.
     #[arg(long, default_value_t = 0, hide = true)]
     pub(crate) pinky_token_ms: u64,
+    /// Pinky's delay per model load, in milliseconds.
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub(crate) pinky_load_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -325,7 +325,8 @@ fn orchestrator(
         EngineKind::Pinky => builder.pinky(
             Pinky::new()
                 .with_capacity(engine.parallel.unwrap_or(4) as usize)
-                .with_token_delay(Duration::from_millis(engine.pinky_token_ms)),
+                .with_token_delay(Duration::from_millis(engine.pinky_token_ms))
+                .with_load_delay(Duration::from_millis(engine.pinky_load_ms)),
         ),
         EngineKind::Llama => llama(builder, engine)?,
     };

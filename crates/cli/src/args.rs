@@ -191,7 +191,11 @@ pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
         "tib" => 1024.0f64.powi(4),
-        _ => return Err(format!("`{text}`: unknown unit `{unit}` (use B, KB, MB, GB, MiB, GiB)")),
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use B, KB, MB, GB, MiB, GiB)"
+            ))
+        }
     };
     Ok((number * scale) as u64)
 }

@@ -182,7 +182,11 @@ async fn ps(url: &str, api_key: Option<&str>) -> Result<(), Failure> {
         let idle = resident["idle_seconds"]
             .as_f64()
             .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"));
-        let kind = if model["embeds"] == true { " (embeds)" } else { "" };
+        let kind = if model["embeds"] == true {
+            " (embeds)"
+        } else {
+            ""
+        };
         println!(
             "{:<48} {:>8} {:>9} {:>8} {:>8} {:>7} {:>8}",
             format!("{}{kind}", model["id"].as_str().unwrap_or("?")),

@@ -16,8 +16,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use futures::{Stream, StreamExt};
-use rusty_genius::core::protocol::{InferenceEvent, ThoughtEvent, TokenLogprobs, Usage};
 use rusty_genius::core::manifest::{ModelState, ModelStatus};
+use rusty_genius::core::protocol::{InferenceEvent, ThoughtEvent, TokenLogprobs, Usage};
 use rusty_genius::core::{ErrorKind, ErrorReport};
 use rusty_genius::facecrab::AssetAuthority;
 use rusty_genius::{OrchestratorHandle, RequestStream};
@@ -308,7 +308,11 @@ impl ApiError {
                 "invalid_request_error",
                 Some("model_too_large"),
             ),
-            ErrorKind::NoRoom => (StatusCode::SERVICE_UNAVAILABLE, "server_error", Some("no_room")),
+            ErrorKind::NoRoom => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("no_room"),
+            ),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
         // A client learns what it did wrong, never where the server keeps
@@ -536,7 +540,10 @@ impl AppState {
             .iter()
             .find(|(alias, _)| alias == requested)
             .map(|(_, target)| target.as_str());
-        if let Some(model) = aliased.or(self.settings.default_model.as_deref()).and_then(find) {
+        if let Some(model) = aliased
+            .or(self.settings.default_model.as_deref())
+            .and_then(find)
+        {
             return Ok(model);
         }
         Err(ApiError::model_not_found(requested, &served))
@@ -719,9 +726,7 @@ async fn get_model(
 fn model_object(model: &Served, status: Option<&ModelStatus>, embeds: bool, created: u64) -> Value {
     let state = match status.map(|s| s.state) {
         Some(ModelState::Loaded) => "loaded",
-        Some(ModelState::Loading | ModelState::Resolving | ModelState::WaitingForRoom) => {
-            "loading"
-        }
+        Some(ModelState::Loading | ModelState::Resolving | ModelState::WaitingForRoom) => "loading",
         _ => "unloaded",
     };
     let mut object = json!({
@@ -792,8 +797,10 @@ async fn unload_model(
         Err(err) if err.kind == ErrorKind::ModelNotFound => false,
         Err(err) => return Err(ApiError::from_report(&err)),
     };
-    Ok(axum::Json(json!({"success": true, "model": model.id, "was_loaded": was_loaded}))
-        .into_response())
+    Ok(
+        axum::Json(json!({"success": true, "model": model.id, "was_loaded": was_loaded}))
+            .into_response(),
+    )
 }
 
 async fn chat_completions(

@@ -102,7 +102,10 @@ fn requests_go_to_the_model_they_name_its_alias_or_the_default() {
     let (status, body) = chat(&server, "gpt-5");
     assert_eq!(status, 404, "{body}");
     let message = body["error"]["message"].as_str().unwrap();
-    assert!(message.contains("alpha") && message.contains("beta"), "{message}");
+    assert!(
+        message.contains("alpha") && message.contains("beta"),
+        "{message}"
+    );
     // A loaded model says what it holds.
     let listed = request(server.addr, "GET", "/v1/models/alpha", &[], None)
         .unwrap()
@@ -124,20 +127,31 @@ fn models_load_and_unload_on_request_and_nothing_waits_on_a_load() {
     let a = model(&dir, "alpha", 64);
     let server = start(&dir, &["--model", &a, "--pinky-load-ms", "1500"]);
     server.wait_healthy();
-    let unloaded = post(server.addr, "/models/unload", &json!({"model": "alpha"}), &[]);
+    let unloaded = post(
+        server.addr,
+        "/models/unload",
+        &json!({"model": "alpha"}),
+        &[],
+    );
     assert_eq!(unloaded.status, 200);
     assert_eq!(unloaded.json()["was_loaded"], true);
-    assert_eq!(states(&server), [("alpha".to_owned(), "unloaded".to_owned())]);
+    assert_eq!(
+        states(&server),
+        [("alpha".to_owned(), "unloaded".to_owned())]
+    );
 
     // A load in the background (1.5 s); /health and /v1/models answer
     // meanwhile, and say it is loading.
     let addr = server.addr;
-    let loading = std::thread::spawn(move || {
-        post(addr, "/models/load", &json!({"model": "alpha"}), &[])
-    });
+    let loading =
+        std::thread::spawn(move || post(addr, "/models/load", &json!({"model": "alpha"}), &[]));
     let loading_state = [("alpha".to_owned(), "loading".to_owned())];
     while states(&server) != loading_state {
-        assert!(!loading.is_finished(), "never seen loading: {:?}", server.log());
+        assert!(
+            !loading.is_finished(),
+            "never seen loading: {:?}",
+            server.log()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let health = request(server.addr, "GET", "/health", &[], None).unwrap();
@@ -168,7 +182,14 @@ fn a_model_over_the_memory_budget_is_a_400_naming_it_and_the_others_serve() {
     let huge = model(&dir, "huge", 90_000_000);
     let server = start(
         &dir,
-        &["--model", &small, "--model", &huge, "--memory-budget", "50MB"],
+        &[
+            "--model",
+            &small,
+            "--model",
+            &huge,
+            "--memory-budget",
+            "50MB",
+        ],
     );
     // The huge one fails at start: /health says so.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -205,7 +226,10 @@ fn with_two_places_the_least_recently_used_idle_model_makes_room() {
     }
     let server = start(&dir, &args);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while request(server.addr, "GET", "/health", &[], None).unwrap().json()["status"] == "loading"
+    while request(server.addr, "GET", "/health", &[], None)
+        .unwrap()
+        .json()["status"]
+        == "loading"
     {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(50));
@@ -225,7 +249,10 @@ fn with_two_places_the_least_recently_used_idle_model_makes_room() {
     }
     // `three` was used last, then `two`: `one` is out.
     let loaded: Vec<(String, String)> = states(&server);
-    assert!(loaded.contains(&("one".to_owned(), "unloaded".to_owned())), "{loaded:?}");
+    assert!(
+        loaded.contains(&("one".to_owned(), "unloaded".to_owned())),
+        "{loaded:?}"
+    );
     let evictions = server
         .log()
         .iter()

@@ -166,9 +166,9 @@ pub enum EngineStatus {
     Loading(String),
     /// The model is loaded and ready.
     Loaded(String),
-    /// The `CortexStrategy` unloaded the model (after its idle time, or
-    /// after an inference with `Immediate`); the next `Infer` loads it
-    /// again by itself.
+    /// The `CortexStrategy` (or the model's requests' `keep_alive`)
+    /// unloaded the model after its idle time, or after an inference with
+    /// `Immediate`; the next request for it loads it again by itself.
     Hibernated(String),
     /// No model is loaded: a load failed.
     Unloaded,

@@ -4,8 +4,9 @@
 //! [`BrainstemInput`](rusty_genius_core::protocol::BrainstemInput)s over a
 //! `futures` channel and reads
 //! [`BrainstemOutput`](rusty_genius_core::protocol::BrainstemOutput)s from
-//! another. It resolves model names through facecrab, drives the engine on
-//! the engine's own thread, and frees memory when the model sits idle,
+//! another. It resolves model names through facecrab, keeps several models
+//! loaded at once (each driven on its own engine thread) within its
+//! [`Residency`] limits, and frees a model's memory when it sits idle,
 //! following its [`CortexStrategy`].
 
 mod brainstem;

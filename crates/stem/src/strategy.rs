@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-/// How long a loaded model stays in memory when nothing uses it.
+/// How long a loaded model stays in memory when nothing uses it. Each
+/// model counts its own idle time; a request's `keep_alive` overrides this
+/// for its model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CortexStrategy {
@@ -13,8 +15,9 @@ pub enum CortexStrategy {
     /// from the end of the last load or inference; a running inference is
     /// never interrupted. The next `Infer` loads the model again.
     HibernateAfter(Duration),
-    /// Keep the model loaded until another is loaded or the Orchestrator
-    /// shuts down.
+    /// Keep the model loaded until it is evicted to make room for another
+    /// (see [`Residency`](crate::Residency)), unloaded, or the
+    /// Orchestrator shuts down.
     KeepAlive,
 }
 

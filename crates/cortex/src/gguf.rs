@@ -88,18 +88,23 @@ pub fn footprint(path: &Path, context: u64, parallel: u64, batch: u64) -> Footpr
     };
     let context = context.min(facts.context_length.max(1));
     let kv = facts.kv_bytes_per_token() * context * parallel.max(1);
-    // The compute graph's scratch for a batch: the logits of every token
-    // (a generative model), a few hidden-state-wide activations per token,
-    // and one layer's attention scores against a request's context.
-    let logits = if facts.declares_pooling {
+    // The logits of one output per request (a generative model), and
+    // the compute graph's scratch for a batch: a few hidden-state-wide
+    // activations per token and one layer's attention scores against a
+    // request's context. (llama.cpp reserves logits for a whole batch,
+    // but only the rows asked for are ever written, so only those pages
+    // are resident.) Measured against RSS: Qwen2.5-0.5B Q4_K_M with 4 ×
+    // 2048 tokens, 668 MB estimated, 672 MB resident (with the process);
+    // MiniLM-L6 f32, 129 MB estimated, 108 MB resident.
+    let outputs = if facts.declares_pooling {
         0
     } else {
-        facts.vocab_size * 4
+        facts.vocab_size * 4 * parallel.max(1)
     };
-    let scratch = batch * (logits + facts.embedding_length * 4 * 8)
-        + batch * context * facts.head_count.max(1) * 4;
+    let scratch =
+        batch * facts.embedding_length * 4 * 8 + batch * context * facts.head_count.max(1) * 4;
     Footprint {
-        bytes: weights + kv + scratch,
+        bytes: weights + kv + outputs + scratch,
         embeds: facts.declares_pooling,
     }
 }

@@ -255,9 +255,12 @@ impl Brainstem {
         self.models
             .values()
             .filter_map(|entry| match &entry.phase {
-                Phase::Loaded { .. } if entry.idle() => {
-                    entry.last_used.checked_add(self.idle_time(entry)?)
-                }
+                // A zero idle time (`Immediate`, or a keep-alive of zero)
+                // unloads at the end of a request, not after a load.
+                Phase::Loaded { .. } if entry.idle() => self
+                    .idle_time(entry)
+                    .filter(|idle| !idle.is_zero())
+                    .and_then(|idle| entry.last_used.checked_add(idle)),
                 Phase::Waiting { since } => since.checked_add(self.parts.residency.wait),
                 _ => None,
             })
@@ -751,6 +754,7 @@ impl Brainstem {
             .filter(|(_, entry)| matches!(entry.phase, Phase::Loaded { .. }) && entry.idle())
             .filter(|(_, entry)| {
                 self.idle_time(entry)
+                    .filter(|idle| !idle.is_zero())
                     .and_then(|idle| entry.last_used.checked_add(idle))
                     .is_some_and(|deadline| deadline <= now)
             })

@@ -412,3 +412,24 @@ async fn unload_waits_for_the_running_request_and_the_next_request_reloads() {
     assert_eq!(unknown.kind, ErrorKind::ModelNotFound);
     assert_eq!(f.ask(&model).await.unwrap(), "m");
 }
+
+#[async_std::test]
+async fn immediate_unloads_after_a_request_not_after_a_load() {
+    let f = Fixture::new(Residency::default(), CortexStrategy::Immediate);
+    let model = f.model("m", 10);
+    let mut events = f.genius.events();
+    f.genius.load(&model).await.unwrap();
+    async_std::task::sleep(Duration::from_millis(200)).await;
+    let seen = statuses(&mut events, Duration::from_millis(50)).await;
+    assert!(
+        !seen.contains(&EngineStatus::Hibernated(model.clone())),
+        "unloaded before any request: {seen:?}"
+    );
+    assert_eq!(f.ask(&model).await.unwrap(), "m");
+    let seen = statuses(&mut events, Duration::from_millis(200)).await;
+    assert_eq!(
+        seen,
+        [EngineStatus::Hibernated(model.clone())],
+        "one load only"
+    );
+}

@@ -162,6 +162,8 @@ pub(crate) enum Event {
     /// An unloaded engine has freed this many bytes.
     Freed(u64),
     Tick,
+    /// A set of engines, resolutions or unloads became empty.
+    Emptied,
 }
 
 type Resolution = BoxFuture<'static, (String, u64, Result<Resolved, FacecrabError>)>;
@@ -222,29 +224,38 @@ impl Brainstem {
             Some(commands) => Either::Left(commands.next()),
             None => Either::Right(future::pending()),
         };
+        // `next()`, not `select_next_some()`: a set that empties while
+        // this select waits says `None` once, and is polled again after
+        // it (which `select_next_some` refuses, by panicking).
         let reports = if self.reports.is_empty() {
             Either::Right(future::pending())
         } else {
-            Either::Left(self.reports.select_next_some())
+            Either::Left(self.reports.next())
         };
         let resolved = if self.resolutions.is_empty() {
             Either::Right(future::pending())
         } else {
-            Either::Left(self.resolutions.select_next_some())
+            Either::Left(self.resolutions.next())
         };
         let freed = if self.freeing.is_empty() {
             Either::Right(future::pending())
         } else {
-            Either::Left(self.freeing.select_next_some())
+            Either::Left(self.freeing.next())
         };
         // Commands first, so `Shutdown` is never stuck behind engine
         // reports; progress before the result it leads to.
         futures::select_biased! {
             command = commands.fuse() => Some(Event::Command(command)),
-            (serial, report) = reports.fuse() => Some(Event::Engine(serial, report)),
+            report = reports.fuse() => Some(match report {
+                Some((serial, report)) => Event::Engine(serial, report),
+                None => Event::Emptied,
+            }),
             asset = self.asset_rx.select_next_some() => Some(Event::Asset(asset)),
-            (name, generation, result) = resolved.fuse() => Some(Event::Resolved(name, generation, result)),
-            bytes = freed.fuse() => Some(Event::Freed(bytes)),
+            resolved = resolved.fuse() => Some(match resolved {
+                Some((name, generation, result)) => Event::Resolved(name, generation, result),
+                None => Event::Emptied,
+            }),
+            freed = freed.fuse() => Some(freed.map_or(Event::Emptied, Event::Freed)),
             () = timer.fuse() => Some(Event::Tick),
         }
     }
@@ -288,6 +299,7 @@ impl Brainstem {
             }
             Event::Freed(bytes) => self.freeing_bytes = self.freeing_bytes.saturating_sub(bytes),
             Event::Tick => self.hibernate_idle(),
+            Event::Emptied => {}
         }
         self.pump();
     }

@@ -201,19 +201,8 @@ impl OrchestratorHandle {
     /// as the [`Residency`](crate::Residency) allows. Download progress
     /// and status changes go to [`events`](Self::events) listeners.
     pub async fn load(&self, name: &str) -> Result<ModelInfo, ErrorReport> {
-        let (done, answer) = oneshot::channel();
-        let sent = self.commands.unbounded_send(Command::Load {
-            name: name.to_owned(),
-            done: Box::new(move |result| {
-                let _ = done.send(result);
-            }),
-        });
-        if sent.is_err() {
-            return Err(GeniusError::ShutDown.report());
-        }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(GeniusError::ShutDown.report()))
+        let name = name.to_owned();
+        self.ask(|done| Command::Load { name, done }).await?
     }
 
     /// Unloads the model requests know as `name` once the requests it is
@@ -222,32 +211,29 @@ impl OrchestratorHandle {
     /// for it loads it again. A name the Orchestrator has never seen is
     /// `ModelNotFound`.
     pub async fn unload(&self, name: &str) -> Result<bool, ErrorReport> {
-        let (done, answer) = oneshot::channel();
-        let sent = self.commands.unbounded_send(Command::Unload {
-            name: name.to_owned(),
-            done: Box::new(move |result| {
-                let _ = done.send(result);
-            }),
-        });
-        if sent.is_err() {
-            return Err(GeniusError::ShutDown.report());
-        }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(GeniusError::ShutDown.report()))
+        let name = name.to_owned();
+        self.ask(|done| Command::Unload { name, done }).await?
     }
 
     /// The models the Orchestrator knows of: loaded, loading, waiting for
     /// room, or unloaded after use; the default model first. Answered at
     /// once, whatever is loading.
     pub async fn models(&self) -> Result<Vec<ModelStatus>, ErrorReport> {
+        self.ask(Command::Models).await
+    }
+
+    /// Sends the command `make` builds around a callback, and waits for
+    /// the loop to call it; `ShutDown` if the loop has ended (or ends
+    /// without answering).
+    async fn ask<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Box<dyn FnOnce(T) + Send>) -> Command,
+    ) -> Result<T, ErrorReport> {
         let (done, answer) = oneshot::channel();
-        let sent = self
-            .commands
-            .unbounded_send(Command::Models(Box::new(move |models| {
-                let _ = done.send(models);
-            })));
-        if sent.is_err() {
+        let command = make(Box::new(move |result| {
+            let _ = done.send(result);
+        }));
+        if self.commands.unbounded_send(command).is_err() {
             return Err(GeniusError::ShutDown.report());
         }
         answer.await.map_err(|_| GeniusError::ShutDown.report())

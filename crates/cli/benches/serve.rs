@@ -17,10 +17,14 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)] // printing is its job
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use common::{free_addr, median, threads, Server};
 
 const TOKENS: usize = 128;
 const CONTEXT: u32 = 1024;
@@ -35,63 +39,6 @@ const PREAMBLE: &str = "The following lines are a test of counting. Each line co
     sequence that the line begins, one item after another, without stopping, without comments \
     and without repeating any item. The sequences are numbers, letters or steps, written the \
     way a careful student would write them in a notebook. ";
-
-/// A server process, killed when dropped.
-struct Server {
-    name: &'static str,
-    child: Child,
-    addr: SocketAddr,
-    model: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn start(
-        name: &'static str,
-        mut command: Command,
-        addr: SocketAddr,
-        model: String,
-    ) -> Result<Self, String> {
-        let child = command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|err| format!("{name} does not start: {err}"))?;
-        let server = Self {
-            name,
-            child,
-            addr,
-            model,
-        };
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while Instant::now() < deadline {
-            if health(addr) {
-                return Ok(server);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(format!("{name} did not become healthy"))
-    }
-}
-
-fn health(addr: SocketAddr) -> bool {
-    let Ok(mut stream) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = write!(
-        stream,
-        "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    );
-    let mut line = String::new();
-    let _ = BufReader::new(stream).read_line(&mut line);
-    line.contains(" 200 ")
-}
 
 /// One streamed request: time to the first token, then the times of all.
 struct Streamed {
@@ -195,18 +142,6 @@ fn round(
     Ok((ttft, rate, total as f64 / wall))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 fn main() -> Result<(), String> {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -219,11 +154,7 @@ fn main() -> Result<(), String> {
     let Ok(peer) = std::env::var("LLAMA_SERVER") else {
         return Err("set LLAMA_SERVER to llama-server's path (.ci/build-llama-server.sh)".into());
     };
-    let threads = std::env::var("GENIUS_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get()))
-        .to_string();
+    let threads = threads();
     let id = std::path::Path::new(&model)
         .file_stem()
         .unwrap()

@@ -54,6 +54,14 @@ pub struct InferenceConfig {
     /// Whether and which tool the model must call. Default
     /// [`ToolChoice::Auto`].
     pub tool_choice: ToolChoice,
+    /// Whether an answer that is nothing but JSON calling one of
+    /// [`tools`](Self::tools) (`{"name": ..., "arguments": {...}}`, a list
+    /// of such objects, or either in a ```` ```json ```` fence), with
+    /// arguments valid against the tool's schema, counts as tool calls
+    /// when the model leaves out its template's call markup, as small
+    /// models often do. Anything else stays content. Such an answer
+    /// streams only once it is complete. Default `true`.
+    pub json_tool_calls: bool,
     /// The form of the answer: free text, JSON, JSON following a schema,
     /// or a grammar. Default [`ResponseFormat::Text`].
     pub response_format: ResponseFormat,
@@ -104,6 +112,7 @@ impl Default for InferenceConfig {
             top_logprobs: 0,
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
+            json_tool_calls: true,
             response_format: ResponseFormat::Text,
             model: None,
             keep_alive: None,

@@ -171,10 +171,13 @@ impl Output {
     }
 
     /// From now on, takes tool calls written in `syntax` out of the
-    /// content and reports them as [`InferenceEvent::ToolCall`]s. Engines
-    /// call this before generating when the request offers tools.
-    pub fn parse_tool_calls(&mut self, syntax: ToolSyntax) {
-        self.pipeline.parse_tool_calls(syntax);
+    /// content and reports them as [`InferenceEvent::ToolCall`]s; with
+    /// [`InferenceConfig::json_tool_calls`], so is an answer that is only
+    /// a JSON call of one of `config.tools`. Engines call this before
+    /// generating when the request offers tools.
+    pub fn parse_tool_calls(&mut self, syntax: ToolSyntax, config: &InferenceConfig) {
+        let without_markup = config.json_tool_calls.then_some(config.tools.as_slice());
+        self.pipeline.parse_tool_calls(syntax, without_markup);
     }
 
     /// How many tool calls the answer made so far.

@@ -9,6 +9,8 @@
 use rusty_genius_core::protocol::{InferenceEvent, ThoughtEvent};
 
 use crate::suffix::partial_suffix;
+use rusty_genius_core::Tool;
+
 use crate::tools::{ToolCallParser, ToolSyntax};
 
 /// Reassembles UTF-8 text from byte pieces that may split characters.
@@ -217,9 +219,15 @@ impl TextPipeline {
         }
     }
 
-    /// Takes tool calls in `syntax` out of the content from now on.
-    pub(crate) fn parse_tool_calls(&mut self, syntax: ToolSyntax) {
-        self.tools = Some(ToolCallParser::new(syntax));
+    /// Takes tool calls in `syntax` out of the content from now on, and
+    /// (with `without_markup`) an answer that is only a JSON call of one
+    /// of `tools`.
+    pub(crate) fn parse_tool_calls(&mut self, syntax: ToolSyntax, without_markup: Option<&[Tool]>) {
+        let parser = ToolCallParser::new(syntax);
+        self.tools = Some(match without_markup {
+            Some(tools) => parser.with_calls_without_markup(tools),
+            None => parser,
+        });
     }
 
     /// How many tool calls were emitted.

@@ -19,7 +19,7 @@ use rusty_genius::core::{
 };
 use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
 use rusty_genius::facecrab::testing::QWEN;
-use rusty_genius::stem::testing::{Reply, TestClient};
+use rusty_genius::stem::testing::{Reply, TestClient, MIN_MARGIN};
 use rusty_genius::{CortexStrategy, Orchestrator};
 use serde_json::{json, Value};
 
@@ -143,12 +143,43 @@ async fn required_and_named_tool_choices_give_exactly_one_well_formed_call() {
     }
 
     // Left to itself this small model writes the call as plain JSON,
-    // without the template's markup: it is text, not a call.
-    let auto = greedy(64).with_tools(vec![weather_tool()]);
-    let reply = client.chat(paris(), auto).await.unwrap();
-    eprintln!(
-        "auto: {} calls, text {:?}",
-        reply.tool_calls.len(),
+    // without the template's markup: it is read as the call it is.
+    let auto = greedy(64).with_logprobs(5).with_tools(vec![weather_tool()]);
+    let reply = client.chat(paris(), auto.clone()).await.unwrap();
+    assert_eq!(reply.tool_calls.len(), 1, "auto: {reply:?}");
+    let (_, name, arguments) = &reply.tool_calls[0];
+    assert_eq!(name, "get_weather");
+    assert_eq!(arguments, &json!({"city": "Paris"}));
+    assert_eq!(reply.usage().finish_reason, FinishReason::ToolCalls);
+    assert!(reply.text.trim().is_empty(), "auto: {:?}", reply.text);
+    // The model wavers between a fenced and a bare object at its first
+    // token (0.03 logits apart here), with the template's `<tool_call>`
+    // next: all three are this call. What must be firm is that it opens a
+    // call rather than prose (2.3 logits here), and the JSON after that.
+    let opening = &reply.logprobs[0].top_logprobs;
+    let opens_json = |token: &str| token.starts_with(['`', '{', '<']);
+    let best = |json: bool| {
+        opening
+            .iter()
+            .filter(|t| opens_json(&t.token) == json)
+            .map(|t| t.logprob)
+            .fold(f32::NEG_INFINITY, f32::max)
+    };
+    let margin = best(true) - best(false);
+    eprintln!("auto opens a call by {margin:.2} logits over prose: {opening:?}");
+    assert!(
+        margin >= MIN_MARGIN,
+        "the answer could open with prose: {opening:?}"
+    );
+    reply.assert_json_firm_after(1);
+    // With that reading turned off, the same answer is text.
+    let mut strict = auto;
+    strict.json_tool_calls = false;
+    let reply = client.chat(paris(), strict).await.unwrap();
+    assert!(reply.tool_calls.is_empty(), "strict: {reply:?}");
+    assert!(
+        reply.text.contains("get_weather"),
+        "strict: {:?}",
         reply.text
     );
     assert_no_markup(&reply);
@@ -329,4 +360,105 @@ async fn bad_chat_requests_get_typed_errors_and_the_orchestrator_keeps_serving()
         .await
         .unwrap();
     reply.assert_contains_firmly("Tokyo");
+}
+
+/// Answers that honestly are JSON or code stay content when tools are
+/// offered: the reading of calls without markup only takes JSON that
+/// names a tool with arguments that fit it.
+#[async_std::test]
+async fn json_and_code_answers_stay_content_with_tools_offered() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let prompts = [
+        "Write a JSON object describing a book with a title and an author.",
+        "Give me an example package.json for a small Node project.",
+        "Write a Python function that parses a JSON string and returns a dict.",
+        "Show a JSON array of three colours.",
+        "Write a Rust struct for a point with x and y, deriving Serialize.",
+        "Convert this to JSON: name Ada, age 36.",
+        "What is the JSON for an empty object?",
+        "Write a SQL query that selects all users older than 30.",
+        "Give me a JSON schema for an object with a required string field `id`.",
+        "Write a JavaScript function that adds two numbers.",
+        "Show a nested JSON object: an order with a list of items and prices.",
+        "Write a bash one-liner that counts the lines of every .rs file.",
+        "Write a tsconfig.json that enables strict mode.",
+        "Write a C function that returns the larger of two ints.",
+        "Write a Go function that reverses a string.",
+        "Give me a YAML file for a GitHub Actions job that runs cargo test.",
+        "Write a JSON object with a field `function` holding the string `print`.",
+        "Write a Python class for a stack with push and pop.",
+        "Show an example JSON-RPC request calling the method `add`.",
+        "Write a Dockerfile for a Rust binary.",
+    ];
+    let mut answered_in_json = 0;
+    let mut read_as_calls = Vec::new();
+    for prompt in prompts {
+        let config = config_for_json_prompts();
+        let reply = client
+            .chat(vec![ChatMessage::user(prompt)], config)
+            .await
+            .unwrap();
+        if !reply.tool_calls.is_empty() {
+            // The model may decide to call a tool after all (on this
+            // machine none of these prompts makes it; "Format this as
+            // JSON: city Paris" and "a JSON list of the first five prime
+            // numbers" did, with nothing but calls). Then its whole answer, read strictly,
+            // must be nothing but that call: no text was taken for one.
+            let mut strict = config_for_json_prompts();
+            strict.json_tool_calls = false;
+            let written = client
+                .chat(vec![ChatMessage::user(prompt)], strict)
+                .await
+                .unwrap();
+            let text = written.text.trim();
+            let body = text
+                .strip_prefix("```json")
+                .or_else(|| text.strip_prefix("```"))
+                .map_or(text, |fenced| fenced.trim_end_matches('`'));
+            let value: Value = serde_json::from_str(body.trim())
+                .unwrap_or_else(|_| panic!("{prompt}: a call was read from {text:?}"));
+            let calls = match &value {
+                Value::Array(calls) => calls.clone(),
+                call => vec![call.clone()],
+            };
+            let names_a_tool = |call: &Value| {
+                call.get("name")
+                    .is_some_and(|name| name == "get_weather" || name == "search_docs")
+            };
+            assert!(
+                calls.iter().all(names_a_tool),
+                "{prompt}: a call was read from {text:?}"
+            );
+            read_as_calls.push(prompt);
+            continue;
+        }
+        assert!(!reply.text.trim().is_empty(), "{prompt}: no answer");
+        assert_no_markup(&reply);
+        if reply.text.trim_start().starts_with(['{', '[', '`']) {
+            answered_in_json += 1;
+        }
+    }
+    // How many answers went through the reading of calls without markup
+    // (they start as it does); for the log.
+    eprintln!(
+        "{answered_in_json} of {} answers opened with JSON or a fence; the model called a tool for {read_as_calls:?}",
+        prompts.len()
+    );
+}
+
+fn config_for_json_prompts() -> InferenceConfig {
+    let search = Tool::function(
+        "search_docs",
+        "Search the project's documentation",
+        json!({
+            "type": "object",
+            "properties": {"query": {"type": "string"}},
+            "required": ["query"],
+        }),
+    );
+    InferenceConfig::greedy()
+        .with_max_tokens(96)
+        .with_tools(vec![weather_tool(), search])
 }

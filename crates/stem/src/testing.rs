@@ -420,6 +420,13 @@ impl Reply {
         self.assert_firm(self.json_margins());
     }
 
+    /// [`assert_json_firm`](Self::assert_json_firm) from the `skip`th
+    /// generated token on, for an answer whose first tokens are a choice
+    /// the test has judged on its own.
+    pub fn assert_json_firm_after(&self, skip: usize) {
+        self.assert_firm(self.json_margins().into_iter().skip(skip).collect());
+    }
+
     fn assert_firm(&self, margins: Vec<(String, f32)>) {
         assert!(
             !self.logprobs.is_empty(),

@@ -17,7 +17,9 @@
 
 mod hermes;
 mod llama3;
+mod loose;
 mod mistral;
+mod validate;
 
 use std::hash::{BuildHasher, Hasher};
 
@@ -229,6 +231,9 @@ enum State {
     /// The answer is text; no more calls are looked for (Llama 3, whose
     /// calls are the whole answer).
     Plain,
+    /// The answer starts like a call written without markup; held until
+    /// it is known to be one (see [`loose`]).
+    Loose,
 }
 
 /// Takes tool calls out of streamed answer text.
@@ -243,6 +248,9 @@ pub struct ToolCallParser {
     /// A call was the last thing emitted.
     after_call: bool,
     calls: usize,
+    /// The tools a call without markup may name, until the start of the
+    /// answer shows it is not one.
+    loose: Option<loose::LooseCalls>,
 }
 
 impl ToolCallParser {
@@ -255,7 +263,17 @@ impl ToolCallParser {
             gap: String::new(),
             after_call: false,
             calls: 0,
+            loose: None,
         }
+    }
+
+    /// Also reads an answer that is nothing but a JSON call of one of
+    /// `tools` (bare or in a ```` ```json ```` fence, one call or a list)
+    /// as calls, as small models often write them; see [`loose`]. Such an
+    /// answer is held back until it is complete.
+    pub fn with_calls_without_markup(mut self, tools: &[Tool]) -> Self {
+        self.loose = loose::LooseCalls::new(tools);
+        self
     }
 
     /// How many calls were emitted.
@@ -269,6 +287,8 @@ impl ToolCallParser {
         self.held.push_str(text);
         loop {
             let progressed = match self.state {
+                State::Text if self.loose.is_some() => self.begin_loose(),
+                State::Loose => loose::scan(self, events, false),
                 State::Text => family.scan_text(self, events, false),
                 State::Call => family.scan_call(self, events, false),
                 State::Plain => {
@@ -287,8 +307,12 @@ impl ToolCallParser {
     /// end (without its closing tag) is emitted, an unfinished one dropped.
     pub fn finish(&mut self, events: &mut Vec<InferenceEvent>) {
         let family = self.syntax.family();
+        if self.state == State::Loose {
+            loose::scan(self, events, true);
+        }
+        self.loose = None;
         match self.state {
-            State::Text | State::Plain => {
+            State::Text | State::Plain | State::Loose => {
                 family.scan_text(self, events, true);
                 let text = std::mem::take(&mut self.held);
                 self.content(text, events);
@@ -305,6 +329,22 @@ impl ToolCallParser {
         }
         self.held.clear();
         self.gap.clear();
+    }
+
+    /// At the start of the answer: enters [`State::Loose`] if it may be a
+    /// call without markup, or gives that reading up for good. Returns
+    /// whether anything changed (not while only whitespace has come).
+    fn begin_loose(&mut self) -> bool {
+        let start = self.held.trim_start();
+        if start.is_empty() {
+            return false;
+        }
+        if loose::may_start(start) {
+            self.state = State::Loose;
+        } else {
+            self.loose = None;
+        }
+        true
     }
 
     /// Passes text on as content; whitespace right after a call waits to
@@ -421,13 +461,19 @@ mod tests {
     /// Feeds `text` cut at every pair of places and checks the events are
     /// the same each time; returns them.
     fn parse_everywhere(syntax: ToolSyntax, text: &str) -> Seen {
+        parse_everywhere_with(syntax, &[], text)
+    }
+
+    /// As [`parse_everywhere`], also reading calls without markup of
+    /// `tools` (when there are any).
+    fn parse_everywhere_with(syntax: ToolSyntax, tools: &[Tool], text: &str) -> Seen {
         let mut first: Option<Seen> = None;
         let cuts: Vec<usize> = (0..=text.len())
             .filter(|&i| text.is_char_boundary(i))
             .collect();
         for &a in &cuts {
             for &b in cuts.iter().filter(|&&b| b >= a) {
-                let mut parser = ToolCallParser::new(syntax);
+                let mut parser = ToolCallParser::new(syntax).with_calls_without_markup(tools);
                 let mut events = Vec::new();
                 for piece in [&text[..a], &text[a..b], &text[b..]] {
                     parser.push(piece, &mut events);
@@ -540,6 +586,92 @@ mod tests {
                 "{syntax:?}: {markup}"
             );
         }
+    }
+
+    fn weather_tools() -> Vec<Tool> {
+        let city = json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        });
+        vec![
+            Tool::function("get_weather", "The weather in a city", city.clone()),
+            Tool::function("get_time", "The time in a city", city),
+        ]
+    }
+
+    #[test]
+    fn json_answers_naming_a_tool_are_calls() {
+        let tools = weather_tools();
+        let paris = call("get_weather", json!({"city": "Paris"}));
+        for answer in [
+            "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}",
+            "\n  {\"name\": \"get_weather\", \"arguments\": \"{\\\"city\\\": \\\"Paris\\\"}\"}\n",
+            "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n```",
+            "```\n{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Paris\"}}\n```\n",
+            "{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}}",
+        ] {
+            assert_eq!(
+                parse_everywhere_with(ToolSyntax::Hermes, &tools, answer),
+                std::slice::from_ref(&paris),
+                "{answer}"
+            );
+        }
+        let two = "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}, {\"name\": \"get_time\", \"arguments\": {\"city\": \"Oslo\"}}]";
+        assert_eq!(
+            parse_everywhere_with(ToolSyntax::Hermes, &tools, two),
+            [paris.clone(), call("get_time", json!({"city": "Oslo"}))]
+        );
+        // Markup still works, and so do other families.
+        let markup = ToolSyntax::Hermes.markup(&[("get_weather", json!({"city": "Paris"}))]);
+        assert_eq!(
+            parse_everywhere_with(ToolSyntax::Hermes, &tools, &markup),
+            std::slice::from_ref(&paris)
+        );
+        assert_eq!(
+            parse_everywhere_with(
+                ToolSyntax::Mistral,
+                &tools,
+                "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}"
+            ),
+            [paris]
+        );
+    }
+
+    #[test]
+    fn json_that_is_not_a_valid_call_stays_content() {
+        let tools = weather_tools();
+        for answer in [
+            // Not a tool of this request.
+            "{\"name\": \"get_stock\", \"arguments\": {\"ticker\": \"X\"}}",
+            // Arguments against the schema.
+            "{\"name\": \"get_weather\", \"arguments\": {\"town\": \"Paris\"}}",
+            "{\"name\": \"get_weather\", \"arguments\": {\"city\": 7}}",
+            // Other keys: a description of the tool, not a call.
+            "{\"name\": \"get_weather\", \"description\": \"x\", \"parameters\": {\"city\": \"Paris\"}}",
+            // Data that happens to have a name.
+            "{\"name\": \"Ada\", \"age\": 36}",
+            "[1, 2, 3]",
+            "[]",
+            // Prose around the JSON.
+            "Call it like this: {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}",
+            "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}} is how you call it.",
+            "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n```\nThat is the call.",
+            // Code in another language.
+            "```python\nprint({\"name\": \"get_weather\"})\n```",
+            "`get_weather` takes a city.",
+            // Unfinished JSON.
+            "{\"name\": \"get_weather\", \"arguments\": {\"city\": ",
+        ] {
+            assert_eq!(
+                parse_everywhere_with(ToolSyntax::Hermes, &tools, answer),
+                [text(answer)],
+                "{answer}"
+            );
+        }
+        // Without tools nothing is read loosely.
+        let bare = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}";
+        assert_eq!(parse_everywhere(ToolSyntax::Hermes, bare), [text(bare)]);
     }
 
     #[test]

@@ -88,7 +88,7 @@ pub(crate) enum Command {
     /// Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions,
     /// /v1/embeddings, /v1/models, /models/load, /models/unload and /health.
     #[command(after_help = EXIT_CODES)]
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Show the models a running `genius serve` has loaded.
     Ps {
         /// The server's address.
@@ -145,6 +145,11 @@ pub(crate) struct ServeArgs {
     /// server through DNS rebinding.
     #[arg(long = "allowed-host", value_name = "NAME")]
     pub(crate) allowed_hosts: Vec<String>,
+    /// Let web pages from this origin call the server from a browser
+    /// (repeatable; `*` allows any page): their CORS preflight is answered
+    /// and the responses say they may read them. Off by default.
+    #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = crate::serve::parse_origin)]
+    pub(crate) cors_origins: Vec<String>,
     /// Seconds a client may take to send a request's headers, from their
     /// first byte.
     #[arg(long, default_value_t = 10, value_name = "SECS")]

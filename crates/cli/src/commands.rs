@@ -17,7 +17,7 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::args::{exit, Command, EngineArgs, EngineKind, ServeArgs};
 use crate::http::Timeouts;
-use crate::serve::{self, ServeSettings};
+use crate::serve::{self, CorsOrigins, ServeSettings};
 
 /// Why a command failed, and its exit code.
 #[derive(Debug)]
@@ -98,7 +98,7 @@ pub(crate) async fn run(command: Command) -> Result<(), Failure> {
         }
         Command::List => list(),
         Command::Rm { model } => remove(&model),
-        Command::Serve(args) => serve_command(args).await,
+        Command::Serve(args) => serve_command(*args).await,
         Command::Ps { url, api_key } => ps(&url, api_key.as_deref()).await,
     }
 }
@@ -535,12 +535,16 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
         api_key: args.api_key.filter(|key| !key.is_empty()),
         max_body_bytes: args.max_body_bytes,
         allowed_hosts: args.allowed_hosts,
+        cors: CorsOrigins::new(args.cors_origins),
         timeouts: Timeouts {
             header: Duration::from_secs(args.header_timeout.max(1)),
             body: Duration::from_secs(args.body_timeout.max(1)),
             idle: Duration::from_secs(args.idle_timeout.max(1)),
         },
     };
+    if settings.api_key.is_none() && settings.cors.any() {
+        log::warn!("--cors-origin * without an API key: any web page a user of this machine opens can use the server");
+    }
     if settings.api_key.is_none() && !settings.addr.ip().is_loopback() {
         log::warn!(
             "serving on {} without an API key: anyone who can reach it can use it (--api-key)",

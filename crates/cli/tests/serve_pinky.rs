@@ -497,3 +497,89 @@ fn decode_base64_f32(text: &str) -> Vec<f32> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
+
+#[test]
+fn cross_origin_pages_are_refused_unless_their_origin_is_allowed() {
+    let dir = TempDir::new("serve-cors");
+    let page = "http://page.example:3000";
+    let preflight = |server: &Server, origin: &str| {
+        request(
+            server.addr,
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                (
+                    "Access-Control-Request-Headers",
+                    "authorization, content-type",
+                ),
+            ],
+            None,
+        )
+        .unwrap()
+    };
+    let from = |server: &Server, origin: &str| {
+        post(
+            server.addr,
+            "/v1/chat/completions",
+            &chat_body("hello", false),
+            &[AUTH, ("Origin", origin)],
+        )
+    };
+
+    // Off by default: no preflight is granted and no answer is readable.
+    let closed = pinky_server(&dir, &[]);
+    let refused = preflight(&closed, page);
+    assert_eq!(
+        refused.status,
+        403,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert!(refused.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("--cors-origin"));
+    assert_eq!(refused.header("access-control-allow-origin"), None);
+    let answered = from(&closed, page);
+    assert_eq!(answered.status, 200);
+    assert_eq!(answered.header("access-control-allow-origin"), None);
+    drop(closed);
+
+    let open = pinky_server(&dir, &["--cors-origin", page]);
+    let granted = preflight(&open, page);
+    assert_eq!(granted.status, 204);
+    assert_eq!(granted.header("access-control-allow-origin"), Some(page));
+    assert!(granted
+        .header("access-control-allow-methods")
+        .unwrap()
+        .contains("POST"));
+    assert!(granted
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("authorization"));
+    let answered = from(&open, page);
+    assert_eq!(answered.status, 200);
+    assert_eq!(answered.header("access-control-allow-origin"), Some(page));
+    assert_eq!(answered.header("vary"), Some("Origin"));
+    // Errors are readable too, so that the page can show them.
+    let unauthorized = post(
+        open.addr,
+        "/v1/chat/completions",
+        &chat_body("hello", false),
+        &[("Origin", page)],
+    );
+    assert_eq!(unauthorized.status, 401);
+    assert_eq!(
+        unauthorized.header("access-control-allow-origin"),
+        Some(page)
+    );
+    // Another origin is still refused.
+    let other = "http://other.example";
+    assert_eq!(preflight(&open, other).status, 403);
+    assert_eq!(
+        from(&open, other).header("access-control-allow-origin"),
+        None
+    );
+}

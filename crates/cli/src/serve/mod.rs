@@ -24,6 +24,10 @@ use rusty_genius::{OrchestratorHandle, RequestStream};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+mod cors;
+
+pub(crate) use cors::{parse_origin, CorsOrigins};
+
 use crate::http::Timeouts;
 use crate::openai::{
     self, ChatRequest, CompletionRequest, EmbeddingRequest, ErrorBody, ErrorDetail, Unsupported,
@@ -45,6 +49,8 @@ pub(crate) struct ServeSettings {
     /// Host names accepted besides `localhost` and IP addresses, when no
     /// API key is set (`--allowed-host`).
     pub(crate) allowed_hosts: Vec<String>,
+    /// The web origins whose pages may call the server (`--cors-origin`).
+    pub(crate) cors: CorsOrigins,
     pub(crate) timeouts: Timeouts,
 }
 
@@ -67,6 +73,7 @@ impl Served {
 
 struct AppState {
     genius: OrchestratorHandle,
+    cors: CorsOrigins,
     settings: ServeSettings,
     authority: AssetAuthority,
     /// The models `--model` named: the only ones served. Empty serves the
@@ -103,6 +110,7 @@ pub(crate) async fn serve(
         .collect();
     let state = Arc::new(AppState {
         genius: genius.clone(),
+        cors: settings.cors.clone(),
         settings: settings.clone(),
         authority,
         fixed: fixed.clone(),
@@ -187,6 +195,10 @@ fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cors::cors,
+        ))
         .layer(axum::middleware::from_fn(access_log))
         .with_state(state)
 }
@@ -197,8 +209,8 @@ fn router(state: Arc<AppState>) -> Router {
 /// name given with `--allowed-host` (a DNS-rebinding page sends its own
 /// domain), and a POST must say it is JSON (a page can send `text/plain`
 /// across origins without asking; `application/json` needs a CORS
-/// preflight, which this server never grants). With a key, a page cannot
-/// authenticate, and neither check applies.
+/// preflight, which this server grants only to `--cors-origin` origins).
+/// With a key, a page cannot authenticate, and neither check applies.
 async fn gate(
     State(state): State<Arc<AppState>>,
     request: Request,

@@ -64,13 +64,15 @@ pub(crate) struct EmbeddingRequest {
     pub(crate) truncate: bool,
 }
 
-/// The texts to embed: one string or a list of them (token arrays are
-/// not accepted).
+/// What to embed: one string, a list of them, one list of token ids or a
+/// list of such lists (ids of the model's own vocabulary).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum EmbeddingInput {
     One(String),
     Many(Vec<String>),
+    Tokens(Vec<u32>),
+    ManyTokens(Vec<Vec<u32>>),
 }
 
 impl EmbeddingRequest {
@@ -87,9 +89,14 @@ impl EmbeddingRequest {
     }
 
     pub(crate) fn embed(&self) -> rusty_genius::core::Embed {
-        let inputs = match &self.input {
-            EmbeddingInput::One(text) => vec![text.clone()],
-            EmbeddingInput::Many(texts) => texts.clone(),
+        use rusty_genius::core::EmbedInput;
+        let inputs: Vec<EmbedInput> = match &self.input {
+            EmbeddingInput::One(text) => vec![text.into()],
+            EmbeddingInput::Many(texts) => texts.iter().map(EmbedInput::from).collect(),
+            EmbeddingInput::Tokens(ids) => vec![ids.clone().into()],
+            EmbeddingInput::ManyTokens(lists) => {
+                lists.iter().cloned().map(EmbedInput::from).collect()
+            }
         };
         let mut embed = rusty_genius::core::Embed::new(inputs);
         embed.pooling = self.pooling;
@@ -325,10 +332,61 @@ pub(crate) fn usage(usage: &Usage) -> Value {
     })
 }
 
-/// An error in the API's shape: `{"error": {"message", "type", "param", "code"}}`.
+/// What the request's untagged fields must be, in words, by the name
+/// serde gives their type (its own message names only the type).
+const UNTAGGED: &[(&str, &str)] = &[
+    (
+        "EmbeddingInput",
+        "must be a string, a list of strings, a list of token ids (whole numbers from 0) or a list of such lists",
+    ),
+    ("PromptText", "must be a string or a list of strings"),
+    ("Stop", "must be a string or a list of strings"),
+    ("Content", "must be a string, null or a list of text parts"),
+];
+
+/// A body that does not parse, in words: which field (`param`, as a
+/// JSON path such as `messages[0].content`) and what is wrong with it,
+/// without serde's type names or positions.
+pub(crate) fn body_error(path: &str, message: &str) -> String {
+    let message = match message.rfind(" at line ") {
+        Some(at) if message[at..].contains(" column ") => &message[..at],
+        _ => message,
+    };
+    if let Some(name) = message.strip_prefix("data did not match any variant of untagged enum ") {
+        let words = UNTAGGED
+            .iter()
+            .find(|(enum_name, _)| *enum_name == name.trim())
+            .map_or("has a value of the wrong type", |(_, words)| words);
+        return format!("`{path}` {words}");
+    }
+    if path.is_empty() || path == "." {
+        return message.to_owned();
+    }
+    format!("`{path}`: {message}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn body_errors_name_the_field_in_words() {
+        assert_eq!(
+            body_error("input", "data did not match any variant of untagged enum EmbeddingInput at line 1 column 30"),
+            "`input` must be a string, a list of strings, a list of token ids (whole numbers from 0) or a list of such lists"
+        );
+        assert_eq!(
+            body_error(
+                "temperature",
+                "invalid type: string \"hot\", expected f32 at line 1 column 9"
+            ),
+            "`temperature`: invalid type: string \"hot\", expected f32"
+        );
+        assert_eq!(
+            body_error(".", "missing field `model`"),
+            "missing field `model`"
+        );
+    }
 
     #[test]
     fn base64_matches_the_standard_encoding() {

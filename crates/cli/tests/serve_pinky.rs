@@ -454,7 +454,13 @@ fn embeddings_come_in_the_openai_shape_as_floats_or_base64() {
             json!({"model": "pinky", "input": "x", "encoding_format": "int8"}),
             "encoding_format",
         ),
-        (json!({"model": "pinky", "input": [[1, 2, 3]]}), ""),
+        (json!({"model": "pinky", "input": [[104, 300]]}), "input"),
+        (json!({"model": "pinky", "input": [1.5]}), "input"),
+        (json!({"model": "pinky", "input": {"text": "x"}}), "input"),
+        (
+            json!({"model": "pinky", "input": "x", "encoding_format": 5}),
+            "encoding_format",
+        ),
     ] {
         let reply = post(server.addr, "/v1/embeddings", &bad, &[AUTH]);
         assert_eq!(
@@ -463,9 +469,69 @@ fn embeddings_come_in_the_openai_shape_as_floats_or_base64() {
             "{bad}: {}",
             String::from_utf8_lossy(&reply.body)
         );
-        if !param.is_empty() {
-            assert_eq!(reply.json()["error"]["param"], param, "{bad}");
-        }
+        let error = &reply.json()["error"];
+        assert_eq!(error["param"], param, "{bad}");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            !message.contains("untagged") && !message.contains("line 1"),
+            "{bad}: {message}"
+        );
+    }
+    let words = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"model": "pinky", "input": [1.5]}),
+        &[AUTH],
+    );
+    assert!(
+        words.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("must be a string, a list of strings, a list of token ids"),
+        "{}",
+        String::from_utf8_lossy(&words.body)
+    );
+    let outside = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"model": "pinky", "input": [[104, 300]]}),
+        &[AUTH],
+    );
+    assert!(
+        outside.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("token id 300 is not in Pinky's vocabulary"),
+        "{}",
+        String::from_utf8_lossy(&outside.body)
+    );
+
+    // Token ids (Pinky's are bytes) give the vectors of their text, alone
+    // or as a list.
+    let hello = rusty_genius::cortex::Pinky::embedding("hello", true);
+    for input in [
+        json!([104, 101, 108, 108, 111]),
+        json!([[104, 101, 108, 108, 111], [104, 105]]),
+    ] {
+        let reply = post(
+            server.addr,
+            "/v1/embeddings",
+            &json!({"model": "pinky", "input": input}),
+            &[AUTH],
+        );
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let vector: Vec<f32> = reply.json()["data"][0]["embedding"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        assert_eq!(vector, hello, "{input}");
     }
 }
 

@@ -14,6 +14,59 @@ pub enum Pooling {
     Last,
 }
 
+/// One input to embed: a text, or the token ids of one in the model's own
+/// vocabulary (as the OpenAI API accepts them), used exactly as given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EmbedInput {
+    /// A text, tokenized by the model (with its special tokens, such as
+    /// an encoder's `[CLS]` and `[SEP]`).
+    Text(String),
+    /// Token ids, each checked against the model's vocabulary.
+    Tokens(Vec<u32>),
+}
+
+impl EmbedInput {
+    /// The text, if this is one.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            Self::Text(text) => Some(text),
+            Self::Tokens(_) => None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Self::Text(text) => text.trim().is_empty(),
+            Self::Tokens(ids) => ids.is_empty(),
+        }
+    }
+}
+
+impl From<String> for EmbedInput {
+    fn from(text: String) -> Self {
+        Self::Text(text)
+    }
+}
+
+impl From<&str> for EmbedInput {
+    fn from(text: &str) -> Self {
+        Self::Text(text.to_owned())
+    }
+}
+
+impl From<&String> for EmbedInput {
+    fn from(text: &String) -> Self {
+        Self::Text(text.clone())
+    }
+}
+
+impl From<Vec<u32>> for EmbedInput {
+    fn from(ids: Vec<u32>) -> Self {
+        Self::Tokens(ids)
+    }
+}
+
 /// Asks for the embeddings of one or more texts.
 ///
 /// An embedding model (a GGUF that declares its pooling, such as a BERT
@@ -21,8 +74,9 @@ pub enum Pooling {
 /// generative model embeds only when `pooling` is given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Embed {
-    /// The texts, each embedded on its own. At least one; none empty.
-    pub inputs: Vec<String>,
+    /// The texts (or token ids), each embedded on its own. At least one;
+    /// none empty.
+    pub inputs: Vec<EmbedInput>,
     /// How token vectors are pooled. Default: the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pooling: Option<Pooling>,
@@ -55,7 +109,7 @@ impl Embed {
     pub fn new<I, S>(inputs: I) -> Self
     where
         I: IntoIterator<Item = S>,
-        S: Into<String>,
+        S: Into<EmbedInput>,
     {
         Self {
             inputs: inputs.into_iter().map(Into::into).collect(),
@@ -106,10 +160,10 @@ impl Embed {
                 "there is nothing to embed: send at least one text",
             ));
         }
-        if let Some(index) = self.inputs.iter().position(|text| text.trim().is_empty()) {
+        if let Some(index) = self.inputs.iter().position(EmbedInput::is_empty) {
             return Err(crate::GeniusError::invalid_request(
                 format!("inputs[{index}]"),
-                "the text is empty: an empty text has no embedding",
+                "the input is empty: an empty text (or token list) has no embedding",
             ));
         }
         Ok(())

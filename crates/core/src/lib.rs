@@ -22,6 +22,6 @@ pub use chat::{
     Tool, ToolCall, ToolChoice, ToolKind,
 };
 pub use config::{InferenceConfig, PromptFormat};
-pub use embed::{Embed, Embeddings, Pooling};
+pub use embed::{Embed, EmbedInput, Embeddings, Pooling};
 pub use error::{BoxError, ErrorKind, ErrorReport, GeniusError, Result};
 pub use limits::{grammar_depth, Limits};

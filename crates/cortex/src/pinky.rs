@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, TopLogprob, Usage};
 use rusty_genius_core::{
-    Embed, Embeddings, GeniusError, InferenceConfig, Limits, Prompt, Role, ToolChoice,
+    Embed, EmbedInput, Embeddings, GeniusError, InferenceConfig, Limits, Prompt, Role, ToolChoice,
 };
 
 use crate::engine::{
@@ -198,8 +198,27 @@ impl Pinky {
         let refuse = |output, error| Err(Box::new(Refused { output, error }));
         let mut tokens = Vec::new();
         let mut vectors = Vec::new();
-        for text in &embed.inputs {
-            let mut text = text.as_str();
+        for (index, input) in embed.inputs.iter().enumerate() {
+            // Pinky's tokens are bytes: its vocabulary is 0 to 255.
+            let owned;
+            let mut text = match input {
+                EmbedInput::Text(text) => text.as_str(),
+                EmbedInput::Tokens(ids) => {
+                    let mut bytes = Vec::with_capacity(ids.len());
+                    for (at, &id) in ids.iter().enumerate() {
+                        let Ok(byte) = u8::try_from(id) else {
+                            let error = GeniusError::invalid_request(
+                                format!("inputs[{index}][{at}]"),
+                                format!("token id {id} is not in Pinky's vocabulary of 256 tokens"),
+                            );
+                            return refuse(output, error);
+                        };
+                        bytes.push(byte);
+                    }
+                    owned = String::from_utf8_lossy(&bytes).into_owned();
+                    owned.as_str()
+                }
+            };
             if text.len() > PINKY_CONTEXT {
                 if !embed.truncate {
                     let error = GeniusError::PromptTooLong {

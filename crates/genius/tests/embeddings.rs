@@ -266,3 +266,40 @@ async fn embeddings_survive_hibernation_and_reload() {
         "the model was unloaded between the requests"
     );
 }
+
+#[async_std::test]
+async fn token_ids_embed_as_their_text_does() {
+    let Some(model) = MINILM.for_test() else {
+        return;
+    };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let genius = start(&model, CortexStrategy::KeepAlive).await;
+    // The texts' ids in the model's (bert-base-uncased) vocabulary, with
+    // its [CLS] (101) and [SEP] (102), as llama-server's /tokenize and
+    // HuggingFace's tokenizer give them.
+    let texts = ["hello world", "The cat sat on the mat."];
+    let ids: Vec<Vec<u32>> = vec![
+        vec![101, 7592, 2088, 102],
+        vec![101, 1996, 4937, 2938, 2006, 1996, 13523, 1012, 102],
+    ];
+    let from_text = genius.embeddings(Embed::new(texts)).await.unwrap();
+    let from_ids = genius.embeddings(Embed::new(ids.clone())).await.unwrap();
+    assert_eq!(from_ids.tokens, [4, 9]);
+    assert_eq!(from_text.tokens, from_ids.tokens, "the tokenizer agrees");
+    for (index, text) in texts.iter().enumerate() {
+        assert_eq!(from_ids.vectors[index], from_text.vectors[index], "{text}");
+    }
+
+    let outside = genius
+        .embeddings(Embed::new([vec![101, 40000, 102]]))
+        .await
+        .unwrap_err();
+    assert_eq!(outside.kind, ErrorKind::InvalidRequest, "{outside:?}");
+    assert!(
+        outside.message.contains("inputs[0][1]") && outside.message.contains("30522"),
+        "{}",
+        outside.message
+    );
+    // The model still serves.
+    assert!(genius.embeddings(Embed::new(["still here"])).await.is_ok());
+}

@@ -501,13 +501,20 @@ impl AppState {
                 )
             })?
             .map_err(|_| too_large())?;
-        serde_json::from_slice(&bytes).map_err(|err| {
-            let what = if err.is_syntax() || err.is_eof() {
-                "the body is not valid JSON"
+        let mut json = serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(&mut json).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return ApiError::invalid(format!("the body is not valid JSON: {inner}"));
+            }
+            let message = openai::body_error(&path, &inner.to_string());
+            let error = ApiError::invalid(message);
+            if path.is_empty() || path == "." {
+                error
             } else {
-                "the body does not match the API"
-            };
-            ApiError::invalid(format!("{what}: {err}"))
+                error.param(path)
+            }
         })
     }
 

@@ -12,7 +12,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use rusty_genius_core::{Embed, GeniusError, Limits, Pooling};
+use rusty_genius_core::{Embed, EmbedInput, GeniusError, Limits, Pooling};
 
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
 use rusty_genius_core::Embeddings;
@@ -29,8 +29,8 @@ pub(super) const MAX_SEQUENCES: u32 = 64;
 pub(super) struct EmbedJob {
     pub(super) id: RequestId,
     pub(super) output: Output,
-    /// The texts to embed.
-    pub(super) texts: Vec<String>,
+    /// The texts (or token ids) to embed.
+    pub(super) texts: Vec<EmbedInput>,
     /// The tokens of `texts[..inputs.len()]`.
     pub(super) inputs: Vec<Vec<LlamaToken>>,
     /// How many tokens `inputs` hold in all.
@@ -201,9 +201,17 @@ impl EmbedJob {
         let mut budget = TOKENIZE_PER_STEP;
         while !self.is_tokenized() && budget > 0 {
             let index = self.inputs.len();
-            let text = self.texts[index].as_str();
+            let text = match &self.texts[index] {
+                EmbedInput::Text(text) => text.as_str(),
+                EmbedInput::Tokens(ids) => {
+                    let tokens = token_ids(ids, index, model, name)?;
+                    budget = budget.saturating_sub(tokens.len());
+                    self.push_tokens(tokens, index, name, window, false, &vocab)?;
+                    continue;
+                }
+            };
             let prefix = window.saturating_mul(PREFIX_BYTES_PER_TOKEN);
-            let mut tokens = if text.len() > prefix {
+            let tokens = if text.len() > prefix {
                 let mut end = prefix;
                 while !text.is_char_boundary(end) {
                     end -= 1;
@@ -224,30 +232,71 @@ impl EmbedJob {
                     "the text has no tokens",
                 ));
             }
-            if tokens.len() > window {
-                if !self.truncate {
-                    return Err(GeniusError::invalid_request(
-                        format!("inputs[{index}]"),
-                        format!(
-                            "the text is {}{} tokens but `{name}` embeds at most {window}: shorten it, or ask with truncate to cut it",
-                            if text.len() > prefix { "more than " } else { "" },
-                            tokens.len().min(if text.len() > prefix { window } else { usize::MAX })
-                        ),
-                    ));
-                }
-                // Keep the end marker an encoder was trained with ([SEP]).
-                let last = *tokens.last().expect("not empty");
-                tokens.truncate(window);
-                if vocab.is_control(last) {
-                    tokens[window - 1] = last;
-                }
-            }
-            self.tokens += tokens.len();
-            self.limits.check_embed_tokens(self.tokens)?;
-            self.inputs.push(tokens);
+            let at_least = text.len() > prefix;
+            self.push_tokens(tokens, index, name, window, at_least, &vocab)?;
         }
         Ok(())
     }
+
+    /// Adds the tokens of input `index`, cut to `window` when the request
+    /// allows it. `at_least`: only a prefix was tokenized, so the count is
+    /// a lower bound.
+    fn push_tokens(
+        &mut self,
+        mut tokens: Vec<LlamaToken>,
+        index: usize,
+        name: &str,
+        window: usize,
+        at_least: bool,
+        vocab: &llama_cpp_2::vocab::LlamaVocab<'_>,
+    ) -> Result<(), GeniusError> {
+        if tokens.len() > window {
+            if !self.truncate {
+                return Err(GeniusError::invalid_request(
+                    format!("inputs[{index}]"),
+                    format!(
+                        "the input is {}{} tokens but `{name}` embeds at most {window}: shorten it, or ask with truncate to cut it",
+                        if at_least { "more than " } else { "" },
+                        tokens.len().min(if at_least { window } else { usize::MAX })
+                    ),
+                ));
+            }
+            // Keep the end marker an encoder was trained with ([SEP]).
+            let last = *tokens.last().expect("not empty");
+            tokens.truncate(window);
+            if vocab.is_control(last) {
+                tokens[window - 1] = last;
+            }
+        }
+        self.tokens += tokens.len();
+        self.limits.check_embed_tokens(self.tokens)?;
+        self.inputs.push(tokens);
+        Ok(())
+    }
+}
+
+/// Token ids sent as input `index`, each checked against the vocabulary.
+fn token_ids(
+    ids: &[u32],
+    index: usize,
+    model: &LlamaModel,
+    name: &str,
+) -> Result<Vec<LlamaToken>, GeniusError> {
+    let size = u32::try_from(model.n_vocab()).unwrap_or(0);
+    ids.iter()
+        .enumerate()
+        .map(|(at, &id)| {
+            if id >= size {
+                return Err(GeniusError::invalid_request(
+                    format!("inputs[{index}][{at}]"),
+                    format!(
+                        "token id {id} is not in the vocabulary of `{name}`, which has {size} tokens (ids must be this model's own, not another tokenizer's: send text otherwise)"
+                    ),
+                ));
+            }
+            Ok(LlamaToken(id as i32))
+        })
+        .collect()
 }
 
 /// Embeds the next texts of `job` in `context`, one decode's worth.

@@ -159,6 +159,16 @@ pub(crate) struct Sampling {
     pub(crate) frequency_penalty: Option<f32>,
     #[serde(default)]
     pub(crate) presence_penalty: Option<f32>,
+    /// Token id (as a string, JSON's only key type) to bias.
+    #[serde(default)]
+    pub(crate) logit_bias: Option<std::collections::BTreeMap<String, f32>>,
+    /// Not in the OpenAI API, as llama-server and Ollama take them.
+    #[serde(default)]
+    pub(crate) top_k: Option<u32>,
+    #[serde(default)]
+    pub(crate) min_p: Option<f32>,
+    #[serde(default, alias = "repetition_penalty")]
+    pub(crate) repeat_penalty: Option<f32>,
 }
 
 /// `stream_options`.
@@ -234,13 +244,26 @@ impl Sampling {
             Some(Stop::One(stop)) => vec![stop.clone()],
             Some(Stop::Many(stops)) => stops.clone(),
         };
-        for (param, value) in [
-            ("frequency_penalty", self.frequency_penalty),
-            ("presence_penalty", self.presence_penalty),
-        ] {
-            if value.is_some_and(|v| v != 0.0) {
-                log::debug!("{param} is not supported; ignored");
-            }
+        config.frequency_penalty = self.frequency_penalty.unwrap_or(0.0);
+        config.presence_penalty = self.presence_penalty.unwrap_or(0.0);
+        if let Some(top_k) = self.top_k {
+            config.top_k = top_k;
+        }
+        if let Some(min_p) = self.min_p {
+            config.min_p = min_p;
+        }
+        if let Some(penalty) = self.repeat_penalty {
+            config.repetition_penalty = penalty;
+        }
+        for (key, &bias) in self.logit_bias.iter().flatten() {
+            let id = key.trim().parse::<u32>().map_err(|_| Unsupported {
+                param: "logit_bias",
+                message: format!(
+                    "logit_bias keys are token ids (whole numbers from 0, as strings); `{}` is not one",
+                    key.escape_debug()
+                ),
+            })?;
+            config.logit_bias.insert(id, bias);
         }
         Ok(config)
     }

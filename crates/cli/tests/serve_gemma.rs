@@ -1,6 +1,7 @@
 //! `genius serve` on the real base model: 32 concurrent clients each get
 //! the answer their prompt gets alone, and a client killed mid-stream
-//! stops its generation at once while the others finish.
+//! stops its generation at once while the others finish; and (on the
+//! chat model) logit_bias and frequency_penalty steer the greedy answer.
 
 #![cfg(feature = "llama")]
 #![allow(clippy::print_stderr)] // the measured counts go to the test log
@@ -11,7 +12,7 @@ use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use common::{post, send, Server};
-use rusty_genius::facecrab::testing::{TempDir, GEMMA};
+use rusty_genius::facecrab::testing::{TempDir, GEMMA, QWEN};
 use serde_json::{json, Value};
 
 use rusty_genius::stem::testing::{MIN_MARGIN, SEQUENCE_PROMPTS};
@@ -144,5 +145,104 @@ fn thirty_two_clients_get_their_answers_and_a_killed_one_stops_at_once() {
     assert!(
         after <= 2,
         "the killed client's generation went on: {stopped}"
+    );
+}
+
+/// The ids of the tokens a completion generated, and the ids of the
+/// first token's two likeliest alternatives.
+fn generated_ids(reply: &Value) -> (Vec<u64>, Vec<u64>) {
+    let content = reply["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let ids = content.iter().map(|t| t["id"].as_u64().unwrap()).collect();
+    let first = content
+        .first()
+        .map(|t| {
+            t["top_logprobs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|top| top["id"].as_u64().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    (ids, first)
+}
+
+#[test]
+fn logit_bias_and_frequency_penalty_change_the_greedy_answer() {
+    // A chat model: its answers carry token ids in their logprobs.
+    let Some(model) = QWEN.for_test() else {
+        return;
+    };
+    let home = TempDir::new("serve-qwen-bias");
+    let model_arg = model.display().to_string();
+    let server = Server::start(
+        &["--model", &model_arg, "--ctx-size", "1024"],
+        &[("GENIUS_HOME", &home.path().display().to_string())],
+    );
+    server.wait_healthy();
+    let chat = |extra: Value, prompt: &str, tokens: u32| {
+        let mut body = json!({
+            "model": "qwen2.5-coder-0.5b-instruct-q4_k_m",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": tokens,
+            "temperature": 0,
+            "logprobs": true,
+            "top_logprobs": 2,
+        });
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let reply = post(server.addr, "/v1/chat/completions", &body, &[]);
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply.json()
+    };
+    let capital = "What is the capital of Japan?";
+    let (plain, alternatives) = generated_ids(&chat(json!({}), capital, 4));
+    let first = plain[0];
+    let second = alternatives[1];
+    assert_ne!(first, second);
+    // A bias of -100 keeps the greedy choice from its first token; +100
+    // makes the runner-up the choice. Both are far beyond any margin.
+    let (banned, _) = generated_ids(&chat(
+        json!({"logit_bias": {first.to_string(): -100}}),
+        capital,
+        4,
+    ));
+    assert_ne!(banned[0], first, "{banned:?}");
+    let (forced, _) = generated_ids(&chat(
+        json!({"logit_bias": {second.to_string(): 100}}),
+        capital,
+        4,
+    ));
+    assert_eq!(forced[0], second, "{forced:?}");
+
+    // A frequency penalty of 2 logits per repeat breaks a loop the
+    // unpenalised greedy answer stays in.
+    let most_repeated = |ids: &[u64]| {
+        let mut counts = std::collections::HashMap::new();
+        for id in ids {
+            *counts.entry(id).or_insert(0) += 1;
+        }
+        counts.into_values().max().unwrap_or(0)
+    };
+    let echo = "Write the word \"cat\" twenty times, separated by spaces.";
+    let (looping, _) = generated_ids(&chat(json!({}), echo, 24));
+    let (penalised, _) = generated_ids(&chat(json!({"frequency_penalty": 2.0}), echo, 24));
+    eprintln!(
+        "most repeated token: {} times unpenalised, {} with frequency_penalty 2",
+        most_repeated(&looping),
+        most_repeated(&penalised)
+    );
+    assert!(
+        most_repeated(&penalised) < most_repeated(&looping),
+        "{looping:?} vs {penalised:?}"
     );
 }

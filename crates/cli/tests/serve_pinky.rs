@@ -649,3 +649,47 @@ fn cross_origin_pages_are_refused_unless_their_origin_is_allowed() {
         None
     );
 }
+
+#[test]
+fn sampling_settings_out_of_range_are_refused_by_name() {
+    let dir = TempDir::new("serve-sampling");
+    let server = pinky_server(&dir, &[]);
+    for (extra, param) in [
+        (json!({"frequency_penalty": 3.0}), "frequency_penalty"),
+        (json!({"presence_penalty": -2.5}), "presence_penalty"),
+        (json!({"logit_bias": {"12": 250}}), "logit_bias"),
+        (json!({"logit_bias": {"twelve": 1}}), "logit_bias"),
+        (json!({"temperature": "hot"}), "temperature"),
+        (json!({"top_k": -1}), "top_k"),
+    ] {
+        let mut body = chat_body("hello", false);
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let reply = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+        assert_eq!(
+            reply.status,
+            400,
+            "{extra}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let error = &reply.json()["error"];
+        assert_eq!(error["param"], param, "{extra}: {error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(param),
+            "{extra}: {error}"
+        );
+    }
+    // In range, they are taken.
+    let mut body = chat_body("hello", false);
+    body["frequency_penalty"] = json!(0.5);
+    body["logit_bias"] = json!({"12": -5});
+    body["top_k"] = json!(10);
+    let reply = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+}

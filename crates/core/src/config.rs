@@ -28,6 +28,19 @@ pub struct InferenceConfig {
     /// Penalty applied to tokens already present in the recent context
     /// (the last 64 tokens). `1.0` disables it. Default `1.1`.
     pub repetition_penalty: f32,
+    /// Lowers each token's logit by this times the number of times it was
+    /// generated so far in this answer (OpenAI's `frequency_penalty`),
+    /// -2 to 2; negative values favour repeats. Default `0.0`.
+    pub frequency_penalty: f32,
+    /// Lowers the logit of every token generated so far in this answer by
+    /// this, once (OpenAI's `presence_penalty`), -2 to 2. Default `0.0`.
+    pub presence_penalty: f32,
+    /// Added to the logits of these token ids (of the model's own
+    /// vocabulary) at every step, -100 to 100: -100 all but bans a
+    /// token, 100 all but forces it (OpenAI's `logit_bias`). Default:
+    /// none.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub logit_bias: std::collections::BTreeMap<u32, f32>,
     /// Upper bound on generated tokens. `None` generates until the model
     /// ends its answer or the context window is full. Default `None`.
     pub max_tokens: Option<usize>,
@@ -104,6 +117,9 @@ impl Default for InferenceConfig {
             top_k: 40,
             min_p: 0.05,
             repetition_penalty: 1.1,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: std::collections::BTreeMap::new(),
             max_tokens: None,
             seed: None,
             stop: Vec::new(),
@@ -221,6 +237,24 @@ impl InferenceConfig {
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
             return bad("repetition_penalty", "must be a finite number > 0");
+        }
+        for (field, value) in [
+            ("frequency_penalty", self.frequency_penalty),
+            ("presence_penalty", self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return bad(field, "must be a number from -2 to 2");
+            }
+        }
+        if let Some((id, _)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, bias)| !(-100.0..=100.0).contains(*bias))
+        {
+            return Err(crate::GeniusError::InvalidConfig {
+                field: "logit_bias",
+                reason: format!("the bias of token {id} must be a number from -100 to 100"),
+            });
         }
         if self.max_tokens == Some(0) {
             return bad("max_tokens", "must be at least 1 (use None for no limit)");

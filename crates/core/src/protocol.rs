@@ -108,6 +108,10 @@ pub enum InferenceEvent {
 /// before any sampling filter, and the most likely tokens at its place.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokenLogprobs {
+    /// The token's id in the model's vocabulary (what `logit_bias` and
+    /// token-id inputs take).
+    #[serde(default)]
+    pub id: u32,
     /// The token's text (invalid UTF-8, as in a token holding part of a
     /// character, is shown as U+FFFD).
     pub token: String,
@@ -125,6 +129,9 @@ pub struct TokenLogprobs {
 /// A likely token at one place of the output.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TopLogprob {
+    /// The token's id in the model's vocabulary.
+    #[serde(default)]
+    pub id: u32,
     /// The token's text (lossy, as in [`TokenLogprobs::token`]).
     pub token: String,
     /// The token's exact bytes.

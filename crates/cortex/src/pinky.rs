@@ -499,10 +499,14 @@ impl Run {
         self.context_used += piece.len();
         cache.extend_from_slice(&piece);
         if self.config.logprobs {
-            // Pinky is certain of every token it says.
+            // Pinky is certain of every token it says. It has no
+            // vocabulary for its words: their id is that of their first
+            // byte, as in its embeddings.
             let token = String::from_utf8_lossy(&piece).into_owned();
+            let id = piece.first().copied().map_or(0, u32::from);
             let top_logprobs = (self.config.top_logprobs > 0)
                 .then(|| TopLogprob {
+                    id,
                     token: token.clone(),
                     bytes: piece.clone(),
                     logprob: 0.0,
@@ -510,6 +514,7 @@ impl Run {
                 .into_iter()
                 .collect();
             self.output.logprobs(TokenLogprobs {
+                id,
                 token,
                 bytes: piece.clone(),
                 logprob: 0.0,

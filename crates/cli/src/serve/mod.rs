@@ -18,7 +18,7 @@ use axum::Router;
 use futures::{Stream, StreamExt};
 use rusty_genius::core::manifest::{ModelState, ModelStatus};
 use rusty_genius::core::protocol::{InferenceEvent, ThoughtEvent, TokenLogprobs, Usage};
-use rusty_genius::core::{ErrorKind, ErrorReport};
+use rusty_genius::core::{ErrorKind, ErrorReport, GeniusError};
 use rusty_genius::facecrab::AssetAuthority;
 use rusty_genius::{OrchestratorHandle, RequestStream};
 use serde::de::DeserializeOwned;
@@ -340,6 +340,11 @@ impl ApiError {
         };
         let mut error = Self::new(status, kind, message);
         error.detail.code = code;
+        error.detail.param = match report.error() {
+            Some(GeniusError::InvalidConfig { field, .. }) => Some((*field).to_owned()),
+            Some(GeniusError::InvalidRequest { what, .. }) => Some(what.clone()),
+            _ => None,
+        };
         error
     }
 
@@ -503,8 +508,19 @@ impl AppState {
             .map_err(|_| too_large())?;
         let mut json = serde_json::Deserializer::from_slice(&bytes);
         serde_path_to_error::deserialize(&mut json).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
+            let mut path = err.path().to_string();
+            let mut inner = err.into_inner();
+            if path.is_empty() || path == "." {
+                // A field of the flattened sampling settings: serde loses
+                // its path through `flatten`, so read them on their own.
+                let mut again = serde_json::Deserializer::from_slice(&bytes);
+                if let Err(err) =
+                    serde_path_to_error::deserialize::<_, openai::Sampling>(&mut again)
+                {
+                    path = err.path().to_string();
+                    inner = err.into_inner();
+                }
+            }
             if inner.is_syntax() || inner.is_eof() {
                 return ApiError::invalid(format!("the body is not valid JSON: {inner}"));
             }
@@ -1119,10 +1135,12 @@ fn legacy_logprobs(tokens: &[Value]) -> Value {
 
 fn logprob_json(token: &TokenLogprobs) -> Value {
     json!({
+        "id": token.id,
         "token": token.token,
         "logprob": token.logprob,
         "bytes": token.bytes,
         "top_logprobs": token.top_logprobs.iter().map(|top| json!({
+            "id": top.id,
             "token": top.token,
             "logprob": top.logprob,
             "bytes": top.bytes,

@@ -197,6 +197,71 @@ pub(super) struct Chooser {
     /// Whether the chain only takes the likeliest token (greedy, no
     /// penalty), so that a scan of the logits can stand in for it.
     argmax: bool,
+    /// Changes to the logits before anything chooses: the request's
+    /// `logit_bias`, frequency and presence penalties.
+    adjust: Option<Adjust>,
+}
+
+/// The request's own changes to the logits, applied to a copy before the
+/// chain, the grammar search and the greedy scan see them, so that every
+/// way of choosing agrees (a bias can raise a logit, which the search's
+/// order would otherwise not know).
+struct Adjust {
+    bias: Vec<(usize, f32)>,
+    frequency: f32,
+    presence: f32,
+    /// How often each generated token came so far.
+    counts: std::collections::HashMap<LlamaToken, u32>,
+    /// The adjusted logits (reused).
+    logits: Vec<f32>,
+}
+
+impl Adjust {
+    fn new(config: &InferenceConfig) -> Option<Self> {
+        let none = config.logit_bias.is_empty()
+            && config.frequency_penalty == 0.0
+            && config.presence_penalty == 0.0;
+        (!none).then(|| Self {
+            bias: config
+                .logit_bias
+                .iter()
+                .map(|(&id, &bias)| (id as usize, bias))
+                .collect(),
+            frequency: config.frequency_penalty,
+            presence: config.presence_penalty,
+            counts: std::collections::HashMap::new(),
+            logits: Vec::new(),
+        })
+    }
+
+    /// `logits` with the changes, in `self.logits`.
+    fn apply(&mut self, logits: &[f32]) {
+        self.logits.clear();
+        self.logits.extend_from_slice(logits);
+        for &(id, bias) in &self.bias {
+            if let Some(logit) = self.logits.get_mut(id) {
+                *logit += bias;
+            }
+        }
+        for (token, &count) in &self.counts {
+            if let Some(logit) = self.logits.get_mut(token.0 as usize) {
+                *logit -= self.frequency * count as f32 + self.presence;
+            }
+        }
+    }
+}
+
+/// Checks that every `logit_bias` id is in the vocabulary of `n_vocab`
+/// tokens.
+pub(super) fn check_logit_bias(config: &InferenceConfig, n_vocab: i32) -> Result<(), GeniusError> {
+    let size = u32::try_from(n_vocab).unwrap_or(0);
+    match config.logit_bias.keys().find(|&&id| id >= size) {
+        Some(id) => Err(GeniusError::invalid_request(
+            "logit_bias",
+            format!("token id {id} is not in this model's vocabulary of {size} tokens"),
+        )),
+        None => Ok(()),
+    }
 }
 
 impl Chooser {
@@ -222,6 +287,7 @@ impl Chooser {
             searched: None,
             buffer: Vec::new(),
             argmax: config.temperature <= 0.0 && config.repetition_penalty == 1.0,
+            adjust: Adjust::new(config),
         }
     }
 
@@ -256,6 +322,16 @@ impl Chooser {
     /// the whole vocabulary at once (see [`resume`](Self::resume)), which
     /// may take more than one call: [`Choice::Later`].
     pub(super) fn choose(&mut self, logits: &[f32]) -> Result<Choice, GeniusError> {
+        let Some(mut adjust) = self.adjust.take() else {
+            return self.choose_from(logits);
+        };
+        adjust.apply(logits);
+        let choice = self.choose_from(&adjust.logits);
+        self.adjust = Some(adjust);
+        choice
+    }
+
+    fn choose_from(&mut self, logits: &[f32]) -> Result<Choice, GeniusError> {
         if self.argmax && self.is_plain() {
             // What the greedy sampler picks (the first of equal maxima),
             // without building the candidate list of the whole vocabulary.
@@ -439,6 +515,9 @@ impl Chooser {
         }
         self.chain.accept(token);
         self.remember(token);
+        if let Some(adjust) = &mut self.adjust {
+            *adjust.counts.entry(token).or_insert(0) += 1;
+        }
         self.accepted += 1;
         Ok(())
     }
@@ -567,6 +646,7 @@ pub(super) fn token_logprobs(
     };
     let chosen_bytes = bytes_of(chosen);
     TokenLogprobs {
+        id: u32::try_from(chosen.0).unwrap_or(0),
         token: String::from_utf8_lossy(&chosen_bytes).into_owned(),
         logprob: usize::try_from(chosen.0).map_or(f32::NEG_INFINITY, logprob),
         bytes: chosen_bytes,
@@ -575,6 +655,7 @@ pub(super) fn token_logprobs(
             .map(|id| {
                 let bytes = bytes_of(LlamaToken(id as i32));
                 TopLogprob {
+                    id: id as u32,
                     token: String::from_utf8_lossy(&bytes).into_owned(),
                     bytes,
                     logprob: logprob(id),

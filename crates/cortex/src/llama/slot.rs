@@ -8,7 +8,9 @@ use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::{GeniusError, InferenceConfig, Prompt};
 
-use super::sampling::{grammar_field, grammar_sampler, grammar_text, sampler_for, Chooser};
+use super::sampling::{
+    check_logit_bias, grammar_field, grammar_sampler, grammar_text, sampler_for, Chooser,
+};
 use super::Loaded;
 use crate::engine::{reusable_prefix, Output, RequestId};
 use crate::plan;
@@ -265,6 +267,7 @@ impl Loaded {
                 context: self.slot_context,
             });
         }
+        check_logit_bias(config, self.model().n_vocab())?;
         let grammar = match grammar_text(config, prepared.tool_syntax)? {
             Some(text) => Some(grammar_sampler(self.model(), &text, grammar_field(config))?),
             None => None,

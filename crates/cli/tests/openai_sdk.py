@@ -279,4 +279,94 @@ def _():
     assert "Tokyo" in reply.choices[0].message.content
 
 
+@check("agent loop, tool_choice auto: call, result, final answer")
+def _():
+    messages = list(PARIS)
+    for step in range(4):
+        reply = client.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=64, tools=[WEATHER],
+        )
+        choice = reply.choices[0]
+        if choice.finish_reason != "tool_calls":
+            break
+        assert step == 0, f"called again after the result: {choice.message}"
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather", call
+        assert json.loads(call.function.arguments) == {"city": "Paris"}, call.function.arguments
+        messages.append(choice.message.model_dump(exclude_none=True))
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"})
+    assert step == 1, "the first answer was no call"
+    assert choice.message.content, choice
+
+
+RESPONSES_WEATHER = {
+    "type": "function", "name": "get_weather", "description": "The current weather in a city",
+    "parameters": WEATHER["function"]["parameters"],
+}
+
+
+@check("responses: plain, streamed")
+def _():
+    reply = client.responses.create(model=model, input=JAPAN[0]["content"], temperature=0, max_output_tokens=24)
+    assert reply.status in ("completed", "incomplete"), reply.status
+    assert "Tokyo" in reply.output_text, reply.output_text
+    assert reply.usage.input_tokens > 0 and reply.usage.output_tokens > 0, reply.usage
+    text, kinds = "", []
+    with client.responses.stream(model=model, input=JAPAN[0]["content"], temperature=0, max_output_tokens=24) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = stream.get_final_response()
+    assert text == final.output_text == reply.output_text, (text, final.output_text)
+    assert kinds[0] == "response.created" and kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    assert kinds.count("response.output_text.delta") >= 3, kinds
+
+
+@check("responses: function call, its output sent back")
+def _():
+    first = client.responses.create(
+        model=model, input=PARIS[0]["content"], tools=[RESPONSES_WEATHER], temperature=0, max_output_tokens=64,
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1 and calls[0].name == "get_weather", first.output
+    assert json.loads(calls[0].arguments) == {"city": "Paris"}, calls[0].arguments
+    items = [{"role": "user", "content": PARIS[0]["content"]}] + [item.model_dump() for item in first.output] + [
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 C and sunny"}]
+    second = client.responses.create(
+        model=model, input=items, tools=[RESPONSES_WEATHER], temperature=0, max_output_tokens=64,
+    )
+    assert second.output_text, second.output
+    assert not [item for item in second.output if item.type == "function_call"], second.output
+
+
+@check("responses: JSON schema")
+def _():
+    reply = client.responses.create(
+        model=model, temperature=0, max_output_tokens=128,
+        input="Describe a baker from Lyon as a JSON object with the fields name, age, job and hobbies.",
+        text={"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}},
+    )
+    jsonschema.validate(json.loads(reply.output_text), PERSON)
+
+
+@check("responses: previous_response_id, retrieve, delete")
+def _():
+    first = client.responses.create(model=model, input="My name is Zorblax. Remember it.", temperature=0, max_output_tokens=24)
+    second = client.responses.create(
+        model=model, input="What is my name?", previous_response_id=first.id, temperature=0, max_output_tokens=24,
+    )
+    assert second.usage.input_tokens > first.usage.input_tokens, (first.usage, second.usage)
+    assert client.responses.retrieve(second.id).output_text == second.output_text
+    client.responses.delete(second.id)
+    for gone in (lambda: client.responses.retrieve(second.id),
+                 lambda: client.responses.create(model=model, input="x", previous_response_id=second.id)):
+        try:
+            gone()
+        except openai.NotFoundError as err:
+            assert err.status_code == 404, err
+        else:
+            raise AssertionError("no error")
+
+
 print(f"openai {openai.__version__}: {len(passed)} checks passed", flush=True)

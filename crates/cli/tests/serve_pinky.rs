@@ -693,3 +693,126 @@ fn sampling_settings_out_of_range_are_refused_by_name() {
         String::from_utf8_lossy(&reply.body)
     );
 }
+
+#[test]
+fn responses_answer_continue_and_refuse_in_words() {
+    let dir = TempDir::new("serve-responses");
+    let server = pinky_server(&dir, &[]);
+    let create = |body: Value| post(server.addr, "/v1/responses", &body, &[AUTH]);
+    let first = create(json!({"model": "pinky", "input": "hello"}));
+    assert_eq!(
+        first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let first = first.json();
+    assert_eq!(first["object"], "response");
+    assert_eq!(first["status"], "completed");
+    assert_eq!(first["output"][0]["type"], "message");
+    assert_eq!(
+        first["output"][0]["content"][0]["text"],
+        "Narf! You said: hello"
+    );
+    let id = first["id"].as_str().unwrap();
+    assert!(id.starts_with("resp_"), "{id}");
+
+    // The next turn sees the first one's conversation.
+    let second =
+        create(json!({"model": "pinky", "input": "again", "previous_response_id": id})).json();
+    assert!(
+        second["usage"]["input_tokens"].as_u64() > first["usage"]["input_tokens"].as_u64(),
+        "{second}"
+    );
+    let path = format!("/v1/responses/{}", second["id"].as_str().unwrap());
+    let kept = request(server.addr, "GET", &path, &[AUTH], None).unwrap();
+    assert_eq!(kept.status, 200);
+    assert_eq!(kept.json()["output"], second["output"]);
+    assert_eq!(
+        request(server.addr, "DELETE", &path, &[AUTH], None)
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        request(server.addr, "GET", &path, &[AUTH], None)
+            .unwrap()
+            .status,
+        404
+    );
+    assert_eq!(
+        request(server.addr, "GET", &path, &[], None)
+            .unwrap()
+            .status,
+        401
+    );
+
+    // Streamed: typed events, in order, ending in response.completed.
+    let streamed = create(json!({"model": "pinky", "input": "hi", "stream": true}));
+    let events: Vec<String> = String::from_utf8_lossy(&streamed.body)
+        .lines()
+        .filter_map(|line| line.strip_prefix("event: "))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        events.first().map(String::as_str),
+        Some("response.created"),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("response.completed"),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .filter(|e| *e == "response.output_text.delta")
+            .count()
+            > 2,
+        "{events:?}"
+    );
+
+    for (body, status, param) in [
+        (
+            json!({"model": "pinky", "input": "x", "previous_response_id": "resp_none"}),
+            404,
+            "previous_response_id",
+        ),
+        (
+            json!({"model": "pinky", "input": "x", "tools": [{"type": "web_search"}]}),
+            400,
+            "tools[0].type",
+        ),
+        (
+            json!({"model": "pinky", "input": [{"type": "image_generation_call"}]}),
+            400,
+            "input[0].type",
+        ),
+        (
+            json!({"model": "pinky", "input": [{"role": "robot", "content": "x"}]}),
+            400,
+            "input[0].role",
+        ),
+        (
+            json!({"model": "pinky", "input": "x", "background": true}),
+            400,
+            "background",
+        ),
+        (
+            json!({"model": "pinky", "input": "x", "text": {"format": {"type": "yaml"}}}),
+            400,
+            "text.format",
+        ),
+        (json!({"model": "pinky"}), 400, "input"),
+    ] {
+        let reply = create(body.clone());
+        assert_eq!(
+            reply.status,
+            status,
+            "{body}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        assert_eq!(reply.json()["error"]["param"], param, "{body}");
+    }
+}

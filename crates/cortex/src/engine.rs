@@ -175,8 +175,20 @@ impl Output {
     /// [`InferenceConfig::json_tool_calls`], so is an answer that is only
     /// a JSON call of one of `config.tools`. Engines call this before
     /// generating when the request offers tools.
-    pub fn parse_tool_calls(&mut self, syntax: ToolSyntax, config: &InferenceConfig) {
-        let without_markup = config.json_tool_calls.then_some(config.tools.as_slice());
+    ///
+    /// A call without markup that repeats one `prompt` already made and
+    /// got a result for since its last user message is not read as a new
+    /// call: small models often echo the call they made instead of
+    /// answering with its result.
+    pub fn parse_tool_calls(
+        &mut self,
+        syntax: ToolSyntax,
+        config: &InferenceConfig,
+        prompt: &Prompt,
+    ) {
+        let without_markup = config
+            .json_tool_calls
+            .then(|| (config.tools.as_slice(), answered_calls(prompt)));
         self.pipeline.parse_tool_calls(syntax, without_markup);
     }
 
@@ -316,4 +328,32 @@ pub(crate) fn reusable_prefix<T: PartialEq>(cached: &[T], prompt: &[T]) -> usize
         .take_while(|(a, b)| a == b)
         .count();
     common.min(prompt.len().saturating_sub(1))
+}
+
+/// The calls (name, arguments) of `prompt`'s conversation since its last
+/// user message that have a tool result.
+fn answered_calls(prompt: &Prompt) -> crate::tools::AnsweredCalls {
+    let Prompt::Chat(messages) = prompt else {
+        return Vec::new();
+    };
+    let since = messages
+        .iter()
+        .rposition(|m| m.role == rusty_genius_core::Role::User)
+        .map_or(0, |at| at + 1);
+    let recent = &messages[since..];
+    let answered = |id: &str| {
+        recent.iter().any(|m| {
+            m.role == rusty_genius_core::Role::Tool && m.tool_call_id.as_deref() == Some(id)
+        })
+    };
+    recent
+        .iter()
+        .flat_map(|m| &m.tool_calls)
+        .filter(|call| answered(&call.id))
+        .map(|call| {
+            let arguments = serde_json::from_str(&call.function.arguments)
+                .unwrap_or_else(|_| serde_json::Value::String(call.function.arguments.clone()));
+            (call.function.name.clone(), arguments)
+        })
+        .collect()
 }

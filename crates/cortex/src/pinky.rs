@@ -374,7 +374,7 @@ impl Engine for Pinky {
             return refuse(output, error);
         }
         if !config.tools.is_empty() && config.tool_choice != ToolChoice::None {
-            output.parse_tool_calls(ToolSyntax::Hermes, &config);
+            output.parse_tool_calls(ToolSyntax::Hermes, &config, &prompt);
         }
         let prompt_started = Instant::now();
         let busy: Vec<usize> = self.running.iter().map(|run| run.slot).collect();

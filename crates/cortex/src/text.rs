@@ -11,7 +11,7 @@ use rusty_genius_core::protocol::{InferenceEvent, ThoughtEvent};
 use crate::suffix::partial_suffix;
 use rusty_genius_core::Tool;
 
-use crate::tools::{ToolCallParser, ToolSyntax};
+use crate::tools::{AnsweredCalls, ToolCallParser, ToolSyntax};
 
 /// Reassembles UTF-8 text from byte pieces that may split characters.
 ///
@@ -221,11 +221,17 @@ impl TextPipeline {
 
     /// Takes tool calls in `syntax` out of the content from now on, and
     /// (with `without_markup`) an answer that is only a JSON call of one
-    /// of `tools`.
-    pub(crate) fn parse_tool_calls(&mut self, syntax: ToolSyntax, without_markup: Option<&[Tool]>) {
+    /// of `tools`, other than the calls already answered.
+    pub(crate) fn parse_tool_calls(
+        &mut self,
+        syntax: ToolSyntax,
+        without_markup: Option<(&[Tool], AnsweredCalls)>,
+    ) {
         let parser = ToolCallParser::new(syntax);
         self.tools = Some(match without_markup {
-            Some(tools) => parser.with_calls_without_markup(tools),
+            Some((tools, answered)) => parser
+                .with_calls_without_markup(tools)
+                .except_answered(answered),
             None => parser,
         });
     }

@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 mod cors;
+mod responses;
 
 pub(crate) use cors::{parse_origin, CorsOrigins};
 
@@ -74,6 +75,8 @@ impl Served {
 struct AppState {
     genius: OrchestratorHandle,
     cors: CorsOrigins,
+    /// Answers of the Responses API, for `previous_response_id` and `GET`.
+    responses: std::sync::Mutex<responses::Store>,
     settings: ServeSettings,
     authority: AssetAuthority,
     /// The models `--model` named: the only ones served. Empty serves the
@@ -111,6 +114,7 @@ pub(crate) async fn serve(
     let state = Arc::new(AppState {
         genius: genius.clone(),
         cors: settings.cors.clone(),
+        responses: std::sync::Mutex::new(responses::Store::default()),
         settings: settings.clone(),
         authority,
         fixed: fixed.clone(),
@@ -186,6 +190,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::get).delete(responses::delete),
+        )
         .route("/v1/models", get(list_models))
         .route("/v1/models/{*id}", get(get_model))
         .route("/models", get(list_models))
@@ -261,6 +270,16 @@ impl ApiError {
                 code: None,
             },
         }
+    }
+
+    /// A failure of the server itself (a poisoned lock): the client
+    /// learns only that.
+    fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "the server could not answer this request; its log says why",
+        )
     }
 
     fn invalid(message: impl Into<String>) -> Self {

@@ -205,7 +205,7 @@ impl Loaded {
             Err(error) => return refused(output, error),
         };
         if let Some(syntax) = placed.tool_syntax {
-            output.parse_tool_calls(syntax, &config);
+            output.parse_tool_calls(syntax, &config, &prompt);
         }
         let usage = Usage {
             prompt_tokens: placed.tokens.len(),

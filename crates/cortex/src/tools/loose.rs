@@ -22,6 +22,9 @@ use super::{json_end, State, ToolCallParser};
 pub(super) struct LooseCalls {
     /// Each tool's name and parameter schema.
     tools: Vec<(String, Value)>,
+    /// Calls already made and answered: an answer repeating them is
+    /// content (see [`ToolCallParser::except_answered`]).
+    pub(super) answered: Vec<(String, Value)>,
 }
 
 impl LooseCalls {
@@ -31,6 +34,7 @@ impl LooseCalls {
                 .iter()
                 .map(|tool| (tool.function.name.clone(), tool.function.parameters.clone()))
                 .collect(),
+            answered: Vec::new(),
         })
     }
 
@@ -44,6 +48,11 @@ impl LooseCalls {
             Value::Object(_) => self.call(value).map(|call| vec![call]),
             _ => None,
         }
+    }
+
+    /// Whether `call` was already made and answered.
+    fn is_answered(&self, call: &(String, Value)) -> bool {
+        self.answered.iter().any(|made| made == call)
     }
 
     fn call(&self, value: &Value) -> Option<(String, Value)> {
@@ -177,6 +186,12 @@ fn read(loose: &LooseCalls, held: &str, at_end: bool) -> Reading {
     }
     if calls.is_empty() || !at_end {
         return undecided;
+    }
+    // Echoes of answered calls are not made again; if nothing else is
+    // left, the answer was the model restating them.
+    calls.retain(|call| !loose.is_answered(call));
+    if calls.is_empty() {
+        return Reading::Content;
     }
     Reading::Calls(calls)
 }

@@ -29,6 +29,10 @@ use serde_json::{json, Value};
 
 use crate::suffix::partial_suffix;
 
+/// Calls (name, arguments) a conversation already made and got results
+/// for.
+pub type AnsweredCalls = Vec<(String, Value)>;
+
 /// A family of tool-call markup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -273,6 +277,16 @@ impl ToolCallParser {
     /// answer is held back until it is complete.
     pub fn with_calls_without_markup(mut self, tools: &[Tool]) -> Self {
         self.loose = loose::LooseCalls::new(tools);
+        self
+    }
+
+    /// Does not read these calls (name, arguments) without markup: calls
+    /// the conversation already made and got results for, which a model
+    /// that echoes them is not making again.
+    pub fn except_answered(mut self, answered: AnsweredCalls) -> Self {
+        if let Some(loose) = &mut self.loose {
+            loose.answered = answered;
+        }
         self
     }
 
@@ -669,6 +683,28 @@ mod tests {
                 "{answer}"
             );
         }
+        // An echo of a call already answered is the model restating it.
+        let echo = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}";
+        let answered = vec![("get_weather".to_owned(), json!({"city": "Paris"}))];
+        let mut parser = ToolCallParser::new(ToolSyntax::Hermes)
+            .with_calls_without_markup(&tools)
+            .except_answered(answered.clone());
+        let mut events = Vec::new();
+        parser.push(echo, &mut events);
+        parser.finish(&mut events);
+        assert_eq!(summarize(events), [text(echo)]);
+        // A new call beside the echo is made.
+        let both = "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]";
+        let mut parser = ToolCallParser::new(ToolSyntax::Hermes)
+            .with_calls_without_markup(&tools)
+            .except_answered(answered);
+        let mut events = Vec::new();
+        parser.push(both, &mut events);
+        parser.finish(&mut events);
+        assert_eq!(
+            summarize(events),
+            [call("get_weather", json!({"city": "Oslo"}))]
+        );
         // Without tools nothing is read loosely.
         let bare = "{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}";
         assert_eq!(parse_everywhere(ToolSyntax::Hermes, bare), [text(bare)]);

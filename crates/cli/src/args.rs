@@ -146,8 +146,9 @@ pub(crate) struct ServeArgs {
     #[arg(long = "allowed-host", value_name = "NAME")]
     pub(crate) allowed_hosts: Vec<String>,
     /// Let web pages from this origin call the server from a browser
-    /// (repeatable; `*` allows any page): their CORS preflight is answered
-    /// and the responses say they may read them. Off by default.
+    /// (repeatable; `localhost` allows the pages of this machine, `*` any
+    /// page): their CORS preflight is answered and the responses say they
+    /// may read them. Off by default.
     #[arg(long = "cors-origin", value_name = "ORIGIN", value_parser = crate::serve::parse_origin)]
     pub(crate) cors_origins: Vec<String>,
     /// Seconds a client may take to send a request's headers, from their

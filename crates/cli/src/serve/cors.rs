@@ -23,15 +23,18 @@ const PREFLIGHT_MAX_AGE: &str = "600";
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct CorsOrigins {
     any: bool,
+    /// Pages served from this machine, on any port.
+    local: bool,
     origins: Vec<String>,
 }
 
-/// One `--cors-origin` value, checked: `*`, or an origin as a browser
-/// sends it (lower-cased, without a trailing `/`).
+/// One `--cors-origin` value, checked: `*`, `localhost` (any page served
+/// from this machine: localhost, 127.0.0.1 or [::1], on any port), or an
+/// origin as a browser sends it (lower-cased, without a trailing `/`).
 pub(crate) fn parse_origin(value: &str) -> Result<String, String> {
     let value = value.trim().trim_end_matches('/');
-    if value == "*" {
-        return Ok(value.to_owned());
+    if value == "*" || value.eq_ignore_ascii_case("localhost") {
+        return Ok(value.to_ascii_lowercase());
     }
     let well_formed = value.split_once("://").is_some_and(|(scheme, rest)| {
         matches!(scheme, "http" | "https")
@@ -40,7 +43,7 @@ pub(crate) fn parse_origin(value: &str) -> Result<String, String> {
     });
     if !well_formed {
         return Err(format!(
-            "`{value}` is not an origin: give it as the browser sends it, scheme://host[:port] (such as http://localhost:3000), or *"
+            "`{value}` is not an origin: give it as the browser sends it, scheme://host[:port] (such as http://localhost:3000), localhost for any page of this machine, or *"
         ));
     }
     Ok(value.to_ascii_lowercase())
@@ -51,7 +54,11 @@ impl CorsOrigins {
     pub(crate) fn new(values: Vec<String>) -> Self {
         Self {
             any: values.iter().any(|value| value == "*"),
-            origins: values.into_iter().filter(|value| value != "*").collect(),
+            local: values.iter().any(|value| value == "localhost"),
+            origins: values
+                .into_iter()
+                .filter(|value| value != "*" && value != "localhost")
+                .collect(),
         }
     }
 
@@ -61,8 +68,31 @@ impl CorsOrigins {
     }
 
     fn allows(&self, origin: &str) -> bool {
-        self.any || self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
+        self.any
+            || (self.local && is_local(origin))
+            || self.origins.iter().any(|o| o.eq_ignore_ascii_case(origin))
     }
+}
+
+/// Whether `origin` is a page of this machine: http(s) on localhost,
+/// 127.0.0.1 or [::1], any port.
+fn is_local(origin: &str) -> bool {
+    let Some((scheme, host)) = origin.split_once("://") else {
+        return false;
+    };
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .split(']')
+            .next()
+            .map(|h| format!("[{h}]"))
+            .unwrap_or_default(),
+        None => host.split(':').next().unwrap_or("").to_owned(),
+    };
+    matches!(scheme, "http" | "https")
+        && matches!(
+            host.to_ascii_lowercase().as_str(),
+            "localhost" | "127.0.0.1" | "[::1]"
+        )
 }
 
 /// Answers preflights and marks responses readable for allowed origins.
@@ -97,7 +127,7 @@ pub(super) async fn cors(
             .code("origin_not_allowed")
             .into_response();
         }
-        let mut response = StatusCode::NO_CONTENT.into_response();
+        let mut response = StatusCode::OK.into_response();
         let headers = response.headers_mut();
         grant(headers, &origin);
         headers.insert(
@@ -151,6 +181,23 @@ mod tests {
         assert!(!allowed.allows("http://localhost:3000.evil.example"));
         assert!(parse(&["*"]).unwrap().allows("https://a.example"));
         assert!(!parse(&[]).unwrap().allows("http://localhost:3000"));
+        let local = parse(&["localhost"]).unwrap();
+        for origin in [
+            "http://localhost",
+            "http://localhost:8080",
+            "http://127.0.0.1:3000",
+            "http://[::1]:3000",
+        ] {
+            assert!(local.allows(origin), "{origin}");
+        }
+        for origin in [
+            "http://localhost.evil.com",
+            "http://notlocalhost",
+            "http://evil.com",
+            "http://127.0.0.1.nip.io",
+        ] {
+            assert!(!local.allows(origin), "{origin}");
+        }
         for bad in ["localhost:3000", "http://", "ftp://x", "http://a/b", "null"] {
             assert!(parse(&[bad]).is_err(), "{bad}");
         }

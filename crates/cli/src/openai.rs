@@ -64,15 +64,16 @@ pub(crate) struct EmbeddingRequest {
     pub(crate) truncate: bool,
 }
 
-/// What to embed: one string, a list of them, one list of token ids or a
-/// list of such lists (ids of the model's own vocabulary).
+/// What to embed: one string, one list of token ids (of the model's own
+/// vocabulary), or a list of strings and token lists.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 pub(crate) enum EmbeddingInput {
     One(String),
-    Many(Vec<String>),
+    /// Texts and token lists, which may be mixed (first, so that `[]` is
+    /// no inputs rather than one empty token list).
+    Many(Vec<rusty_genius::core::EmbedInput>),
     Tokens(Vec<u32>),
-    ManyTokens(Vec<Vec<u32>>),
 }
 
 impl EmbeddingRequest {
@@ -92,11 +93,8 @@ impl EmbeddingRequest {
         use rusty_genius::core::EmbedInput;
         let inputs: Vec<EmbedInput> = match &self.input {
             EmbeddingInput::One(text) => vec![text.into()],
-            EmbeddingInput::Many(texts) => texts.iter().map(EmbedInput::from).collect(),
             EmbeddingInput::Tokens(ids) => vec![ids.clone().into()],
-            EmbeddingInput::ManyTokens(lists) => {
-                lists.iter().cloned().map(EmbedInput::from).collect()
-            }
+            EmbeddingInput::Many(inputs) => inputs.clone(),
         };
         let mut embed = rusty_genius::core::Embed::new(inputs);
         embed.pooling = self.pooling;

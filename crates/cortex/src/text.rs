@@ -250,7 +250,7 @@ impl TextPipeline {
         let stopped = self.stops.push(&self.scratch, &mut self.visible);
         self.think.push(&self.visible, &mut self.staged);
         self.route(events);
-        stopped
+        stopped || self.tools.as_ref().is_some_and(ToolCallParser::wants_stop)
     }
 
     /// Flushes everything held back. `stopped` says whether a stop sequence

@@ -95,6 +95,10 @@ enum Reading {
     Content,
     /// Calls, if nothing but whitespace follows.
     Calls(Vec<(String, Value)>),
+    /// The first `.0` bytes restate calls already answered: content, and
+    /// the end of the answer (a model that echoes its call after the
+    /// result echoes it again and again, to the end of its context).
+    Echo(usize),
 }
 
 /// Reads the held answer in [`State::Loose`]; returns whether the state
@@ -115,6 +119,15 @@ pub(super) fn scan(
             let text = std::mem::take(&mut p.held);
             p.content(text, events);
             p.state = State::Text;
+            true
+        }
+        Reading::Echo(end) => {
+            p.loose = None;
+            let mut text = std::mem::take(&mut p.held);
+            text.truncate(end);
+            p.content(text, events);
+            p.state = State::Plain;
+            p.stop = true;
             true
         }
         Reading::Calls(calls) => {
@@ -182,6 +195,10 @@ fn read(loose: &LooseCalls, held: &str, at_end: bool) -> Reading {
             return Reading::Content;
         };
         calls.extend(more);
+        if calls.iter().all(|call| loose.is_answered(call)) {
+            let start = body.as_ptr() as usize - held.as_ptr() as usize;
+            return Reading::Echo(start + end);
+        }
         body = &body[end..];
     }
     if calls.is_empty() || !at_end {

@@ -255,6 +255,8 @@ pub struct ToolCallParser {
     /// The tools a call without markup may name, until the start of the
     /// answer shows it is not one.
     loose: Option<loose::LooseCalls>,
+    /// The answer should end here (it restated answered calls).
+    stop: bool,
 }
 
 impl ToolCallParser {
@@ -268,7 +270,15 @@ impl ToolCallParser {
             after_call: false,
             calls: 0,
             loose: None,
+            stop: false,
         }
+    }
+
+    /// Whether the answer should end now: it began by restating calls the
+    /// conversation already answered (see [`except_answered`](Self::except_answered)),
+    /// which a model stuck this way repeats to the end of its context.
+    pub fn wants_stop(&self) -> bool {
+        self.stop
     }
 
     /// Also reads an answer that is nothing but a JSON call of one of
@@ -282,7 +292,8 @@ impl ToolCallParser {
 
     /// Does not read these calls (name, arguments) without markup: calls
     /// the conversation already made and got results for, which a model
-    /// that echoes them is not making again.
+    /// that echoes them is not making again. An answer that begins by
+    /// restating them is content, and ends there ([`wants_stop`](Self::wants_stop)).
     pub fn except_answered(mut self, answered: AnsweredCalls) -> Self {
         if let Some(loose) = &mut self.loose {
             loose.answered = answered;
@@ -691,8 +702,11 @@ mod tests {
             .except_answered(answered.clone());
         let mut events = Vec::new();
         parser.push(echo, &mut events);
+        assert!(parser.wants_stop());
         parser.finish(&mut events);
-        assert_eq!(summarize(events), [text(echo)]);
+        // Content up to the end of the first restatement.
+        let first = &echo[..echo.find('\n').unwrap()];
+        assert_eq!(summarize(events), [text(first)]);
         // A new call beside the echo is made.
         let both = "[{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}, {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}]";
         let mut parser = ToolCallParser::new(ToolSyntax::Hermes)

@@ -816,3 +816,35 @@ fn responses_answer_continue_and_refuse_in_words() {
         assert_eq!(reply.json()["error"]["param"], param, "{body}");
     }
 }
+
+#[test]
+fn with_an_api_key_every_endpoint_but_health_needs_it() {
+    let dir = TempDir::new("serve-auth-everywhere");
+    let server = pinky_server(&dir, &[]);
+    let body = br#"{"model": "pinky", "input": "x"}"#;
+    for (method, path) in [
+        ("GET", "/v1/models"),
+        ("GET", "/v1/models/pinky"),
+        ("GET", "/models"),
+        ("POST", "/models/load"),
+        ("POST", "/models/unload"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/responses/resp_x"),
+        ("DELETE", "/v1/responses/resp_x"),
+        ("GET", "/v1/no-such-endpoint"),
+    ] {
+        let sent = (method == "POST").then_some(&body[..]);
+        let reply = request(server.addr, method, path, &[], sent).unwrap();
+        assert_eq!(reply.status, 401, "{method} {path}");
+        assert_eq!(
+            reply.json()["error"]["code"],
+            "invalid_api_key",
+            "{method} {path}"
+        );
+    }
+    let health = request(server.addr, "GET", "/health", &[], None).unwrap();
+    assert_eq!(health.status, 200);
+}

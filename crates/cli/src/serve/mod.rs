@@ -212,23 +212,31 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// What every request passes before its handler. Without an API key, the
+/// What every request passes before its handler. With an API key, every
+/// endpoint but `/health` needs it (here, so that no handler can forget
+/// to ask). Without one, the
 /// server trusts whoever can reach it, so it makes sure a web page cannot
 /// be that someone: the `Host` must be `localhost`, an IP address or a
 /// name given with `--allowed-host` (a DNS-rebinding page sends its own
 /// domain), and a POST must say it is JSON (a page can send `text/plain`
 /// across origins without asking; `application/json` needs a CORS
 /// preflight, which this server grants only to `--cors-origin` origins).
-/// With a key, a page cannot authenticate, and neither check applies.
+/// With a key, a page cannot authenticate unless given it, and neither
+/// check applies.
 async fn gate(
     State(state): State<Arc<AppState>>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if state.settings.api_key.is_none() {
-        if let Err(refused) = state.check_origin(&request) {
-            return refused.into_response();
-        }
+    let checked = if state.settings.api_key.is_none() {
+        state.check_origin(&request)
+    } else if request.uri().path() == "/health" {
+        Ok(())
+    } else {
+        state.authorize(request.headers())
+    };
+    if let Err(refused) = checked {
+        return refused.into_response();
     }
     next.run(request).await
 }
@@ -752,11 +760,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
     axum::Json(json!({"status": "ok", "model": model, "models": loaded})).into_response()
 }
 
-async fn list_models(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
+async fn list_models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let data = state.model_objects().await;
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
@@ -764,9 +768,7 @@ async fn list_models(
 async fn get_model(
     State(state): State<Arc<AppState>>,
     axum::extract::Path(id): axum::extract::Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let model = state.model(&id)?;
     let data = state.model_objects().await;
     match data.into_iter().find(|m| m["id"] == model.id.as_str()) {
@@ -818,7 +820,6 @@ async fn load_model(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let request: ModelBody = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let info = state
@@ -842,7 +843,6 @@ async fn unload_model(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let request: ModelBody = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let was_loaded = match state.genius.unload(&model.name).await {
@@ -862,7 +862,6 @@ async fn chat_completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let request: ChatRequest = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let config = request.config()?.with_model(model.name);
@@ -876,7 +875,6 @@ async fn completions(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let request: CompletionRequest = state.body(&headers, body).await?;
     let prompt = request.prompt()?;
     let model = state.model(&request.model)?;
@@ -905,7 +903,6 @@ async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let request: EmbeddingRequest = state.body(&headers, body).await?;
     let base64 = request.base64()?;
     let model = state.model(&request.model)?;

@@ -162,9 +162,7 @@ fn invalid(param: impl Into<String>, message: impl Into<String>) -> ApiError {
 pub(super) async fn get(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let store = state.responses.lock().map_err(|_| ApiError::internal())?;
     match store.entries.get(&id) {
         Some(stored) => Ok(axum::Json(stored.response.clone()).into_response()),
@@ -176,9 +174,7 @@ pub(super) async fn get(
 pub(super) async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let removed = state
         .responses
         .lock()
@@ -199,7 +195,6 @@ pub(super) async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    state.authorize(&headers)?;
     let request: ResponsesRequest = state.body(&headers, body).await?;
     if request.background {
         return Err(invalid(

@@ -86,7 +86,8 @@ pub(crate) enum Command {
         model: String,
     },
     /// Serve the OpenAI HTTP API: /v1/chat/completions, /v1/completions,
-    /// /v1/embeddings, /v1/models, /models/load, /models/unload and /health.
+    /// /v1/responses, /v1/embeddings, /v1/models, /models/load,
+    /// /models/unload and /health.
     #[command(after_help = EXIT_CODES)]
     Serve(Box<ServeArgs>),
     /// Show the models a running `genius serve` has loaded.

@@ -1,0 +1,48 @@
+//! `/v1/embeddings`.
+
+use super::*;
+
+pub(super) async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: EmbeddingRequest = state.body(&headers, body).await?;
+    let base64 = request.base64()?;
+    let model = state.model(&request.model)?;
+    let embeddings = state
+        .genius
+        .embeddings(request.embed().with_model(model.name))
+        .await
+        .map_err(|err| ApiError::from_report(&err).param("input"))?;
+    if let Some(wanted) = request.dimensions {
+        let width = embeddings.vectors.first().map_or(0, Vec::len);
+        if wanted != width {
+            return Err(ApiError::invalid(format!(
+                "dimensions={wanted}: this model's vectors have {width}; leave dimensions out"
+            ))
+            .param("dimensions"));
+        }
+    }
+    let data: Vec<Value> = embeddings
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(index, vector)| {
+            let embedding = if base64 {
+                Value::String(openai::base64_f32(vector))
+            } else {
+                json!(vector)
+            };
+            json!({"object": "embedding", "index": index, "embedding": embedding})
+        })
+        .collect();
+    let tokens: usize = embeddings.tokens.iter().sum();
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": data,
+        "model": model.id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }))
+    .into_response())
+}

@@ -28,6 +28,9 @@ pub(crate) struct ChatRequest {
     pub(crate) logprobs: Option<bool>,
     #[serde(default)]
     pub(crate) top_logprobs: Option<u8>,
+    /// `false`: at most one tool call per answer (the first).
+    #[serde(default)]
+    pub(crate) parallel_tool_calls: Option<bool>,
 }
 
 /// `POST /v1/completions`.
@@ -167,6 +170,15 @@ pub(crate) struct Sampling {
     pub(crate) min_p: Option<f32>,
     #[serde(default, alias = "repetition_penalty")]
     pub(crate) repeat_penalty: Option<f32>,
+    /// Fields of the API this server cannot honour: refused by name.
+    #[serde(default)]
+    pub(crate) audio: Option<serde_json::Value>,
+    #[serde(default)]
+    pub(crate) modalities: Option<Vec<String>>,
+    #[serde(default)]
+    pub(crate) prediction: Option<serde_json::Value>,
+    #[serde(default)]
+    pub(crate) web_search_options: Option<serde_json::Value>,
 }
 
 /// `stream_options`.
@@ -214,6 +226,34 @@ impl Sampling {
                     message: format!("n={n}: this server returns one choice per request; send n=1 and make separate requests"),
                 });
             }
+        }
+        let cannot = |param: &'static str, what: &str| {
+            Err(Unsupported {
+                param,
+                message: format!("{what}; leave {param} out"),
+            })
+        };
+        if self.audio.as_ref().is_some_and(|a| !a.is_null()) {
+            return cannot("audio", "this server answers in text, not audio");
+        }
+        if let Some(other) = self.modalities.iter().flatten().find(|m| *m != "text") {
+            return cannot(
+                "modalities",
+                &format!(
+                    "this server answers in text only, not `{}`",
+                    other.escape_debug()
+                ),
+            );
+        }
+        if self.prediction.as_ref().is_some_and(|p| !p.is_null()) {
+            return cannot("prediction", "predicted outputs are not supported");
+        }
+        if self
+            .web_search_options
+            .as_ref()
+            .is_some_and(|w| !w.is_null())
+        {
+            return cannot("web_search_options", "this server does not search the web");
         }
         let mut config = InferenceConfig {
             repetition_penalty: 1.0,

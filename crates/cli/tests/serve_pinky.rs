@@ -848,3 +848,64 @@ fn with_an_api_key_every_endpoint_but_health_needs_it() {
     let health = request(server.addr, "GET", "/health", &[], None).unwrap();
     assert_eq!(health.status, 200);
 }
+
+#[test]
+fn parallel_tool_calls_false_keeps_the_first_call_and_unhonourable_fields_are_refused() {
+    let dir = TempDir::new("serve-one-call");
+    let server = pinky_server(&dir, &[]);
+    // Pinky repeats what it is told: two calls in Hermes markup.
+    let two = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>";
+    let weather = json!([{"type": "function", "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }}]);
+    let calls = |extra: Value| {
+        let mut body = chat_body(two, false);
+        body["tools"] = weather.clone();
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let reply = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        reply.json()["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    };
+    assert_eq!(calls(json!({})).len(), 2);
+    let one = calls(json!({"parallel_tool_calls": false}));
+    assert_eq!(one.len(), 1, "{one:?}");
+    assert_eq!(one[0]["function"]["arguments"], "{\"city\":\"Paris\"}");
+
+    for (extra, param) in [
+        (
+            json!({"audio": {"voice": "alloy", "format": "mp3"}}),
+            "audio",
+        ),
+        (json!({"modalities": ["text", "audio"]}), "modalities"),
+        (
+            json!({"prediction": {"type": "content", "content": "x"}}),
+            "prediction",
+        ),
+        (json!({"web_search_options": {}}), "web_search_options"),
+    ] {
+        let mut body = chat_body("hello", false);
+        for (key, value) in extra.as_object().unwrap() {
+            body[key] = value.clone();
+        }
+        let reply = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+        assert_eq!(reply.status, 400, "{extra}");
+        assert_eq!(reply.json()["error"]["param"], param, "{extra}");
+    }
+    let mut text_only = chat_body("hello", false);
+    text_only["modalities"] = json!(["text"]);
+    assert_eq!(
+        post(server.addr, "/v1/chat/completions", &text_only, &[AUTH]).status,
+        200
+    );
+}

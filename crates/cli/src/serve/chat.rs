@@ -11,7 +11,8 @@ pub(super) async fn chat_completions(
     let request: ChatRequest = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let config = request.config()?.with_model(model.name);
-    let reply = Reply::new(Endpoint::Chat, model.id, unix_now());
+    let mut reply = Reply::new(Endpoint::Chat, model.id, unix_now());
+    reply.one_call = request.parallel_tool_calls == Some(false);
     let stream = state.genius.chat(request.messages, config);
     answer(reply, stream, &request.sampling).await
 }
@@ -63,6 +64,8 @@ struct Reply {
     /// How many of `logprobs` went out with streamed chunks.
     logprobs_sent: usize,
     usage: Option<Usage>,
+    /// At most one tool call (`parallel_tool_calls: false`).
+    one_call: bool,
 }
 
 impl Reply {
@@ -82,6 +85,7 @@ impl Reply {
             logprobs: Vec::new(),
             logprobs_sent: 0,
             usage: None,
+            one_call: false,
         }
     }
 
@@ -181,6 +185,10 @@ impl Reply {
                 name,
                 arguments,
             } => {
+                if self.one_call && !self.tool_calls.is_empty() {
+                    log::debug!("parallel_tool_calls false: a further call of `{name}` left out");
+                    return None;
+                }
                 let index = self.tool_calls.len();
                 let call = json!({
                     "id": id,

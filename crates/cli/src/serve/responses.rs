@@ -252,9 +252,6 @@ fn config(request: &ResponsesRequest) -> Result<InferenceConfig, ApiError> {
     if let Some(format) = request.text.as_ref().and_then(|text| text.format.as_ref()) {
         config.response_format = response_format(format)?;
     }
-    if request.parallel_tool_calls == Some(false) {
-        log::debug!("parallel_tool_calls false: the calls the model makes are all returned");
-    }
     Ok(config)
 }
 
@@ -449,6 +446,8 @@ struct Answer {
     open_message: Option<usize>,
     usage: Option<Usage>,
     sequence: u64,
+    /// At most one function call (`parallel_tool_calls: false`).
+    one_call: bool,
 }
 
 impl Answer {
@@ -493,6 +492,7 @@ impl Answer {
             open_message: None,
             usage: None,
             sequence: 0,
+            one_call: request.parallel_tool_calls == Some(false),
         }
     }
 
@@ -603,6 +603,14 @@ impl Answer {
                 name,
                 arguments,
             } => {
+                let called = self
+                    .output
+                    .iter()
+                    .any(|item| item["type"] == "function_call");
+                if self.one_call && called {
+                    log::debug!("parallel_tool_calls false: a further call of `{name}` left out");
+                    return events;
+                }
                 events.extend(self.close_message());
                 let index = self.output.len();
                 let item_id = format!("fc_{}", request_id());

@@ -284,35 +284,53 @@ async fn whole_reply(mut reply: Reply, mut stream: RequestStream) -> Result<Resp
     Ok(axum::Json(reply.whole()).into_response())
 }
 
-/// Streams the answer as server-sent events. The first event is awaited
-/// before the response starts, so that a request the library refuses
-/// gets its HTTP error status rather than an error inside a 200 stream.
+/// Streams the answer as server-sent events, once its first event has
+/// come (see [`first_event`]).
 async fn stream_reply(
     reply: Reply,
     mut stream: RequestStream,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let first = loop {
-        match stream.next().await {
-            Some(Ok(InferenceEvent::ProcessStart)) => continue,
-            Some(Ok(event)) => break Some(event),
-            Some(Err(err)) => return Err(ApiError::from_report(&err)),
-            None => break None,
-        }
-    };
+    let first = first_event(&mut stream).await?;
     let opening = match reply.endpoint {
         Endpoint::Chat => {
             Some(reply.chunk(json!({"role": "assistant", "content": ""}), None, None))
         }
         Endpoint::Completion => None,
     };
-    let events = Watched {
-        stream: Some(stream),
-        id: reply.id.clone(),
-        sent: 0,
-    };
-    let body = sse(reply, opening, first, events, include_usage);
-    let mut response = Response::new(Body::from_stream(body));
+    let events = Watched::new(stream, reply.id.clone());
+    Ok(event_stream(sse(
+        reply,
+        opening,
+        first,
+        events,
+        include_usage,
+    )))
+}
+
+/// The first event of a request that will be streamed (its start is
+/// skipped), or the HTTP error the library refused it with. Awaited
+/// before the response starts, so that a refused request gets its error
+/// status rather than an error inside a 200 stream.
+pub(super) async fn first_event(
+    stream: &mut RequestStream,
+) -> Result<Option<InferenceEvent>, ApiError> {
+    loop {
+        match stream.next().await {
+            Some(Ok(InferenceEvent::ProcessStart)) => continue,
+            Some(Ok(event)) => return Ok(Some(event)),
+            Some(Err(err)) => return Err(ApiError::from_report(&err)),
+            None => return Ok(None),
+        }
+    }
+}
+
+/// A server-sent event stream of `frames`, with the headers that keep
+/// caches and proxies from holding it back.
+pub(super) fn event_stream(
+    frames: impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> Response {
+    let mut response = Response::new(Body::from_stream(frames));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -321,7 +339,7 @@ async fn stream_reply(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tells nginx (and proxies like it) not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    response
 }
 
 fn data(value: &Value) -> Result<Bytes, std::convert::Infallible> {
@@ -396,13 +414,22 @@ fn sse(
 /// client goes away first, the request is stopped and what the engine
 /// generated is logged, so a cancelled generation can be seen to end.
 pub(super) struct Watched {
-    pub(super) stream: Option<RequestStream>,
-    pub(super) id: String,
+    stream: Option<RequestStream>,
+    id: String,
     /// Content events handed to the client.
     pub(super) sent: usize,
 }
 
 impl Watched {
+    /// Watches `stream`, the request `id`.
+    pub(super) fn new(stream: RequestStream, id: String) -> Self {
+        Self {
+            stream: Some(stream),
+            id,
+            sent: 0,
+        }
+    }
+
     pub(super) async fn next(&mut self) -> Option<Result<InferenceEvent, ErrorReport>> {
         self.stream.as_mut()?.next().await
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use rusty_genius::core::protocol::{FinishReason, InferenceEvent, Usage};
@@ -23,6 +23,7 @@ use rusty_genius::RequestStream;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use super::chat::{event_stream, first_event};
 use super::{request_id, unix_now, ApiError, AppState, Watched};
 use crate::openai::Sampling;
 
@@ -753,14 +754,7 @@ async fn stream_answer(
     mut stream: RequestStream,
     keep: Option<(Arc<AppState>, Vec<ChatMessage>)>,
 ) -> Result<Response, ApiError> {
-    let first = loop {
-        match stream.next().await {
-            Some(Ok(InferenceEvent::ProcessStart)) => continue,
-            Some(Ok(event)) => break Some(event),
-            Some(Err(err)) => return Err(ApiError::from_report(&err)),
-            None => break None,
-        }
-    };
+    let first = first_event(&mut stream).await?;
     let mut opening = String::new();
     let created = answer.response(Some("in_progress"));
     opening.push_str(&frame(
@@ -769,21 +763,8 @@ async fn stream_answer(
     opening.push_str(&frame(
         &answer.event("response.in_progress", json!({"response": created})),
     ));
-    let events = Watched {
-        stream: Some(stream),
-        id: answer.id.clone(),
-        sent: 0,
-    };
-    let body = frames(answer, opening, first, events, keep);
-    let mut response = Response::new(Body::from_stream(body));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    let events = Watched::new(stream, answer.id.clone());
+    Ok(event_stream(frames(answer, opening, first, events, keep)))
 }
 
 fn frames(

@@ -249,3 +249,104 @@ async fn sixteen_requests_on_four_slots_all_complete() {
     }
     assert_eq!(s.peak.load(Ordering::Relaxed), 4);
 }
+
+/// A preamble of some 180 tokens, for prompts that share a long prefix.
+const PREAMBLE: &str = "Notes from a workshop on counting. Children learn to count by \
+    saying numbers aloud in order, then by tens, then backwards. Teachers write short \
+    sequences on the board and ask the class to go on with them: the days of the week, the \
+    months of the year, letters of the alphabet, even numbers and odd ones. A sequence is \
+    easy to continue when each item follows from the one before it by the same rule, and \
+    hard when the rule changes halfway. The workshop collected many such exercises from \
+    schools in several countries, and found that the simplest ones were used everywhere: \
+    counting up by one, counting by twos and fives and tens, and counting down from a \
+    hundred. What follows is one of the exercises, copied from the board exactly as it was \
+    written, with the class's answer after it.\n\n";
+
+/// Candidate prompts that share [`PREAMBLE`], with their greedy answers
+/// alone, for those firm on this CPU (as [`firm_sequences`] picks them).
+async fn firm_with_preamble(
+    served: &Served,
+    tokens: usize,
+    wanted: usize,
+) -> Vec<(String, String)> {
+    let mut firm = Vec::new();
+    let mut seen = Vec::new();
+    for sequence in SEQUENCE_PROMPTS {
+        let prompt = format!("{PREAMBLE}{sequence}");
+        let streamed =
+            read_stream(served.genius.infer(prompt.as_str(), greedy(tokens)), LIMIT).await;
+        let margin = streamed.reply.smallest_margin().unwrap_or(f32::INFINITY);
+        seen.push((sequence, margin));
+        if margin >= MIN_MARGIN {
+            firm.push((prompt, streamed.reply.text));
+            if firm.len() == wanted {
+                break;
+            }
+        }
+    }
+    #[allow(clippy::print_stderr)] // the measured margins go to the test log
+    {
+        eprintln!("smallest margins after the preamble, alone: {seen:?}");
+    }
+    assert_eq!(
+        firm.len(),
+        wanted,
+        "too few candidate prompts are firm here: {seen:?}"
+    );
+    firm
+}
+
+#[async_std::test]
+async fn one_prompt_sent_three_times_together_is_decoded_once() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(alone) = serve(4).await else { return };
+    let firm = firm_with_preamble(&alone, 12, 1).await;
+    drop(alone);
+    let (prompt, text) = &firm[0];
+
+    // A fresh engine, so that no slot holds the prompt already.
+    let s = serve(4).await.unwrap();
+    let streams: Vec<_> = (0..3)
+        .map(|_| s.genius.infer(prompt.as_str(), greedy(12)))
+        .collect();
+    let done = join_all(streams.into_iter().map(|stream| read_stream(stream, LIMIT))).await;
+    let usages: Vec<_> = done.iter().map(|d| d.reply.usage()).collect();
+    let prompt_tokens = usages[0].prompt_tokens;
+    assert!(prompt_tokens > 150, "{usages:?}");
+    let decoded: usize = usages
+        .iter()
+        .map(|u| u.prompt_tokens - u.cached_tokens)
+        .sum();
+    assert_eq!(
+        decoded, prompt_tokens,
+        "the prompt decoded once in all: {usages:?}"
+    );
+    // Each answers exactly as the prompt alone, from a copy of one cache.
+    for streamed in &done {
+        assert_eq!(&streamed.reply.text, text);
+    }
+    assert_eq!(s.peak.load(Ordering::Relaxed), 3);
+}
+
+#[async_std::test]
+async fn requests_sharing_a_long_prefix_decode_it_once_and_answer_as_alone() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(alone) = serve(4).await else { return };
+    let firm = firm_with_preamble(&alone, 12, 3).await;
+    drop(alone);
+
+    let s = serve(4).await.unwrap();
+    let streams: Vec<_> = firm
+        .iter()
+        .map(|(prompt, _)| s.genius.infer(prompt.as_str(), greedy(12)))
+        .collect();
+    let done = join_all(streams.into_iter().map(|stream| read_stream(stream, LIMIT))).await;
+    let usages: Vec<_> = done.iter().map(|d| d.reply.usage()).collect();
+    // One request decodes the preamble; the others copy it and decode
+    // only their own line.
+    let copied = usages.iter().filter(|u| u.cached_tokens > 150).count();
+    assert_eq!(copied, 2, "{usages:?}");
+    for ((prompt, text), streamed) in firm.iter().zip(&done) {
+        assert_eq!(&streamed.reply.text, text, "{prompt:?} sharing vs alone");
+    }
+}

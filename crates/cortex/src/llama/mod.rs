@@ -16,7 +16,10 @@
 //! prompt again decodes nothing and samples from exactly what it did the
 //! first time. After an answer the slot remembers the transcript, so the
 //! next turn of a conversation splices onto the very tokens the model
-//! generated. Prompts go through the model's chat template
+//! generated. A request whose prompt a running request holds (or is
+//! decoding), whole or for a long prefix, waits for that cache and copies
+//! it into its own sequence: the choices of one request, or requests sent
+//! together with one system prompt, decode the shared part once. Prompts go through the model's chat template
 //! (`prompt.rs`), and grammars are built before any decoding
 //! (`sampling.rs`), so a bad one costs nothing. Embeddings run in a
 //! second context made on first use (`embed.rs`), one batch per step

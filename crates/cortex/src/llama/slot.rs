@@ -67,6 +67,10 @@ pub(super) enum Phase {
     /// Its grammar is still choosing its next token (a choice that checks
     /// many tokens takes several steps; see `Chooser::resume`).
     Choosing,
+    /// Waits for the running request in slot `source` to hold the first
+    /// `upto` tokens of this prompt in its cache, to copy them rather than
+    /// decode them again (see `Loaded::follow`).
+    Follow { source: usize, upto: usize },
 }
 
 /// Where a job's next logits are.
@@ -99,9 +103,26 @@ pub(super) enum Turn {
     Ended(FinishReason),
 }
 
+/// The fewest prompt tokens that copying a busy slot's cache must spare
+/// over the free slot's own cache to be worth it (a copy moves the whole
+/// sequence's buffer), unless it spares the whole prompt.
+pub(super) const SHARE_MIN: usize = 64;
+
 /// A prompt of more bytes than the context's tokens times this is first
 /// measured by the tokens of only that many bytes of it.
 const PROMPT_PREFIX_BYTES_PER_TOKEN: usize = 16;
+
+/// How many of `prompt`'s tokens a copy of the cache of a request with
+/// the prompt `other` gives: all of them when the prompts are the same
+/// (its saved logits give the first token), else their common prefix
+/// short of `prompt`'s last token, which must be decoded for its logits.
+pub(super) fn shared_upto(other: &[LlamaToken], prompt: &[LlamaToken]) -> usize {
+    if other == prompt {
+        prompt.len()
+    } else {
+        reusable_prefix(other, prompt)
+    }
+}
 
 impl Loaded {
     /// Forgets a slot's cache, e.g. after a failed decode.
@@ -213,6 +234,26 @@ impl Loaded {
         Ok(())
     }
 
+    /// The busy slot whose prompt shares the most with `tokens`, and how
+    /// many of them copying its cache would give, when that spares at
+    /// least `SHARE_MIN` tokens over the `cached` ones a free slot holds,
+    /// or the whole prompt (the same prompt again, with its logits).
+    fn share_source(&self, tokens: &[LlamaToken], cached: usize) -> Option<(usize, usize)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(index, slot)| {
+                let job = slot.job.as_ref()?;
+                if matches!(job.phase, Phase::Follow { .. }) {
+                    return None;
+                }
+                let upto = shared_upto(&job.tokens, tokens);
+                let whole = upto == tokens.len();
+                (upto > cached && (whole || upto >= cached + SHARE_MIN)).then_some((index, upto))
+            })
+            .max_by_key(|&(_, upto)| upto)
+    }
+
     /// Tokenizes a prompt, builds its sampler and grammar, and gives it a
     /// slot: everything about a request that can be wrong is found here,
     /// before any decoding (a bad schema or grammar costs nothing), and
@@ -293,6 +334,13 @@ impl Loaded {
                 self.reset_slot(index);
                 (Phase::Prefill, 0)
             }
+        };
+        // A request running in another slot may hold (or be decoding) more
+        // of this prompt: the choices of one request (`n`), or requests
+        // sent together with one system prompt.
+        let phase = match self.share_source(&tokens, cached) {
+            Some((source, upto)) => Phase::Follow { source, upto },
+            None => phase,
         };
         self.slots[index].transcript = None;
         Ok(Placed {

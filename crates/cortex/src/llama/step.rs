@@ -7,9 +7,9 @@ use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::GeniusError;
 
 use super::sampling::{token_logprobs, Choice};
-use super::slot::{Job, Logits, Phase, Slot, Turn};
+use super::slot::{Job, Logits, Phase, Slot, Turn, SHARE_MIN};
 use super::Loaded;
-use crate::engine::{millis_since, Ended, Step};
+use crate::engine::{millis_since, reusable_prefix, Ended, Step};
 use crate::plan::{self, Budget, Want, MIN_PREFILL};
 
 impl Loaded {
@@ -40,6 +40,8 @@ impl Loaded {
                 step.ended.push(self.end_job(index, Ok(reason)));
             }
         }
+        // Requests waiting on another slot's cache copy it once it is there.
+        self.follow();
         // First tokens from saved logits need no decoding, nor do choices
         // a grammar is still making.
         for index in 0..self.slots.len() {
@@ -216,6 +218,110 @@ impl Loaded {
             }
         }
         step
+    }
+
+    /// Settles every job that follows another slot (`Phase::Follow`): once
+    /// the source's cache holds the tokens it waits for, they are copied
+    /// into the job's own sequence, and the job decodes only the rest of
+    /// its prompt (or, with the whole prompt copied, starts from the
+    /// source's saved logits). If the source will not get there (it ended
+    /// or its slot was taken), the job copies what there is when that
+    /// spares enough, or decodes its prompt itself.
+    pub(super) fn follow(&mut self) {
+        for index in 0..self.slots.len() {
+            let Some(Job {
+                phase: Phase::Follow { source, upto },
+                tokens,
+                ..
+            }) = &self.slots[index].job
+            else {
+                continue;
+            };
+            let (source, upto) = (*source, *upto);
+            let from = &self.slots[source];
+            let whole = upto == tokens.len();
+            let held = from.cached.get(..upto) == Some(&tokens[..upto])
+                && (!whole
+                    || from
+                        .prompt_logits
+                        .as_ref()
+                        .is_some_and(|(len, _)| *len == upto));
+            let coming = from.job.as_ref().is_some_and(|job| {
+                job.phase == Phase::Prefill && job.tokens.get(..upto) == Some(&tokens[..upto])
+            });
+            let upto = if held {
+                upto
+            } else if coming {
+                continue;
+            } else {
+                reusable_prefix(&from.cached, tokens)
+            };
+            let own = self.slots[index].cached.len();
+            let phase = if held || upto >= own + SHARE_MIN {
+                self.copy_cache(source, index, upto)
+            } else {
+                Phase::Prefill
+            };
+            let slot = &mut self.slots[index];
+            if let Some(job) = &mut slot.job {
+                job.phase = phase;
+                job.usage.cached_tokens = slot.cached.len();
+            }
+        }
+    }
+
+    /// Copies slot `from`'s cache into slot `to` and keeps its first `upto`
+    /// tokens; the phase the job in `to` goes on with.
+    fn copy_cache(&mut self, from: usize, to: usize, upto: usize) -> Phase {
+        let logits = self.slots[from]
+            .prompt_logits
+            .clone()
+            .filter(|(len, _)| *len == upto);
+        let whole = self.slots[to]
+            .job
+            .as_ref()
+            .is_some_and(|job| job.tokens.len() == upto);
+        // Without the logits after the whole prompt, its last token is
+        // decoded again.
+        let upto = if whole && logits.is_none() {
+            upto - 1
+        } else {
+            upto
+        };
+        let (source, target) = (self.slots[from].seq, self.slots[to].seq);
+        // Between sequences of their own, llama.cpp copies a sequence's
+        // whole buffer (at the next decode); the tail is dropped after.
+        let copied = self.cell.with_dependent_mut(|_, contexts| {
+            contexts
+                .main
+                .clear_kv_cache_seq(Some(target as u32), None, None)
+                .map_err(|err| err.to_string())?;
+            contexts
+                .main
+                .copy_kv_cache_seq(source, target, None, None)
+                .map_err(|err| err.to_string())
+        });
+        if let Err(err) = copied {
+            log::debug!("cannot copy the cache of slot {from}: {err}");
+            self.reset_slot(to);
+            return Phase::Prefill;
+        }
+        let cached = self.slots[from].cached.clone();
+        let slot = &mut self.slots[to];
+        slot.cached = cached;
+        slot.prompt_logits = None;
+        if !self.truncate_slot(to, upto) {
+            log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
+            self.reset_slot(to);
+            return Phase::Prefill;
+        }
+        match logits {
+            Some(logits) if whole => {
+                self.slots[to].prompt_logits = Some(logits);
+                Phase::FromSaved
+            }
+            _ => Phase::Prefill,
+        }
     }
 
     /// Chooses slot `index`'s next token, shows it, and either queues it

@@ -19,12 +19,12 @@
 //! generated. A request whose prompt a running request holds (or is
 //! decoding), whole or for a long prefix, waits for that cache and copies
 //! it into its own sequence: the choices of one request, or requests sent
-//! together with one system prompt, decode the shared part once. Prompts go through the model's chat template
-//! (`prompt.rs`), and grammars are built before any decoding
-//! (`sampling.rs`), so a bad one costs nothing. Embeddings run in a
-//! second context made on first use (`embed.rs`), one batch per step
-//! after the generating batch, so a long embedding takes turns with the
-//! chats. The model and its contexts, which borrow it, are one
+//! together with one system prompt, decode the shared part once. Prompts
+//! go through the model's chat template (`prompt.rs`), and grammars are
+//! built before any decoding (`sampling.rs`), so a bad one costs nothing.
+//! Embeddings run in a second context made on first use (`embed.rs`), one
+//! batch per step after the generating batch, so a long embedding takes
+//! turns with the chats. The model and its contexts, which borrow it, are one
 //! `self_cell`, so no hand-written `unsafe` ties their lifetimes.
 
 use std::collections::VecDeque;

@@ -328,7 +328,7 @@ fn orchestrator(
     let builder = match engine.engine {
         EngineKind::Pinky => builder.pinky(
             Pinky::new()
-                .with_capacity(engine.parallel.unwrap_or(4) as usize)
+                .with_capacity(engine.parallel.unwrap_or(PINKY_PARALLEL) as usize)
                 .with_token_delay(Duration::from_millis(engine.pinky_token_ms))
                 .with_load_delay(Duration::from_millis(engine.pinky_load_ms)),
         ),
@@ -338,6 +338,30 @@ fn orchestrator(
         .build()
         .map_err(|err| Failure::new(exit::FAILED, err.to_string()))?;
     Ok(genius.start())
+}
+
+/// How many requests the engine answers at once.
+fn parallel(engine: &EngineArgs) -> usize {
+    let default = match engine.engine {
+        EngineKind::Pinky => PINKY_PARALLEL,
+        EngineKind::Llama => llama_parallel(),
+    };
+    engine.parallel.map_or(default, |parallel| parallel.max(1)) as usize
+}
+
+/// The requests Pinky answers at once unless told.
+const PINKY_PARALLEL: u32 = 4;
+
+#[cfg(feature = "llama")]
+fn llama_parallel() -> u32 {
+    rusty_genius::cortex::LlamaOptions::from_env()
+        .parallel
+        .max(1)
+}
+
+#[cfg(not(feature = "llama"))]
+fn llama_parallel() -> u32 {
+    1
 }
 
 #[cfg(feature = "llama")]
@@ -541,6 +565,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
             body: Duration::from_secs(args.body_timeout.max(1)),
             idle: Duration::from_secs(args.idle_timeout.max(1)),
         },
+        max_choices: parallel(&args.engine),
     };
     if settings.api_key.is_none() && settings.cors.any() {
         log::warn!("--cors-origin * without an API key: any web page a user of this machine opens can use the server");

@@ -3,7 +3,8 @@
 //!
 //! Requests are read leniently where the API is (unknown fields are
 //! ignored, `stop` is a string or a list) and strictly where a wrong value
-//! would silently change the answer (`n` other than 1, a bad type).
+//! would silently change the answer (a field this server cannot honour,
+//! a bad type).
 
 use rusty_genius::core::chat::{ResponseFormat, Tool, ToolChoice};
 use rusty_genius::core::protocol::{FinishReason, Usage};
@@ -219,14 +220,6 @@ impl Sampling {
     /// API's meaning where it has one (no repetition penalty) and the
     /// library's sampling defaults otherwise.
     pub(crate) fn config(&self) -> Result<InferenceConfig, Unsupported> {
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(Unsupported {
-                    param: "n",
-                    message: format!("n={n}: this server returns one choice per request; send n=1 and make separate requests"),
-                });
-            }
-        }
         let cannot = |param: &'static str, what: &str| {
             Err(Unsupported {
                 param,

@@ -161,6 +161,27 @@ def _():
     assert finish in ("stop", "length"), finish
 
 
+@check("n=2 choices, whole and streamed")
+def _():
+    reply = client.chat.completions.create(
+        model=model, messages=JAPAN, temperature=0.9, seed=3, max_tokens=16, n=2
+    )
+    assert [c.index for c in reply.choices] == [0, 1], reply.choices
+    assert all(c.message.content for c in reply.choices), reply.choices
+    stream = client.chat.completions.create(
+        model=model, messages=JAPAN, temperature=0.9, seed=3, max_tokens=16, n=2, stream=True
+    )
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    # The same seeds, so the same answers as the whole request.
+    assert [texts[0], texts[1]] == [c.message.content for c in reply.choices], (texts, reply.choices)
+    assert sorted(finishes) == [0, 1], finishes
+
+
 @check("tool call, whole answer")
 def _():
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):

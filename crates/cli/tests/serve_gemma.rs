@@ -1,7 +1,8 @@
 //! `genius serve` on the real base model: 32 concurrent clients each get
 //! the answer their prompt gets alone, and a client killed mid-stream
 //! stops its generation at once while the others finish; and (on the
-//! chat model) logit_bias and frequency_penalty steer the greedy answer.
+//! chat model) logit_bias and frequency_penalty steer the greedy answer,
+//! and `n` choices are sampled each with its own seed.
 
 #![cfg(feature = "llama")]
 #![allow(clippy::print_stderr)] // the measured counts go to the test log
@@ -245,4 +246,27 @@ fn logit_bias_and_frequency_penalty_change_the_greedy_answer() {
         most_repeated(&penalised) < most_repeated(&looping),
         "{looping:?} vs {penalised:?}"
     );
+
+    // n choices: each sampled with its own seed (seed + i), so they
+    // differ, and the same seeded request gives the same three again.
+    let haiku = "Write a haiku about the sea.";
+    let sampled = json!({"n": 3, "temperature": 1.0, "seed": 7});
+    let texts = |reply: &Value| -> Vec<String> {
+        let choices = reply["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 3, "{reply}");
+        choices
+            .iter()
+            .enumerate()
+            .map(|(i, choice)| {
+                assert_eq!(choice["index"], i);
+                choice["message"]["content"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let first = texts(&chat(sampled.clone(), haiku, 24));
+    let again = texts(&chat(sampled, haiku, 24));
+    eprintln!("three choices: {first:?}");
+    assert_eq!(first, again);
+    assert!(first[0] != first[1] || first[1] != first[2], "{first:?}");
+    assert!(first.iter().all(|text| !text.is_empty()), "{first:?}");
 }

@@ -909,3 +909,115 @@ fn parallel_tool_calls_false_keeps_the_first_call_and_unhonourable_fields_are_re
         200
     );
 }
+
+#[test]
+fn n_choices_come_whole_and_streamed_each_with_its_index() {
+    let dir = TempDir::new("serve-n");
+    let server = pinky_server(&dir, &["--parallel", "3"]);
+    let said = "Narf! You said: three ways";
+    let one = post(
+        server.addr,
+        "/v1/chat/completions",
+        &chat_body("three ways", false),
+        &[AUTH],
+    )
+    .json();
+    let tokens = one["usage"]["completion_tokens"].as_u64().unwrap();
+
+    let mut body = chat_body("three ways", false);
+    body["n"] = json!(3);
+    let whole = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+    assert_eq!(
+        whole.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&whole.body)
+    );
+    let whole = whole.json();
+    let choices = whole["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3, "{whole}");
+    for (i, choice) in choices.iter().enumerate() {
+        assert_eq!(choice["index"], i);
+        assert_eq!(choice["message"]["content"], said);
+        assert_eq!(choice["finish_reason"], "stop");
+    }
+    // The prompt counts once, the answers all.
+    assert_eq!(
+        whole["usage"]["prompt_tokens"],
+        one["usage"]["prompt_tokens"]
+    );
+    assert_eq!(whole["usage"]["completion_tokens"], 3 * tokens);
+
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let streamed = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+    assert_eq!(streamed.status, 200);
+    let chunks = streamed.chunks();
+    let (usage, chunks) = chunks.split_last().unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 3 * tokens);
+    for i in 0..3 {
+        let mine: Vec<&Value> = chunks
+            .iter()
+            .filter(|c| {
+                c["choices"].as_array().unwrap().len() == 1 && c["choices"][0]["index"] == i
+            })
+            .collect();
+        assert_eq!(
+            mine[0]["choices"][0]["delta"]["role"], "assistant",
+            "{chunks:?}"
+        );
+        let text: String = mine
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, said, "choice {i}");
+        let finishes: Vec<_> = mine
+            .iter()
+            .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+            .collect();
+        assert_eq!(finishes.len(), 1, "choice {i}: {mine:?}");
+        assert_eq!(finishes[0]["choices"][0]["finish_reason"], "stop");
+    }
+    assert_eq!(
+        chunks.len(),
+        chunks
+            .iter()
+            .filter(|c| c["choices"].as_array().unwrap().len() == 1)
+            .count()
+    );
+
+    let completion = post(
+        server.addr,
+        "/v1/completions",
+        &json!({"model": "pinky", "prompt": "one two three", "max_tokens": 2, "n": 2}),
+        &[AUTH],
+    )
+    .json();
+    let texts: Vec<_> = completion["choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["index"].clone(), c["text"].clone()))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            (json!(0), json!("Narf! You ")),
+            (json!(1), json!("Narf! You "))
+        ]
+    );
+
+    // More choices than run at once, or none, are refused by name.
+    for n in [0, 4] {
+        let mut body = chat_body("hi", false);
+        body["n"] = json!(n);
+        let refused = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+        assert_eq!(refused.status, 400, "n={n}");
+        let error = &refused.json()["error"];
+        assert_eq!(error["param"], "n");
+        assert!(
+            error["message"].as_str().unwrap().contains("from 1 to 3"),
+            "{error}"
+        );
+    }
+}

@@ -1,5 +1,8 @@
 //! `/v1/chat/completions` and `/v1/completions`: one library request per
-//! HTTP request, answered whole or streamed as server-sent events.
+//! choice (`n`), answered whole or streamed as server-sent events.
+
+use futures::stream::SelectAll;
+use rusty_genius::core::InferenceConfig;
 
 use super::*;
 
@@ -10,11 +13,14 @@ pub(super) async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let request: ChatRequest = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
+    let choices = choices(&request.sampling, state.settings.max_choices)?;
     let config = request.config()?.with_model(model.name);
-    let mut reply = Reply::new(Endpoint::Chat, model.id, unix_now());
+    let mut reply = Reply::new(Endpoint::Chat, model.id, unix_now(), choices);
     reply.one_call = request.parallel_tool_calls == Some(false);
-    let stream = state.genius.chat(request.messages, config);
-    answer(reply, stream, &request.sampling).await
+    let streams = choice_configs(&config, choices)
+        .map(|config| state.genius.chat(request.messages.clone(), config))
+        .collect();
+    answer(reply, streams, &request.sampling).await
 }
 
 pub(super) async fn completions(
@@ -25,23 +31,55 @@ pub(super) async fn completions(
     let request: CompletionRequest = state.body(&headers, body).await?;
     let prompt = request.prompt()?;
     let model = state.model(&request.model)?;
+    let choices = choices(&request.sampling, state.settings.max_choices)?;
     let config = request.config()?.with_model(model.name);
-    let reply = Reply::new(Endpoint::Completion, model.id, unix_now());
-    let stream = state.genius.infer(prompt, config);
-    answer(reply, stream, &request.sampling).await
+    let reply = Reply::new(Endpoint::Completion, model.id, unix_now(), choices);
+    let streams = choice_configs(&config, choices)
+        .map(|config| state.genius.infer(prompt.clone(), config))
+        .collect();
+    answer(reply, streams, &request.sampling).await
+}
+
+/// How many choices the request asks for (`n`): from one to as many as
+/// the engine answers at once, so that they run side by side, sharing
+/// their prompt's cache (the engine decodes it once).
+fn choices(sampling: &openai::Sampling, most: usize) -> Result<usize, ApiError> {
+    let n = sampling.n.unwrap_or(1);
+    if n == 0 || n as usize > most {
+        return Err(ApiError::invalid(format!(
+            "n={n}: this server returns from 1 to {most} choices per request, as many as it answers at once (genius serve --parallel)"
+        ))
+        .param("n"));
+    }
+    Ok(n as usize)
+}
+
+/// The settings of each of `choices` choices: the same, but for the
+/// seed, which is `seed + i` for the choice `i` when the request gave one
+/// (each choice otherwise draws a seed of its own).
+fn choice_configs(
+    config: &InferenceConfig,
+    choices: usize,
+) -> impl Iterator<Item = InferenceConfig> + '_ {
+    (0..choices as u32).map(move |i| {
+        let mut config = config.clone();
+        config.seed = config.seed.map(|seed| seed.wrapping_add(i));
+        config
+    })
 }
 
 /// The answer to a generating request: whole, or streamed as the request
 /// asked.
 async fn answer(
     reply: Reply,
-    stream: RequestStream,
+    streams: Vec<RequestStream>,
     sampling: &openai::Sampling,
 ) -> Result<Response, ApiError> {
     if sampling.streams() {
-        stream_reply(reply, stream, sampling.include_usage()).await
+        stream_reply(reply, streams, sampling.include_usage()).await
     } else {
-        whole_reply(reply, stream).await
+        let events = Watched::many(streams, reply.id.clone());
+        whole_reply(reply, events).await
     }
 }
 
@@ -51,12 +89,21 @@ enum Endpoint {
     Completion,
 }
 
-/// What one answer has gathered so far, and how to write it.
+/// One answer to a request, and how to write it: the envelope all its
+/// choices share, and what each has gathered so far.
 struct Reply {
     endpoint: Endpoint,
     id: String,
     model: String,
     created: u64,
+    choices: Vec<Choice>,
+    /// At most one tool call per choice (`parallel_tool_calls: false`).
+    one_call: bool,
+}
+
+/// What one choice has gathered so far.
+#[derive(Default)]
+struct Choice {
     content: String,
     reasoning: String,
     tool_calls: Vec<Value>,
@@ -64,12 +111,29 @@ struct Reply {
     /// How many of `logprobs` went out with streamed chunks.
     logprobs_sent: usize,
     usage: Option<Usage>,
-    /// At most one tool call (`parallel_tool_calls: false`).
-    one_call: bool,
+    /// Its last chunk (with its finish reason) was streamed.
+    finished: bool,
+}
+
+impl Choice {
+    fn finish_reason(&self) -> &'static str {
+        self.usage
+            .as_ref()
+            .map_or("stop", |usage| openai::finish_reason(usage.finish_reason))
+    }
+
+    /// Log-probabilities not yet sent with a streamed chunk.
+    fn pending_logprobs(&mut self) -> Option<Value> {
+        let sent = self.logprobs_sent;
+        (sent < self.logprobs.len()).then(|| {
+            self.logprobs_sent = self.logprobs.len();
+            Value::Array(self.logprobs[sent..].to_vec())
+        })
+    }
 }
 
 impl Reply {
-    fn new(endpoint: Endpoint, model: String, created: u64) -> Self {
+    fn new(endpoint: Endpoint, model: String, created: u64, choices: usize) -> Self {
         let prefix = match endpoint {
             Endpoint::Chat => "chatcmpl",
             Endpoint::Completion => "cmpl",
@@ -79,20 +143,9 @@ impl Reply {
             id: format!("{prefix}-{}", request_id()),
             model,
             created,
-            content: String::new(),
-            reasoning: String::new(),
-            tool_calls: Vec::new(),
-            logprobs: Vec::new(),
-            logprobs_sent: 0,
-            usage: None,
+            choices: (0..choices).map(|_| Choice::default()).collect(),
             one_call: false,
         }
-    }
-
-    fn finish_reason(&self) -> &'static str {
-        self.usage
-            .as_ref()
-            .map_or("stop", |usage| openai::finish_reason(usage.finish_reason))
     }
 
     fn object(&self, streamed: bool) -> &'static str {
@@ -103,40 +156,63 @@ impl Reply {
         }
     }
 
+    /// The usage of the whole request: its prompt once (as the engine
+    /// decoded it once), the tokens of every choice.
+    fn usage(&self) -> Option<Usage> {
+        let mut usages = self.choices.iter().filter_map(|c| c.usage.as_ref());
+        let mut total = usages.next()?.clone();
+        for usage in usages {
+            total.cached_tokens = total.cached_tokens.min(usage.cached_tokens);
+            total.generated_tokens += usage.generated_tokens;
+            total.prompt_ms = total.prompt_ms.max(usage.prompt_ms);
+            total.generation_ms = total.generation_ms.max(usage.generation_ms);
+        }
+        Some(total)
+    }
+
     fn whole(&self) -> Value {
-        let logprobs = if self.logprobs.is_empty() {
-            Value::Null
-        } else {
-            json!({"content": self.logprobs})
-        };
-        let choice = match self.endpoint {
-            Endpoint::Chat => {
-                let mut message = json!({
-                    "role": "assistant",
-                    "content": if self.content.is_empty() && !self.tool_calls.is_empty() {
-                        Value::Null
-                    } else {
-                        Value::String(self.content.clone())
-                    },
-                });
-                if !self.tool_calls.is_empty() {
-                    message["tool_calls"] = Value::Array(self.tool_calls.clone());
-                }
-                if !self.reasoning.is_empty() {
-                    message["reasoning_content"] = Value::String(self.reasoning.clone());
-                }
-                json!({"index": 0, "message": message, "logprobs": logprobs, "finish_reason": self.finish_reason()})
-            }
-            Endpoint::Completion => {
-                let logprobs = legacy_logprobs(&self.logprobs);
-                json!({"index": 0, "text": self.content, "logprobs": logprobs, "finish_reason": self.finish_reason()})
-            }
-        };
-        let mut whole = self.envelope(false, vec![choice]);
-        if let Some(usage) = &self.usage {
-            whole["usage"] = openai::usage(usage);
+        let choices = self
+            .choices
+            .iter()
+            .enumerate()
+            .map(|(index, choice)| self.whole_choice(index, choice))
+            .collect();
+        let mut whole = self.envelope(false, choices);
+        if let Some(usage) = self.usage() {
+            whole["usage"] = openai::usage(&usage);
         }
         whole
+    }
+
+    fn whole_choice(&self, index: usize, choice: &Choice) -> Value {
+        match self.endpoint {
+            Endpoint::Chat => {
+                let logprobs = if choice.logprobs.is_empty() {
+                    Value::Null
+                } else {
+                    json!({"content": choice.logprobs})
+                };
+                let mut message = json!({
+                    "role": "assistant",
+                    "content": if choice.content.is_empty() && !choice.tool_calls.is_empty() {
+                        Value::Null
+                    } else {
+                        Value::String(choice.content.clone())
+                    },
+                });
+                if !choice.tool_calls.is_empty() {
+                    message["tool_calls"] = Value::Array(choice.tool_calls.clone());
+                }
+                if !choice.reasoning.is_empty() {
+                    message["reasoning_content"] = Value::String(choice.reasoning.clone());
+                }
+                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason()})
+            }
+            Endpoint::Completion => {
+                let logprobs = legacy_logprobs(&choice.logprobs);
+                json!({"index": index, "text": choice.content, "logprobs": logprobs, "finish_reason": choice.finish_reason()})
+            }
+        }
     }
 
     fn envelope(&self, streamed: bool, choices: Vec<Value>) -> Value {
@@ -150,15 +226,21 @@ impl Reply {
         })
     }
 
-    /// A streamed chunk with one change of the answer.
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>, logprobs: Option<Value>) -> Value {
+    /// A streamed chunk with one change of choice `index`.
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Value,
+        finish_reason: Option<&str>,
+        logprobs: Option<Value>,
+    ) -> Value {
         let logprobs = logprobs.map_or(Value::Null, |content| json!({"content": content}));
         let choice = match self.endpoint {
             Endpoint::Chat => {
-                json!({"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
+                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
             }
             Endpoint::Completion => json!({
-                "index": 0,
+                "index": index,
                 "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
                 "logprobs": logprobs,
                 "finish_reason": finish_reason,
@@ -167,58 +249,61 @@ impl Reply {
         self.envelope(true, vec![choice])
     }
 
-    /// Takes in one event; returns the chunk to stream for it, if any.
-    fn take(&mut self, event: InferenceEvent) -> Option<Value> {
+    /// The last chunk of choice `index`, with its finish reason.
+    fn finish(&mut self, index: usize) -> Value {
+        let choice = &mut self.choices[index];
+        choice.finished = true;
+        let logprobs = choice.pending_logprobs();
+        let reason = choice.finish_reason();
+        self.chunk(index, json!({}), Some(reason), logprobs)
+    }
+
+    /// Takes in one event of choice `index`; returns the chunk to stream
+    /// for it, if any.
+    fn take(&mut self, index: usize, event: InferenceEvent) -> Option<Value> {
+        let (endpoint, one_call) = (self.endpoint, self.one_call);
+        let choice = &mut self.choices[index];
         match event {
             InferenceEvent::Content(text) => {
-                self.content.push_str(&text);
-                let logprobs = self.pending_logprobs();
-                Some(self.chunk(json!({"content": text}), None, logprobs))
+                choice.content.push_str(&text);
+                let logprobs = choice.pending_logprobs();
+                Some(self.chunk(index, json!({"content": text}), None, logprobs))
             }
             InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
-                self.reasoning.push_str(&text);
-                (self.endpoint == Endpoint::Chat)
-                    .then(|| self.chunk(json!({"reasoning_content": text}), None, None))
+                choice.reasoning.push_str(&text);
+                (endpoint == Endpoint::Chat)
+                    .then(|| self.chunk(index, json!({"reasoning_content": text}), None, None))
             }
             InferenceEvent::ToolCall {
                 id,
                 name,
                 arguments,
             } => {
-                if self.one_call && !self.tool_calls.is_empty() {
+                if one_call && !choice.tool_calls.is_empty() {
                     log::debug!("parallel_tool_calls false: a further call of `{name}` left out");
                     return None;
                 }
-                let index = self.tool_calls.len();
+                let at = choice.tool_calls.len();
                 let call = json!({
                     "id": id,
                     "type": "function",
                     "function": {"name": name, "arguments": arguments.to_string()},
                 });
-                self.tool_calls.push(call.clone());
+                choice.tool_calls.push(call.clone());
                 let mut streamed = call;
-                streamed["index"] = json!(index);
-                Some(self.chunk(json!({"tool_calls": [streamed]}), None, None))
+                streamed["index"] = json!(at);
+                Some(self.chunk(index, json!({"tool_calls": [streamed]}), None, None))
             }
             InferenceEvent::Logprobs(token) => {
-                self.logprobs.push(logprob_json(&token));
+                choice.logprobs.push(logprob_json(&token));
                 None
             }
             InferenceEvent::Usage(usage) => {
-                self.usage = Some(usage);
+                choice.usage = Some(usage);
                 None
             }
             _ => None,
         }
-    }
-
-    /// Log-probabilities not yet sent with a streamed chunk.
-    fn pending_logprobs(&mut self) -> Option<Value> {
-        let sent = self.logprobs_sent;
-        (sent < self.logprobs.len()).then(|| {
-            self.logprobs_sent = self.logprobs.len();
-            Value::Array(self.logprobs[sent..].to_vec())
-        })
     }
 }
 
@@ -271,34 +356,46 @@ fn logprob_json(token: &TokenLogprobs) -> Value {
     })
 }
 
-async fn whole_reply(mut reply: Reply, mut stream: RequestStream) -> Result<Response, ApiError> {
-    while let Some(event) = stream.next().await {
+async fn whole_reply(mut reply: Reply, mut events: Watched) -> Result<Response, ApiError> {
+    while let Some((index, event)) = events.next_of_any().await {
         match event {
-            Ok(InferenceEvent::Complete) => break,
             Ok(event) => {
-                reply.take(event);
+                reply.take(index, event);
             }
             Err(err) => return Err(ApiError::from_report(&err)),
         }
     }
+    events.finished();
     Ok(axum::Json(reply.whole()).into_response())
 }
 
-/// Streams the answer as server-sent events, once its first event has
-/// come (see [`first_event`]).
+/// Streams the answer as server-sent events, once the first event of
+/// every choice has come (see [`first_event`]).
 async fn stream_reply(
     reply: Reply,
-    mut stream: RequestStream,
+    mut streams: Vec<RequestStream>,
     include_usage: bool,
 ) -> Result<Response, ApiError> {
-    let first = first_event(&mut stream).await?;
-    let opening = match reply.endpoint {
-        Endpoint::Chat => {
-            Some(reply.chunk(json!({"role": "assistant", "content": ""}), None, None))
+    let mut first = Vec::new();
+    for (index, stream) in streams.iter_mut().enumerate() {
+        if let Some(event) = first_event(stream).await? {
+            first.push((index, event));
         }
-        Endpoint::Completion => None,
+    }
+    let events = Watched::many(streams, reply.id.clone());
+    let opening: Vec<Value> = match reply.endpoint {
+        Endpoint::Chat => (0..reply.choices.len())
+            .map(|index| {
+                reply.chunk(
+                    index,
+                    json!({"role": "assistant", "content": ""}),
+                    None,
+                    None,
+                )
+            })
+            .collect(),
+        Endpoint::Completion => Vec::new(),
     };
-    let events = Watched::new(stream, reply.id.clone());
     Ok(event_stream(sse(
         reply,
         opening,
@@ -346,11 +443,13 @@ fn data(value: &Value) -> Result<Bytes, std::convert::Infallible> {
     Ok(Bytes::from(format!("data: {value}\n\n")))
 }
 
-/// The SSE frames of one answer, ending in `data: [DONE]`.
+/// The SSE frames of one answer: every choice's chunks as they come,
+/// each choice's last chunk when it completes, then the usage (when
+/// asked for) and `data: [DONE]`.
 fn sse(
     reply: Reply,
-    opening: Option<Value>,
-    first: Option<InferenceEvent>,
+    opening: Vec<Value>,
+    first: Vec<(usize, InferenceEvent)>,
     events: Watched,
     include_usage: bool,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
@@ -358,8 +457,8 @@ fn sse(
         Running,
         Done,
     }
-    let start = futures::stream::iter(opening.as_ref().map(data));
-    let state = (reply, first, events, Phase::Running);
+    let start = futures::stream::iter(opening.iter().map(data).collect::<Vec<_>>());
+    let state = (reply, first.into_iter(), events, Phase::Running);
     let rest = futures::stream::unfold(
         state,
         move |(mut reply, mut first, mut events, phase)| async move {
@@ -367,41 +466,53 @@ fn sse(
                 return None;
             }
             loop {
-                let event = match first.take() {
-                    Some(event) => Some(Ok(event)),
-                    None => events.next().await,
+                let event = match first.next() {
+                    Some((index, event)) => Some((index, Ok(event))),
+                    None => events.next_of_any().await,
                 };
                 match event {
-                    Some(Ok(InferenceEvent::Complete)) | None => {
+                    Some((index, Ok(InferenceEvent::Complete))) => {
+                        let finish = reply.finish(index);
+                        return Some((data(&finish), (reply, first, events, Phase::Running)));
+                    }
+                    None => {
                         events.finished();
                         let mut frames = String::new();
-                        let logprobs = reply.pending_logprobs();
-                        let finish = reply.chunk(json!({}), Some(reply.finish_reason()), logprobs);
-                        frames.push_str(&format!("data: {finish}\n\n"));
+                        // A choice whose stream ended without completing
+                        // still gets its last chunk.
+                        for index in 0..reply.choices.len() {
+                            if !reply.choices[index].finished {
+                                let finish = reply.finish(index);
+                                frames.push_str(&format!("data: {finish}\n\n"));
+                            }
+                        }
                         if include_usage {
-                            if let Some(usage) = &reply.usage {
+                            if let Some(usage) = reply.usage() {
                                 let mut last = reply.envelope(true, Vec::new());
-                                last["usage"] = openai::usage(usage);
+                                last["usage"] = openai::usage(&usage);
                                 frames.push_str(&format!("data: {last}\n\n"));
                             }
                         }
                         frames.push_str("data: [DONE]\n\n");
-                        return Some((Ok(Bytes::from(frames)), (reply, None, events, Phase::Done)));
+                        return Some((
+                            Ok(Bytes::from(frames)),
+                            (reply, first, events, Phase::Done),
+                        ));
                     }
-                    Some(Ok(event)) => {
+                    Some((index, Ok(event))) => {
                         let is_token = matches!(event, InferenceEvent::Content(_));
-                        if let Some(chunk) = reply.take(event) {
+                        if let Some(chunk) = reply.take(index, event) {
                             if is_token {
                                 events.sent += 1;
                             }
-                            return Some((data(&chunk), (reply, None, events, Phase::Running)));
+                            return Some((data(&chunk), (reply, first, events, Phase::Running)));
                         }
                     }
-                    Some(Err(err)) => {
+                    Some((_, Err(err))) => {
                         events.finished();
                         let error = ApiError::from_report(&err).body();
                         let frame = json!(error);
-                        return Some((data(&frame), (reply, None, events, Phase::Done)));
+                        return Some((data(&frame), (reply, first, events, Phase::Done)));
                     }
                 }
             }
@@ -410,66 +521,107 @@ fn sse(
     start.chain(rest)
 }
 
-/// A request's stream while its answer is streamed to a client. If the
-/// client goes away first, the request is stopped and what the engine
-/// generated is logged, so a cancelled generation can be seen to end.
+/// A request's streams (one per choice) while its answer goes to a
+/// client. If the client goes away first, each request still running is
+/// stopped and what the engine generated is logged, so a cancelled
+/// generation can be seen to end.
 pub(super) struct Watched {
-    stream: Option<RequestStream>,
+    streams: SelectAll<Tagged>,
     id: String,
     /// Content events handed to the client.
     pub(super) sent: usize,
 }
 
+/// The stream of choice `index`, its events tagged with the index.
+struct Tagged {
+    index: usize,
+    stream: RequestStream,
+}
+
+impl Stream for Tagged {
+    type Item = (usize, Result<InferenceEvent, ErrorReport>);
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let index = self.index;
+        std::pin::Pin::new(&mut self.stream)
+            .poll_next(cx)
+            .map(|event| event.map(|event| (index, event)))
+    }
+}
+
 impl Watched {
     /// Watches `stream`, the request `id`.
     pub(super) fn new(stream: RequestStream, id: String) -> Self {
+        Self::many(vec![stream], id)
+    }
+
+    /// Watches the streams of the choices of the request `id`, in order.
+    fn many(streams: Vec<RequestStream>, id: String) -> Self {
+        let streams = streams
+            .into_iter()
+            .enumerate()
+            .map(|(index, stream)| Tagged { index, stream });
         Self {
-            stream: Some(stream),
+            streams: futures::stream::select_all(streams),
             id,
             sent: 0,
         }
     }
 
+    /// The next event of the (only) stream.
     pub(super) async fn next(&mut self) -> Option<Result<InferenceEvent, ErrorReport>> {
-        self.stream.as_mut()?.next().await
+        self.next_of_any().await.map(|(_, event)| event)
     }
 
-    /// The stream has ended normally.
+    /// The next event of any choice, with the choice's index; `None` once
+    /// every stream has ended.
+    async fn next_of_any(&mut self) -> Option<(usize, Result<InferenceEvent, ErrorReport>)> {
+        self.streams.next().await
+    }
+
+    /// The streams have ended normally.
     pub(super) fn finished(&mut self) {
-        self.stream = None;
+        self.streams.clear();
     }
 }
 
 impl Drop for Watched {
     fn drop(&mut self) {
-        let Some(mut stream) = self.stream.take() else {
-            return;
-        };
-        stream.stop();
-        let id = self.id.clone();
-        let sent = self.sent;
-        // The stopped request still ends with its usage: read it, without
-        // holding anything else up.
-        tokio::spawn(async move {
-            let deadline = tokio::time::sleep(Duration::from_secs(30));
-            tokio::pin!(deadline);
-            loop {
-                tokio::select! {
-                    event = stream.next() => match event {
-                        Some(Ok(InferenceEvent::Usage(usage))) => {
-                            log::info!(
-                                "{id}: the client went away after {sent} streamed pieces; generation stopped after {} tokens ({} after the last piece sent)",
-                                usage.generated_tokens,
-                                usage.generated_tokens.saturating_sub(sent),
-                            );
-                            return;
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(_)) | None => return,
-                    },
-                    () = &mut deadline => return,
+        let several = self.streams.len() > 1;
+        for Tagged { index, mut stream } in std::mem::take(&mut self.streams) {
+            stream.stop();
+            let id = if several {
+                format!("{} (choice {index})", self.id)
+            } else {
+                self.id.clone()
+            };
+            let sent = self.sent;
+            // The stopped request still ends with its usage: read it,
+            // without holding anything else up.
+            tokio::spawn(async move {
+                let deadline = tokio::time::sleep(Duration::from_secs(30));
+                tokio::pin!(deadline);
+                loop {
+                    tokio::select! {
+                        event = stream.next() => match event {
+                            Some(Ok(InferenceEvent::Usage(usage))) => {
+                                log::info!(
+                                    "{id}: the client went away after {sent} streamed pieces; generation stopped after {} tokens ({} after the last piece sent)",
+                                    usage.generated_tokens,
+                                    usage.generated_tokens.saturating_sub(sent),
+                                );
+                                return;
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => return,
+                        },
+                        () = &mut deadline => return,
+                    }
                 }
-            }
-        });
+            });
+        }
     }
 }

@@ -61,6 +61,9 @@ pub(crate) struct ServeSettings {
     /// The web origins whose pages may call the server (`--cors-origin`).
     pub(crate) cors: CorsOrigins,
     pub(crate) timeouts: Timeouts,
+    /// The most choices (`n`) one request may ask for: as many requests as
+    /// the engine answers at once.
+    pub(crate) max_choices: usize,
 }
 
 /// A model the server answers for: the id clients send, the name the

@@ -103,6 +103,7 @@ impl EmbeddingRequest {
         let mut embed = rusty_genius::core::Embed::new(inputs);
         embed.pooling = self.pooling;
         embed.truncate = self.truncate;
+        embed.dimensions = self.dimensions;
         embed
     }
 }

@@ -443,9 +443,32 @@ fn embeddings_come_in_the_openai_shape_as_floats_or_base64() {
     let text = encoded["data"][0]["embedding"].as_str().unwrap();
     assert_eq!(decode_base64_f32(text), first);
 
+    // The whole width is no cut; a shorter one needs a model trained
+    // for it, which Pinky is not.
+    let whole = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"model": "pinky", "input": "x", "dimensions": 64}),
+        &[AUTH],
+    );
+    assert_eq!(whole.status, 200);
+    let refused = post(
+        server.addr,
+        "/v1/embeddings",
+        &json!({"model": "pinky", "input": "x", "dimensions": 3}),
+        &[AUTH],
+    );
+    let message = refused.json()["error"]["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .unwrap()
+            .contains("not trained for shorter vectors"),
+        "{message}"
+    );
     for (bad, param) in [
         (json!({"model": "pinky", "input": []}), "input"),
-        (json!({"model": "pinky", "input": ["ok", ""]}), "input"),
+        (json!({"model": "pinky", "input": ["ok", ""]}), "input[1]"),
         (
             json!({"model": "pinky", "input": "x", "dimensions": 3}),
             "dimensions",
@@ -454,7 +477,10 @@ fn embeddings_come_in_the_openai_shape_as_floats_or_base64() {
             json!({"model": "pinky", "input": "x", "encoding_format": "int8"}),
             "encoding_format",
         ),
-        (json!({"model": "pinky", "input": [[104, 300]]}), "input"),
+        (
+            json!({"model": "pinky", "input": [[104, 300]]}),
+            "input[0][1]",
+        ),
         (json!({"model": "pinky", "input": [1.5]}), "input"),
         (json!({"model": "pinky", "input": {"text": "x"}}), "input"),
         (

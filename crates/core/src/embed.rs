@@ -97,6 +97,14 @@ pub struct Embed {
     /// [`InferenceConfig::keep_alive`](crate::InferenceConfig::keep_alive)).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<std::time::Duration>,
+    /// Keep only the first this many components of each vector (then
+    /// normalized, when [`normalize`](Self::normalize) is set). Only for
+    /// models trained so that a vector's beginning is an embedding of its
+    /// own (Matryoshka representation learning); any other model refuses
+    /// it, as the cut vectors would mean little. Default `None`: the
+    /// model's whole width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimensions: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -118,7 +126,43 @@ impl Embed {
             truncate: false,
             model: None,
             keep_alive: None,
+            dimensions: None,
         }
+    }
+
+    /// Sets [`dimensions`](Self::dimensions).
+    pub fn with_dimensions(mut self, dimensions: usize) -> Self {
+        self.dimensions = Some(dimensions);
+        self
+    }
+
+    /// Checks [`dimensions`](Self::dimensions) against the model `name`,
+    /// whose vectors have `width` components and which was (or was not)
+    /// `trained_for_shorter` vectors.
+    pub fn check_dimensions(
+        &self,
+        name: &str,
+        width: usize,
+        trained_for_shorter: bool,
+    ) -> Result<(), crate::GeniusError> {
+        let Some(wanted) = self.dimensions else {
+            return Ok(());
+        };
+        let refuse = |why: String| Err(crate::GeniusError::invalid_request("dimensions", why));
+        if wanted == width {
+            return Ok(());
+        }
+        if wanted == 0 || wanted > width {
+            return refuse(format!(
+                "dimensions={wanted}: `{name}` makes vectors of {width} components; ask for 1 to {width}"
+            ));
+        }
+        if !trained_for_shorter {
+            return refuse(format!(
+                "dimensions={wanted}: `{name}` was not trained for shorter vectors (Matryoshka embeddings), so the first {wanted} of its {width} components would not be an embedding of their own; leave dimensions out, or use a model trained for it (nomic-embed-text-v1.5, mxbai-embed-large-v1, embeddinggemma, Qwen3-Embedding, snowflake-arctic-embed v1.5/v2)"
+            ));
+        }
+        Ok(())
     }
 
     /// Sets [`model`](Self::model): the texts are embedded by this model.
@@ -204,6 +248,29 @@ pub fn normalize(vector: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dimensions_are_checked_against_the_width_and_the_training() {
+        let embed = Embed::new(["a"]).with_dimensions(256);
+        assert!(embed.check_dimensions("m", 768, true).is_ok());
+        let refused =
+            |embed: &Embed, width, trained| match embed.check_dimensions("m", width, trained) {
+                Err(crate::GeniusError::InvalidRequest { what, reason }) => {
+                    assert_eq!(what, "dimensions");
+                    reason
+                }
+                other => panic!("{other:?}"),
+            };
+        assert!(refused(&embed, 768, false).contains("not trained for shorter vectors"));
+        assert!(refused(&embed, 128, true).contains("ask for 1 to 128"));
+        assert!(refused(&Embed::new(["a"]).with_dimensions(0), 128, true).contains("1 to 128"));
+        // The whole width is no cut: any model gives it.
+        assert!(Embed::new(["a"])
+            .with_dimensions(384)
+            .check_dimensions("m", 384, false)
+            .is_ok());
+        assert!(Embed::new(["a"]).check_dimensions("m", 384, false).is_ok());
+    }
 
     #[test]
     fn defaults_fill_in_when_deserialising() {

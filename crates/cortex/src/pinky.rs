@@ -196,6 +196,11 @@ impl Pinky {
         limits: &Limits,
     ) -> Result<(), Box<Refused>> {
         let refuse = |output, error| Err(Box::new(Refused { output, error }));
+        // Pinky's vectors are bags of words: no beginning of one is an
+        // embedding of its own.
+        if let Err(error) = embed.check_dimensions("pinky", Self::EMBEDDING_WIDTH, false) {
+            return refuse(output, error);
+        }
         let mut tokens = Vec::new();
         let mut vectors = Vec::new();
         for (index, input) in embed.inputs.iter().enumerate() {

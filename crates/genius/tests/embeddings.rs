@@ -190,6 +190,19 @@ async fn bad_embed_requests_get_typed_errors_and_the_orchestrator_keeps_serving(
         .await
         .unwrap();
     assert_eq!(cut.tokens, [512]);
+    // MiniLM was not trained for shorter vectors: only its whole width.
+    let err = expect_invalid(
+        genius
+            .embeddings(Embed::new(["fine"]).with_dimensions(128))
+            .await,
+        "shorter vectors",
+    );
+    assert!(err.contains("not trained for shorter vectors"), "{err}");
+    let whole = genius
+        .embeddings(Embed::new(["fine"]).with_dimensions(384))
+        .await
+        .unwrap();
+    assert_eq!(whole.vectors[0].len(), 384);
     // An embedding model does not generate.
     let mut answer = genius.infer("Hello", InferenceConfig::greedy());
     let mut refused = None;

@@ -14,16 +14,16 @@ pub(super) async fn embeddings(
         .genius
         .embeddings(request.embed().with_model(model.name))
         .await
-        .map_err(|err| ApiError::from_report(&err).param("input"))?;
-    if let Some(wanted) = request.dimensions {
-        let width = embeddings.vectors.first().map_or(0, Vec::len);
-        if wanted != width {
-            return Err(ApiError::invalid(format!(
-                "dimensions={wanted}: this model's vectors have {width}; leave dimensions out"
-            ))
-            .param("dimensions"));
-        }
-    }
+        .map_err(|err| {
+            // The library calls the request's `input` its `inputs`.
+            ApiError::from_report(&err).map_param(|param| match param {
+                Some(param) => match param.strip_prefix("inputs") {
+                    Some(rest) => format!("input{rest}"),
+                    None => param,
+                },
+                None => "input".into(),
+            })
+        })?;
     let data: Vec<Value> = embeddings
         .vectors
         .iter()

@@ -41,6 +41,13 @@ impl ApiError {
         self
     }
 
+    /// Names the field of the request the error is about, given the name
+    /// the library used for it (`None` when it named none).
+    pub(super) fn map_param(mut self, map: impl FnOnce(Option<String>) -> String) -> Self {
+        self.detail.param = Some(map(self.detail.param.take()));
+        self
+    }
+
     pub(super) fn code(mut self, code: &'static str) -> Self {
         self.detail.code = Some(code);
         self

@@ -39,6 +39,8 @@ pub(super) struct EmbedJob {
     pub(super) limits: Limits,
     pub(super) pooling: Pooling,
     pub(super) normalize: bool,
+    /// The components of each vector kept (`Embed::dimensions`).
+    pub(super) dimensions: Option<usize>,
     pub(super) started: Instant,
     /// The vectors of `inputs[..vectors.len()]`.
     pub(super) vectors: Vec<Vec<f32>>,
@@ -73,6 +75,64 @@ pub(super) fn declared_pooling(model: &LlamaModel) -> Option<Pooling> {
         LlamaPoolingType::Last => Some(Pooling::Last),
         _ => None,
     }
+}
+
+/// Embedding models trained so that the beginning of each vector is an
+/// embedding of its own (Matryoshka representation learning), as their
+/// model cards say: names as GGUF files give them, lower case, words
+/// joined by `-`.
+const MATRYOSHKA: &[&str] = &[
+    "nomic-embed-text-v1.5",
+    "nomic-embed-text-v2",
+    "mxbai-embed-large-v1",
+    "embeddinggemma",
+    "qwen3-embedding",
+    "snowflake-arctic-embed-m-v1.5",
+    "snowflake-arctic-embed-m-v2",
+    "snowflake-arctic-embed-l-v2",
+    "jina-embeddings-v3",
+];
+
+/// Whether the model file names one of the [`MATRYOSHKA`] models.
+pub(super) fn trained_for_shorter(model: &LlamaModel) -> bool {
+    let meta = |key: &str| model.meta_val_str(key).ok();
+    let basename = meta("general.basename");
+    let versioned = basename
+        .as_ref()
+        .zip(meta("general.version"))
+        .map(|(base, version)| format!("{base}-{version}"));
+    [meta("general.name"), basename, versioned]
+        .into_iter()
+        .flatten()
+        .any(|name| names_matryoshka(&name))
+}
+
+fn names_matryoshka(name: &str) -> bool {
+    let name: String = name
+        .trim()
+        .to_lowercase()
+        .chars()
+        .map(|c| if c == ' ' || c == '_' { '-' } else { c })
+        .collect();
+    MATRYOSHKA.iter().any(|family| name.contains(family))
+}
+
+/// The width of the model's vectors.
+pub(super) fn width(model: &LlamaModel) -> usize {
+    let out = model.n_embd_out();
+    usize::try_from(if out > 0 { out } else { model.n_embd() }).unwrap_or(0)
+}
+
+/// A finished vector, cut to the asked `dimensions` and normalized as
+/// asked.
+fn finish(mut vector: Vec<f32>, dimensions: Option<usize>, normalize: bool) -> Vec<f32> {
+    if let Some(dimensions) = dimensions {
+        vector.truncate(dimensions);
+    }
+    if normalize {
+        rusty_genius_core::embed::normalize(&mut vector);
+    }
+    vector
 }
 
 fn llama_pooling(pooling: Pooling) -> LlamaPoolingType {
@@ -163,6 +223,7 @@ pub(super) fn pooling_for(
     embed: &Embed,
 ) -> Result<Pooling, GeniusError> {
     embed.validate()?;
+    embed.check_dimensions(name, width(model), trained_for_shorter(model))?;
     embed.pooling.or_else(|| declared_pooling(model)).ok_or_else(|| {
         GeniusError::invalid_request(
             "pooling",
@@ -397,10 +458,8 @@ fn run_causal(
                 let n = length as f32;
                 vector.iter_mut().for_each(|x| *x /= n);
             }
-            if job.normalize {
-                rusty_genius_core::embed::normalize(&mut vector);
-            }
-            job.vectors.push(vector);
+            job.vectors
+                .push(finish(vector, job.dimensions, job.normalize));
             let _ = context.clear_kv_cache_seq(Some(seq as u32), None, None);
         }
         Ok(())
@@ -466,11 +525,8 @@ fn run_whole(
             let pooled = context.embeddings_seq_ith(seq).map_err(|err| {
                 GeniusError::engine_from("llama.cpp returned no pooled embedding", err)
             })?;
-            let mut vector = pooled.to_vec();
-            if job.normalize {
-                rusty_genius_core::embed::normalize(&mut vector);
-            }
-            job.vectors.push(vector);
+            job.vectors
+                .push(finish(pooled.to_vec(), job.dimensions, job.normalize));
         }
         Ok(())
     });
@@ -564,5 +620,40 @@ impl Loaded {
                 result: Err(err),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matryoshka_models_are_known_by_their_names_in_any_spelling() {
+        for name in [
+            "nomic-embed-text-v1.5",
+            "Nomic Embed Text V1.5",
+            "mxbai_embed_large_v1",
+            "EmbeddingGemma 300m",
+            "Qwen3-Embedding-0.6B",
+            "snowflake-arctic-embed-m-v2.0",
+        ] {
+            assert!(names_matryoshka(name), "{name}");
+        }
+        for name in [
+            "all-MiniLM-L6-v2",
+            "nomic-embed-text-v1",
+            "bge-small-en-v1.5",
+            "Qwen2.5-Coder-0.5B-Instruct",
+        ] {
+            assert!(!names_matryoshka(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_cut_vector_keeps_its_beginning_and_is_normalized_again() {
+        let cut = finish(vec![3.0, 4.0, 12.0], Some(2), true);
+        assert_eq!(cut, [0.6, 0.8]);
+        assert_eq!(finish(vec![3.0, 4.0, 12.0], Some(2), false), [3.0, 4.0]);
+        assert_eq!(finish(vec![3.0, 4.0], None, false), [3.0, 4.0]);
     }
 }

@@ -194,6 +194,7 @@ impl Loaded {
                 inputs: Vec::with_capacity(embed.inputs.len()),
                 truncate: embed.truncate,
                 normalize: embed.normalize,
+                dimensions: embed.dimensions,
                 texts: embed.inputs,
                 spanning: None,
                 tokens: 0,

@@ -32,6 +32,21 @@ pub(crate) struct ChatRequest {
     /// `false`: at most one tool call per answer (the first).
     #[serde(default)]
     pub(crate) parallel_tool_calls: Option<bool>,
+    /// Where a thinking model's reasoning goes (llama-server's field).
+    #[serde(default)]
+    pub(crate) reasoning_format: ReasoningFormat,
+}
+
+/// `reasoning_format`: reasoning as `reasoning_content` (`auto`, the
+/// default, or `deepseek`, as DeepSeek's API sends it), or left in
+/// `content` within its `<think>` tags (`none`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum ReasoningFormat {
+    #[default]
+    Auto,
+    Deepseek,
+    None,
 }
 
 /// `POST /v1/completions`.

@@ -1047,3 +1047,58 @@ fn n_choices_come_whole_and_streamed_each_with_its_index() {
         );
     }
 }
+
+#[test]
+fn reasoning_goes_to_reasoning_content_or_stays_in_content_when_asked() {
+    let dir = TempDir::new("serve-reasoning");
+    let server = pinky_server(&dir, &[]);
+    // Pinky repeats the prompt, so its answer holds these tags.
+    let said = "<think>plan it</think>done";
+    let ask = |format: Option<&str>, stream: bool| {
+        let mut body = chat_body(said, stream);
+        if let Some(format) = format {
+            body["reasoning_format"] = json!(format);
+        }
+        let reply = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        if stream {
+            let text = reply.streamed_text(CONTENT);
+            let reasoning = reply.streamed_text("/choices/0/delta/reasoning_content");
+            (text, reasoning)
+        } else {
+            let message = reply.json()["choices"][0]["message"].clone();
+            let reasoning = message["reasoning_content"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned();
+            (message["content"].as_str().unwrap().to_owned(), reasoning)
+        }
+    };
+    for stream in [false, true] {
+        for format in [None, Some("auto"), Some("deepseek")] {
+            assert_eq!(
+                ask(format, stream),
+                ("Narf! You said: done".to_owned(), "plan it".to_owned()),
+                "{format:?}, stream {stream}"
+            );
+        }
+        assert_eq!(
+            ask(Some("none"), stream),
+            (
+                "Narf! You said: <think>plan it</think>done".to_owned(),
+                String::new()
+            ),
+            "none, stream {stream}"
+        );
+    }
+    let mut body = chat_body(said, false);
+    body["reasoning_format"] = json!("loud");
+    let refused = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+    assert_eq!(refused.status, 400);
+    assert_eq!(refused.json()["error"]["param"], "reasoning_format");
+}

@@ -17,6 +17,7 @@ pub(super) async fn chat_completions(
     let config = request.config()?.with_model(model.name);
     let mut reply = Reply::new(Endpoint::Chat, model.id, unix_now(), choices);
     reply.one_call = request.parallel_tool_calls == Some(false);
+    reply.fold_thoughts = request.reasoning_format == openai::ReasoningFormat::None;
     let streams = choice_configs(&config, choices)
         .map(|config| state.genius.chat(request.messages.clone(), config))
         .collect();
@@ -99,6 +100,9 @@ struct Reply {
     choices: Vec<Choice>,
     /// At most one tool call per choice (`parallel_tool_calls: false`).
     one_call: bool,
+    /// Reasoning goes out in `content`, within its `<think>` tags
+    /// (`reasoning_format: none`).
+    fold_thoughts: bool,
 }
 
 /// What one choice has gathered so far.
@@ -145,6 +149,7 @@ impl Reply {
             created,
             choices: (0..choices).map(|_| Choice::default()).collect(),
             one_call: false,
+            fold_thoughts: false,
         }
     }
 
@@ -261,6 +266,16 @@ impl Reply {
     /// Takes in one event of choice `index`; returns the chunk to stream
     /// for it, if any.
     fn take(&mut self, index: usize, event: InferenceEvent) -> Option<Value> {
+        let event = match event {
+            InferenceEvent::Thought(thought) if self.fold_thoughts => {
+                InferenceEvent::Content(match thought {
+                    ThoughtEvent::Start => "<think>".into(),
+                    ThoughtEvent::Delta(text) => text,
+                    ThoughtEvent::Stop => "</think>".into(),
+                })
+            }
+            event => event,
+        };
         let (endpoint, one_call) = (self.endpoint, self.one_call);
         let choice = &mut self.choices[index];
         match event {

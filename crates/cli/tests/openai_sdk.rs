@@ -11,33 +11,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::Server;
 use rusty_genius::facecrab::testing::{TempDir, MINILM, QWEN};
 
-fn python_with_openai() -> Option<String> {
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let found = Command::new(&python)
-        .args(["-c", "import openai, jsonschema"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if found {
-        return Some(python);
-    }
-    let why =
-        format!("{python} lacks the openai or jsonschema package (pip install openai jsonschema)");
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{why}: CI must run the OpenAI client tests");
-    }
-    eprintln!("skipped: {why}");
-    None
-}
-
 /// Serves `model` (with `serve_args`), runs tests/openai_sdk.py against it
 /// with `script_args`, and checks that all `checks` passed.
 fn run_checks(model: &Path, serve_args: &[&str], script_args: &[&str], checks: usize) {
-    let Some(python) = python_with_openai() else {
+    let Some(python) = common::python_with(&["openai", "jsonschema"], "openai jsonschema") else {
         return;
     };
     let home = TempDir::new("openai-sdk");
@@ -51,24 +32,10 @@ fn run_checks(model: &Path, serve_args: &[&str], script_args: &[&str], checks: u
     );
     server.wait_healthy();
     let id = model.file_stem().unwrap().to_string_lossy().into_owned();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_sdk.py");
-    let output = Command::new(python)
-        .args([script, &format!("http://{}/v1", server.addr), key, &id])
-        .args(script_args)
-        .output()
-        .expect("python runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        output.status.success(),
-        "the openai client checks failed:\n{stdout}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        server.log().join("\n")
-    );
-    assert!(
-        stdout.contains(&format!("{checks} checks passed")),
-        "{stdout}"
-    );
+    let base = format!("http://{}/v1", server.addr);
+    let mut script = vec![base.as_str(), key, &id];
+    script.extend_from_slice(script_args);
+    common::run_client_script(&python, "openai_sdk.py", &script, checks, &server);
 }
 
 #[test]

@@ -29,6 +29,7 @@ mod cors;
 mod embeddings;
 mod errors;
 mod models;
+mod ollama;
 mod responses;
 
 use chat::Watched;
@@ -212,6 +213,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/models/load", post(models::load_model))
         .route("/models/unload", post(models::unload_model))
         .route("/health", get(models::health))
+        .merge(ollama::routes())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))

@@ -326,3 +326,53 @@ pub(crate) fn pinky_model(dir: &Path) -> String {
     std::fs::write(&path, bytes).unwrap();
     path.display().to_string()
 }
+
+/// A Python that imports every one of `modules`, or `None` with a note
+/// (under CI, a failure: CI must run the client tests). `pip` is what to
+/// install for them.
+pub(crate) fn python_with(modules: &[&str], pip: &str) -> Option<String> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let found = Command::new(&python)
+        .args(["-c", &format!("import {}", modules.join(", "))])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if found {
+        return Some(python);
+    }
+    let why = format!("{python} lacks one of {modules:?} (pip install {pip})");
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{why}: CI must run the client tests");
+    }
+    eprintln!("skipped: {why}");
+    None
+}
+
+/// Runs the client script `script` (in tests/) with `python` and `args`,
+/// and checks that it passed all its `checks` (it prints `N checks
+/// passed`); the server's log goes with a failure.
+pub(crate) fn run_client_script(
+    python: &str,
+    script: &str,
+    args: &[&str],
+    checks: usize,
+    server: &Server,
+) {
+    let script = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success(),
+        "the client checks of {script} failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log().join("\n")
+    );
+    assert!(
+        stdout.contains(&format!("{checks} checks passed")),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,850 @@
+//! Ollama's API (`/api/...`) beside the OpenAI one, on the same models,
+//! gate and policies: `chat` and `generate` (NDJSON streams, or one
+//! object with `stream: false`), `embed` and the older `embeddings`,
+//! `tags`, `ps`, `show` and `version`. Errors go out in Ollama's shape,
+//! `{"error": "..."}`.
+
+use rusty_genius::core::chat::{ResponseFormat, Tool, ToolCall};
+use rusty_genius::core::{ChatMessage, Embed, EmbedInput, InferenceConfig, PromptFormat, Role};
+use serde::Deserialize;
+
+use super::*;
+
+/// The Ollama API version this server follows, for clients that check it.
+const API_VERSION: &str = "0.12.0";
+
+pub(super) fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/api/chat", post(chat))
+        .route("/api/generate", post(generate))
+        .route("/api/embed", post(embed))
+        .route("/api/embeddings", post(embeddings))
+        .route("/api/tags", get(tags))
+        .route("/api/ps", get(ps))
+        .route("/api/show", post(show))
+        .route("/api/version", get(version))
+        .layer(axum::middleware::from_fn(ollama_errors))
+}
+
+/// Rewrites the OpenAI-shaped errors of the gate, the body reader and the
+/// handlers into Ollama's `{"error": "message"}`, which its clients read.
+async fn ollama_errors(request: Request, next: axum::middleware::Next) -> Response {
+    let response = next.run(request).await;
+    if response.status().is_success() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return (
+            parts.status,
+            axum::Json(json!({"error": "the server failed"})),
+        )
+            .into_response();
+    };
+    let message = serde_json::from_slice::<Value>(&bytes)
+        .ok()
+        .and_then(|body| body["error"]["message"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let body = axum::Json(json!({"error": message})).into_response();
+    let (_, body) = body.into_parts();
+    Response::from_parts(parts, body)
+}
+
+// ---- requests -----------------------------------------------------------
+
+/// `options`: the sampling settings Ollama takes (others are ignored, as
+/// Ollama ignores what a runner cannot use).
+#[derive(Debug, Default, Deserialize)]
+struct Options {
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    seed: Option<i64>,
+    num_predict: Option<i64>,
+    stop: Option<Vec<String>>,
+    num_ctx: Option<u64>,
+}
+
+/// A message as Ollama sends it: tool calls carry their arguments as an
+/// object, and a tool result names its tool.
+#[derive(Debug, Deserialize)]
+struct Message {
+    role: Role,
+    #[serde(default)]
+    content: String,
+    #[serde(default)]
+    tool_calls: Vec<OllamaCall>,
+    #[serde(default)]
+    tool_name: Option<String>,
+    #[serde(default)]
+    images: Option<Vec<Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct OllamaCall {
+    function: OllamaFunction,
+}
+
+#[derive(Debug, Deserialize)]
+struct OllamaFunction {
+    name: String,
+    #[serde(default)]
+    arguments: Value,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChatBody {
+    model: String,
+    #[serde(default)]
+    messages: Vec<Message>,
+    #[serde(default)]
+    tools: Option<Vec<Tool>>,
+    #[serde(default)]
+    format: Option<Value>,
+    #[serde(default)]
+    options: Options,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    think: Option<Value>,
+}
+
+#[derive(Debug, Deserialize)]
+struct GenerateBody {
+    model: String,
+    #[serde(default)]
+    prompt: String,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    raw: bool,
+    #[serde(default)]
+    format: Option<Value>,
+    #[serde(default)]
+    options: Options,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+    #[serde(default)]
+    images: Option<Vec<Value>>,
+}
+
+fn invalid(message: impl Into<String>) -> ApiError {
+    ApiError::invalid(message)
+}
+
+/// `keep_alive`: seconds, a duration such as `"5m"` or `"1h30m"`, `0`
+/// (unload when done) or a negative value (keep loaded).
+fn keep_alive(value: &Value) -> Result<Duration, ApiError> {
+    let bad = || {
+        invalid(format!(
+            "keep_alive {value} is not a duration: send seconds (300), a duration such as \"5m\" or \"1h30m\", 0 to unload when done, or -1 to keep the model loaded"
+        ))
+    };
+    let seconds = match value {
+        Value::Number(number) => number.as_f64().ok_or_else(bad)?,
+        Value::String(text) => parse_duration(text).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    if seconds < 0.0 {
+        return Ok(Duration::MAX);
+    }
+    Duration::try_from_secs_f64(seconds).map_err(|_| bad())
+}
+
+/// Seconds in a Go-style duration (`"90s"`, `"5m"`, `"1h30m"`, `"-1m"`,
+/// `"300"`).
+fn parse_duration(text: &str) -> Option<f64> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Some(seconds);
+    }
+    let (sign, mut rest) = match text.strip_prefix('-') {
+        Some(rest) => (-1.0, rest),
+        None => (1.0, text),
+    };
+    let mut total = 0.0;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .filter(|&at| at > 0)?;
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        total += number * scale;
+        rest = &rest[unit_end..];
+    }
+    Some(sign * total)
+}
+
+/// `format`: `"json"` or a JSON schema.
+fn response_format(format: &Value) -> Result<ResponseFormat, ApiError> {
+    match format {
+        Value::Null => Ok(ResponseFormat::Text),
+        Value::String(kind) if kind == "json" => Ok(ResponseFormat::JsonObject),
+        Value::String(kind) if kind.is_empty() => Ok(ResponseFormat::Text),
+        Value::Object(_) => Ok(ResponseFormat::json_schema("format", format.clone())),
+        other => Err(invalid(format!(
+            "format {other} is not \"json\" or a JSON schema object"
+        ))),
+    }
+}
+
+impl Options {
+    /// The library's settings: the ones given, over the library's sampling
+    /// defaults.
+    fn config(&self, state: &AppState) -> Result<InferenceConfig, ApiError> {
+        let mut config = InferenceConfig::default();
+        if let Some(temperature) = self.temperature {
+            config.temperature = temperature;
+            if temperature == 0.0 {
+                config = InferenceConfig::greedy();
+            }
+        }
+        if let Some(top_p) = self.top_p {
+            config.top_p = top_p;
+        }
+        if let Some(top_k) = self.top_k {
+            config.top_k = top_k;
+        }
+        if let Some(min_p) = self.min_p {
+            config.min_p = min_p;
+        }
+        if let Some(penalty) = self.repeat_penalty {
+            config.repetition_penalty = penalty;
+        }
+        config.frequency_penalty = self.frequency_penalty.unwrap_or(0.0);
+        config.presence_penalty = self.presence_penalty.unwrap_or(0.0);
+        config.seed = self
+            .seed
+            .map(|seed| (seed as u64 ^ (seed as u64 >> 32)) as u32);
+        // Ollama's -1 (and -2) mean "until the context is full".
+        config.max_tokens = self
+            .num_predict
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0);
+        config.stop = self.stop.clone().unwrap_or_default();
+        if let Some(wanted) = self.num_ctx {
+            // The context is the engine's, set when it loads; a request may
+            // not ask for more than it has.
+            let _ = state;
+            log::debug!("options.num_ctx {wanted}: the context size is set at start (--ctx-size)");
+        }
+        Ok(config)
+    }
+}
+
+/// Ollama's messages as the library's conversation. Tool calls get ids of
+/// their own (Ollama has none); a tool result answers the last unanswered
+/// call of its tool.
+fn conversation(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    let mut open: Vec<(String, String)> = Vec::new();
+    for (index, message) in messages.into_iter().enumerate() {
+        if message
+            .images
+            .as_ref()
+            .is_some_and(|images| !images.is_empty())
+        {
+            return Err(invalid(format!(
+                "messages[{index}].images: this server's models read text only"
+            )));
+        }
+        let mut converted = ChatMessage {
+            role: message.role,
+            content: Some(message.content),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        };
+        for (at, call) in message.tool_calls.into_iter().enumerate() {
+            let id = format!("call_{index}_{at}");
+            let arguments = match call.function.arguments {
+                Value::Null => json!({}),
+                Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                other => other,
+            };
+            open.push((call.function.name.clone(), id.clone()));
+            converted
+                .tool_calls
+                .push(ToolCall::new(id, call.function.name, &arguments));
+        }
+        if converted.role == Role::Tool {
+            let name = message.tool_name;
+            let answered = match &name {
+                Some(name) => open.iter().rposition(|(called, _)| called == name),
+                None => open.len().checked_sub(1),
+            };
+            converted.tool_call_id = answered.map(|at| open.remove(at).1);
+            converted.name = name;
+        }
+        out.push(converted);
+    }
+    Ok(out)
+}
+
+// ---- endpoints ----------------------------------------------------------
+
+async fn chat(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: ChatBody = state.body(&headers, body).await?;
+    let model = state.model(&ollama_name(&request.model))?;
+    let mut config = request
+        .options
+        .config(&state)?
+        .with_model(model.name.clone());
+    config.tools = request.tools.unwrap_or_default();
+    if let Some(format) = &request.format {
+        config.response_format = response_format(format)?;
+    }
+    if let Some(idle) = &request.keep_alive {
+        config.keep_alive = Some(keep_alive(idle)?);
+    }
+    let _ = request.think;
+    let messages = conversation(request.messages)?;
+    if messages.is_empty() {
+        // Ollama loads the model for an empty conversation and answers.
+        return load_only(&state, &model, "message", request.keep_alive.as_ref()).await;
+    }
+    let stream = state.genius.chat(messages, config);
+    let reply = Answer::new(Kind::Chat, model.id);
+    answer(reply, stream, request.stream.unwrap_or(true)).await
+}
+
+async fn generate(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: GenerateBody = state.body(&headers, body).await?;
+    let model = state.model(&ollama_name(&request.model))?;
+    if request
+        .images
+        .as_ref()
+        .is_some_and(|images| !images.is_empty())
+    {
+        return Err(invalid("images: this server's models read text only"));
+    }
+    let mut config = request
+        .options
+        .config(&state)?
+        .with_model(model.name.clone());
+    if let Some(format) = &request.format {
+        config.response_format = response_format(format)?;
+    }
+    if let Some(idle) = &request.keep_alive {
+        config.keep_alive = Some(keep_alive(idle)?);
+    }
+    if request.prompt.is_empty() {
+        return load_only(&state, &model, "response", request.keep_alive.as_ref()).await;
+    }
+    let stream = if request.raw {
+        let config = config.with_prompt_format(PromptFormat::Raw);
+        state.genius.infer(request.prompt, config)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = request.system {
+            messages.push(ChatMessage::system(system));
+        }
+        messages.push(ChatMessage::user(request.prompt));
+        state.genius.chat(messages, config)
+    };
+    let reply = Answer::new(Kind::Generate, model.id);
+    answer(reply, stream, request.stream.unwrap_or(true)).await
+}
+
+/// The answer to a request with nothing to answer: the model is loaded
+/// (or, with `keep_alive: 0`, unloaded), as Ollama does.
+async fn load_only(
+    state: &AppState,
+    model: &Served,
+    field: &str,
+    keep: Option<&Value>,
+) -> Result<Response, ApiError> {
+    let unload = match keep {
+        Some(value) => keep_alive(value)? == Duration::ZERO,
+        None => false,
+    };
+    let reason = if unload {
+        let _ = state.genius.unload(&model.name).await;
+        "unload"
+    } else {
+        state
+            .genius
+            .load(&model.name)
+            .await
+            .map_err(|err| ApiError::from_report(&err))?;
+        "load"
+    };
+    let mut body = json!({
+        "model": model.id,
+        "created_at": now(),
+        "done": true,
+        "done_reason": reason,
+    });
+    body[field] = if field == "message" {
+        json!({"role": "assistant", "content": ""})
+    } else {
+        json!("")
+    };
+    Ok(axum::Json(body).into_response())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Chat,
+    Generate,
+}
+
+/// One answer as it is gathered, and its objects.
+struct Answer {
+    kind: Kind,
+    model: String,
+    started: std::time::Instant,
+    content: String,
+    thinking: String,
+    tool_calls: Vec<Value>,
+    usage: Option<Usage>,
+}
+
+impl Answer {
+    fn new(kind: Kind, model: String) -> Self {
+        Self {
+            kind,
+            model,
+            started: std::time::Instant::now(),
+            content: String::new(),
+            thinking: String::new(),
+            tool_calls: Vec::new(),
+            usage: None,
+        }
+    }
+
+    /// An object carrying `content`, `thinking` and `tool_calls`.
+    fn object(&self, content: &str, thinking: &str, tool_calls: &[Value], done: bool) -> Value {
+        let mut object = json!({"model": self.model, "created_at": now(), "done": done});
+        match self.kind {
+            Kind::Chat => {
+                let mut message = json!({"role": "assistant", "content": content});
+                if !thinking.is_empty() {
+                    message["thinking"] = json!(thinking);
+                }
+                if !tool_calls.is_empty() {
+                    message["tool_calls"] = json!(tool_calls);
+                }
+                object["message"] = message;
+            }
+            Kind::Generate => {
+                object["response"] = json!(content);
+                if !thinking.is_empty() {
+                    object["thinking"] = json!(thinking);
+                }
+            }
+        }
+        object
+    }
+
+    /// The piece to send for one event, if any.
+    fn take(&mut self, event: InferenceEvent) -> Option<Value> {
+        match event {
+            InferenceEvent::Content(text) => {
+                self.content.push_str(&text);
+                Some(self.object(&text, "", &[], false))
+            }
+            InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
+                self.thinking.push_str(&text);
+                Some(self.object("", &text, &[], false))
+            }
+            InferenceEvent::ToolCall {
+                name, arguments, ..
+            } => {
+                let call = json!({"function": {"name": name, "arguments": arguments}});
+                self.tool_calls.push(call.clone());
+                Some(self.object("", "", &[call], false))
+            }
+            InferenceEvent::Usage(usage) => {
+                self.usage = Some(usage);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The last object: `done`, why, and Ollama's counts and durations (in
+    /// nanoseconds). Whole when the answer was not streamed.
+    fn done(&self, whole: bool) -> Value {
+        let mut last = if whole {
+            self.object(&self.content, &self.thinking, &self.tool_calls, true)
+        } else {
+            self.object("", "", &[], true)
+        };
+        let nanos = |ms: f64| (ms * 1e6) as u64;
+        let total = self.started.elapsed().as_nanos() as u64;
+        let reason = match self.usage.as_ref().map(|u| u.finish_reason) {
+            Some(FinishReason::MaxTokens | FinishReason::ContextFull) => "length",
+            _ => "stop",
+        };
+        last["done_reason"] = json!(reason);
+        last["total_duration"] = json!(total);
+        if let Some(usage) = &self.usage {
+            let prompt = nanos(usage.prompt_ms);
+            let eval = nanos(usage.generation_ms);
+            last["load_duration"] = json!(total.saturating_sub(prompt + eval));
+            last["prompt_eval_count"] = json!(usage.prompt_tokens);
+            last["prompt_eval_duration"] = json!(prompt);
+            last["eval_count"] = json!(usage.generated_tokens);
+            last["eval_duration"] = json!(eval);
+        }
+        last
+    }
+}
+
+use rusty_genius::core::protocol::FinishReason;
+
+/// Streams the answer as NDJSON, one object per line, or sends it whole.
+async fn answer(
+    mut reply: Answer,
+    mut stream: RequestStream,
+    streamed: bool,
+) -> Result<Response, ApiError> {
+    let first = super::chat::first_event(&mut stream).await?;
+    if !streamed {
+        let mut next = first;
+        loop {
+            let event = match next.take() {
+                Some(event) => Ok(event),
+                None => match stream.next().await {
+                    Some(event) => event,
+                    None => break,
+                },
+            };
+            match event {
+                Ok(InferenceEvent::Complete) => break,
+                Ok(event) => {
+                    reply.take(event);
+                }
+                Err(err) => return Err(ApiError::from_report(&err)),
+            }
+        }
+        return Ok(axum::Json(reply.done(true)).into_response());
+    }
+    let events = Watched::new(stream, format!("ollama-{}", request_id()));
+    let lines = futures::stream::unfold(
+        (reply, first, events, false),
+        |(mut reply, mut first, mut events, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let event = match first.take() {
+                    Some(event) => Some(Ok(event)),
+                    None => events.next().await,
+                };
+                let line = match event {
+                    Some(Ok(InferenceEvent::Complete)) | None => {
+                        events.finished();
+                        let line = ndjson(&reply.done(false));
+                        return Some((line, (reply, None, events, true)));
+                    }
+                    Some(Ok(event)) => match reply.take(event) {
+                        Some(object) => {
+                            events.sent += 1;
+                            ndjson(&object)
+                        }
+                        None => continue,
+                    },
+                    Some(Err(err)) => {
+                        events.finished();
+                        let message = ApiError::from_report(&err).body().error.message;
+                        let line = ndjson(&json!({"error": message}));
+                        return Some((line, (reply, None, events, true)));
+                    }
+                };
+                return Some((line, (reply, None, events, false)));
+            }
+        },
+    );
+    let mut response = Response::new(Body::from_stream(lines));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
+fn ndjson(value: &Value) -> Result<Bytes, std::convert::Infallible> {
+    Ok(Bytes::from(format!("{value}\n")))
+}
+
+/// Now, as Ollama writes times (RFC 3339, UTC).
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// The served name an Ollama client means: Ollama's names carry a tag,
+/// `:latest` when none is given, which the server's own names lack.
+fn ollama_name(name: &str) -> String {
+    name.strip_suffix(":latest").unwrap_or(name).to_owned()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum EmbedText {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbedBody {
+    model: String,
+    input: EmbedText,
+    #[serde(default)]
+    truncate: Option<bool>,
+    #[serde(default)]
+    dimensions: Option<usize>,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+async fn embed(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: EmbedBody = state.body(&headers, body).await?;
+    let model = state.model(&ollama_name(&request.model))?;
+    let texts = match request.input {
+        EmbedText::One(text) => vec![text],
+        EmbedText::Many(texts) => texts,
+    };
+    let started = std::time::Instant::now();
+    let mut embed = Embed::new(texts.into_iter().map(EmbedInput::Text)).with_model(model.name);
+    // Ollama cuts over-long inputs unless told not to.
+    embed.truncate = request.truncate.unwrap_or(true);
+    embed.dimensions = request.dimensions;
+    if let Some(idle) = &request.keep_alive {
+        embed.keep_alive = Some(keep_alive(idle)?);
+    }
+    let embeddings = state
+        .genius
+        .embeddings(embed)
+        .await
+        .map_err(|err| ApiError::from_report(&err))?;
+    let tokens: usize = embeddings.tokens.iter().sum();
+    Ok(axum::Json(json!({
+        "model": model.id,
+        "embeddings": embeddings.vectors,
+        "total_duration": started.elapsed().as_nanos() as u64,
+        "prompt_eval_count": tokens,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbeddingsBody {
+    model: String,
+    prompt: String,
+    #[serde(default)]
+    keep_alive: Option<Value>,
+}
+
+/// The older `/api/embeddings`: one text, one vector (not normalized, as
+/// Ollama's is not).
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: EmbeddingsBody = state.body(&headers, body).await?;
+    let model = state.model(&ollama_name(&request.model))?;
+    let mut embed = Embed::new([request.prompt])
+        .with_model(model.name)
+        .without_normalizing()
+        .truncating();
+    if let Some(idle) = &request.keep_alive {
+        embed.keep_alive = Some(keep_alive(idle)?);
+    }
+    let mut embeddings = state
+        .genius
+        .embeddings(embed)
+        .await
+        .map_err(|err| ApiError::from_report(&err))?;
+    let vector = embeddings.vectors.pop().unwrap_or_default();
+    Ok(axum::Json(json!({"embedding": vector})).into_response())
+}
+
+/// A model as `/api/tags` and `/api/ps` list it.
+fn model_entry(model: &Served) -> Value {
+    let path = model
+        .path
+        .clone()
+        .or_else(|| Some(std::path::PathBuf::from(&model.name)).filter(|path| path.is_file()));
+    let (size, modified) = path
+        .as_ref()
+        .and_then(|path| std::fs::metadata(path).ok())
+        .map_or((0, None), |meta| {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|time| jiff::Timestamp::try_from(time).ok())
+                .map(|time| time.to_string());
+            (meta.len(), modified)
+        });
+    let name = if model.id.contains(':') {
+        model.id.clone()
+    } else {
+        format!("{}:latest", model.id)
+    };
+    let quantization = model
+        .id
+        .rsplit(['-', '.', '_', ':'])
+        .find(|part| {
+            part.to_ascii_uppercase().starts_with('Q')
+                || part.eq_ignore_ascii_case("f16")
+                || part.eq_ignore_ascii_case("f32")
+        })
+        .map(str::to_ascii_uppercase)
+        .unwrap_or_default();
+    json!({
+        "name": name,
+        "model": name,
+        "modified_at": modified.unwrap_or_else(now),
+        "size": size,
+        "digest": "",
+        "details": {
+            "format": "gguf",
+            "family": "",
+            "families": null,
+            "parameter_size": "",
+            "quantization_level": quantization,
+        },
+    })
+}
+
+async fn tags(State(state): State<Arc<AppState>>) -> Response {
+    let served = state.served();
+    let models: Vec<Value> = served.iter().map(model_entry).collect();
+    axum::Json(json!({"models": models})).into_response()
+}
+
+async fn ps(State(state): State<Arc<AppState>>) -> Response {
+    let served = state.served();
+    let statuses = state.genius.models().await.unwrap_or_default();
+    let models: Vec<Value> = served
+        .iter()
+        .filter_map(|model| {
+            let status = statuses
+                .iter()
+                .find(|s| s.name == model.name && s.state == ModelState::Loaded)?;
+            let mut entry = model_entry(model);
+            entry["size_vram"] = json!(0);
+            entry["size"] = json!(status.memory_bytes);
+            if let Some(info) = &status.info {
+                entry["context_length"] = json!(info.context_size);
+            }
+            let left = status
+                .keep_alive
+                .zip(status.idle_for)
+                .map(|(keep, idle)| keep.saturating_sub(idle));
+            entry["expires_at"] = match left {
+                Some(left) if left < Duration::from_secs(100 * 365 * 86_400) => {
+                    let at = jiff::Timestamp::now()
+                        .checked_add(jiff::SignedDuration::try_from(left).unwrap_or_default())
+                        .unwrap_or_else(|_| jiff::Timestamp::now());
+                    json!(at.to_string())
+                }
+                _ => json!("2318-01-01T00:00:00Z"),
+            };
+            Some(entry)
+        })
+        .collect();
+    axum::Json(json!({"models": models})).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct ShowBody {
+    #[serde(alias = "name")]
+    model: String,
+}
+
+async fn show(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: ShowBody = state.body(&headers, body).await?;
+    let model = state.model(&ollama_name(&request.model))?;
+    let path = model
+        .path
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from(&model.name));
+    let embeds = state.embeds(&path).await;
+    let capabilities = if embeds {
+        json!(["embedding"])
+    } else {
+        json!(["completion", "tools"])
+    };
+    let entry = model_entry(&model);
+    Ok(axum::Json(json!({
+        "modelfile": "",
+        "parameters": "",
+        "template": "",
+        "details": entry["details"],
+        "model_info": {},
+        "capabilities": capabilities,
+        "modified_at": entry["modified_at"],
+    }))
+    .into_response())
+}
+
+async fn version() -> Response {
+    axum::Json(json!({"version": API_VERSION})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_durations_read_as_seconds() {
+        assert_eq!(parse_duration("5m"), Some(300.0));
+        assert_eq!(parse_duration("1h30m"), Some(5400.0));
+        assert_eq!(parse_duration("90s"), Some(90.0));
+        assert_eq!(parse_duration("-1m"), Some(-60.0));
+        assert_eq!(parse_duration("300"), Some(300.0));
+        assert_eq!(parse_duration("1.5h"), Some(5400.0));
+        assert_eq!(parse_duration("5 minutes"), None);
+        assert_eq!(parse_duration("m"), None);
+    }
+
+    #[test]
+    fn keep_alive_maps_zero_negative_and_durations() {
+        assert_eq!(keep_alive(&json!(0)).unwrap(), Duration::ZERO);
+        assert_eq!(keep_alive(&json!(-1)).unwrap(), Duration::MAX);
+        assert_eq!(keep_alive(&json!("10m")).unwrap(), Duration::from_secs(600));
+        assert!(keep_alive(&json!("soon")).is_err());
+        assert!(keep_alive(&json!(true)).is_err());
+    }
+}

@@ -1,0 +1,53 @@
+//! The `ollama` Python package, unchanged, against `genius serve`'s Ollama
+//! API on the instruct and embedding test models (tests/ollama_client.py
+//! holds the checks).
+//!
+//! Needs `GENIUS_TEST_CHAT_MODEL`, `GENIUS_TEST_EMBED_MODEL` and a Python
+//! with `ollama` and `jsonschema`; without them it is skipped with a note,
+//! except under CI, where it fails.
+
+#![cfg(feature = "llama")]
+
+mod common;
+
+use common::Server;
+use rusty_genius::facecrab::testing::{TempDir, MINILM, QWEN};
+
+#[test]
+fn the_ollama_client_works_against_genius_serve() {
+    let (Some(chat), Some(embed)) = (QWEN.for_test(), MINILM.for_test()) else {
+        return;
+    };
+    let Some(python) = common::python_with(&["ollama", "jsonschema"], "ollama jsonschema") else {
+        return;
+    };
+    let home = TempDir::new("ollama-client");
+    let (chat_arg, embed_arg) = (chat.display().to_string(), embed.display().to_string());
+    let server = Server::start(
+        &[
+            "--model",
+            &chat_arg,
+            "--model",
+            &embed_arg,
+            "--max-models",
+            "2",
+            "--ctx-size",
+            "2048",
+        ],
+        &[("GENIUS_HOME", &home.path().display().to_string())],
+    );
+    server.wait_healthy();
+    let name = |path: &std::path::Path| path.file_stem().unwrap().to_string_lossy().into_owned();
+    let reference = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../fixtures/embeddings/minilm-reference.json"
+    );
+    let host = format!("http://{}", server.addr);
+    common::run_client_script(
+        &python,
+        "ollama_client.py",
+        &[&host, &name(&chat), &name(&embed), reference],
+        8,
+        &server,
+    );
+}

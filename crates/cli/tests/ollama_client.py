@@ -3,7 +3,9 @@
 Run by tests/ollama_client.rs with the server's address, the chat model's
 and the embedding model's names, and the embeddings reference:
 
-    python3 ollama_client.py http://127.0.0.1:PORT CHAT_MODEL EMBED_MODEL REFERENCE.json
+    python3 ollama_client.py http://127.0.0.1:PORT CHAT_MODEL EMBED_MODEL REFERENCE.json PULL_NAME
+
+PULL_NAME is a model the server's (loopback) Hub has, to pull and delete.
 
 The expected texts are the firm greedy answers tests/openai_sdk.py checks
 with log-probabilities (the same prompts and model).
@@ -15,7 +17,7 @@ import sys
 import jsonschema
 import ollama
 
-host, chat_model, embed_model, reference_path = sys.argv[1:5]
+host, chat_model, embed_model, reference_path, pull_name = sys.argv[1:6]
 reference = json.load(open(reference_path))["embeddings"]
 client = ollama.Client(host=host, timeout=300)
 passed = []
@@ -144,6 +146,22 @@ def _():
         assert "no-such-model" in err.error, err.error
     else:
         raise AssertionError("no error")
+
+
+@check("pull with progress, then delete")
+def _():
+    statuses = list(client.pull(pull_name, stream=True))
+    assert statuses[0].status == "pulling manifest", statuses
+    assert statuses[-1].status == "success", statuses
+    assert any(s.completed and s.completed == s.total for s in statuses), statuses
+    assert client.pull(pull_name).status == "success"
+    client.delete(pull_name)
+    try:
+        client.delete(pull_name)
+    except ollama.ResponseError as err:
+        assert err.status_code == 404, err
+    else:
+        raise AssertionError("deleted twice")
 
 
 print(f"ollama client: {len(passed)} checks passed", flush=True)

@@ -11,7 +11,9 @@
 mod common;
 
 use common::Server;
-use rusty_genius::facecrab::testing::{TempDir, MINILM, QWEN};
+use std::path::Path;
+
+use rusty_genius::facecrab::testing::{TempDir, TestHub, MINILM, QWEN};
 
 #[test]
 fn the_ollama_client_works_against_genius_serve() {
@@ -22,6 +24,11 @@ fn the_ollama_client_works_against_genius_serve() {
         return;
     };
     let home = TempDir::new("ollama-client");
+    // A loopback Hub with a small file to pull.
+    let hub = TestHub::start().unwrap();
+    let tiny = common::pinky_model(home.path());
+    hub.add_file("org/tiny-GGUF", "tiny-q4_k_m.gguf", Path::new(&tiny), None)
+        .unwrap();
     let (chat_arg, embed_arg) = (chat.display().to_string(), embed.display().to_string());
     let server = Server::start(
         &[
@@ -34,10 +41,16 @@ fn the_ollama_client_works_against_genius_serve() {
             "--ctx-size",
             "2048",
         ],
-        &[("GENIUS_HOME", &home.path().display().to_string())],
+        &[
+            (
+                "GENIUS_HOME",
+                &home.path().join("home").display().to_string(),
+            ),
+            ("HF_ENDPOINT", &hub.endpoint()),
+        ],
     );
     server.wait_healthy();
-    let name = |path: &std::path::Path| path.file_stem().unwrap().to_string_lossy().into_owned();
+    let name = |path: &Path| path.file_stem().unwrap().to_string_lossy().into_owned();
     let reference = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../fixtures/embeddings/minilm-reference.json"
@@ -46,8 +59,14 @@ fn the_ollama_client_works_against_genius_serve() {
     common::run_client_script(
         &python,
         "ollama_client.py",
-        &[&host, &name(&chat), &name(&embed), reference],
-        8,
+        &[
+            &host,
+            &name(&chat),
+            &name(&embed),
+            reference,
+            "hf.co/org/tiny-GGUF",
+        ],
+        9,
         &server,
     );
 }

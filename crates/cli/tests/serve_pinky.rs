@@ -1102,3 +1102,175 @@ fn reasoning_goes_to_reasoning_content_or_stays_in_content_when_asked() {
     assert_eq!(refused.status, 400);
     assert_eq!(refused.json()["error"]["param"], "reasoning_format");
 }
+
+/// The objects of an NDJSON body.
+fn ndjson_lines(reply: &common::Reply) -> Vec<Value> {
+    String::from_utf8_lossy(&reply.body)
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|err| panic!("{err}: {line}")))
+        .collect()
+}
+
+#[test]
+fn ollama_pull_serves_and_delete_removes_a_model_of_the_cache() {
+    let dir = TempDir::new("serve-ollama-pull");
+    let hub = rusty_genius::facecrab::testing::TestHub::start().unwrap();
+    let source = common::pinky_model(dir.path());
+    hub.add_file(
+        "org/tiny-GGUF",
+        "tiny-q4_k_m.gguf",
+        std::path::Path::new(&source),
+        None,
+    )
+    .unwrap();
+    let home = dir.join("home").display().to_string();
+    let server = Server::start(
+        &["--engine", "pinky"],
+        &[("GENIUS_HOME", &home), ("HF_ENDPOINT", &hub.endpoint())],
+    );
+    server.wait_healthy();
+    let tags = || {
+        let reply = request(server.addr, "GET", "/api/tags", &[], None).unwrap();
+        reply.json()["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(tags().is_empty());
+
+    let pulled = post(
+        server.addr,
+        "/api/pull",
+        &json!({"model": "hf.co/org/tiny-GGUF"}),
+        &[],
+    );
+    assert_eq!(pulled.status, 200);
+    assert_eq!(pulled.header("content-type"), Some("application/x-ndjson"));
+    let lines = ndjson_lines(&pulled);
+    assert_eq!(lines[0]["status"], "pulling manifest", "{lines:?}");
+    assert_eq!(lines.last().unwrap()["status"], "success", "{lines:?}");
+    let progress: Vec<_> = lines.iter().filter(|l| l["completed"].is_u64()).collect();
+    let last = progress.last().expect("progress lines");
+    assert_eq!(last["completed"], last["total"], "{lines:?}");
+    assert_eq!(tags(), ["org/tiny-GGUF/tiny-q4_k_m.gguf:latest"]);
+
+    // Ollama's name for it, with its quantization, reaches it.
+    let chat = post(
+        server.addr,
+        "/api/chat",
+        &json!({"model": "hf.co/org/tiny-GGUF:Q4_K_M", "stream": false,
+                "messages": [{"role": "user", "content": "pulled"}]}),
+        &[],
+    );
+    assert_eq!(chat.status, 200, "{}", String::from_utf8_lossy(&chat.body));
+    assert_eq!(chat.json()["message"]["content"], "Narf! You said: pulled");
+
+    let delete = |model: &str| {
+        let body = json!({"model": model}).to_string();
+        request(
+            server.addr,
+            "DELETE",
+            "/api/delete",
+            &[],
+            Some(body.as_bytes()),
+        )
+        .unwrap()
+    };
+    assert_eq!(delete("hf.co/org/tiny-GGUF").status, 200);
+    assert!(tags().is_empty());
+    let again = delete("hf.co/org/tiny-GGUF");
+    assert_eq!(again.status, 404);
+    assert!(again.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("not found"));
+
+    let missing = post(
+        server.addr,
+        "/api/pull",
+        &json!({"model": "hf.co/org/missing-GGUF", "stream": false}),
+        &[],
+    );
+    assert_eq!(
+        missing.status,
+        404,
+        "{}",
+        String::from_utf8_lossy(&missing.body)
+    );
+    assert!(missing.json()["error"].is_string());
+}
+
+#[test]
+fn bad_ollama_requests_get_ollama_errors_and_the_server_keeps_serving() {
+    let dir = TempDir::new("serve-ollama-bad");
+    let server = pinky_server(&dir, &[]);
+    let auth = [AUTH];
+    for (path, body, status, words) in [
+        ("/api/chat", "{not json", 400, ""),
+        ("/api/chat", r#"{"messages": []}"#, 400, "model"),
+        (
+            "/api/chat",
+            r#"{"model": "pinky", "messages": [{"role": "user", "content": "x"}], "options": {"temperature": "hot"}}"#,
+            400,
+            "temperature",
+        ),
+        (
+            "/api/chat",
+            r#"{"model": "pinky", "messages": [{"role": "user", "content": "x"}], "format": 5}"#,
+            400,
+            "format",
+        ),
+        (
+            "/api/chat",
+            r#"{"model": "pinky", "messages": [{"role": "user", "content": "x"}], "keep_alive": "soon"}"#,
+            400,
+            "keep_alive",
+        ),
+        (
+            "/api/chat",
+            r#"{"model": "nope:7b", "messages": [{"role": "user", "content": "x"}]}"#,
+            404,
+            "not found",
+        ),
+        (
+            "/api/generate",
+            r#"{"model": "pinky", "prompt": "x", "images": ["aGk="]}"#,
+            400,
+            "images",
+        ),
+        (
+            "/api/embed",
+            r#"{"model": "pinky", "input": [""]}"#,
+            400,
+            "empty",
+        ),
+        ("/api/show", r#"{"model": "nope"}"#, 404, "not found"),
+    ] {
+        let reply = request(server.addr, "POST", path, &auth, Some(body.as_bytes())).unwrap();
+        assert_eq!(
+            reply.status,
+            status,
+            "{path} {body}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let error = reply.json()["error"].clone();
+        let message = error
+            .as_str()
+            .unwrap_or_else(|| panic!("{path} {body}: {error}"));
+        assert!(message.contains(words), "{path} {body}: {message}");
+    }
+    // Without the key, Ollama's shape too.
+    let refused = request(server.addr, "GET", "/api/tags", &[], None).unwrap();
+    assert_eq!(refused.status, 401);
+    assert!(refused.json()["error"].is_string());
+    let fine = post(
+        server.addr,
+        "/api/generate",
+        &json!({"model": "pinky:latest", "prompt": "still here", "stream": false}),
+        &auth,
+    );
+    assert_eq!(fine.json()["response"], "Narf! You said: still here");
+}

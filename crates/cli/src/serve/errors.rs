@@ -172,7 +172,7 @@ pub(super) async fn not_found(method: Method, request: Request) -> ApiError {
 }
 
 /// `message` with every absolute file path cut to its file name.
-fn without_paths(message: &str) -> String {
+pub(super) fn without_paths(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;
     while let Some(at) = rest.find('/') {

@@ -217,6 +217,7 @@ fn router(state: Arc<AppState>) -> Router {
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
+        .layer(axum::middleware::from_fn(ollama::ollama_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             cors::cors,

@@ -23,14 +23,17 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/api/ps", get(ps))
         .route("/api/show", post(show))
         .route("/api/version", get(version))
-        .layer(axum::middleware::from_fn(ollama_errors))
+        .route("/api/pull", post(pull))
+        .route("/api/delete", axum::routing::delete(delete))
 }
 
 /// Rewrites the OpenAI-shaped errors of the gate, the body reader and the
-/// handlers into Ollama's `{"error": "message"}`, which its clients read.
-async fn ollama_errors(request: Request, next: axum::middleware::Next) -> Response {
+/// handlers of `/api/` paths into Ollama's `{"error": "message"}`, which
+/// its clients read.
+pub(super) async fn ollama_errors(request: Request, next: axum::middleware::Next) -> Response {
+    let ollama = request.uri().path().starts_with("/api/");
     let response = next.run(request).await;
-    if response.status().is_success() {
+    if !ollama || response.status().is_success() {
         return response;
     }
     let (mut parts, body) = response.into_parts();
@@ -310,7 +313,7 @@ async fn chat(
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: ChatBody = state.body(&headers, body).await?;
-    let model = state.model(&ollama_name(&request.model))?;
+    let model = resolve(&state, &request.model)?;
     let mut config = request
         .options
         .config(&state)?
@@ -339,7 +342,7 @@ async fn generate(
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: GenerateBody = state.body(&headers, body).await?;
-    let model = state.model(&ollama_name(&request.model))?;
+    let model = resolve(&state, &request.model)?;
     if request
         .images
         .as_ref()
@@ -521,7 +524,7 @@ impl Answer {
     }
 }
 
-use rusty_genius::core::protocol::FinishReason;
+use rusty_genius::core::protocol::{AssetEvent, FinishReason};
 
 /// Streams the answer as NDJSON, one object per line, or sends it whole.
 async fn answer(
@@ -603,10 +606,60 @@ fn now() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// The served name an Ollama client means: Ollama's names carry a tag,
-/// `:latest` when none is given, which the server's own names lack.
+/// The name facecrab knows for an Ollama name: without the `:latest` tag
+/// Ollama adds (the server's own names have none), and a Hugging Face
+/// repository (Ollama's `hf.co/org/repo:QUANT`) as its id
+/// (`org/repo:QUANT`).
 fn ollama_name(name: &str) -> String {
-    name.strip_suffix(":latest").unwrap_or(name).to_owned()
+    let name = name.trim();
+    let name = name.strip_suffix(":latest").unwrap_or(name);
+    ["hf.co/", "huggingface.co/", "https://huggingface.co/"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix))
+        .unwrap_or(name)
+        .to_owned()
+}
+
+/// The served model an Ollama client names: as the OpenAI API finds it,
+/// or a cached file of the repository it names (of its quantization, when
+/// the name has one); otherwise Ollama's "not found".
+fn resolve(state: &AppState, requested: &str) -> Result<Served, ApiError> {
+    let name = ollama_name(requested);
+    if let Ok(model) = state.model(&name) {
+        return Ok(model);
+    }
+    let (repo, quant) = match name.split_once(':') {
+        Some((repo, quant)) => (repo, Some(quant.to_ascii_lowercase())),
+        None => (name.as_str(), None),
+    };
+    let prefix = format!("{repo}/");
+    let found = state.served().into_iter().find(|model| {
+        model.id.strip_prefix(&prefix).is_some_and(|file| {
+            quant
+                .as_ref()
+                .is_none_or(|quant| file.to_ascii_lowercase().contains(quant.as_str()))
+        })
+    });
+    found.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "model \"{}\" not found: this server serves {}; pull it first (POST /api/pull)",
+                requested.escape_debug(),
+                served_names(state)
+            ),
+        )
+    })
+}
+
+fn served_names(state: &AppState) -> String {
+    let names: Vec<String> = state.served().into_iter().map(|m| m.id).collect();
+    if names.is_empty() {
+        "no models yet".into()
+    } else {
+        names.join(", ")
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -634,7 +687,7 @@ async fn embed(
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: EmbedBody = state.body(&headers, body).await?;
-    let model = state.model(&ollama_name(&request.model))?;
+    let model = resolve(&state, &request.model)?;
     let texts = match request.input {
         EmbedText::One(text) => vec![text],
         EmbedText::Many(texts) => texts,
@@ -678,7 +731,7 @@ async fn embeddings(
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: EmbeddingsBody = state.body(&headers, body).await?;
-    let model = state.model(&ollama_name(&request.model))?;
+    let model = resolve(&state, &request.model)?;
     let mut embed = Embed::new([request.prompt])
         .with_model(model.name)
         .without_normalizing()
@@ -795,7 +848,7 @@ async fn show(
     body: Body,
 ) -> Result<Response, ApiError> {
     let request: ShowBody = state.body(&headers, body).await?;
-    let model = state.model(&ollama_name(&request.model))?;
+    let model = resolve(&state, &request.model)?;
     let path = model
         .path
         .clone()
@@ -817,6 +870,148 @@ async fn show(
         "modified_at": entry["modified_at"],
     }))
     .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct PullBody {
+    #[serde(alias = "name")]
+    model: String,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    insecure: Option<bool>,
+}
+
+/// `POST /api/pull`: downloads a model into the cache (verified, resuming
+/// a partial download), reporting facecrab's progress as Ollama's status
+/// lines. A model served from a file (`--model`) needs nothing.
+async fn pull(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: PullBody = state.body(&headers, body).await?;
+    let _ = request.insecure;
+    let name = ollama_name(&request.model);
+    if name.is_empty() {
+        return Err(invalid("model: name the model to pull"));
+    }
+    let events = state.authority.ensure_model_stream(&name);
+    let label = format!("pulling {name}");
+    let statuses = events.flat_map(move |event| {
+        let lines: Vec<Value> = match event {
+            AssetEvent::Started(_) => vec![json!({"status": "pulling manifest"})],
+            AssetEvent::Progress(done, total) => vec![json!({
+                "status": label,
+                "digest": label,
+                "total": total,
+                "completed": done,
+            })],
+            AssetEvent::Complete(_) => vec![
+                json!({"status": "verifying sha256 digest"}),
+                json!({"status": "writing manifest"}),
+                json!({"status": "success"}),
+            ],
+            AssetEvent::Error(message) => vec![json!({"error": errors::without_paths(&message)})],
+            _ => Vec::new(),
+        };
+        futures::stream::iter(lines)
+    });
+    if !request.stream.unwrap_or(true) {
+        let mut statuses = std::pin::pin!(statuses);
+        while let Some(status) = statuses.next().await {
+            if let Some(message) = status["error"].as_str() {
+                let status = if message.contains("not found") || message.contains("404") {
+                    StatusCode::NOT_FOUND
+                } else {
+                    StatusCode::BAD_GATEWAY
+                };
+                return Err(ApiError::new(status, "invalid_request_error", message));
+            }
+            if status["status"] == "success" {
+                return Ok(axum::Json(status).into_response());
+            }
+        }
+        return Err(ApiError::internal());
+    }
+    let lines = statuses.map(|status| ndjson(&status));
+    let mut response = Response::new(Body::from_stream(lines));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    Ok(response)
+}
+
+/// A cache error, logged; the client learns only that it failed.
+fn cache_failed(err: rusty_genius::facecrab::FacecrabError) -> ApiError {
+    log::error!("the model cache failed: {err}");
+    ApiError::internal()
+}
+
+#[derive(Debug, Deserialize)]
+struct DeleteBody {
+    #[serde(alias = "name")]
+    model: String,
+}
+
+/// `DELETE /api/delete`: removes a cached model (its files, and blobs no
+/// other snapshot uses), unloading it first. Only the cache's files go:
+/// a `--model` file of the user's is never deleted.
+async fn delete(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: DeleteBody = state.body(&headers, body).await?;
+    let name = ollama_name(&request.model);
+    let (repo, quant) = match name.split_once(':') {
+        Some((repo, quant)) => (repo.to_owned(), Some(quant.to_ascii_lowercase())),
+        None => (name.clone(), None),
+    };
+    let authority = state.authority.clone();
+    let cached = tokio::task::spawn_blocking(move || authority.cached_models())
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(cache_failed)?;
+    let doomed: Vec<_> = cached
+        .into_iter()
+        .filter(|m| {
+            let id = format!("{}/{}", m.repo, m.file);
+            id == name
+                || (m.repo == repo
+                    && quant
+                        .as_ref()
+                        .is_none_or(|quant| m.file.to_ascii_lowercase().contains(quant.as_str())))
+        })
+        .collect();
+    if doomed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "model \"{}\" not found in the cache",
+                request.model.escape_debug()
+            ),
+        ));
+    }
+    for model in &doomed {
+        let id = format!("{}/{}", model.repo, model.file);
+        // Unloaded first, so that no request reads a file being removed.
+        let _ = state.genius.unload(&id).await;
+    }
+    let authority = state.authority.clone();
+    let freed = tokio::task::spawn_blocking(move || {
+        doomed
+            .iter()
+            .map(|model| authority.remove_model(model))
+            .sum::<Result<u64, _>>()
+    })
+    .await
+    .map_err(|_| ApiError::internal())?
+    .map_err(cache_failed)?;
+    log::info!("deleted {name} from the cache ({freed} bytes)");
+    Ok(StatusCode::OK.into_response())
 }
 
 async fn version() -> Response {

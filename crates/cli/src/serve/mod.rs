@@ -24,6 +24,7 @@ use rusty_genius::{OrchestratorHandle, RequestStream};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+mod anthropic;
 mod chat;
 mod cors;
 mod embeddings;
@@ -214,10 +215,12 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/models/unload", post(models::unload_model))
         .route("/health", get(models::health))
         .merge(ollama::routes())
+        .merge(anthropic::routes())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
         .layer(axum::middleware::from_fn(ollama::ollama_errors))
+        .layer(axum::middleware::from_fn(anthropic::anthropic_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             cors::cors,
@@ -324,10 +327,16 @@ impl AppState {
         let Some(key) = &self.settings.api_key else {
             return Ok(());
         };
+        // A bearer token, or Anthropic's `x-api-key`.
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
+            .or_else(|| {
+                headers
+                    .get("x-api-key")
+                    .and_then(|value| value.to_str().ok())
+            })
             .map(str::trim);
         match given {
             Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => Ok(()),
@@ -340,7 +349,7 @@ impl AppState {
             None => Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
-                "missing API key: send the header `Authorization: Bearer <key>`",
+                "missing API key: send the header `Authorization: Bearer <key>` (or `x-api-key: <key>`)",
             )
             .code("invalid_api_key")),
         }

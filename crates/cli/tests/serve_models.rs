@@ -251,7 +251,8 @@ fn with_two_places_the_least_recently_used_idle_model_makes_room() {
     let loaded: Vec<(String, String)> = states(&server);
     assert!(
         loaded.contains(&("one".to_owned(), "unloaded".to_owned())),
-        "{loaded:?}"
+        "{loaded:?}\nserver log:\n{}",
+        server.log().join("\n")
     );
     let evictions = server
         .log()

@@ -89,8 +89,14 @@ struct Entry {
     loads: Vec<LoadDone>,
     /// Requests given to the engine and not yet ended.
     running: HashMap<RequestId, CancelToken>,
-    /// The last request's arrival or end, or the load's end.
+    /// The last request's arrival or end, or the load's end: where its idle
+    /// time starts.
     last_used: Instant,
+    /// The last request's arrival (or load): the order in which the least
+    /// recently used model makes room. Arrivals come in the order clients
+    /// sent them; the reports of requests' ends come from each model's
+    /// engine thread, in no order across models.
+    last_asked: Instant,
     /// A request's keep-alive, in place of the strategy's.
     keep_alive: Option<Duration>,
     /// Unloads waiting for it to be idle.
@@ -107,6 +113,7 @@ impl Entry {
             loads: Vec::new(),
             running: HashMap::new(),
             last_used: Instant::now(),
+            last_asked: Instant::now(),
             keep_alive: None,
             releases: Vec::new(),
         }
@@ -346,6 +353,7 @@ impl Brainstem {
             entry.keep_alive = keep_alive;
         }
         entry.last_used = Instant::now();
+        entry.last_asked = entry.last_used;
         entry.queue.push_back(submission);
     }
 
@@ -367,6 +375,7 @@ impl Brainstem {
         self.default = Some(name.clone());
         let entry = self.entry(&name);
         entry.last_used = Instant::now();
+        entry.last_asked = entry.last_used;
         if let Phase::Loaded { info, .. } = &entry.phase {
             let info = info.clone();
             self.broadcast(BrainstemOutput::Status(EngineStatus::Loaded(name)));
@@ -627,7 +636,7 @@ impl Brainstem {
                     name: n.clone(),
                     bytes: e.bytes(),
                     busy: !e.idle() || matches!(e.phase, Phase::Loading { .. }),
-                    last_used: e.last_used,
+                    last_used: e.last_asked,
                 })
                 .collect();
             match find_room(&self.parts.residency, &holders, self.freeing_bytes, bytes) {

@@ -19,20 +19,6 @@ use serde_json::Value;
 
 const KEY: &str = "sk-browser-test";
 
-fn playwright() -> Option<PathBuf> {
-    let cache = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
-    let module = cache.join("rusty-genius-site-check/node_modules/playwright-core");
-    let ready = module.is_dir()
-        && std::path::Path::new("/usr/bin/chromium").exists()
-        && Command::new("node")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-    ready.then_some(module)
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -63,7 +49,7 @@ fn run_page(module: &PathBuf, page_port: u16, server: &Server) -> Value {
 
 #[test]
 fn a_page_from_an_allowed_origin_streams_an_answer_and_others_are_refused() {
-    let Some(module) = playwright() else {
+    let Some(module) = common::playwright() else {
         eprintln!("skipped: needs node, /usr/bin/chromium and playwright-core (site/check.sh installs it)");
         return;
     };

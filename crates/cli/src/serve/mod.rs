@@ -31,6 +31,7 @@ mod embeddings;
 mod errors;
 mod models;
 mod ollama;
+mod page;
 mod responses;
 
 use chat::Watched;
@@ -216,6 +217,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(models::health))
         .merge(ollama::routes())
         .merge(anthropic::routes())
+        .merge(page::routes())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
@@ -230,7 +232,7 @@ fn router(state: Arc<AppState>) -> Router {
 }
 
 /// What every request passes before its handler. With an API key, every
-/// endpoint but `/health` needs it (here, so that no handler can forget
+/// endpoint but `/health` and the chat page's files needs it (here, so that no handler can forget
 /// to ask). Without one, the
 /// server trusts whoever can reach it, so it makes sure a web page cannot
 /// be that someone: the `Host` must be `localhost`, an IP address or a
@@ -247,7 +249,7 @@ async fn gate(
 ) -> Response {
     let checked = if state.settings.api_key.is_none() {
         state.check_origin(&request)
-    } else if request.uri().path() == "/health" {
+    } else if request.uri().path() == "/health" || page::is_page(request.uri().path()) {
         Ok(())
     } else {
         state.authorize(request.headers())

@@ -376,3 +376,21 @@ pub(crate) fn run_client_script(
         "{stdout}"
     );
 }
+
+/// Where playwright-core is (`site/check.sh` installs it), when it, Node
+/// and Chromium at /usr/bin/chromium are all there.
+pub(crate) fn playwright() -> Option<std::path::PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache"))
+        })?;
+    let module = cache.join("rusty-genius-site-check/node_modules/playwright-core");
+    let ready = module.is_dir()
+        && std::path::Path::new("/usr/bin/chromium").exists()
+        && Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    ready.then_some(module)
+}

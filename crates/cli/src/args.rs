@@ -107,6 +107,10 @@ pub(crate) struct ServeArgs {
     /// 0.0.0.0:8080 to accept other machines (and set an API key).
     #[arg(long, default_value = "127.0.0.1:8080", env = "GENIUS_ADDR")]
     pub(crate) addr: SocketAddr,
+    /// Also listen here, where Ollama's clients look by default (e.g.
+    /// 127.0.0.1:11434); the same server, API and rules.
+    #[arg(long, env = "GENIUS_OLLAMA_ADDR")]
+    pub(crate) ollama_addr: Option<SocketAddr>,
     /// A model to serve, loaded at start (and pulled if needed); give it
     /// several times to serve several. Without it, every model already in
     /// the cache is served, each loaded on its first request; nothing is

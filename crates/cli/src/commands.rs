@@ -553,6 +553,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
     let genius = orchestrator(&args.engine, strategy, args.limits.limits(), residency)?;
     let settings = ServeSettings {
         addr: args.addr,
+        ollama_addr: args.ollama_addr,
         models: args.model,
         aliases: args.aliases,
         default_model: args.default_model,
@@ -570,10 +571,12 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
     if settings.api_key.is_none() && settings.cors.any() {
         log::warn!("--cors-origin * without an API key: any web page a user of this machine opens can use the server");
     }
-    if settings.api_key.is_none() && !settings.addr.ip().is_loopback() {
+    let exposed = std::iter::once(settings.addr)
+        .chain(settings.ollama_addr)
+        .find(|addr| !addr.ip().is_loopback());
+    if let (None, Some(exposed)) = (&settings.api_key, exposed) {
         log::warn!(
-            "serving on {} without an API key: anyone who can reach it can use it (--api-key)",
-            settings.addr
+            "serving on {exposed} without an API key: anyone who can reach it can use it (--api-key)"
         );
     }
     serve::serve(genius, authority()?, settings)

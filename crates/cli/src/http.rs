@@ -43,16 +43,36 @@ pub(crate) struct Timeouts {
 /// Serves `app` on every connection `listener` accepts, until `shutdown`
 /// completes; then lets the open answers finish.
 pub(crate) async fn serve(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     app: Router,
     timeouts: Timeouts,
     shutdown: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    // Each listener accepts on its own task; the connections meet here.
+    let (accepted_tx, mut accepted_rx) = tokio::sync::mpsc::channel(16);
+    let acceptors: Vec<_> = listeners
+        .into_iter()
+        .map(|listener| {
+            let accepted_tx = accepted_tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    let accepted = listener.accept().await;
+                    if accepted_tx.send(accepted).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(accepted_tx);
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = accepted_rx.recv() => match accepted {
+                Some(accepted) => accepted,
+                None => break,
+            },
             () = &mut shutdown => break,
         };
         let (stream, peer) = match accepted {
@@ -111,7 +131,11 @@ pub(crate) async fn serve(
             }
         });
     }
-    drop(listener);
+    // No new connections; the open ones finish their answers.
+    for acceptor in acceptors {
+        acceptor.abort();
+    }
+    drop(accepted_rx);
     graceful.shutdown().await;
 }
 

@@ -1274,3 +1274,35 @@ fn bad_ollama_requests_get_ollama_errors_and_the_server_keeps_serving() {
     );
     assert_eq!(fine.json()["response"], "Narf! You said: still here");
 }
+
+#[test]
+fn ollama_addr_serves_the_same_api_on_a_second_address() {
+    let dir = TempDir::new("serve-ollama-addr");
+    let server = pinky_server(&dir, &["--ollama-addr", "127.0.0.1:0"]);
+    let second: std::net::SocketAddr = server
+        .log()
+        .iter()
+        .find_map(|line| line.split("also listening for Ollama's clients at ").nth(1))
+        .expect("the second address in the log")
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(second, server.addr);
+    let version = request(second, "GET", "/api/version", &[AUTH], None).unwrap();
+    assert_eq!(version.status, 200);
+    assert!(version.json()["version"].is_string());
+    let reply = post(
+        second,
+        "/api/chat",
+        &json!({"model": "pinky", "stream": false,
+                "messages": [{"role": "user", "content": "over there"}]}),
+        &[AUTH],
+    );
+    assert_eq!(
+        reply.json()["message"]["content"],
+        "Narf! You said: over there"
+    );
+    // The same rules: the key is needed there too.
+    let refused = request(second, "GET", "/api/tags", &[], None).unwrap();
+    assert_eq!(refused.status, 401);
+}

@@ -49,6 +49,8 @@ use crate::openai::{
 #[derive(Debug, Clone)]
 pub(crate) struct ServeSettings {
     pub(crate) addr: SocketAddr,
+    /// A second address (`--ollama-addr`), where Ollama's clients look.
+    pub(crate) ollama_addr: Option<SocketAddr>,
     /// The models to serve, all loaded at start; none serves whatever the
     /// local cache holds, loading each on first use.
     pub(crate) models: Vec<String>,
@@ -116,6 +118,16 @@ pub(crate) async fn serve(
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", settings.addr))?;
     let local = listener.local_addr().map_err(|err| err.to_string())?;
+    let mut listeners = vec![listener];
+    if let Some(addr) = settings.ollama_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|err| format!("cannot listen on {addr} (--ollama-addr): {err}"))?;
+        let bound = listener.local_addr().map_err(|err| err.to_string())?;
+        log::info!("also listening on http://{bound} for Ollama's clients");
+        eprintln!("genius: also listening for Ollama's clients at {bound}");
+        listeners.push(listener);
+    }
     let fixed: Vec<Served> = settings
         .models
         .iter()
@@ -172,7 +184,7 @@ pub(crate) async fn serve(
     log::info!("listening on http://{local}");
     // The one line scripts wait for (the port may have been 0).
     eprintln!("genius: serving the OpenAI API on http://{local}/v1");
-    crate::http::serve(listener, app, timeouts, shutdown_signal()).await;
+    crate::http::serve(listeners, app, timeouts, shutdown_signal()).await;
     genius.shutdown();
     Ok(())
 }

@@ -20,6 +20,11 @@ if [ ! -d "$tools/node_modules/playwright-core" ]; then
     mkdir -p "$tools"
     npm install --silent --no-audit --no-fund --prefix "$tools" playwright-core@1.64.1 >/dev/null
 fi
+# The tests also drive `genius serve` with Ollama's npm client from here.
+if [ ! -d "$tools/node_modules/ollama" ]; then
+    echo "--- installing the ollama npm client (for the server's tests)"
+    npm install --silent --no-audit --no-fund --prefix "$tools" ollama@0.6.4 >/dev/null
+fi
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 python3 -m http.server "$port" --bind 127.0.0.1 >/dev/null 2>&1 &

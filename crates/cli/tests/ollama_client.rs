@@ -1,12 +1,14 @@
-//! The `ollama` Python package, unchanged, against `genius serve`'s Ollama
-//! API on the instruct and embedding test models (tests/ollama_client.py
-//! holds the checks).
+//! The `ollama` Python package and the `ollama` npm package, unchanged,
+//! against `genius serve`'s Ollama API on the instruct and embedding test
+//! models (tests/ollama_client.py and tests/ollama_client.mjs hold the
+//! checks).
 //!
 //! Needs `GENIUS_TEST_CHAT_MODEL`, `GENIUS_TEST_EMBED_MODEL` and a Python
 //! with `ollama` and `jsonschema`; without them it is skipped with a note,
 //! except under CI, where it fails.
 
 #![cfg(feature = "llama")]
+#![allow(clippy::print_stderr)] // the checks and the skip note go to the test log
 
 mod common;
 
@@ -68,5 +70,36 @@ fn the_ollama_client_works_against_genius_serve() {
         ],
         9,
         &server,
+    );
+
+    // The npm client, where site/check.sh installed it (CI runs that
+    // first), on the same server; the model pulled above was deleted.
+    let Some(module) = common::node_module("ollama") else {
+        assert!(
+            std::env::var("CI").map_or(true, |v| v != "true"),
+            "CI must run the ollama npm client (site/check.sh installs it)"
+        );
+        eprintln!("skipped the npm client: site/check.sh installs it");
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/ollama_client.mjs");
+    let output = std::process::Command::new("node")
+        .args([
+            script,
+            &host,
+            &name(&chat),
+            &name(&embed),
+            "hf.co/org/tiny-GGUF",
+        ])
+        .env("OLLAMA_JS", module)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        output.status.success() && stdout.contains("9 checks passed"),
+        "the ollama npm checks failed:\n{stdout}\n{}\nserver log:\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        server.log().join("\n")
     );
 }

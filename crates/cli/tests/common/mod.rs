@@ -377,20 +377,27 @@ pub(crate) fn run_client_script(
     );
 }
 
-/// Where playwright-core is (`site/check.sh` installs it), when it, Node
-/// and Chromium at /usr/bin/chromium are all there.
-pub(crate) fn playwright() -> Option<std::path::PathBuf> {
+/// Where the npm package `name` is among the tools `site/check.sh`
+/// installs, when it and Node are there.
+pub(crate) fn node_module(name: &str) -> Option<std::path::PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache"))
         })?;
-    let module = cache.join("rusty-genius-site-check/node_modules/playwright-core");
+    let module = cache
+        .join("rusty-genius-site-check/node_modules")
+        .join(name);
     let ready = module.is_dir()
-        && std::path::Path::new("/usr/bin/chromium").exists()
         && Command::new("node")
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success());
     ready.then_some(module)
+}
+
+/// Where playwright-core is (`site/check.sh` installs it), when it, Node
+/// and Chromium at /usr/bin/chromium are all there.
+pub(crate) fn playwright() -> Option<std::path::PathBuf> {
+    node_module("playwright-core").filter(|_| std::path::Path::new("/usr/bin/chromium").exists())
 }

@@ -135,6 +135,8 @@ def _():
     assert f"{chat_model}:latest" in loaded, loaded
     assert "embedding" in client.show(embed_model).capabilities
     assert "completion" in client.show(f"{chat_model}:latest").capabilities
+    # Ollama's library name for the same weights reaches the same file.
+    assert "completion" in client.show("qwen2.5-coder:0.5b").capabilities
 
 
 @check("an unknown model: ResponseError 404 in words")

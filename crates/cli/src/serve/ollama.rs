@@ -612,12 +612,44 @@ fn now() -> String {
 /// (`org/repo:QUANT`).
 fn ollama_name(name: &str) -> String {
     let name = name.trim();
+    if let Some((_, ours)) = OLLAMA_LIBRARY.iter().find(|(theirs, _)| *theirs == name) {
+        return (*ours).to_owned();
+    }
     let name = name.strip_suffix(":latest").unwrap_or(name);
+    if let Some((_, ours)) = OLLAMA_LIBRARY.iter().find(|(theirs, _)| *theirs == name) {
+        return (*ours).to_owned();
+    }
     ["hf.co/", "huggingface.co/", "https://huggingface.co/"]
         .iter()
         .find_map(|prefix| name.strip_prefix(prefix))
         .unwrap_or(name)
         .to_owned()
+}
+
+/// Ollama's library names for models of facecrab's registry: the same
+/// weights, in the same quantization Ollama's default tag has.
+const OLLAMA_LIBRARY: &[(&str, &str)] = &[
+    ("gemma3:270m", "gemma-3-270m"),
+    ("qwen2.5:0.5b", "qwen-2.5-0.5b-instruct"),
+    ("qwen2.5-coder:0.5b", "qwen-2.5-coder-0.5b-instruct"),
+    ("qwen2.5:1.5b", "qwen-2.5-1.5b-instruct"),
+    ("qwen2.5:3b", "qwen-2.5-3b-instruct"),
+    ("nomic-embed-text", "nomic-embed-text-v1.5"),
+];
+
+/// The served model that is the registry entry `name`: served under that
+/// name, or from its file (by `--model` path, or in the cache).
+fn registry_model(state: &AppState, name: &str) -> Option<Served> {
+    let spec = state.authority.registry().get(name)?;
+    let cached = format!("{}/{}", spec.repo, spec.filename);
+    state.served().into_iter().find(|model| {
+        model.id == name
+            || model.name == name
+            || model.id == cached
+            || std::path::Path::new(&model.name)
+                .file_name()
+                .is_some_and(|file| file == spec.filename.as_str())
+    })
 }
 
 /// The served model an Ollama client names: as the OpenAI API finds it,
@@ -626,6 +658,9 @@ fn ollama_name(name: &str) -> String {
 fn resolve(state: &AppState, requested: &str) -> Result<Served, ApiError> {
     let name = ollama_name(requested);
     if let Ok(model) = state.model(&name) {
+        return Ok(model);
+    }
+    if let Some(model) = registry_model(state, &name) {
         return Ok(model);
     }
     let (repo, quant) = match name.split_once(':') {
@@ -1021,6 +1056,21 @@ async fn version() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ollama_names_become_facecrab_names() {
+        assert_eq!(
+            ollama_name("qwen2.5-coder:0.5b"),
+            "qwen-2.5-coder-0.5b-instruct"
+        );
+        assert_eq!(
+            ollama_name("nomic-embed-text:latest"),
+            "nomic-embed-text-v1.5"
+        );
+        assert_eq!(ollama_name("hf.co/org/repo:Q4_K_M"), "org/repo:Q4_K_M");
+        assert_eq!(ollama_name("my-model:latest"), "my-model");
+        assert_eq!(ollama_name("org/repo/file.gguf"), "org/repo/file.gguf");
+    }
 
     #[test]
     fn go_durations_read_as_seconds() {

@@ -1306,3 +1306,25 @@ fn ollama_addr_serves_the_same_api_on_a_second_address() {
     let refused = request(second, "GET", "/api/tags", &[], None).unwrap();
     assert_eq!(refused.status, 401);
 }
+
+#[test]
+fn ollama_chat_sends_thinking_apart_unless_think_is_false() {
+    let dir = TempDir::new("serve-ollama-think");
+    let server = pinky_server(&dir, &[]);
+    let ask = |think: Option<bool>| {
+        let mut body = json!({"model": "pinky", "stream": false,
+            "messages": [{"role": "user", "content": "<think>plan it</think>done"}]});
+        if let Some(think) = think {
+            body["think"] = json!(think);
+        }
+        post(server.addr, "/api/chat", &body, &[AUTH]).json()["message"].clone()
+    };
+    for think in [None, Some(true)] {
+        let message = ask(think);
+        assert_eq!(message["content"], "Narf! You said: done", "{think:?}");
+        assert_eq!(message["thinking"], "plan it", "{think:?}");
+    }
+    let hidden = ask(Some(false));
+    assert_eq!(hidden["content"], "Narf! You said: done");
+    assert!(hidden.get("thinking").is_none(), "{hidden}");
+}

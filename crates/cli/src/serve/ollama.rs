@@ -325,14 +325,17 @@ async fn chat(
     if let Some(idle) = &request.keep_alive {
         config.keep_alive = Some(keep_alive(idle)?);
     }
-    let _ = request.think;
+    // `think: false` leaves a thinking model's reasoning out of the answer
+    // (the model still reasons: its template decides that).
+    let hide_thinking = matches!(request.think, Some(Value::Bool(false)));
     let messages = conversation(request.messages)?;
     if messages.is_empty() {
         // Ollama loads the model for an empty conversation and answers.
         return load_only(&state, &model, "message", request.keep_alive.as_ref()).await;
     }
     let stream = state.genius.chat(messages, config);
-    let reply = Answer::new(Kind::Chat, model.id);
+    let mut reply = Answer::new(Kind::Chat, model.id);
+    reply.hide_thinking = hide_thinking;
     answer(reply, stream, request.stream.unwrap_or(true)).await
 }
 
@@ -430,6 +433,8 @@ struct Answer {
     thinking: String,
     tool_calls: Vec<Value>,
     usage: Option<Usage>,
+    /// Reasoning is left out (`think: false`).
+    hide_thinking: bool,
 }
 
 impl Answer {
@@ -442,6 +447,7 @@ impl Answer {
             thinking: String::new(),
             tool_calls: Vec::new(),
             usage: None,
+            hide_thinking: false,
         }
     }
 
@@ -476,6 +482,7 @@ impl Answer {
                 self.content.push_str(&text);
                 Some(self.object(&text, "", &[], false))
             }
+            InferenceEvent::Thought(ThoughtEvent::Delta(_)) if self.hide_thinking => None,
             InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
                 self.thinking.push_str(&text);
                 Some(self.object("", &text, &[], false))

@@ -167,6 +167,11 @@ pub(crate) struct ServeArgs {
     /// with an answer its client does not read.
     #[arg(long, default_value_t = 75, value_name = "SECS")]
     pub(crate) idle_timeout: u64,
+    /// Seconds of silence in a streamed answer (a long prompt being read)
+    /// after which a keep-alive comment goes out, so that proxies and
+    /// clients with read timeouts hold on.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub(crate) sse_keep_alive: u64,
     #[command(flatten)]
     pub(crate) limits: LimitArgs,
     #[command(flatten)]

@@ -567,6 +567,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
             idle: Duration::from_secs(args.idle_timeout.max(1)),
         },
         max_choices: parallel(&args.engine),
+        sse_keep_alive: Duration::from_secs(args.sse_keep_alive.max(1)),
     };
     if settings.api_key.is_none() && settings.cors.any() {
         log::warn!("--cors-origin * without an API key: any web page a user of this machine opens can use the server");

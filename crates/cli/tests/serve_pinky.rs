@@ -1328,3 +1328,25 @@ fn ollama_chat_sends_thinking_apart_unless_think_is_false() {
     assert_eq!(hidden["content"], "Narf! You said: done");
     assert!(hidden.get("thinking").is_none(), "{hidden}");
 }
+
+#[test]
+fn a_silent_stream_carries_keep_alive_comments_from_the_moment_it_is_accepted() {
+    let dir = TempDir::new("serve-keep-alive");
+    // Each token takes 1.5 s: the first one comes after a silence longer
+    // than the keep-alive interval.
+    let server = pinky_server(&dir, &["--pinky-token-ms", "1500", "--sse-keep-alive", "1"]);
+    let mut body = chat_body("slow", true);
+    body["max_tokens"] = json!(2);
+    let streamed = post(server.addr, "/v1/chat/completions", &body, &[AUTH]);
+    assert_eq!(streamed.status, 200);
+    let raw = String::from_utf8_lossy(&streamed.body).into_owned();
+    let first_alive = raw.find(": keep-alive").expect("a keep-alive comment");
+    let first_content = raw.find("\"content\":\"Narf").expect("the answer");
+    assert!(first_alive < first_content, "{raw}");
+    // The role chunk went out on acceptance, before the silence.
+    assert!(
+        raw.find("\"role\":\"assistant\"").unwrap() < first_alive,
+        "{raw}"
+    );
+    assert_eq!(streamed.streamed_text(CONTENT), "Narf! You ");
+}

@@ -74,7 +74,10 @@ pub enum BrainstemOutput {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum InferenceEvent {
-    /// The request was accepted and the prompt is being processed.
+    /// The engine accepted the request (its prompt, settings, tools and
+    /// format are checked) and is processing its prompt. A request refused
+    /// before this ends with its error alone; once it has come, errors are
+    /// rare (a failed decode).
     ProcessStart,
     /// Reasoning the model wrapped in `<think>...</think>`.
     Thought(ThoughtEvent),

@@ -1,6 +1,7 @@
 //! The engine trait and the output handle engines write tokens to.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
@@ -133,11 +134,54 @@ pub const MAX_BACKLOG: usize = 256;
 pub struct Output {
     pipeline: TextPipeline,
     events: Vec<InferenceEvent>,
-    sink: Box<dyn EventSink>,
+    delivery: Arc<Mutex<Delivery>>,
     cancel: CancelToken,
     finished: Option<FinishReason>,
     /// Whether the request's end (`Complete` or an error) was sent.
     closed: bool,
+}
+
+/// Where an output's events go, with its `ProcessStart` while it is held
+/// back (see [`Output::hold_start`]).
+struct Delivery {
+    sink: Box<dyn EventSink>,
+    start_held: bool,
+}
+
+impl Delivery {
+    fn send(&mut self, event: Result<InferenceEvent, ErrorReport>) -> bool {
+        if self.start_held {
+            self.start_held = false;
+            if event.is_ok() && !self.sink.send(Ok(InferenceEvent::ProcessStart)) {
+                return false;
+            }
+        }
+        self.sink.send(event)
+    }
+}
+
+/// Sends a request's held-back `ProcessStart` once the engine has accepted
+/// it (see [`Output::hold_start`]).
+pub struct StartSignal(Arc<Mutex<Delivery>>);
+
+impl StartSignal {
+    /// The engine accepted the request: `ProcessStart` goes out now, unless
+    /// an event of the request already took it along.
+    pub fn accepted(self) {
+        let mut delivery = lock(&self.0);
+        if delivery.start_held {
+            delivery.start_held = false;
+            delivery.sink.send(Ok(InferenceEvent::ProcessStart));
+        }
+    }
+}
+
+/// The delivery, even if a panic elsewhere left its lock poisoned (its
+/// state is a flag and a channel: never half-written).
+fn lock(delivery: &Mutex<Delivery>) -> std::sync::MutexGuard<'_, Delivery> {
+    delivery
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Output {
@@ -150,11 +194,25 @@ impl Output {
         Self {
             pipeline: TextPipeline::new(&config.stop),
             events: Vec::new(),
-            sink: Box::new(sink),
+            delivery: Arc::new(Mutex::new(Delivery {
+                sink: Box::new(sink),
+                start_held: false,
+            })),
             cancel,
             finished: None,
             closed: false,
         }
+    }
+
+    /// Holds this request's [`InferenceEvent::ProcessStart`] until the
+    /// engine accepts it: the returned signal sends it then (or the
+    /// request's first event takes it along, if the engine sends one
+    /// first). A request the engine refuses ends with its error alone, so
+    /// a consumer knows, from `ProcessStart`, that the request was checked
+    /// and is being worked on.
+    pub fn hold_start(&mut self) -> StartSignal {
+        lock(&self.delivery).start_held = true;
+        StartSignal(self.delivery.clone())
     }
 
     /// Writes the bytes of one generated token. Returns `Some(reason)` when
@@ -206,7 +264,7 @@ impl Output {
 
     /// Sends an event straight to the consumer.
     pub fn send(&mut self, event: InferenceEvent) {
-        if !self.sink.send(Ok(event)) {
+        if !lock(&self.delivery).send(Ok(event)) {
             self.finished.get_or_insert(FinishReason::Cancelled);
         }
     }
@@ -228,7 +286,7 @@ impl Output {
     /// Whether the consumer lags so far behind that the request should
     /// wait before producing more.
     pub fn is_paused(&self) -> bool {
-        self.sink.backlog() > MAX_BACKLOG
+        lock(&self.delivery).sink.backlog() > MAX_BACKLOG
     }
 
     /// The reason recorded by [`push`](Self::push), if generation was cut
@@ -257,19 +315,25 @@ impl Output {
                 if self.tool_calls() > 0 && ended_by_model {
                     usage.finish_reason = FinishReason::ToolCalls;
                 }
-                self.sink.send(Ok(InferenceEvent::Usage(usage)));
-                self.sink.send(Ok(InferenceEvent::Complete));
+                let mut delivery = lock(&self.delivery);
+                delivery.send(Ok(InferenceEvent::Usage(usage)));
+                delivery.send(Ok(InferenceEvent::Complete));
             }
             Err(err) => {
                 log::warn!("{err}");
-                self.sink.send(Err(err.into()));
+                // A held ProcessStart is dropped: the request never ran.
+                lock(&self.delivery).send(Err(err.into()));
             }
         }
     }
 
     fn flush(&mut self) {
+        if self.events.is_empty() {
+            return;
+        }
+        let mut delivery = lock(&self.delivery);
         for event in self.events.drain(..) {
-            if !self.sink.send(Ok(event)) {
+            if !delivery.send(Ok(event)) {
                 self.finished.get_or_insert(FinishReason::Cancelled);
             }
         }

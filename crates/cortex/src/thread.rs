@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::channel::oneshot;
 use rusty_genius_core::manifest::ModelInfo;
-use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
+use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::GeniusError;
 
 use crate::cancel::CancelToken;
@@ -358,11 +358,16 @@ impl Serving {
                     continue;
                 }
             };
-            request.output.send(InferenceEvent::ProcessStart);
+            // ProcessStart goes out once the engine has accepted the
+            // request; a refused one ends with its error alone.
+            let accepted = request.output.hold_start();
             let cancel = request.output.cancel_token();
             let started = catch_unwind(AssertUnwindSafe(|| engine.start(request)));
             match started {
-                Ok(Ok(())) => self.started.push((id, cancel)),
+                Ok(Ok(())) => {
+                    accepted.accepted();
+                    self.started.push((id, cancel));
+                }
                 Ok(Err(mut refused)) => {
                     refused.output.end(Err(refused.error));
                     self.report(EngineReport::Ended(id));

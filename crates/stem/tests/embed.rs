@@ -61,11 +61,20 @@ async fn pinky_embeds_deterministically_and_shared_words_are_closer() {
             other => panic!("unexpected {other:?}"),
         });
     }
-    assert_eq!(kinds.last(), Some(&"complete"));
-    assert!(
-        kinds.ends_with(&["embeddings", "usage", "complete"]),
-        "{kinds:?}"
-    );
+    // ProcessStart comes first, even though Pinky sends the vectors as it
+    // accepts the request.
+    assert_eq!(kinds, ["start", "embeddings", "usage", "complete"]);
+
+    // A request the engine refuses ends with its error alone: no
+    // ProcessStart, which says a request was accepted.
+    let mut refused = genius.embed(Embed::new([vec![104, 300]]));
+    let mut events = Vec::new();
+    while let Some(event) = refused.next().await {
+        events.push(event);
+    }
+    assert_eq!(events.len(), 1, "{events:?}");
+    let err = events[0].as_ref().unwrap_err();
+    assert!(err.contains("300"), "{err}");
 
     let err = genius
         .embeddings(Embed::new(["ok", " "]))

@@ -420,21 +420,40 @@ async fn stream_reply(
     )))
 }
 
-/// The first event of a request that will be streamed (its start is
-/// skipped), or the HTTP error the library refused it with. Awaited
-/// before the response starts, so that a refused request gets its error
-/// status rather than an error inside a 200 stream.
+/// Waits until the engine has accepted a request that will be streamed
+/// (its `ProcessStart`), or gives the HTTP error the library refused it
+/// with: awaited before the response starts, so that a refused request
+/// gets its error status rather than an error inside a 200 stream, and an
+/// accepted one starts its stream at once (while its prompt is read, the
+/// stream carries keep-alive comments). An event that came without a
+/// `ProcessStart` is handed back.
 pub(super) async fn first_event(
     stream: &mut RequestStream,
 ) -> Result<Option<InferenceEvent>, ApiError> {
-    loop {
-        match stream.next().await {
-            Some(Ok(InferenceEvent::ProcessStart)) => continue,
-            Some(Ok(event)) => return Ok(Some(event)),
-            Some(Err(err)) => return Err(ApiError::from_report(&err)),
-            None => return Ok(None),
-        }
+    match stream.next().await {
+        Some(Ok(InferenceEvent::ProcessStart)) | None => Ok(None),
+        Some(Ok(event)) => Ok(Some(event)),
+        Some(Err(err)) => Err(ApiError::from_report(&err)),
     }
+}
+
+/// How long a streamed answer may be silent before a keep-alive comment
+/// goes out (`--sse-keep-alive`; set once at start).
+pub(super) static KEEP_ALIVE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// `frames`, with an SSE comment (which every client skips) after each
+/// [`KEEP_ALIVE`] without a frame.
+fn with_keep_alive(
+    frames: impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+    let every = KEEP_ALIVE.get().copied().unwrap_or(Duration::from_secs(10));
+    futures::stream::unfold(Box::pin(frames), move |mut frames| async move {
+        match tokio::time::timeout(every, frames.next()).await {
+            Ok(Some(frame)) => Some((frame, frames)),
+            Ok(None) => None,
+            Err(_) => Some((Ok(Bytes::from_static(b": keep-alive\n\n")), frames)),
+        }
+    })
 }
 
 /// A server-sent event stream of `frames`, with the headers that keep
@@ -442,7 +461,7 @@ pub(super) async fn first_event(
 pub(super) fn event_stream(
     frames: impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
 ) -> Response {
-    let mut response = Response::new(Body::from_stream(frames));
+    let mut response = Response::new(Body::from_stream(with_keep_alive(frames)));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

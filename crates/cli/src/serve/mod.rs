@@ -69,6 +69,9 @@ pub(crate) struct ServeSettings {
     /// The most choices (`n`) one request may ask for: as many requests as
     /// the engine answers at once.
     pub(crate) max_choices: usize,
+    /// Silence in a streamed answer after which a keep-alive comment goes
+    /// out.
+    pub(crate) sse_keep_alive: Duration,
 }
 
 /// A model the server answers for: the id clients send, the name the
@@ -180,6 +183,7 @@ pub(crate) async fn serve(
         });
     }
     let timeouts = settings.timeouts;
+    let _ = chat::KEEP_ALIVE.set(settings.sse_keep_alive);
     let app = router(state);
     log::info!("listening on http://{local}");
     // The one line scripts wait for (the port may have been 0).

@@ -1,6 +1,8 @@
-//! A page from another origin calls `genius serve` from headless Chromium:
-//! it reads a streamed answer when `--cors-origin` allows its origin, and
-//! the browser refuses it the answer otherwise.
+//! `genius serve` in headless Chromium, on Pinky: a page from another
+//! origin reads a streamed answer when `--cors-origin` allows its origin,
+//! and the browser refuses it the answer otherwise; and the server's own
+//! chat page renders Markdown, folds thinking and runs none of a model's
+//! HTML.
 //!
 //! Needs Node, Chromium at /usr/bin/chromium and playwright-core where
 //! `site/check.sh` installs it (CI runs that first); without them the test
@@ -96,4 +98,46 @@ fn a_page_from_an_allowed_origin_streams_an_answer_and_others_are_refused() {
     let closed = start(&[]);
     let refused = run_page(&module, page_port, &closed);
     assert_eq!(refused["ok"], false, "{refused}");
+}
+
+#[test]
+fn the_chat_page_renders_markdown_folds_thinking_and_runs_no_model_markup() {
+    let Some(module) = common::playwright() else {
+        eprintln!("skipped: needs node, /usr/bin/chromium and playwright-core (site/check.sh installs it)");
+        return;
+    };
+    let dir = TempDir::new("chat-page-render");
+    let model = common::pinky_model(dir.path());
+    let home = dir.join("home").display().to_string();
+    let server = Server::start(
+        &["--engine", "pinky", "--model", model.as_str()],
+        &[("GENIUS_HOME", &home)],
+    );
+    server.wait_healthy();
+    let shots = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("chat-page");
+    std::fs::create_dir_all(&shots).unwrap();
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser/render.js");
+    let output = Command::new("node")
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{}", server.addr.port()))
+        .arg(shots.join("chat-render.png"))
+        .env("PLAYWRIGHT_CORE", module)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let seen: Value = serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|_| panic!("no result: {stdout}"));
+    eprintln!("the page rendered: {seen}");
+    assert_eq!(seen["ok"], true, "{seen}");
+    assert_eq!(seen["code"], "let x = 1;", "{seen}");
+    assert_eq!(seen["codeClass"], "language-js", "{seen}");
+    assert_eq!(seen["bold"], "bold", "{seen}");
+    assert_eq!(seen["inlineCode"], "a<b", "{seen}");
+    assert_eq!(seen["thinking"], "plan it", "{seen}");
+    assert_eq!(seen["thinkingOpen"], false, "folded once the answer came");
+    assert_eq!(seen["images"], 0, "the model's HTML stayed text: {seen}");
+    assert_eq!(seen["pwned"], false, "{seen}");
+    assert_eq!(seen["link"], "https://example.org/", "{seen}");
+    assert_eq!(seen["linkRel"], "noopener noreferrer", "{seen}");
+    assert_eq!(seen["elsewhere"], serde_json::json!([]), "{seen}");
 }

@@ -1350,3 +1350,80 @@ fn a_silent_stream_carries_keep_alive_comments_from_the_moment_it_is_accepted() 
     );
     assert_eq!(streamed.streamed_text(CONTENT), "Narf! You ");
 }
+
+#[test]
+fn anthropic_messages_carry_thinking_blocks_and_stream_in_event_order() {
+    let dir = TempDir::new("serve-anthropic");
+    let server = pinky_server(&dir, &[]);
+    let key = ("x-api-key", KEY);
+    let body = json!({"model": "pinky", "max_tokens": 50,
+        "messages": [{"role": "user", "content": "<think>plan it</think>done"}]});
+    let whole = post(server.addr, "/v1/messages", &body, &[key]).json();
+    assert_eq!(whole["type"], "message");
+    // Pinky repeats the prompt after its own words: text, thinking, text.
+    let kinds: Vec<&str> = whole["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|block| block["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["text", "thinking", "text"], "{whole}");
+    assert_eq!(whole["content"][1]["thinking"], "plan it");
+    assert_eq!(whole["content"][2]["text"], "done");
+    assert_eq!(whole["stop_reason"], "end_turn");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let reply = post(server.addr, "/v1/messages", &streamed, &[key]);
+    assert_eq!(reply.status, 200);
+    let names: Vec<String> = String::from_utf8_lossy(&reply.body)
+        .lines()
+        .filter_map(|line| line.strip_prefix("event: "))
+        .map(str::to_owned)
+        .collect();
+    let mut expected = vec![
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+    ];
+    assert_eq!(&names[..3], expected.as_slice(), "{names:?}");
+    expected = vec!["content_block_stop", "message_delta", "message_stop"];
+    assert_eq!(&names[names.len() - 3..], expected.as_slice(), "{names:?}");
+    let starts = names.iter().filter(|n| *n == "content_block_start").count();
+    let stops = names.iter().filter(|n| *n == "content_block_stop").count();
+    assert_eq!(
+        (starts, stops),
+        (3, 3),
+        "text, thinking and text blocks: {names:?}"
+    );
+
+    // Its own error shape, and bad blocks refused by field.
+    let missing = post(
+        server.addr,
+        "/v1/messages",
+        &json!({"model": "pinky", "messages": []}),
+        &[key],
+    );
+    assert_eq!(missing.status, 400);
+    let error = missing.json();
+    assert_eq!(error["type"], "error");
+    assert_eq!(error["error"]["type"], "invalid_request_error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_tokens"),
+        "{error}"
+    );
+    let image = post(
+        server.addr,
+        "/v1/messages",
+        &json!({"model": "pinky", "max_tokens": 5, "messages": [{"role": "user",
+            "content": [{"type": "image", "source": {}}]}]}),
+        &[key],
+    );
+    assert_eq!(image.status, 400);
+    let no_key = post(server.addr, "/v1/messages", &body, &[]);
+    assert_eq!(no_key.status, 401);
+    assert_eq!(no_key.json()["error"]["type"], "authentication_error");
+}

@@ -183,6 +183,29 @@ pub(crate) struct Sampling {
     pub(crate) web_search_options: Option<serde_json::Value>,
 }
 
+/// `config` with a request's `temperature`: 0 means greedy decoding in
+/// every API this server speaks (the library's greedy settings replace the
+/// others).
+pub(crate) fn with_temperature(
+    config: InferenceConfig,
+    temperature: Option<f32>,
+) -> InferenceConfig {
+    match temperature {
+        Some(temperature) if temperature == 0.0 => InferenceConfig::greedy(),
+        Some(temperature) => InferenceConfig {
+            temperature,
+            ..config
+        },
+        None => config,
+    }
+}
+
+/// A request's 64-bit seed as the sampler's 32-bit one. Folding keeps
+/// distinct small seeds distinct and the same seed the same.
+pub(crate) fn fold_seed(seed: i64) -> u32 {
+    (seed as u64 ^ (seed as u64 >> 32)) as u32
+}
+
 /// `stream_options`.
 #[derive(Debug, Default, Deserialize)]
 pub(crate) struct StreamOptions {
@@ -253,12 +276,7 @@ impl Sampling {
             repetition_penalty: 1.0,
             ..InferenceConfig::default()
         };
-        if let Some(temperature) = self.temperature {
-            config.temperature = temperature;
-            if temperature == 0.0 {
-                config = InferenceConfig::greedy();
-            }
-        }
+        config = with_temperature(config, self.temperature);
         if let Some(top_p) = self.top_p {
             config.top_p = top_p;
         }
@@ -266,11 +284,7 @@ impl Sampling {
             .max_completion_tokens
             .or(self.max_tokens)
             .map(|n| n as usize);
-        // OpenAI seeds are 64-bit; the sampler's are 32. Folding keeps
-        // distinct small seeds distinct and the same seed the same.
-        config.seed = self
-            .seed
-            .map(|seed| (seed as u64 ^ (seed as u64 >> 32)) as u32);
+        config.seed = self.seed.map(fold_seed);
         config.stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(stop)) => vec![stop.clone()],

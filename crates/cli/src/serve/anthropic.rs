@@ -310,19 +310,13 @@ fn config(request: &MessagesBody) -> Result<(InferenceConfig, bool), ApiError> {
     if request.max_tokens == 0 {
         return Err(invalid("max_tokens", "max_tokens must be at least 1"));
     }
-    let mut config = InferenceConfig::default();
-    if let Some(temperature) = request.temperature {
-        if !(0.0..=1.0).contains(&temperature) {
-            return Err(invalid(
-                "temperature",
-                format!("temperature {temperature} is outside 0 to 1"),
-            ));
-        }
-        config.temperature = temperature;
-        if temperature == 0.0 {
-            config = InferenceConfig::greedy();
-        }
+    if let Some(temperature) = request.temperature.filter(|t| !(0.0..=1.0).contains(t)) {
+        return Err(invalid(
+            "temperature",
+            format!("temperature {temperature} is outside 0 to 1"),
+        ));
     }
+    let mut config = openai::with_temperature(InferenceConfig::default(), request.temperature);
     if let Some(top_p) = request.top_p {
         config.top_p = top_p;
     }

@@ -215,14 +215,8 @@ fn response_format(format: &Value) -> Result<ResponseFormat, ApiError> {
 impl Options {
     /// The library's settings: the ones given, over the library's sampling
     /// defaults.
-    fn config(&self, state: &AppState) -> Result<InferenceConfig, ApiError> {
-        let mut config = InferenceConfig::default();
-        if let Some(temperature) = self.temperature {
-            config.temperature = temperature;
-            if temperature == 0.0 {
-                config = InferenceConfig::greedy();
-            }
-        }
+    fn config(&self) -> InferenceConfig {
+        let mut config = openai::with_temperature(InferenceConfig::default(), self.temperature);
         if let Some(top_p) = self.top_p {
             config.top_p = top_p;
         }
@@ -237,9 +231,7 @@ impl Options {
         }
         config.frequency_penalty = self.frequency_penalty.unwrap_or(0.0);
         config.presence_penalty = self.presence_penalty.unwrap_or(0.0);
-        config.seed = self
-            .seed
-            .map(|seed| (seed as u64 ^ (seed as u64 >> 32)) as u32);
+        config.seed = self.seed.map(openai::fold_seed);
         // Ollama's -1 (and -2) mean "until the context is full".
         config.max_tokens = self
             .num_predict
@@ -247,12 +239,10 @@ impl Options {
             .filter(|&n| n > 0);
         config.stop = self.stop.clone().unwrap_or_default();
         if let Some(wanted) = self.num_ctx {
-            // The context is the engine's, set when it loads; a request may
-            // not ask for more than it has.
-            let _ = state;
+            // The context is the engine's, set when it loads.
             log::debug!("options.num_ctx {wanted}: the context size is set at start (--ctx-size)");
         }
-        Ok(config)
+        config
     }
 }
 
@@ -314,10 +304,7 @@ async fn chat(
 ) -> Result<Response, ApiError> {
     let request: ChatBody = state.body(&headers, body).await?;
     let model = resolve(&state, &request.model)?;
-    let mut config = request
-        .options
-        .config(&state)?
-        .with_model(model.name.clone());
+    let mut config = request.options.config().with_model(model.name.clone());
     config.tools = request.tools.unwrap_or_default();
     if let Some(format) = &request.format {
         config.response_format = response_format(format)?;
@@ -353,10 +340,7 @@ async fn generate(
     {
         return Err(invalid("images: this server's models read text only"));
     }
-    let mut config = request
-        .options
-        .config(&state)?
-        .with_model(model.name.clone());
+    let mut config = request.options.config().with_model(model.name.clone());
     if let Some(format) = &request.format {
         config.response_format = response_format(format)?;
     }

@@ -618,62 +618,41 @@ async fn whole_reply(mut reply: Reply, mut stream: RequestStream) -> Result<Resp
     Ok(axum::Json(reply.message(true)).into_response())
 }
 
-fn frame(events: &[Event]) -> Result<Bytes, std::convert::Infallible> {
+fn frame(events: &[Event]) -> String {
     let mut text = String::new();
     for (name, data) in events {
         text.push_str(&format!("event: {name}\ndata: {data}\n\n"));
     }
-    Ok(Bytes::from(text))
+    text
+}
+
+impl chat::Frames for Reply {
+    fn frames_for(&mut self, event: InferenceEvent) -> Option<String> {
+        let made = self.take(event);
+        (!made.is_empty()).then(|| frame(&made))
+    }
+
+    fn last_frames(&mut self) -> String {
+        frame(&self.finish())
+    }
+
+    fn error_frames(&mut self, err: &ErrorReport) -> String {
+        let message = ApiError::from_report(err).body().error.message;
+        frame(&[(
+            "error",
+            json!({"type": "error", "error": {"type": "api_error", "message": message}}),
+        )])
+    }
 }
 
 async fn stream_reply(reply: Reply, mut stream: RequestStream) -> Result<Response, ApiError> {
-    let first = super::chat::first_event(&mut stream).await?;
-    let opening = vec![(
+    let first = chat::first_event(&mut stream).await?;
+    let opening = frame(&[(
         "message_start",
         json!({"type": "message_start", "message": reply.message(false)}),
-    )];
+    )]);
     let events = Watched::new(stream, reply.id.clone());
-    let rest = futures::stream::unfold(
-        (reply, first, events, false),
-        |(mut reply, mut first, mut events, ended)| async move {
-            if ended {
-                return None;
-            }
-            loop {
-                let event = match first.take() {
-                    Some(event) => Some(Ok(event)),
-                    None => events.next().await,
-                };
-                match event {
-                    Some(Ok(InferenceEvent::Complete)) | None => {
-                        events.finished();
-                        let last = frame(&reply.finish());
-                        return Some((last, (reply, None, events, true)));
-                    }
-                    Some(Ok(event)) => {
-                        let is_text = matches!(event, InferenceEvent::Content(_));
-                        let made = reply.take(event);
-                        if made.is_empty() {
-                            continue;
-                        }
-                        if is_text {
-                            events.sent += 1;
-                        }
-                        return Some((frame(&made), (reply, None, events, false)));
-                    }
-                    Some(Err(err)) => {
-                        events.finished();
-                        let message = ApiError::from_report(&err).body().error.message;
-                        let error = (
-                            "error",
-                            json!({"type": "error", "error": {"type": "api_error", "message": message}}),
-                        );
-                        return Some((frame(&[error]), (reply, None, events, true)));
-                    }
-                }
-            }
-        },
-    );
-    let frames = futures::stream::iter([frame(&opening)]).chain(rest);
-    Ok(super::chat::event_stream(frames))
+    let rest = chat::answer_frames(reply, first, events);
+    let frames = futures::stream::iter([Ok(Bytes::from(opening))]).chain(rest);
+    Ok(chat::event_stream(frames))
 }

@@ -555,6 +555,62 @@ fn sse(
     start.chain(rest)
 }
 
+/// How one streamed answer writes its events in an API's frames (the
+/// Responses API's events, Anthropic's, Ollama's NDJSON lines).
+pub(super) trait Frames: Send + 'static {
+    /// The frames for one event, if it makes any.
+    fn frames_for(&mut self, event: InferenceEvent) -> Option<String>;
+    /// The last frames, once the answer is complete (or its stream ended).
+    fn last_frames(&mut self) -> String;
+    /// The frames that report `err`, which ends the stream.
+    fn error_frames(&mut self, err: &ErrorReport) -> String;
+}
+
+/// The bytes of a streamed answer: `first` (the event that came before the
+/// response started, if any), then each event of `events` as `answer`
+/// writes it, then its last frames or its error.
+pub(super) fn answer_frames(
+    answer: impl Frames,
+    first: Option<InferenceEvent>,
+    events: Watched,
+) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    futures::stream::unfold(
+        (answer, first, events, false),
+        |(mut answer, mut first, mut events, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let event = match first.take() {
+                    Some(event) => Some(Ok(event)),
+                    None => events.next().await,
+                };
+                let (text, ended) = match event {
+                    Some(Ok(InferenceEvent::Complete)) | None => {
+                        events.finished();
+                        (answer.last_frames(), true)
+                    }
+                    Some(Ok(event)) => {
+                        let is_token = matches!(event, InferenceEvent::Content(_));
+                        let Some(text) = answer.frames_for(event) else {
+                            continue;
+                        };
+                        if is_token {
+                            events.sent += 1;
+                        }
+                        (text, false)
+                    }
+                    Some(Err(err)) => {
+                        events.finished();
+                        (answer.error_frames(&err), true)
+                    }
+                };
+                return Some((Ok(Bytes::from(text)), (answer, None, events, ended)));
+            }
+        },
+    )
+}
+
 /// A request's streams (one per choice) while its answer goes to a
 /// client. If the client goes away first, each request still running is
 /// stopped and what the engine generated is logged, so a cancelled

@@ -545,47 +545,34 @@ async fn answer(
         return Ok(axum::Json(reply.done(true)).into_response());
     }
     let events = Watched::new(stream, format!("ollama-{}", request_id()));
-    let lines = futures::stream::unfold(
-        (reply, first, events, false),
-        |(mut reply, mut first, mut events, ended)| async move {
-            if ended {
-                return None;
-            }
-            loop {
-                let event = match first.take() {
-                    Some(event) => Some(Ok(event)),
-                    None => events.next().await,
-                };
-                let line = match event {
-                    Some(Ok(InferenceEvent::Complete)) | None => {
-                        events.finished();
-                        let line = ndjson(&reply.done(false));
-                        return Some((line, (reply, None, events, true)));
-                    }
-                    Some(Ok(event)) => match reply.take(event) {
-                        Some(object) => {
-                            events.sent += 1;
-                            ndjson(&object)
-                        }
-                        None => continue,
-                    },
-                    Some(Err(err)) => {
-                        events.finished();
-                        let message = ApiError::from_report(&err).body().error.message;
-                        let line = ndjson(&json!({"error": message}));
-                        return Some((line, (reply, None, events, true)));
-                    }
-                };
-                return Some((line, (reply, None, events, false)));
-            }
-        },
-    );
+    Ok(ndjson_response(chat::answer_frames(reply, first, events)))
+}
+
+impl chat::Frames for Answer {
+    fn frames_for(&mut self, event: InferenceEvent) -> Option<String> {
+        self.take(event).map(|object| format!("{object}\n"))
+    }
+
+    fn last_frames(&mut self) -> String {
+        format!("{}\n", self.done(false))
+    }
+
+    fn error_frames(&mut self, err: &ErrorReport) -> String {
+        let message = ApiError::from_report(err).body().error.message;
+        format!("{}\n", json!({"error": message}))
+    }
+}
+
+/// A response streaming `lines` as NDJSON.
+fn ndjson_response(
+    lines: impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+) -> Response {
     let mut response = Response::new(Body::from_stream(lines));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),
     );
-    Ok(response)
+    response
 }
 
 fn ndjson(value: &Value) -> Result<Bytes, std::convert::Infallible> {
@@ -960,13 +947,7 @@ async fn pull(
         }
         return Err(ApiError::internal());
     }
-    let lines = statuses.map(|status| ndjson(&status));
-    let mut response = Response::new(Body::from_stream(lines));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    Ok(response)
+    Ok(ndjson_response(statuses.map(|status| ndjson(&status))))
 }
 
 /// A cache error, logged; the client learns only that it failed.

@@ -16,14 +16,15 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use rusty_genius::core::protocol::{FinishReason, InferenceEvent, Usage};
+use rusty_genius::core::ErrorReport;
 use rusty_genius::core::{ChatMessage, InferenceConfig};
 use rusty_genius::RequestStream;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::chat::{event_stream, first_event};
+use super::chat::{answer_frames, event_stream, first_event, Frames};
 use super::{request_id, unix_now, ApiError, AppState, Watched};
 use crate::openai::Sampling;
 
@@ -764,75 +765,45 @@ async fn stream_answer(
         &answer.event("response.in_progress", json!({"response": created})),
     ));
     let events = Watched::new(stream, answer.id.clone());
-    Ok(event_stream(frames(answer, opening, first, events, keep)))
+    let rest = answer_frames(Streamed { answer, keep }, first, events);
+    let frames = futures::stream::once(async move { Ok(Bytes::from(opening)) }).chain(rest);
+    Ok(event_stream(frames))
 }
 
-fn frames(
+/// A streamed answer and, for `store`, what to keep once it is done.
+struct Streamed {
     answer: Answer,
-    opening: String,
-    first: Option<InferenceEvent>,
-    events: Watched,
     keep: Option<(Arc<AppState>, Vec<ChatMessage>)>,
-) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
-    let start = futures::stream::once(async move { Ok(Bytes::from(opening)) });
-    let state = (answer, first, events, keep, false);
-    let rest = futures::stream::unfold(
-        state,
-        |(mut answer, mut first, mut events, keep, done)| async move {
-            if done {
-                return None;
-            }
-            loop {
-                let event = match first.take() {
-                    Some(event) => Some(Ok(event)),
-                    None => events.next().await,
-                };
-                match event {
-                    Some(Ok(InferenceEvent::Complete)) | None => {
-                        events.finished();
-                        let mut text = String::new();
-                        for event in answer.close_message() {
-                            text.push_str(&frame(&event));
-                        }
-                        answer.keep(keep);
-                        let response = answer.response(None);
-                        let kind = if response["status"] == "incomplete" {
-                            "response.incomplete"
-                        } else {
-                            "response.completed"
-                        };
-                        text.push_str(&frame(&answer.event(kind, json!({"response": response}))));
-                        return Some((Ok(Bytes::from(text)), (answer, None, events, None, true)));
-                    }
-                    Some(Ok(event)) => {
-                        let is_token = matches!(event, InferenceEvent::Content(_));
-                        let made = answer.take(event);
-                        if made.is_empty() {
-                            continue;
-                        }
-                        if is_token {
-                            events.sent += 1;
-                        }
-                        let text: String = made.iter().map(frame).collect();
-                        return Some((Ok(Bytes::from(text)), (answer, None, events, keep, false)));
-                    }
-                    Some(Err(err)) => {
-                        events.finished();
-                        let error = ApiError::from_report(&err).body();
-                        let body = json!({
-                            "code": error.error.code,
-                            "message": error.error.message,
-                            "param": error.error.param,
-                        });
-                        let failed = answer.event("error", body);
-                        return Some((
-                            Ok(Bytes::from(frame(&failed))),
-                            (answer, None, events, None, true),
-                        ));
-                    }
-                }
-            }
-        },
-    );
-    start.chain(rest)
+}
+
+impl Frames for Streamed {
+    fn frames_for(&mut self, event: InferenceEvent) -> Option<String> {
+        let made = self.answer.take(event);
+        (!made.is_empty()).then(|| made.iter().map(frame).collect())
+    }
+
+    fn last_frames(&mut self) -> String {
+        let mut text: String = self.answer.close_message().iter().map(frame).collect();
+        self.answer.keep(self.keep.take());
+        let response = self.answer.response(None);
+        let kind = if response["status"] == "incomplete" {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        text.push_str(&frame(
+            &self.answer.event(kind, json!({"response": response})),
+        ));
+        text
+    }
+
+    fn error_frames(&mut self, err: &ErrorReport) -> String {
+        let error = ApiError::from_report(err).body();
+        let body = json!({
+            "code": error.error.code,
+            "message": error.error.message,
+            "param": error.error.param,
+        });
+        frame(&self.answer.event("error", body))
+    }
 }

@@ -641,17 +641,13 @@ fn resolve(state: &AppState, requested: &str) -> Result<Served, ApiError> {
     if let Some(model) = registry_model(state, &name) {
         return Ok(model);
     }
-    let (repo, quant) = match name.split_once(':') {
-        Some((repo, quant)) => (repo, Some(quant.to_ascii_lowercase())),
-        None => (name.as_str(), None),
-    };
-    let prefix = format!("{repo}/");
+    let wanted = RepoName::parse(&name);
+    let prefix = format!("{}/", wanted.repo);
     let found = state.served().into_iter().find(|model| {
-        model.id.strip_prefix(&prefix).is_some_and(|file| {
-            quant
-                .as_ref()
-                .is_none_or(|quant| file.to_ascii_lowercase().contains(quant.as_str()))
-        })
+        model
+            .id
+            .strip_prefix(&prefix)
+            .is_some_and(|file| wanted.has_quant(file))
     });
     found.ok_or_else(|| {
         ApiError::new(
@@ -664,6 +660,37 @@ fn resolve(state: &AppState, requested: &str) -> Result<Served, ApiError> {
             ),
         )
     })
+}
+
+/// A Hub repository as Ollama names one: `org/repo`, or `org/repo:QUANT`
+/// for its file of that quantization.
+struct RepoName<'a> {
+    repo: &'a str,
+    /// The quantization, lower case.
+    quant: Option<String>,
+}
+
+impl<'a> RepoName<'a> {
+    fn parse(name: &'a str) -> Self {
+        match name.split_once(':') {
+            Some((repo, quant)) => Self {
+                repo,
+                quant: Some(quant.to_ascii_lowercase()),
+            },
+            None => Self {
+                repo: name,
+                quant: None,
+            },
+        }
+    }
+
+    /// Whether the repository's `file` is of the quantization named, if
+    /// one is.
+    fn has_quant(&self, file: &str) -> bool {
+        self.quant
+            .as_ref()
+            .is_none_or(|quant| file.to_ascii_lowercase().contains(quant.as_str()))
+    }
 }
 
 fn served_names(state: &AppState) -> String {
@@ -972,24 +999,17 @@ async fn delete(
 ) -> Result<Response, ApiError> {
     let request: DeleteBody = state.body(&headers, body).await?;
     let name = ollama_name(&request.model);
-    let (repo, quant) = match name.split_once(':') {
-        Some((repo, quant)) => (repo.to_owned(), Some(quant.to_ascii_lowercase())),
-        None => (name.clone(), None),
-    };
     let authority = state.authority.clone();
     let cached = tokio::task::spawn_blocking(move || authority.cached_models())
         .await
         .map_err(|_| ApiError::internal())?
         .map_err(cache_failed)?;
+    let wanted = RepoName::parse(&name);
     let doomed: Vec<_> = cached
         .into_iter()
         .filter(|m| {
-            let id = format!("{}/{}", m.repo, m.file);
-            id == name
-                || (m.repo == repo
-                    && quant
-                        .as_ref()
-                        .is_none_or(|quant| m.file.to_ascii_lowercase().contains(quant.as_str())))
+            format!("{}/{}", m.repo, m.file) == name
+                || (m.repo == wanted.repo && wanted.has_quant(&m.file))
         })
         .collect();
     if doomed.is_empty() {

@@ -223,7 +223,10 @@ pub(super) fn pooling_for(
     embed: &Embed,
 ) -> Result<Pooling, GeniusError> {
     embed.validate()?;
-    embed.check_dimensions(name, width(model), trained_for_shorter(model))?;
+    if embed.dimensions.is_some() {
+        // The model's metadata is read only when a cut is asked for.
+        embed.check_dimensions(name, width(model), trained_for_shorter(model))?;
+    }
     embed.pooling.or_else(|| declared_pooling(model)).ok_or_else(|| {
         GeniusError::invalid_request(
             "pooling",

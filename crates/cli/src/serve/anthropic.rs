@@ -27,28 +27,20 @@ pub(super) async fn anthropic_errors(request: Request, next: axum::middleware::N
     if !ours || response.status().is_success() {
         return response;
     }
-    let (mut parts, body) = response.into_parts();
-    let bytes = axum::body::to_bytes(body, 1 << 20)
-        .await
-        .unwrap_or_default();
-    let message = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|body| body["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-    let kind = match parts.status.as_u16() {
-        401 => "authentication_error",
-        403 => "permission_error",
-        404 => "not_found_error",
-        413 => "request_too_large",
-        429 => "rate_limit_error",
-        503 | 529 => "overloaded_error",
-        400..=499 => "invalid_request_error",
-        _ => "api_error",
-    };
-    parts.headers.remove(header::CONTENT_LENGTH);
-    let body = axum::Json(json!({"type": "error", "error": {"type": kind, "message": message}}));
-    let (_, body) = body.into_response().into_parts();
-    Response::from_parts(parts, body)
+    errors::reshape(response, |status, message| {
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            400..=499 => "invalid_request_error",
+            _ => "api_error",
+        };
+        json!({"type": "error", "error": {"type": kind, "message": message}})
+    })
+    .await
 }
 
 // ---- requests -----------------------------------------------------------

@@ -199,3 +199,26 @@ pub(super) fn without_paths(message: &str) -> String {
     out.push_str(rest);
     out
 }
+
+/// An error response in another API's shape: its message (the OpenAI-shaped
+/// body's, or the body itself) and status given to `shape`, which writes the
+/// new body. Used by the Ollama and Anthropic routes, whose clients read
+/// their own shape from every error, the gate's included.
+pub(super) async fn reshape(
+    response: Response,
+    shape: impl FnOnce(StatusCode, String) -> Value,
+) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let message = match axum::body::to_bytes(body, 1 << 20).await {
+        Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|body| body["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+        Err(_) => "the server failed".to_owned(),
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let (_, body) = axum::Json(shape(parts.status, message))
+        .into_response()
+        .into_parts();
+    Response::from_parts(parts, body)
+}

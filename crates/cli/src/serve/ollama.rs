@@ -36,22 +36,7 @@ pub(super) async fn ollama_errors(request: Request, next: axum::middleware::Next
     if !ollama || response.status().is_success() {
         return response;
     }
-    let (mut parts, body) = response.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
-        return (
-            parts.status,
-            axum::Json(json!({"error": "the server failed"})),
-        )
-            .into_response();
-    };
-    let message = serde_json::from_slice::<Value>(&bytes)
-        .ok()
-        .and_then(|body| body["error"]["message"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-    parts.headers.remove(header::CONTENT_LENGTH);
-    let body = axum::Json(json!({"error": message})).into_response();
-    let (_, body) = body.into_parts();
-    Response::from_parts(parts, body)
+    errors::reshape(response, |_, message| json!({"error": message})).await
 }
 
 // ---- requests -----------------------------------------------------------

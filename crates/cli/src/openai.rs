@@ -191,7 +191,7 @@ pub(crate) fn with_temperature(
     temperature: Option<f32>,
 ) -> InferenceConfig {
     match temperature {
-        Some(temperature) if temperature == 0.0 => InferenceConfig::greedy(),
+        Some(0.0) => InferenceConfig::greedy(),
         Some(temperature) => InferenceConfig {
             temperature,
             ..config

@@ -36,6 +36,14 @@ pub trait Engine {
     /// (their consumers see their streams end without an answer).
     fn unload(&mut self);
 
+    /// Frees the loaded model like [`unload`](Self::unload), but after a
+    /// panic, when nothing the engine holds can be trusted: an engine that
+    /// saves state as it unloads (the llama.cpp engine's KV snapshots) must
+    /// not save it here. Default: `unload`.
+    fn discard(&mut self) {
+        self.unload();
+    }
+
     /// How many requests it serves at once. Default 1.
     fn capacity(&self) -> usize {
         1

@@ -419,7 +419,7 @@ impl Serving {
         let message = format!("the engine panicked: {}", panic_message(panic));
         log::error!("{message}");
         if let Ok(engine) = &mut self.engine {
-            let _ = catch_unwind(AssertUnwindSafe(|| engine.unload()));
+            let _ = catch_unwind(AssertUnwindSafe(|| engine.discard()));
         }
         for (id, _) in std::mem::take(&mut self.started) {
             self.report(EngineReport::Ended(id));
@@ -476,7 +476,7 @@ fn guarded<T>(
         Err(panic) => {
             let message = format!("the engine panicked: {}", panic_message(&panic));
             log::error!("{message}");
-            let _ = catch_unwind(AssertUnwindSafe(|| engine.unload()));
+            let _ = catch_unwind(AssertUnwindSafe(|| engine.discard()));
             Err(GeniusError::engine(message))
         }
     }

@@ -113,6 +113,8 @@ pub(crate) type Listener = Box<dyn FnMut(BrainstemOutput) -> bool + Send>;
 pub struct OrchestratorHandle {
     commands: mpsc::UnboundedSender<Command>,
     next_id: Arc<AtomicU64>,
+    /// Completes (with `Canceled`) when the loop has ended.
+    stopped: futures::future::Shared<oneshot::Receiver<()>>,
 }
 
 impl std::fmt::Debug for OrchestratorHandle {
@@ -124,10 +126,16 @@ impl std::fmt::Debug for OrchestratorHandle {
 }
 
 impl OrchestratorHandle {
-    pub(crate) fn new(commands: mpsc::UnboundedSender<Command>) -> Self {
+    /// A handle sending to `commands`; `stopped` is dropped by the loop
+    /// once it has ended and every engine has unloaded.
+    pub(crate) fn new(
+        commands: mpsc::UnboundedSender<Command>,
+        stopped: oneshot::Receiver<()>,
+    ) -> Self {
         Self {
             commands,
             next_id: Arc::new(AtomicU64::new(1)),
+            stopped: futures::FutureExt::shared(stopped),
         }
     }
 
@@ -255,6 +263,15 @@ impl OrchestratorHandle {
     /// ends with `Complete`), queued ones answered with a `ShutDown` error.
     pub fn shutdown(&self) {
         let _ = self.commands.unbounded_send(Command::Shutdown);
+    }
+
+    /// Completes once the Orchestrator's loop has ended (after
+    /// [`shutdown`](Self::shutdown), or when every handle is gone) and
+    /// every engine has unloaded its model, saving what it saves as it
+    /// does (the llama.cpp engine's KV snapshots). A program that shuts
+    /// down waits for this before it exits.
+    pub async fn stopped(&self) {
+        let _ = self.stopped.clone().await;
     }
 
     pub(crate) fn next_id(&self) -> RequestId {

@@ -217,7 +217,8 @@ impl Orchestrator {
         OrchestratorHandle,
     ) {
         let (commands, inbox) = mpsc::unbounded();
-        let handle = OrchestratorHandle::new(commands);
+        let (stopped, on_stop) = futures::channel::oneshot::channel::<()>();
+        let handle = OrchestratorHandle::new(commands, on_stop);
         let parts = Parts {
             strategy: self.strategy,
             limits: self.limits,
@@ -232,6 +233,7 @@ impl Orchestrator {
                 stem.handle_event(event);
             }
             stem.finish().await;
+            drop(stopped);
         };
         (core, handle)
     }

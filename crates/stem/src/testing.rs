@@ -583,6 +583,10 @@ impl<E: rusty_genius_cortex::Engine> rusty_genius_cortex::Engine for RecordingEn
         self.inner.unload()
     }
 
+    fn discard(&mut self) {
+        self.inner.discard()
+    }
+
     fn capacity(&self) -> usize {
         self.inner.capacity()
     }

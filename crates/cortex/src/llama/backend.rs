@@ -52,3 +52,41 @@ unsafe extern "C" fn forward_log(
     };
     log::log!(target: "llama.cpp", level, "{text}");
 }
+
+/// llama.cpp's version, as its ggml library gives it: a snapshot of the
+/// KV cache is read only by the llama.cpp that wrote it.
+pub(super) fn llama_version() -> String {
+    // SAFETY: both return pointers to static NUL-terminated strings.
+    let (version, commit) = unsafe {
+        (
+            CStr::from_ptr(llama_cpp_sys_2::ggml_version()),
+            CStr::from_ptr(llama_cpp_sys_2::ggml_commit()),
+        )
+    };
+    format!(
+        "ggml {} ({}), llama-cpp-sys-2",
+        version.to_string_lossy(),
+        commit.to_string_lossy()
+    )
+}
+
+/// The CPU features llama.cpp's kernels use here.
+pub(super) fn system_info() -> String {
+    // SAFETY: llama.cpp returns a pointer to a static NUL-terminated
+    // string, rewritten only by this same call.
+    let info = unsafe { CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    info.to_string_lossy().trim().to_owned()
+}
+
+/// The GPU backend compiled in, if any.
+pub(super) fn gpu_backend() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda"
+    } else if cfg!(feature = "vulkan") {
+        "vulkan"
+    } else if cfg!(feature = "metal") {
+        "metal"
+    } else {
+        "cpu"
+    }
+}

@@ -48,7 +48,9 @@ mod embed;
 mod options;
 mod prompt;
 mod sampling;
+mod saved;
 mod slot;
+mod snapshot;
 mod step;
 
 pub use backend::llama_backend;
@@ -98,10 +100,22 @@ struct Loaded {
     /// What a token of a large batch has cost lately, in milliseconds (a
     /// moving average; it grows with the depth of the context).
     ms_per_token: Option<f64>,
+    /// Slot caches another prompt took the slot from.
+    ram: saved::RamTier,
+    /// Snapshots on disk, if they are on.
+    disk: Option<saved::Disk>,
+    /// Whether a sequence copy waits for the next decode (llama.cpp moves
+    /// the data then): until it has, no cache is copied out or read in.
+    copies_pending: bool,
 }
 
 impl Loaded {
-    fn new(name: &str, model: LlamaModel, options: &LlamaOptions) -> Result<Self, GeniusError> {
+    fn new(
+        name: &str,
+        path: &Path,
+        model: LlamaModel,
+        options: &LlamaOptions,
+    ) -> Result<Self, GeniusError> {
         let backend = llama_backend()?;
         let parallel = options.parallel.max(1);
         let per_request = options.context_size.min(model.n_ctx_train().max(1));
@@ -164,7 +178,42 @@ impl Loaded {
             embed_jobs: VecDeque::new(),
             threads,
             ms_per_token: None,
-        })
+            ram: saved::RamTier::new(usize::try_from(options.cache_ram).unwrap_or(usize::MAX)),
+            disk: None,
+            copies_pending: false,
+        }
+        .with_disk(path, options))
+    }
+
+    /// Turns on the disk tier, as `options` ask, for the model at `path`.
+    fn with_disk(mut self, path: &Path, options: &LlamaOptions) -> Self {
+        if self.declared_pooling.is_some() {
+            return self;
+        }
+        if let Some(root) = &options.snapshot_dir {
+            let shape = snapshot::Shape {
+                model: String::new(),
+                context: self.slot_context as u32,
+                sequences: self.slots.len() as u32,
+                kv_types: "f16/f16".into(),
+                swa_full: true,
+                offload: format!(
+                    "{} (gpu layers {:?})",
+                    backend::gpu_backend(),
+                    options.gpu_layers
+                ),
+                llama: backend::llama_version(),
+                cpu: backend::system_info(),
+                vocab: self.model().n_vocab().max(0) as usize,
+            };
+            self.disk = Some(saved::Disk::start(
+                root,
+                options.snapshot_budget,
+                shape,
+                path,
+            ));
+        }
+        self
     }
 
     fn model(&self) -> &LlamaModel {
@@ -271,7 +320,8 @@ impl Engine for LlamaEngine {
     fn load(&mut self, name: &str, path: &Path) -> Result<ModelInfo, GeniusError> {
         check_gguf(path)?;
         // Free the old model first: two models may not fit in memory.
-        self.loaded = None;
+        self.unload();
+        let started = Instant::now();
         let mut params = LlamaModelParams::default();
         if let Some(layers) = self.options.gpu_layers {
             params = params.with_n_gpu_layers(layers);
@@ -284,7 +334,11 @@ impl Engine for LlamaEngine {
                 ),
             }
         })?;
-        let loaded = Loaded::new(name, model, &self.options)?;
+        log::debug!(
+            "read the model in {:.0} ms",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        let loaded = Loaded::new(name, path, model, &self.options)?;
         let info = ModelInfo {
             name: loaded.name.clone(),
             context_size: loaded.slot_context,
@@ -293,9 +347,10 @@ impl Engine for LlamaEngine {
             embeds: loaded.declared_pooling.is_some(),
         };
         log::info!(
-            "loaded {} from {} ({} requests at once, {} tokens of context each, {} threads, {})",
+            "loaded {} from {} in {:.0} ms ({} requests at once, {} tokens of context each, {} threads, {})",
             info.name,
             path.display(),
+            started.elapsed().as_secs_f64() * 1e3,
             loaded.slots.len(),
             info.context_size,
             self.options.threads,
@@ -306,8 +361,15 @@ impl Engine for LlamaEngine {
     }
 
     fn unload(&mut self) {
-        if let Some(loaded) = self.loaded.take() {
+        if let Some(mut loaded) = self.loaded.take() {
+            loaded.save_all();
             log::info!("unloaded {}", loaded.name);
+        }
+    }
+
+    fn discard(&mut self) {
+        if let Some(loaded) = self.loaded.take() {
+            log::info!("unloaded {} without saving its caches", loaded.name);
         }
     }
 

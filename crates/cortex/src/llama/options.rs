@@ -1,6 +1,8 @@
 //! The llama.cpp engine's settings, and the environment variables that
 //! give their defaults.
 
+use std::path::PathBuf;
+
 /// Settings of the llama.cpp engine that hold for every request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LlamaOptions {
@@ -24,7 +26,27 @@ pub struct LlamaOptions {
     /// default (all of them when a GPU backend is compiled in).
     /// `GENIUS_GPU_LAYERS`.
     pub gpu_layers: Option<u32>,
+    /// Bytes of host memory for slot caches another prompt took the slot
+    /// from: a conversation coming back to a recycled slot reads its cache
+    /// from here and decodes only what is new. Past this, the least
+    /// recently kept go to the snapshots on disk. 0 keeps none in RAM.
+    /// Default 2 GiB (`GENIUS_CACHE_RAM_MIB`).
+    pub cache_ram: u64,
+    /// The folder for KV snapshots: every slot's cache is saved here when
+    /// the model leaves memory (hibernation, eviction, a clean shutdown),
+    /// and a later request sharing a prefix, in this process or after a
+    /// restart, reads it back instead of decoding it. `None` turns them
+    /// off. [`Default`] has `None`; [`from_env`](Self::from_env) gives
+    /// `$GENIUS_KV_DIR`, else `$GENIUS_HOME/kv`, else `rusty-genius/kv` in
+    /// the platform cache folder (`GENIUS_KV_DIR=off` turns them off).
+    pub snapshot_dir: Option<PathBuf>,
+    /// The most bytes the snapshot folder holds, across models; the least
+    /// recently used snapshots are deleted past it. Default 8 GiB
+    /// (`GENIUS_KV_DISK_MIB`).
+    pub snapshot_budget: u64,
 }
+
+const MIB: u64 = 1 << 20;
 
 impl Default for LlamaOptions {
     fn default() -> Self {
@@ -34,6 +56,9 @@ impl Default for LlamaOptions {
             threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
             batch_size: 512,
             gpu_layers: None,
+            cache_ram: 2048 * MIB,
+            snapshot_dir: None,
+            snapshot_budget: 8192 * MIB,
         }
     }
 }
@@ -65,6 +90,27 @@ impl LlamaOptions {
                 .filter(|&n| n > 0)
                 .unwrap_or(defaults.batch_size),
             gpu_layers: var("GENIUS_GPU_LAYERS").or(defaults.gpu_layers),
+            cache_ram: var::<u64>("GENIUS_CACHE_RAM_MIB")
+                .map_or(defaults.cache_ram, |mib| mib.saturating_mul(MIB)),
+            snapshot_dir: snapshot_dir_from_env(),
+            snapshot_budget: var::<u64>("GENIUS_KV_DISK_MIB")
+                .map_or(defaults.snapshot_budget, |mib| mib.saturating_mul(MIB)),
         }
     }
+}
+
+/// `$GENIUS_KV_DIR` (`off`, `0`, `false` or `none` for none), else
+/// `$GENIUS_HOME/kv`, else the platform cache folder's `rusty-genius/kv`.
+fn snapshot_dir_from_env() -> Option<PathBuf> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    if let Some(dir) = env("GENIUS_KV_DIR") {
+        let off = matches!(
+            dir.trim().to_ascii_lowercase().as_str(),
+            "off" | "0" | "false" | "none" | "no"
+        );
+        return (!off).then(|| PathBuf::from(dir));
+    }
+    env("GENIUS_HOME")
+        .map(|home| PathBuf::from(home).join("kv"))
+        .or_else(|| dirs::cache_dir().map(|dir| dir.join("rusty-genius").join("kv")))
 }

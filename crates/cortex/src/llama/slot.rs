@@ -124,6 +124,21 @@ pub(super) fn shared_upto(other: &[LlamaToken], prompt: &[LlamaToken]) -> usize 
     }
 }
 
+/// How many of `tokens` a cache holding `cached` spares decoding: all of
+/// them when it has the logits after exactly these tokens (`logits_after`
+/// is their count), else the prefix it shares short of the last token.
+pub(super) fn usable(
+    cached: &[LlamaToken],
+    logits_after: Option<usize>,
+    tokens: &[LlamaToken],
+) -> usize {
+    if logits_after == Some(tokens.len()) && cached.get(..tokens.len()) == Some(tokens) {
+        tokens.len()
+    } else {
+        reusable_prefix(cached, tokens)
+    }
+}
+
 impl Loaded {
     /// Forgets a slot's cache, e.g. after a failed decode.
     pub(super) fn reset_slot(&mut self, index: usize) {
@@ -157,21 +172,19 @@ impl Loaded {
         true
     }
 
-    /// `tokens` for the prompt `text` in `slot`: spliced onto the slot's
-    /// cached tokens when `text` continues its transcript at a special token
-    /// (where a tokenizer never merges across), so the last answer keeps
-    /// the very tokens the model generated.
+    /// `tokens` for the prompt `text` after a cache holding `cached`, the
+    /// tokens of `transcript`: spliced onto them when `text` continues the
+    /// transcript at a special token (where a tokenizer never merges
+    /// across), so the last answer keeps the very tokens the model
+    /// generated.
     pub(super) fn continue_transcript(
         &self,
-        slot: &Slot,
+        cached: &[LlamaToken],
+        transcript: Option<&str>,
         text: &str,
         tokens: &[LlamaToken],
     ) -> Vec<LlamaToken> {
-        let Some(rest) = slot
-            .transcript
-            .as_deref()
-            .and_then(|transcript| text.strip_prefix(transcript))
-        else {
+        let Some(rest) = transcript.and_then(|transcript| text.strip_prefix(transcript)) else {
             return tokens.to_vec();
         };
         let vocab = self.model().vocab();
@@ -185,7 +198,7 @@ impl Loaded {
         if !starts_with_special {
             return tokens.to_vec();
         }
-        let mut spliced = slot.cached.clone();
+        let mut spliced = cached.to_vec();
         spliced.extend(tail);
         spliced
     }
@@ -228,6 +241,20 @@ impl Loaded {
             // the part.
             return Err(GeniusError::PromptTooLong {
                 tokens: (tokens as f64 * total as f64 / budget as f64) as usize,
+                context: self.slot_context,
+            });
+        }
+        Ok(())
+    }
+
+    /// Refuses an empty prompt, or one that leaves no room to answer.
+    fn check_length(&self, tokens: &[LlamaToken]) -> Result<(), GeniusError> {
+        if tokens.is_empty() {
+            return Err(GeniusError::EmptyPrompt);
+        }
+        if tokens.len() >= self.slot_context {
+            return Err(GeniusError::PromptTooLong {
+                tokens: tokens.len(),
                 context: self.slot_context,
             });
         }
@@ -283,7 +310,12 @@ impl Loaded {
             .enumerate()
             .filter(|(_, slot)| slot.job.is_none())
             .map(|(index, slot)| {
-                let tokens = self.continue_transcript(slot, &prepared.text, &prepared.tokens);
+                let tokens = self.continue_transcript(
+                    &slot.cached,
+                    slot.transcript.as_deref(),
+                    &prepared.text,
+                    &prepared.tokens,
+                );
                 let reuse = reusable_prefix(&slot.cached, &tokens);
                 (index, tokens, reuse)
             })
@@ -298,16 +330,22 @@ impl Loaded {
             .iter()
             .position(|(index, _, _)| *index == picked)
             .expect("a candidate");
-        let (index, tokens, reuse) = candidates.swap_remove(at);
-        if tokens.is_empty() {
-            return Err(GeniusError::EmptyPrompt);
+        let (mut index, mut tokens, mut reuse) = candidates.swap_remove(at);
+        // A cache kept out of the slots, in RAM or on disk, may hold more
+        // of the prompt than any free slot.
+        let in_slot = usable(
+            &self.slots[index].cached,
+            self.slots[index]
+                .prompt_logits
+                .as_ref()
+                .map(|(len, _)| *len),
+            &tokens,
+        );
+        let kept = self.best_kept(&prepared.text, &prepared.tokens, in_slot);
+        if let Some(kept) = &kept {
+            tokens.clone_from(&kept.tokens);
         }
-        if tokens.len() >= self.slot_context {
-            return Err(GeniusError::PromptTooLong {
-                tokens: tokens.len(),
-                context: self.slot_context,
-            });
-        }
+        self.check_length(&tokens)?;
         check_logit_bias(config, self.model().n_vocab())?;
         let grammar = match grammar_text(config, prepared.tool_syntax)? {
             Some(text) => Some(grammar_sampler(self.model(), &text, grammar_field(config))?),
@@ -315,14 +353,29 @@ impl Loaded {
         };
         let mut chooser =
             Chooser::new(config, sampler_for(config, self.model().n_vocab()), grammar);
+        if let Some(kept) = kept {
+            index = self.restore_target();
+            if self.restore(index, kept.source) {
+                reuse = reusable_prefix(&self.slots[index].cached, &tokens);
+            } else {
+                tokens.clone_from(&prepared.tokens);
+                self.check_length(&tokens)?;
+                reuse = 0;
+            }
+        }
         chooser.accept_prompt(&tokens);
 
         // The same prompt again starts from its saved logits; otherwise the
-        // slot keeps the common prefix and decodes the rest.
+        // slot keeps the common prefix and decodes the rest. What the slot
+        // loses goes to the RAM tier when it is worth keeping.
         let slot = &self.slots[index];
         let same_prompt = slot.prompt_logits.as_ref().is_some_and(|(len, _)| {
             *len == tokens.len() && slot.cached.get(..*len) == Some(&tokens[..])
         });
+        let keep = if same_prompt { tokens.len() } else { reuse };
+        if slot.cached.len() >= keep + SHARE_MIN {
+            self.stash(index);
+        }
         let (phase, cached) = if same_prompt && self.truncate_slot(index, tokens.len()) {
             (Phase::FromSaved, tokens.len())
         } else {

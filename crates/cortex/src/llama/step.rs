@@ -142,6 +142,8 @@ impl Loaded {
                     .map_err(|err| GeniusError::engine_from("decoding failed", err))
             }
         };
+        // A decode carries out the sequence copies queued before it.
+        self.copies_pending = false;
         let tokens = self.batch.n_tokens() as usize;
         if tokens >= MIN_PREFILL {
             // Batches of a few tokens cost mostly their fixed overhead and
@@ -301,6 +303,7 @@ impl Loaded {
                 .copy_kv_cache_seq(source, target, None, None)
                 .map_err(|err| err.to_string())
         });
+        self.copies_pending = true;
         if let Err(err) = copied {
             log::debug!("cannot copy the cache of slot {from}: {err}");
             self.reset_slot(to);

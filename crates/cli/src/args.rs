@@ -278,6 +278,23 @@ pub(crate) struct EngineArgs {
     /// CPU threads (GENIUS_THREADS, default: every core).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+    /// MiB of RAM for the caches of slots another conversation took, so
+    /// the conversation decodes only its new tokens when it comes back
+    /// (GENIUS_CACHE_RAM_MIB, default 2048; 0 keeps none).
+    #[arg(long, value_name = "MIB")]
+    pub(crate) cache_ram: Option<u64>,
+    /// Folder of the KV snapshots saved as a model leaves memory and read
+    /// back by later requests, even after a restart (GENIUS_KV_DIR, default
+    /// $GENIUS_HOME/kv or the platform cache folder's rusty-genius/kv).
+    #[arg(long, value_name = "DIR", conflicts_with = "no_kv_snapshots")]
+    pub(crate) kv_dir: Option<std::path::PathBuf>,
+    /// MiB the KV snapshots may take on disk; the least recently used go
+    /// first (GENIUS_KV_DISK_MIB, default 8192).
+    #[arg(long, value_name = "MIB")]
+    pub(crate) kv_disk: Option<u64>,
+    /// Save no KV snapshots and read none (GENIUS_KV_DIR=off).
+    #[arg(long)]
+    pub(crate) no_kv_snapshots: bool,
     /// The engine: llama.cpp, or the Pinky stub (for testing clients
     /// without a model: it answers "Narf! You said: ...").
     #[arg(long, value_enum, default_value_t = EngineKind::Llama, hide = true)]

@@ -380,6 +380,18 @@ fn llama(
     if let Some(threads) = engine.threads {
         options.threads = threads.max(1);
     }
+    if let Some(mib) = engine.cache_ram {
+        options.cache_ram = mib.saturating_mul(1 << 20);
+    }
+    if let Some(dir) = &engine.kv_dir {
+        options.snapshot_dir = Some(dir.clone());
+    }
+    if engine.no_kv_snapshots {
+        options.snapshot_dir = None;
+    }
+    if let Some(mib) = engine.kv_disk {
+        options.snapshot_budget = mib.saturating_mul(1 << 20);
+    }
     let sized = options.clone();
     Ok(builder
         .footprint(move |path| {
@@ -456,6 +468,7 @@ async fn run_model(
         print_answer(stream).await.map(|_| ())
     };
     genius.shutdown();
+    genius.stopped().await;
     result
 }
 

@@ -190,6 +190,9 @@ pub(crate) async fn serve(
     eprintln!("genius: serving the OpenAI API on http://{local}/v1");
     crate::http::serve(listeners, app, timeouts, shutdown_signal()).await;
     genius.shutdown();
+    // The engines save their KV snapshots as they unload.
+    genius.stopped().await;
+    log::info!("stopped");
     Ok(())
 }
 

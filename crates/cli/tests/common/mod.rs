@@ -21,13 +21,16 @@ pub(crate) struct Server {
 
 impl Server {
     /// Starts `genius serve --addr 127.0.0.1:0 <args>` with `env` set and
-    /// waits until it listens.
+    /// waits until it listens. KV snapshots on disk are off unless `env`
+    /// names a folder for them (`GENIUS_KV_DIR`): no test reads what
+    /// another wrote.
     pub(crate) fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command = Command::new(env!("CARGO_BIN_EXE_genius"));
         command
             .args(["serve", "--addr", "127.0.0.1:0"])
             .args(args)
             .env("RUST_LOG", "info")
+            .env("GENIUS_KV_DIR", "off")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -99,6 +102,25 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Asks the process to stop (SIGTERM) and waits up to a minute for it
+    /// to exit: it finishes what it was doing and saves its KV snapshots.
+    pub(crate) fn terminate(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "genius serve did not exit within a minute of SIGTERM:\n{}",
+            self.log().join("\n")
+        );
     }
 
     /// Kills the process at once (SIGKILL).

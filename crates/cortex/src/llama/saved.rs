@@ -14,38 +14,8 @@ use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::token::LlamaToken;
 
 use super::slot::{usable, SHARE_MIN};
-use super::snapshot::{self, ModelSnapshots, Shape};
+use super::snapshot::{self, ModelSnapshots, Saved, Shape};
 use super::Loaded;
-
-/// One sequence's cache, out of its slot: the tokens it holds, the text
-/// they render (to splice the next turn onto, as a slot does), the logits
-/// after a prompt it starts with, and llama.cpp's serialized state.
-#[derive(Clone)]
-pub(super) struct Saved {
-    pub(super) tokens: Vec<LlamaToken>,
-    pub(super) transcript: Option<String>,
-    pub(super) logits: Option<(usize, Vec<f32>)>,
-    pub(super) state: Vec<u8>,
-}
-
-impl std::fmt::Debug for Saved {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Saved")
-            .field("tokens", &self.tokens.len())
-            .field("state_bytes", &self.state.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Saved {
-    /// What it takes in memory.
-    pub(super) fn bytes(&self) -> usize {
-        self.state.len()
-            + self.tokens.len() * 4
-            + self.logits.as_ref().map_or(0, |(_, l)| l.len() * 4)
-            + self.transcript.as_ref().map_or(0, String::len)
-    }
-}
 
 /// Saved caches in memory, most recently saved or used first, within a
 /// byte budget.

@@ -177,59 +177,56 @@ impl Loaded {
         tokens: &[LlamaToken],
         in_slot: usize,
     ) -> Option<Kept> {
-        let mut best: Option<(usize, Kept)> = None;
+        // The most tokens spared so far, and by which cache.
+        let mut best: Option<(usize, Vec<LlamaToken>)> = None;
         let mut consider = |this: &Self,
-                            source: Source,
                             cached: &[LlamaToken],
                             transcript: Option<&str>,
-                            logits_after: Option<usize>| {
+                            logits_after: Option<usize>|
+         -> bool {
             if cached.first() != tokens.first() {
-                return;
+                return false;
             }
             let spliced = this.continue_transcript(cached, transcript, text, tokens);
             let spared = usable(cached, logits_after, &spliced);
             let whole = spared == spliced.len();
             let better = spared > in_slot && (whole || spared >= in_slot + SHARE_MIN);
             if better && best.as_ref().is_none_or(|(most, _)| spared > *most) {
-                best = Some((
-                    spared,
-                    Kept {
-                        source,
-                        tokens: spliced,
-                    },
-                ));
+                best = Some((spared, spliced));
+                return true;
             }
+            false
         };
+        let mut source = None;
         for (at, saved) in self.ram.iter().enumerate() {
-            consider(
+            let logits_after = saved.logits.as_ref().map(|(len, _)| *len);
+            if consider(
                 self,
-                Source::Ram(at),
                 &saved.tokens,
                 saved.transcript.as_deref(),
-                saved.logits.as_ref().map(|(len, _)| *len),
-            );
+                logits_after,
+            ) {
+                source = Some(Source::Ram(at));
+            }
         }
-        let on_disk = self
+        let snapshots = self
             .disk
             .as_mut()
-            .and_then(|disk| disk.snapshots(Duration::ZERO))
-            .map(|snapshots| snapshots.list())
-            .unwrap_or_default();
-        for entry in on_disk {
-            let (cached, transcript, logits_after) = (
-                entry.tokens.clone(),
-                entry.transcript.clone(),
-                entry.logits_after,
-            );
-            consider(
-                self,
-                Source::Disk(entry),
-                &cached,
-                transcript.as_deref(),
-                logits_after,
-            );
+            .and_then(|disk| disk.snapshots(Duration::ZERO));
+        if let Some(snapshots) = snapshots {
+            snapshots.for_each(|entry| {
+                if consider(
+                    self,
+                    &entry.tokens,
+                    entry.transcript.as_deref(),
+                    entry.logits_after,
+                ) {
+                    source = Some(Source::Disk(entry.clone()));
+                }
+            });
         }
-        best.map(|(_, kept)| kept)
+        let (source, (_, tokens)) = (source?, best?);
+        Some(Kept { source, tokens })
     }
 
     /// The free slot a kept cache is read into: the one holding least.

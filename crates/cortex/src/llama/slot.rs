@@ -354,13 +354,21 @@ impl Loaded {
         let mut chooser =
             Chooser::new(config, sampler_for(config, self.model().n_vocab()), grammar);
         if let Some(kept) = kept {
-            index = self.restore_target();
-            if self.restore(index, kept.source) {
+            let target = self.restore_target();
+            if self.restore(target, kept.source) {
+                index = target;
                 reuse = reusable_prefix(&self.slots[index].cached, &tokens);
             } else {
-                tokens.clone_from(&prepared.tokens);
+                // Back to the slot picked first, as far as it still holds.
+                let slot = &self.slots[index];
+                tokens = self.continue_transcript(
+                    &slot.cached,
+                    slot.transcript.as_deref(),
+                    &prepared.text,
+                    &prepared.tokens,
+                );
                 self.check_length(&tokens)?;
-                reuse = 0;
+                reuse = reusable_prefix(&self.slots[index].cached, &tokens);
             }
         }
         chooser.accept_prompt(&tokens);

@@ -227,8 +227,17 @@ impl ModelSnapshots {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Shows `visit` every snapshot of the model (the list stays locked
+    /// meanwhile: `visit` must not write or read snapshots).
+    pub(super) fn for_each(&self, mut visit: impl FnMut(&Entry)) {
+        for entry in self.entries().iter() {
+            visit(entry);
+        }
+    }
+
     /// Every snapshot of the model, newest use first.
-    pub(super) fn list(&self) -> Vec<Entry> {
+    #[cfg(test)]
+    fn list(&self) -> Vec<Entry> {
         let mut entries = self.entries().clone();
         entries.sort_by_key(|entry| std::cmp::Reverse(entry.used));
         entries

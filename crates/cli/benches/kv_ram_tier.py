@@ -12,6 +12,7 @@ so only a cache kept out of the slots spares decoding the conversation
 again. The baseline is a warm slot: four conversations taking turns, each
 finding its own slot. Printed: median time to first token of each, their
 ratio (the issue asks at most 1.5), and the tokens each turn decoded.
+`GENIUS_ARGS="--cache-ram 0"` shows what the turns cost without the tier.
 """
 
 import json
@@ -145,7 +146,8 @@ def main():
     ours = run(
         "genius serve",
         [genius, "serve", "--addr", f"127.0.0.1:{port}", "--model", model, "--parallel", "4",
-         "--ctx-size", "4096", "--threads", THREADS, "--no-kv-snapshots"],
+         "--ctx-size", "4096", "--threads", THREADS, "--no-kv-snapshots"]
+        + os.environ.get("GENIUS_ARGS", "").split(),
         port,
         os.path.splitext(os.path.basename(model))[0],
         rounds,

@@ -109,15 +109,27 @@ pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
     Plan { decode, prefill }
 }
 
+/// The fewest shared tokens that make a slot's cache worth taking over
+/// for a prompt, unless they are half of what it holds.
+const WORTH_REUSING: usize = 64;
+
 /// The free slot a new request takes, given each free slot's `(index,
 /// tokens of the request's prompt its cache already holds, tokens it holds
 /// in all)`: the longest reusable prefix; among equals the one holding
 /// least, so that other caches survive for their turns; then the lowest
-/// index. `None` when no slot is free.
+/// index. A prefix counts only when it is at least `WORTH_REUSING` tokens
+/// or half of what the slot holds: a short common beginning (a chat
+/// template's first tokens, a system prompt's first words) does not pay
+/// for another conversation's cache. `None` when no slot is free.
 pub(crate) fn pick_slot(free: impl IntoIterator<Item = (usize, usize, usize)>) -> Option<usize> {
     free.into_iter()
         .max_by_key(|&(index, reuse, held)| {
-            (reuse, std::cmp::Reverse(held), std::cmp::Reverse(index))
+            let worth = reuse >= WORTH_REUSING || reuse * 2 >= held;
+            (
+                if worth { reuse } else { 0 },
+                std::cmp::Reverse(held),
+                std::cmp::Reverse(index),
+            )
         })
         .map(|(index, _, _)| index)
 }
@@ -231,7 +243,11 @@ mod tests {
     #[test]
     fn a_request_takes_the_slot_that_reuses_most_then_holds_least() {
         // (index, reusable prefix, tokens held)
-        assert_eq!(pick_slot([(0, 0, 0), (1, 40, 100), (2, 12, 12)]), Some(1));
+        assert_eq!(pick_slot([(0, 0, 0), (1, 70, 100), (2, 12, 12)]), Some(1));
+        assert_eq!(pick_slot([(0, 0, 0), (1, 40, 70), (2, 12, 12)]), Some(1));
+        // A short shared beginning does not take another's cache.
+        assert_eq!(pick_slot([(0, 0, 0), (1, 40, 100), (2, 8, 900)]), Some(0));
+        assert_eq!(pick_slot([(1, 40, 100), (2, 8, 900)]), Some(1));
         // Equal reuse: the slot holding least, so other caches survive.
         assert_eq!(pick_slot([(0, 0, 300), (1, 0, 0), (2, 0, 50)]), Some(1));
         // Equal in both: the lowest index.

@@ -117,14 +117,18 @@ const WORTH_REUSING: usize = 64;
 /// tokens of the request's prompt its cache already holds, tokens it holds
 /// in all)`: the longest reusable prefix; among equals the one holding
 /// least, so that other caches survive for their turns; then the lowest
-/// index. A prefix counts only when it is at least `WORTH_REUSING` tokens
-/// or half of what the slot holds: a short common beginning (a chat
-/// template's first tokens, a system prompt's first words) does not pay
-/// for another conversation's cache. `None` when no slot is free.
-pub(crate) fn pick_slot(free: impl IntoIterator<Item = (usize, usize, usize)>) -> Option<usize> {
+/// index. A prefix counts only when it is at least `WORTH_REUSING` tokens,
+/// half of what the slot holds, or all of the prompt (of `prompt_len`
+/// tokens) but its last: a short common beginning (a chat template's first
+/// tokens, a system prompt's first words) does not pay for another
+/// conversation's cache. `None` when no slot is free.
+pub(crate) fn pick_slot(
+    free: impl IntoIterator<Item = (usize, usize, usize)>,
+    prompt_len: usize,
+) -> Option<usize> {
     free.into_iter()
         .max_by_key(|&(index, reuse, held)| {
-            let worth = reuse >= WORTH_REUSING || reuse * 2 >= held;
+            let worth = reuse >= WORTH_REUSING || reuse * 2 >= held || reuse + 1 >= prompt_len;
             (
                 if worth { reuse } else { 0 },
                 std::cmp::Reverse(held),
@@ -243,15 +247,29 @@ mod tests {
     #[test]
     fn a_request_takes_the_slot_that_reuses_most_then_holds_least() {
         // (index, reusable prefix, tokens held)
-        assert_eq!(pick_slot([(0, 0, 0), (1, 70, 100), (2, 12, 12)]), Some(1));
-        assert_eq!(pick_slot([(0, 0, 0), (1, 40, 70), (2, 12, 12)]), Some(1));
+        assert_eq!(
+            pick_slot([(0, 0, 0), (1, 70, 100), (2, 12, 12)], 1000),
+            Some(1)
+        );
+        assert_eq!(
+            pick_slot([(0, 0, 0), (1, 40, 70), (2, 12, 12)], 1000),
+            Some(1)
+        );
         // A short shared beginning does not take another's cache.
-        assert_eq!(pick_slot([(0, 0, 0), (1, 40, 100), (2, 8, 900)]), Some(0));
-        assert_eq!(pick_slot([(1, 40, 100), (2, 8, 900)]), Some(1));
+        assert_eq!(
+            pick_slot([(0, 0, 0), (1, 40, 100), (2, 8, 900)], 1000),
+            Some(0)
+        );
+        assert_eq!(pick_slot([(1, 40, 100), (2, 8, 900)], 1000), Some(1));
+        // The same short prompt again keeps its slot.
+        assert_eq!(pick_slot([(0, 0, 0), (1, 13, 46)], 14), Some(1));
         // Equal reuse: the slot holding least, so other caches survive.
-        assert_eq!(pick_slot([(0, 0, 300), (1, 0, 0), (2, 0, 50)]), Some(1));
+        assert_eq!(
+            pick_slot([(0, 0, 300), (1, 0, 0), (2, 0, 50)], 1000),
+            Some(1)
+        );
         // Equal in both: the lowest index.
-        assert_eq!(pick_slot([(3, 5, 9), (1, 5, 9)]), Some(1));
-        assert_eq!(pick_slot([]), None);
+        assert_eq!(pick_slot([(3, 5, 9), (1, 5, 9)], 1000), Some(1));
+        assert_eq!(pick_slot([], 1000), None);
     }
 }

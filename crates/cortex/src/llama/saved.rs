@@ -237,6 +237,7 @@ impl Loaded {
                 .enumerate()
                 .filter(|(_, slot)| slot.job.is_none())
                 .map(|(index, slot)| (index, 0, slot.cached.len())),
+            0,
         )
         .unwrap_or(0)
     }

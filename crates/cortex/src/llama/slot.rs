@@ -324,6 +324,7 @@ impl Loaded {
             candidates
                 .iter()
                 .map(|(index, _, reuse)| (*index, *reuse, self.slots[*index].cached.len())),
+            prepared.tokens.len(),
         )
         .ok_or_else(|| GeniusError::engine("no free slot for the request"))?;
         let at = candidates

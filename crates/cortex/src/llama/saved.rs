@@ -112,7 +112,7 @@ impl Disk {
         let spawned = std::thread::Builder::new()
             .name("genius-model-sha256".into())
             .spawn(move || {
-                let opened = snapshot::model_sha256(&path, &root).map(|sha| {
+                let opened = snapshot::hash_model(&path, &root).map(|sha| {
                     shape.model = sha;
                     ModelSnapshots::open(&root, shape, budget)
                 });

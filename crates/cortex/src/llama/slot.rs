@@ -378,9 +378,8 @@ impl Loaded {
         // slot keeps the common prefix and decodes the rest. What the slot
         // loses goes to the RAM tier when it is worth keeping.
         let slot = &self.slots[index];
-        let same_prompt = slot.prompt_logits.as_ref().is_some_and(|(len, _)| {
-            *len == tokens.len() && slot.cached.get(..*len) == Some(&tokens[..])
-        });
+        let logits_after = slot.prompt_logits.as_ref().map(|(len, _)| *len);
+        let same_prompt = usable(&slot.cached, logits_after, &tokens) == tokens.len();
         let keep = if same_prompt { tokens.len() } else { reuse };
         if slot.cached.len() >= keep + SHARE_MIN {
             self.stash(index);

@@ -100,11 +100,6 @@ impl Shape {
     /// Why a snapshot of shape `self` does not fit a model of shape
     /// `loaded`, in words; `None` when it fits.
     pub(super) fn mismatch(&self, loaded: &Shape) -> Option<String> {
-        let differs = |what: &str, saved: &dyn std::fmt::Display, now: &dyn std::fmt::Display| {
-            Some(format!(
-                "it was made {what} {saved}, the model now has {now}"
-            ))
-        };
         if self.model != loaded.model {
             return Some(format!(
                 "it was made for another model file (sha256 {}), not this one ({})",
@@ -112,39 +107,46 @@ impl Shape {
                 short(&loaded.model)
             ));
         }
-        if self.context != loaded.context {
-            return differs(
+        let fields = [
+            (
                 "with a context (tokens per request) of",
-                &self.context,
-                &loaded.context,
-            );
-        }
-        if self.sequences != loaded.sequences {
-            return differs(
+                self.context.to_string(),
+                loaded.context.to_string(),
+            ),
+            (
                 "with requests at once (parallel) of",
-                &self.sequences,
-                &loaded.sequences,
-            );
-        }
-        if self.kv_types != loaded.kv_types {
-            return differs("with KV types", &self.kv_types, &loaded.kv_types);
-        }
-        if self.swa_full != loaded.swa_full {
-            return differs("with swa_full", &self.swa_full, &loaded.swa_full);
-        }
-        if self.offload != loaded.offload {
-            return differs("with offload", &self.offload, &loaded.offload);
-        }
-        if self.llama != loaded.llama {
-            return differs("by llama.cpp", &self.llama, &loaded.llama);
-        }
-        if self.cpu != loaded.cpu {
-            return differs("on a CPU with kernels", &self.cpu, &loaded.cpu);
-        }
-        if self.vocab != loaded.vocab {
-            return differs("with a vocabulary of", &self.vocab, &loaded.vocab);
-        }
-        None
+                self.sequences.to_string(),
+                loaded.sequences.to_string(),
+            ),
+            (
+                "with KV types",
+                self.kv_types.clone(),
+                loaded.kv_types.clone(),
+            ),
+            (
+                "with swa_full",
+                self.swa_full.to_string(),
+                loaded.swa_full.to_string(),
+            ),
+            ("with offload", self.offload.clone(), loaded.offload.clone()),
+            ("by llama.cpp", self.llama.clone(), loaded.llama.clone()),
+            (
+                "on a CPU with kernels",
+                self.cpu.clone(),
+                loaded.cpu.clone(),
+            ),
+            (
+                "with a vocabulary of",
+                self.vocab.to_string(),
+                loaded.vocab.to_string(),
+            ),
+        ];
+        fields
+            .into_iter()
+            .find(|(_, saved, now)| saved != now)
+            .map(|(what, saved, now)| {
+                format!("it was made {what} {saved}, the model now has {now}")
+            })
     }
 }
 
@@ -652,13 +654,10 @@ fn memo_path(real: &Path, root: &Path) -> std::io::Result<PathBuf> {
         .join(hex(&Sha256::digest(stamp.as_bytes())[..16])))
 }
 
-/// The sha256 of the model file at `path`, in hex: as
-/// [`known_sha256`] finds it, or else by reading the whole file (and
-/// remembered for the next time).
-pub(super) fn model_sha256(path: &Path, root: &Path) -> std::io::Result<String> {
-    if let Some(known) = known_sha256(path, root) {
-        return Ok(known);
-    }
+/// The sha256 of the model file at `path`, in hex, by reading the whole
+/// file (for a file [`known_sha256`] does not know); remembered in `root`
+/// for the next time.
+pub(super) fn hash_model(path: &Path, root: &Path) -> std::io::Result<String> {
     let real = fs::canonicalize(path)?;
     let memo = memo_path(&real, root)?;
     let started = std::time::Instant::now();

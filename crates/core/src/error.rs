@@ -150,6 +150,28 @@ pub enum GeniusError {
         source: Option<BoxError>,
     },
 
+    /// A model's offloaded layers need more GPU memory than the residency
+    /// policy allows all models together.
+    #[error("model `{name}` needs about {} of GPU memory but the GPU budget is {}: offload fewer layers (GENIUS_GPU_LAYERS, --gpu-layers) or use a smaller model", bytes(*needed), bytes(*budget))]
+    ModelTooLargeForDevice {
+        /// The model.
+        name: String,
+        /// Its estimated GPU memory, in bytes.
+        needed: u64,
+        /// The GPU budget, in bytes.
+        budget: u64,
+    },
+
+    /// The device the engine was told to use is not there (no such
+    /// device, or no driver for it).
+    #[error("device `{device}` is not available ({available}): name one of those, or leave the device unset (GENIUS_DEVICE, --device) to use whatever GPU is there and the CPU otherwise")]
+    DeviceUnavailable {
+        /// The device asked for.
+        device: String,
+        /// The devices this build sees, in words.
+        available: String,
+    },
+
     /// The engine thread is gone (it panicked or was shut down).
     #[error("the engine thread has stopped; create a new Orchestrator")]
     EngineGone,
@@ -243,9 +265,14 @@ impl GeniusError {
             | Self::LimitExceeded { .. } => ErrorKind::InvalidRequest,
             Self::PromptTooLong { .. } => ErrorKind::ContextExceeded,
             Self::Asset { .. } => ErrorKind::Asset,
-            Self::ModelTooLarge { .. } => ErrorKind::ModelTooLarge,
+            Self::ModelTooLarge { .. } | Self::ModelTooLargeForDevice { .. } => {
+                ErrorKind::ModelTooLarge
+            }
             Self::NoRoomForModel { .. } => ErrorKind::NoRoom,
-            Self::Engine { .. } | Self::EngineGone | Self::Io { .. } => ErrorKind::Engine,
+            Self::Engine { .. }
+            | Self::DeviceUnavailable { .. }
+            | Self::EngineGone
+            | Self::Io { .. } => ErrorKind::Engine,
             Self::ShutDown => ErrorKind::ShutDown,
         }
     }

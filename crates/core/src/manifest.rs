@@ -39,6 +39,67 @@ pub struct ModelInfo {
     /// Whether it is an embedding model (it declares its own pooling).
     #[serde(default)]
     pub embeds: bool,
+    /// Where its layers run: the backend, the devices, how many layers
+    /// are offloaded to them.
+    #[serde(default)]
+    pub placement: Placement,
+}
+
+/// Where a loaded model's layers run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placement {
+    /// The backend the offloaded layers run on (`Vulkan`, `CUDA`,
+    /// `Metal`), or `CPU` when none are offloaded.
+    pub backend: String,
+    /// The devices holding offloaded layers, each as its name and
+    /// description (`Vulkan0: llvmpipe (LLVM 15.0.6, 256 bits)`); empty
+    /// when everything runs on the CPU.
+    pub devices: Vec<String>,
+    /// Layers offloaded to the devices. llama.cpp counts the output layer
+    /// as one, so a model with 18 blocks has 19 layers to offload.
+    pub gpu_layers: u32,
+    /// The layers that could be offloaded (blocks and the output layer).
+    pub layers: u32,
+}
+
+impl Placement {
+    /// Everything on the CPU.
+    pub fn cpu(layers: u32) -> Self {
+        Self {
+            backend: "CPU".to_owned(),
+            devices: Vec::new(),
+            gpu_layers: 0,
+            layers,
+        }
+    }
+
+    /// Whether any layer runs on a device other than the CPU.
+    pub fn offloaded(&self) -> bool {
+        self.gpu_layers > 0 && !self.devices.is_empty()
+    }
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Self::cpu(0)
+    }
+}
+
+impl std::fmt::Display for Placement {
+    /// `CPU`, or `Vulkan, 19/19 layers on Vulkan0: llvmpipe (…)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if !self.offloaded() {
+            return f.write_str("CPU");
+        }
+        write!(
+            f,
+            "{}, {}/{} layers on {}",
+            self.backend,
+            self.gpu_layers,
+            self.layers,
+            self.devices.join(" + ")
+        )
+    }
 }
 
 fn one() -> usize {
@@ -73,10 +134,15 @@ pub struct ModelStatus {
     pub state: ModelState,
     /// Whether requests that name no model go to it.
     pub default: bool,
-    /// Its estimated size in memory, in bytes (weights, KV cache for
+    /// Its estimated size in host memory, in bytes (weights, KV cache for
     /// `context × parallel` tokens, and working buffers); 0 until its
     /// file is resolved.
     pub memory_bytes: u64,
+    /// Its estimated size in GPU memory, in bytes (the weights, KV cache
+    /// and working buffers of its offloaded layers); 0 when nothing is
+    /// offloaded.
+    #[serde(default)]
+    pub device_bytes: u64,
     /// Whether it is an embedding model.
     pub embeds: bool,
     /// What the engine reported when it loaded it (context per request,

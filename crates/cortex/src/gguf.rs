@@ -50,6 +50,17 @@ impl GgufFacts {
         reader.facts()
     }
 
+    /// About how many weights the model has: its blocks' attention and
+    /// feed-forward matrices (a feed-forward width of 4× the hidden state
+    /// is assumed) and the token embeddings.
+    pub fn parameters(&self) -> u64 {
+        let width = self.embedding_length;
+        let kv_width = self.head_count_kv * self.key_length.max(1);
+        let attention = width * width * 2 + width * kv_width * 2;
+        let feed_forward = width * width * 4 * 3;
+        self.block_count * (attention + feed_forward) + self.vocab_size * width
+    }
+
     /// Bytes of KV cache one token of context takes (f16 keys and values).
     pub fn kv_bytes_per_token(&self) -> u64 {
         let per_layer = self.head_count_kv * (self.key_length + self.value_length) * 2;
@@ -60,8 +71,13 @@ impl GgufFacts {
 /// The model's estimated size in memory, and whether it embeds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Footprint {
-    /// Bytes: weights, KV cache and working buffers.
+    /// Bytes of host memory: the weights and KV cache of the layers left on
+    /// the CPU, the logits, and the CPU's working buffers.
     pub bytes: u64,
+    /// Bytes of GPU memory: the weights and KV cache of the offloaded
+    /// layers and the device's working buffers; 0 when nothing is
+    /// offloaded.
+    pub device_bytes: u64,
     /// Whether it is an embedding model.
     pub embeds: bool,
 }
@@ -71,17 +87,38 @@ pub struct Footprint {
 pub type FootprintFn = Arc<dyn Fn(&Path) -> Footprint + Send + Sync>;
 
 /// The estimate for an engine that keeps `context` tokens for each of
-/// `parallel` requests and decodes `batch` tokens at a time: the files'
-/// size (weights), the KV cache of `min(context, trained) × parallel`
-/// tokens, and the output and compute buffers. A file whose header cannot
-/// be read (or names no layers) counts as its size alone.
+/// `parallel` requests and decodes `batch` tokens at a time, all on the
+/// CPU: see [`footprint_offloaded`].
 pub fn footprint(path: &Path, context: u64, parallel: u64, batch: u64) -> Footprint {
+    footprint_offloaded(path, context, parallel, batch, 0)
+}
+
+/// The estimate for an engine that keeps `context` tokens for each of
+/// `parallel` requests, decodes `batch` tokens at a time, and offloads
+/// `gpu_layers` layers (`u32::MAX` for all) to a GPU: the files' size
+/// (weights), the KV cache of `min(context, trained) × parallel` tokens,
+/// and the output and compute buffers, each counted where it lives. A file
+/// whose header cannot be read (or names no layers) counts as its size
+/// alone, on the host.
+///
+/// llama.cpp offloads the last `gpu_layers` of the `blocks + 1` layers
+/// (the output layer counts as one): their share of the weights and their
+/// KV cache go to the device, with the compute graph's scratch. The token
+/// embeddings stay on the host, and so do the logits.
+pub fn footprint_offloaded(
+    path: &Path,
+    context: u64,
+    parallel: u64,
+    batch: u64,
+    gpu_layers: u32,
+) -> Footprint {
     let weights = files_size(path);
     let facts = match GgufFacts::read(path) {
         Ok(facts) if facts.block_count > 0 => facts,
         _ => {
             return Footprint {
                 bytes: weights,
+                device_bytes: 0,
                 embeds: false,
             }
         }
@@ -103,8 +140,35 @@ pub fn footprint(path: &Path, context: u64, parallel: u64, batch: u64) -> Footpr
     };
     let scratch =
         batch * facts.embedding_length * 4 * 8 + batch * context * facts.head_count.max(1) * 4;
+    let layers = facts.block_count + 1;
+    let offloaded = u64::from(gpu_layers).min(layers);
+    if offloaded == 0 {
+        return Footprint {
+            bytes: weights + kv + outputs + scratch,
+            device_bytes: 0,
+            embeds: facts.declares_pooling,
+        };
+    }
+    // The token embeddings (vocabulary × width, at about the file's
+    // average bits per weight) never leave the host.
+    let per_weight = weights as f64 / facts.parameters().max(1) as f64;
+    let embeddings = ((facts.vocab_size * facts.embedding_length) as f64 * per_weight)
+        .min(weights as f64) as u64;
+    // The output layer is the first offloaded: a vocabulary × width
+    // matrix of its own, or a device copy of the token embeddings when the
+    // model ties them. The rest are blocks, each with its KV cache.
+    let blocks = offloaded - 1;
+    let device_weights =
+        (embeddings + (weights - embeddings) * blocks / facts.block_count).min(weights);
+    let device_kv = kv * blocks / facts.block_count;
+    // The host keeps a batch's input activations for the graph.
+    let host_scratch = batch * facts.embedding_length * 4 * 2;
     Footprint {
-        bytes: weights + kv + outputs + scratch,
+        bytes: weights.saturating_sub(device_weights).max(embeddings)
+            + (kv - device_kv)
+            + outputs
+            + host_scratch,
+        device_bytes: device_weights + device_kv + scratch,
         embeds: facts.declares_pooling,
     }
 }

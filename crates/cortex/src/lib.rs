@@ -31,13 +31,27 @@ pub use engine::{
     check_gguf, Ended, Engine, EventSink, Output, Refused, Request, RequestId, Step, MAX_BACKLOG,
 };
 #[cfg(feature = "llama")]
-pub use llama::{llama_backend, LlamaEngine, LlamaOptions};
+pub use llama::{llama_backend, Device, GpuLayers, LlamaEngine, LlamaOptions};
 /// The llama.cpp bindings this crate uses, for code that drives llama.cpp
 /// beside the engine (take the backend from [`llama_backend`]).
 #[cfg(feature = "llama")]
 pub use llama_cpp_2;
 pub use pinky::Pinky;
 pub use thread::{EngineFactory, EngineReport, EngineThread};
+
+/// The free memory of the GPU devices the default engine offloads to (as
+/// the `GENIUS_DEVICE` and `GENIUS_GPU_LAYERS` variables choose), in
+/// bytes; `None` when it offloads nothing (a CPU build, no device).
+pub fn default_device_memory() -> Option<u64> {
+    #[cfg(feature = "llama")]
+    {
+        LlamaOptions::from_env().device_memory()
+    }
+    #[cfg(not(feature = "llama"))]
+    {
+        None
+    }
+}
 
 /// The engine used when none is chosen: llama.cpp with options from the
 /// environment, or Pinky in builds without the `llama` feature.
@@ -56,17 +70,19 @@ pub fn default_engine_factory() -> EngineFactory {
 
 /// How the default engine's models are sized before they load: with
 /// llama.cpp, from the GGUF header and the engine's options from the
-/// environment (context, parallel, batch); without it, by file size.
+/// environment (context, parallel, batch, offloaded layers); without it,
+/// by file size.
 pub fn default_footprint() -> gguf::FootprintFn {
     #[cfg(feature = "llama")]
     {
         let options = LlamaOptions::from_env();
         std::sync::Arc::new(move |path: &std::path::Path| {
-            gguf::footprint(
+            gguf::footprint_offloaded(
                 path,
                 u64::from(options.context_size),
                 u64::from(options.parallel),
                 u64::from(options.batch_size),
+                options.offloaded_layers(),
             )
         })
     }

@@ -314,6 +314,7 @@ impl Engine for Pinky {
             vocab_size: 256,
             parallel: self.capacity(),
             embeds: false,
+            placement: rusty_genius_core::manifest::Placement::default(),
         })
     }
 

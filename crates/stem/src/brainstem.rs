@@ -34,7 +34,7 @@ use rusty_genius_cortex::{
 };
 
 use crate::handle::{Command, Listener, LoadDone, Submission, UnloadDone};
-use crate::residency::{find_room, Holder, Residency, Room};
+use crate::residency::{find_room, Holder, Memory, Residency, Room};
 use crate::rt;
 use crate::strategy::CortexStrategy;
 
@@ -128,8 +128,18 @@ impl Entry {
         matches!(self.phase, Phase::Loading { .. } | Phase::Loaded { .. })
     }
 
+    /// Its estimated memory, on the host and on the GPU.
+    fn memory(&self) -> Memory {
+        self.resolved
+            .as_ref()
+            .map_or(Memory::default(), |r| Memory {
+                host: r.footprint.bytes,
+                device: r.footprint.device_bytes,
+            })
+    }
+
     fn bytes(&self) -> u64 {
-        self.resolved.as_ref().map_or(0, |r| r.footprint.bytes)
+        self.memory().host
     }
 
     fn serial(&self) -> Option<u64> {
@@ -166,8 +176,8 @@ pub(crate) enum Event {
     Engine(u64, Option<EngineReport>),
     Asset(AssetEvent),
     Resolved(String, u64, Result<Resolved, FacecrabError>),
-    /// An unloaded engine has freed this many bytes.
-    Freed(u64),
+    /// An unloaded engine has freed this much memory.
+    Freed(Memory),
     Tick,
     /// A set of engines, resolutions or unloads became empty.
     Emptied,
@@ -188,8 +198,8 @@ pub(crate) struct Brainstem {
     reports: SelectAll<BoxStream<'static, (u64, Option<EngineReport>)>>,
     resolutions: FuturesUnordered<Resolution>,
     /// Engines unloading, each done with the bytes it held.
-    freeing: FuturesUnordered<BoxFuture<'static, u64>>,
-    freeing_bytes: u64,
+    freeing: FuturesUnordered<BoxFuture<'static, Memory>>,
+    freeing_bytes: Memory,
     models: HashMap<String, Entry>,
     /// The model of the last `LoadModel`: requests that name none go to it.
     default: Option<String>,
@@ -208,7 +218,7 @@ impl Brainstem {
             reports: SelectAll::new(),
             resolutions: FuturesUnordered::new(),
             freeing: FuturesUnordered::new(),
-            freeing_bytes: 0,
+            freeing_bytes: Memory::default(),
             models: HashMap::new(),
             default: None,
             next_serial: 1,
@@ -304,7 +314,7 @@ impl Brainstem {
                 }
                 self.on_resolved(name, generation, result);
             }
-            Event::Freed(bytes) => self.freeing_bytes = self.freeing_bytes.saturating_sub(bytes),
+            Event::Freed(memory) => self.freeing_bytes = self.freeing_bytes.minus(memory),
             Event::Tick => self.hibernate_idle(),
             Event::Emptied => {}
         }
@@ -420,6 +430,7 @@ impl Brainstem {
                     state,
                     default: self.default.as_deref() == Some(name),
                     memory_bytes: entry.bytes(),
+                    device_bytes: entry.memory().device,
                     embeds: info.as_ref().map_or_else(
                         || entry.resolved.as_ref().is_some_and(|r| r.footprint.embeds),
                         |info| info.embeds,
@@ -469,7 +480,7 @@ impl Brainstem {
             match entry.phase {
                 Phase::Resolving | Phase::Waiting { .. } => entry.phase = Phase::Unloaded,
                 Phase::Loading { .. } => {
-                    let bytes = entry.bytes();
+                    let bytes = entry.memory();
                     if let Some(engine) = entry.take_engine() {
                         stopping.push((engine, bytes));
                     }
@@ -539,9 +550,10 @@ impl Brainstem {
         match result {
             Ok(resolved) => {
                 log::debug!(
-                    "{name}: {} estimated at {} bytes",
+                    "{name}: {} estimated at {} bytes of host memory and {} of GPU memory",
                     resolved.path.display(),
-                    resolved.footprint.bytes
+                    resolved.footprint.bytes,
+                    resolved.footprint.device_bytes
                 );
                 let fetched = resolved
                     .fetched
@@ -572,7 +584,7 @@ impl Brainstem {
                 done(Ok(false));
             }
             if let Some(engine) = entry.take_engine() {
-                self.free(engine, 0);
+                self.free(engine, Memory::default());
             }
         }
         if self.default.as_deref() == Some(name) {
@@ -627,19 +639,19 @@ impl Brainstem {
             .collect();
         waiting.sort();
         for (since, name) in waiting {
-            let bytes = self.models[&name].bytes();
+            let needed = self.models[&name].memory();
             let holders: Vec<Holder> = self
                 .models
                 .iter()
                 .filter(|(_, e)| e.resident())
                 .map(|(n, e)| Holder {
                     name: n.clone(),
-                    bytes: e.bytes(),
+                    memory: e.memory(),
                     busy: !e.idle() || matches!(e.phase, Phase::Loading { .. }),
                     last_used: e.last_asked,
                 })
                 .collect();
-            match find_room(&self.parts.residency, &holders, self.freeing_bytes, bytes) {
+            match find_room(&self.parts.residency, &holders, self.freeing_bytes, needed) {
                 Room::Fits => self.start_load(&name),
                 Room::Evict(victims) => {
                     for victim in victims {
@@ -652,7 +664,7 @@ impl Brainstem {
                     if since.elapsed() >= self.parts.residency.wait {
                         let err = GeniusError::NoRoomForModel {
                             name: name.clone(),
-                            needed: bytes,
+                            needed: needed.host,
                             why,
                             loaded: self.loaded_sizes(),
                         };
@@ -660,10 +672,19 @@ impl Brainstem {
                         self.give_up(&name, &Arc::new(err));
                     }
                 }
+                Room::TooLargeForDevice => {
+                    let err = GeniusError::ModelTooLargeForDevice {
+                        name: name.clone(),
+                        needed: needed.device,
+                        budget: self.parts.residency.device_budget,
+                    };
+                    log::warn!("{err}");
+                    self.give_up(&name, &Arc::new(err));
+                }
                 Room::TooLarge => {
                     let err = GeniusError::ModelTooLarge {
                         name: name.clone(),
-                        needed: bytes,
+                        needed: needed.host,
                         budget: self.parts.residency.memory_budget,
                         loaded: self.loaded_sizes(),
                     };
@@ -730,7 +751,7 @@ impl Brainstem {
         let Some(entry) = self.models.get_mut(name) else {
             return;
         };
-        let bytes = entry.bytes();
+        let bytes = entry.memory();
         let Some(engine) = entry.take_engine() else {
             return;
         };
@@ -760,8 +781,8 @@ impl Brainstem {
     }
 
     /// Lets `engine` unload and exit; its `bytes` count as held until it has.
-    fn free(&mut self, engine: EngineThread, bytes: u64) {
-        self.freeing_bytes += bytes;
+    fn free(&mut self, engine: EngineThread, bytes: Memory) {
+        self.freeing_bytes = self.freeing_bytes.plus(bytes);
         self.freeing
             .push(engine.shutdown().map(move |()| bytes).boxed());
     }

@@ -21,11 +21,16 @@ use std::time::{Duration, Instant};
 pub struct Residency {
     /// The most models loaded (or loading) at once. Default 3.
     pub max_models: usize,
-    /// The most memory, in bytes, the loaded models may take together, by
-    /// their estimates. Default: the memory the machine has available when
-    /// the Orchestrator is built (`MemAvailable` on Linux; unbounded where
-    /// it cannot be read).
+    /// The most host memory, in bytes, the loaded models may take
+    /// together, by their estimates. Default: the memory the machine has
+    /// available when the Orchestrator is built (`MemAvailable` on Linux;
+    /// unbounded where it cannot be read).
     pub memory_budget: u64,
+    /// The most GPU memory, in bytes, the loaded models' offloaded layers
+    /// may take together, by their estimates. Default: the free memory of
+    /// the devices the default engine offloads to when the Orchestrator is
+    /// built; unbounded when it offloads nothing.
+    pub device_budget: u64,
     /// How long a model waits for busy models to become idle before its
     /// requests fail. Default 60 s.
     pub wait: Duration,
@@ -36,6 +41,7 @@ impl Default for Residency {
         Self {
             max_models: 3,
             memory_budget: available_memory().unwrap_or(u64::MAX),
+            device_budget: rusty_genius_cortex::default_device_memory().unwrap_or(u64::MAX),
             wait: Duration::from_secs(60),
         }
     }
@@ -54,10 +60,21 @@ impl Residency {
         self
     }
 
+    /// Sets [`device_budget`](Self::device_budget).
+    pub fn with_device_budget(mut self, bytes: u64) -> Self {
+        self.device_budget = bytes;
+        self
+    }
+
     /// Sets [`wait`](Self::wait).
     pub fn with_wait(mut self, wait: Duration) -> Self {
         self.wait = wait;
         self
+    }
+
+    /// Whether `memory` fits in both budgets.
+    fn holds(&self, memory: Memory) -> bool {
+        memory.host <= self.memory_budget && memory.device <= self.device_budget
     }
 }
 
@@ -69,11 +86,48 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Memory a model takes, on the host and on its GPU devices.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Memory {
+    pub(crate) host: u64,
+    pub(crate) device: u64,
+}
+
+impl Memory {
+    #[cfg(test)]
+    pub(crate) fn host(bytes: u64) -> Self {
+        Self {
+            host: bytes,
+            device: 0,
+        }
+    }
+
+    pub(crate) fn plus(self, other: Self) -> Self {
+        Self {
+            host: self.host.saturating_add(other.host),
+            device: self.device.saturating_add(other.device),
+        }
+    }
+
+    pub(crate) fn minus(self, other: Self) -> Self {
+        Self {
+            host: self.host.saturating_sub(other.host),
+            device: self.device.saturating_sub(other.device),
+        }
+    }
+}
+
+impl std::iter::Sum for Memory {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), Self::plus)
+    }
+}
+
 /// A model that holds memory, as [`find_room`] sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Holder {
     pub(crate) name: String,
-    pub(crate) bytes: u64,
+    pub(crate) memory: Memory,
     /// Running or queued requests, or a load in progress: not evictable.
     pub(crate) busy: bool,
     pub(crate) last_used: Instant,
@@ -91,23 +145,33 @@ pub(crate) enum Room {
     WaitForFreeing,
     /// It does not fit until busy models become idle: why, in words.
     Wait(String),
-    /// It never fits: larger than the whole budget.
+    /// It never fits: larger than the whole host budget.
     TooLarge,
+    /// It never fits: its offloaded layers are larger than the whole
+    /// device budget.
+    TooLargeForDevice,
 }
 
-/// Decides how a model of `bytes` gets room among `holders` (the models
-/// loaded or loading), with `freeing` bytes still held by models being
-/// unloaded.
-pub(crate) fn find_room(policy: &Residency, holders: &[Holder], freeing: u64, bytes: u64) -> Room {
-    if bytes > policy.memory_budget {
+/// Decides how a model taking `needed` gets room among `holders` (the
+/// models loaded or loading), with `freeing` still held by models being
+/// unloaded. Host and device memory are each held to their own budget.
+pub(crate) fn find_room(
+    policy: &Residency,
+    holders: &[Holder],
+    freeing: Memory,
+    needed: Memory,
+) -> Room {
+    if needed.host > policy.memory_budget {
         return Room::TooLarge;
     }
-    let held: u64 = holders.iter().map(|h| h.bytes).sum();
-    let fits = |held: u64, count: usize| {
-        count < policy.max_models && held.saturating_add(bytes) <= policy.memory_budget
-    };
+    if needed.device > policy.device_budget {
+        return Room::TooLargeForDevice;
+    }
+    let held: Memory = holders.iter().map(|h| h.memory).sum();
+    let fits =
+        |held: Memory, count: usize| count < policy.max_models && policy.holds(held.plus(needed));
     if fits(held, holders.len()) {
-        return if fits(held + freeing, holders.len()) {
+        return if fits(held.plus(freeing), holders.len()) {
             Room::Fits
         } else {
             Room::WaitForFreeing
@@ -121,7 +185,16 @@ pub(crate) fn find_room(policy: &Residency, holders: &[Holder], freeing: u64, by
         if fits(held_after, count_after) {
             break;
         }
-        held_after -= holder.bytes;
+        // Only a model that frees what is short goes: a model on the CPU
+        // makes no room on the GPU.
+        let wanted = held_after.plus(needed);
+        let helps = count_after >= policy.max_models
+            || (wanted.host > policy.memory_budget && holder.memory.host > 0)
+            || (wanted.device > policy.device_budget && holder.memory.device > 0);
+        if !helps {
+            continue;
+        }
+        held_after = held_after.minus(holder.memory);
         count_after -= 1;
         evict.push(holder.name.clone());
     }
@@ -133,10 +206,15 @@ pub(crate) fn find_room(policy: &Residency, holders: &[Holder], freeing: u64, by
             "{} models are loaded and busy, the most allowed at once",
             holders.len() - evict.len()
         )
-    } else {
+    } else if held_after.host.saturating_add(needed.host) > policy.memory_budget {
         format!(
             "the busy models take {} of the {} byte memory budget",
-            held_after, policy.memory_budget
+            held_after.host, policy.memory_budget
+        )
+    } else {
+        format!(
+            "the busy models take {} of the {} bytes of GPU memory",
+            held_after.device, policy.device_budget
         )
     };
     Room::Wait(why)
@@ -149,7 +227,7 @@ mod tests {
     fn holder(name: &str, bytes: u64, busy: bool, age: u64, now: Instant) -> Holder {
         Holder {
             name: name.into(),
-            bytes,
+            memory: Memory::host(bytes),
             busy,
             last_used: now - Duration::from_secs(age),
         }
@@ -159,6 +237,7 @@ mod tests {
         Residency {
             max_models,
             memory_budget: budget,
+            device_budget: u64::MAX,
             wait: Duration::from_secs(1),
         }
     }
@@ -171,10 +250,13 @@ mod tests {
             holder("old", 10, false, 9, now),
         ];
         assert_eq!(
-            find_room(&policy(2, 100), &holders, 0, 10),
+            find_room(&policy(2, 100), &holders, Memory::host(0), Memory::host(10)),
             Room::Evict(vec!["old".into()])
         );
-        assert_eq!(find_room(&policy(3, 100), &holders, 0, 10), Room::Fits);
+        assert_eq!(
+            find_room(&policy(3, 100), &holders, Memory::host(0), Memory::host(10)),
+            Room::Fits
+        );
     }
 
     #[test]
@@ -185,12 +267,12 @@ mod tests {
             holder("idle-new", 10, false, 1, now),
         ];
         assert_eq!(
-            find_room(&policy(2, 100), &holders, 0, 10),
+            find_room(&policy(2, 100), &holders, Memory::host(0), Memory::host(10)),
             Room::Evict(vec!["idle-new".into()])
         );
         let busy = [holder("a", 10, true, 1, now), holder("b", 10, true, 2, now)];
         assert!(matches!(
-            find_room(&policy(2, 100), &busy, 0, 10),
+            find_room(&policy(2, 100), &busy, Memory::host(0), Memory::host(10)),
             Room::Wait(why) if why.contains("busy")
         ));
     }
@@ -205,7 +287,7 @@ mod tests {
         ];
         // 90 held, 100 budget: a 30 needs 20 more, so `a` alone goes.
         assert_eq!(
-            find_room(&policy(8, 100), &holders, 0, 30),
+            find_room(&policy(8, 100), &holders, Memory::host(0), Memory::host(30)),
             Room::Evict(vec!["a".into()])
         );
         // Evicting the idle one would not make room next to a busy 80.
@@ -214,13 +296,66 @@ mod tests {
             holder("c", 10, false, 1, now),
         ];
         assert!(matches!(
-            find_room(&policy(8, 100), &holders, 0, 30),
+            find_room(&policy(8, 100), &holders, Memory::host(0), Memory::host(30)),
             Room::Wait(_)
         ));
-        assert_eq!(find_room(&policy(8, 100), &holders, 0, 101), Room::TooLarge);
         assert_eq!(
-            find_room(&policy(8, 100), &holders, 5, 10),
+            find_room(
+                &policy(8, 100),
+                &holders,
+                Memory::host(0),
+                Memory::host(101)
+            ),
+            Room::TooLarge
+        );
+        assert_eq!(
+            find_room(&policy(8, 100), &holders, Memory::host(5), Memory::host(10)),
             Room::WaitForFreeing
+        );
+    }
+
+    #[test]
+    fn gpu_memory_is_held_to_its_own_budget() {
+        let now = Instant::now();
+        let on_gpu = |name: &str, host, device, busy, age| Holder {
+            memory: Memory { host, device },
+            ..holder(name, 0, busy, age, now)
+        };
+        let policy = Residency {
+            device_budget: 50,
+            ..policy(8, 1000)
+        };
+        let needed = Memory {
+            host: 10,
+            device: 30,
+        };
+        // Host memory is plenty; the GPU holds 40 of 50, so the older
+        // offloaded model goes, and the model on the CPU stays.
+        let holders = [
+            on_gpu("cpu-only", 500, 0, false, 9),
+            on_gpu("gpu-old", 10, 20, false, 8),
+            on_gpu("gpu-new", 10, 20, false, 1),
+        ];
+        assert_eq!(
+            find_room(&policy, &holders, Memory::default(), needed),
+            Room::Evict(vec!["gpu-old".into()])
+        );
+        let busy = [on_gpu("gpu-busy", 10, 40, true, 1)];
+        assert!(matches!(
+            find_room(&policy, &busy, Memory::default(), needed),
+            Room::Wait(why) if why.contains("GPU memory")
+        ));
+        assert_eq!(
+            find_room(
+                &policy,
+                &[],
+                Memory::default(),
+                Memory {
+                    host: 1,
+                    device: 51
+                }
+            ),
+            Room::TooLargeForDevice
         );
     }
 }

@@ -5,8 +5,10 @@ use std::ffi::{c_char, c_void, CStr};
 use std::sync::OnceLock;
 
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::{list_llama_ggml_backend_devices, LlamaBackendDevice, LlamaBackendDeviceType};
 use rusty_genius_core::GeniusError;
 
+use super::options::Device;
 use super::sampling;
 
 /// The process-wide llama.cpp backend, initialised on first use.
@@ -88,5 +90,99 @@ pub(super) fn gpu_backend() -> &'static str {
         "metal"
     } else {
         "cpu"
+    }
+}
+
+/// The devices that can hold offloaded layers (GPUs, integrated GPUs),
+/// in llama.cpp's order. Empty in a CPU build, and where a GPU build finds
+/// no driver or no device.
+pub(super) fn gpu_devices() -> Vec<LlamaBackendDevice> {
+    if llama_backend().is_err() {
+        return Vec::new();
+    }
+    list_llama_ggml_backend_devices()
+        .into_iter()
+        .filter(|device| {
+            matches!(
+                device.device_type,
+                LlamaBackendDeviceType::Gpu | LlamaBackendDeviceType::IntegratedGpu
+            )
+        })
+        .collect()
+}
+
+/// The devices a model's offloaded layers go to, as `choice` asks: for
+/// [`Device::Auto`] the discrete GPUs, else the integrated ones of the
+/// first backend that has any, as llama.cpp picks by default; none for
+/// [`Device::Cpu`]. A named device that is not there is an error that
+/// lists those that are.
+pub(super) fn choose_devices(choice: &Device) -> Result<Vec<LlamaBackendDevice>, GeniusError> {
+    let found = gpu_devices();
+    match choice {
+        Device::Cpu => Ok(Vec::new()),
+        Device::Auto => {
+            let discrete: Vec<_> = found
+                .iter()
+                .filter(|d| d.device_type == LlamaBackendDeviceType::Gpu)
+                .cloned()
+                .collect();
+            if !discrete.is_empty() {
+                return Ok(discrete);
+            }
+            let first = found.first().map(|d| d.backend.clone());
+            Ok(found
+                .into_iter()
+                .filter(|d| Some(&d.backend) == first.as_ref())
+                .collect())
+        }
+        Device::Named(names) => names
+            .iter()
+            .map(|name| {
+                found
+                    .iter()
+                    .find(|d| d.name.eq_ignore_ascii_case(name))
+                    .cloned()
+                    .ok_or_else(|| GeniusError::DeviceUnavailable {
+                        device: name.clone(),
+                        available: describe_available(&found),
+                    })
+            })
+            .collect(),
+    }
+}
+
+/// `this build sees Vulkan0 (llvmpipe …)`, or why it sees none.
+fn describe_available(found: &[LlamaBackendDevice]) -> String {
+    if found.is_empty() {
+        return match gpu_backend() {
+            "cpu" => {
+                "this build has no GPU backend: build with the `vulkan`, `cuda` or `metal` feature"
+                    .to_owned()
+            }
+            backend => format!(
+                "this {backend} build finds no {backend} device: {}",
+                missing_driver_hint()
+            ),
+        };
+    }
+    let listed: Vec<String> = found.iter().map(describe).collect();
+    format!("this build sees {}", listed.join(", "))
+}
+
+/// What to check when a GPU build finds no device.
+pub(super) fn missing_driver_hint() -> &'static str {
+    match gpu_backend() {
+        "vulkan" => "is a Vulkan driver installed (`vulkaninfo --summary` lists it)? Mesa's CPU driver, lavapipe, is used only when GGML_VK_VISIBLE_DEVICES names it",
+        "cuda" => "is the NVIDIA driver installed and the GPU visible (`nvidia-smi`, CUDA_VISIBLE_DEVICES)?",
+        _ => "is the GPU's driver installed?",
+    }
+}
+
+/// `Vulkan0: llvmpipe (LLVM 15.0.6, 256 bits)`.
+pub(super) fn describe(device: &LlamaBackendDevice) -> String {
+    if device.description.is_empty() {
+        device.name.clone()
+    } else {
+        format!("{}: {}", device.name, device.description)
     }
 }

@@ -37,7 +37,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::manifest::{ModelInfo, Placement};
 use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::{GeniusError, Pooling, Prompt};
 
@@ -54,7 +54,7 @@ mod snapshot;
 mod step;
 
 pub use backend::llama_backend;
-pub use options::LlamaOptions;
+pub use options::{Device, GpuLayers, LlamaOptions};
 
 use prompt::Prompter;
 use slot::{Job, Slot};
@@ -115,6 +115,7 @@ impl Loaded {
         path: &Path,
         model: LlamaModel,
         options: &LlamaOptions,
+        placement: &Placement,
     ) -> Result<Self, GeniusError> {
         let backend = llama_backend()?;
         let parallel = options.parallel.max(1);
@@ -182,11 +183,12 @@ impl Loaded {
             disk: None,
             copies_pending: false,
         }
-        .with_disk(path, options))
+        .with_disk(path, options, placement))
     }
 
-    /// Turns on the disk tier, as `options` ask, for the model at `path`.
-    fn with_disk(mut self, path: &Path, options: &LlamaOptions) -> Self {
+    /// Turns on the disk tier, as `options` ask, for the model at `path`
+    /// placed on `placement`'s devices.
+    fn with_disk(mut self, path: &Path, options: &LlamaOptions, placement: &Placement) -> Self {
         if self.declared_pooling.is_some() {
             return self;
         }
@@ -197,11 +199,7 @@ impl Loaded {
                 sequences: self.slots.len() as u32,
                 kv_types: "f16/f16".into(),
                 swa_full: true,
-                offload: format!(
-                    "{} (gpu layers {:?})",
-                    backend::gpu_backend(),
-                    options.gpu_layers
-                ),
+                offload: format!("{} build, {placement}", backend::gpu_backend()),
                 llama: backend::llama_version(),
                 cpu: backend::system_info(),
                 vocab: self.model().n_vocab().max(0) as usize,
@@ -285,6 +283,31 @@ impl Loaded {
     }
 }
 
+impl LlamaOptions {
+    /// The layers these options offload on this machine: 0 when no device
+    /// is chosen or found (a CPU build, no driver, `Device::Cpu`),
+    /// `u32::MAX` for all of them.
+    pub fn offloaded_layers(&self) -> u32 {
+        match backend::choose_devices(&self.device) {
+            Ok(devices) if !devices.is_empty() => match self.gpu_layers {
+                GpuLayers::All => u32::MAX,
+                GpuLayers::Count(n) => n,
+            },
+            _ => 0,
+        }
+    }
+
+    /// The free memory of the devices these options offload to, in bytes;
+    /// `None` when nothing is offloaded.
+    pub fn device_memory(&self) -> Option<u64> {
+        if self.offloaded_layers() == 0 {
+            return None;
+        }
+        let devices = backend::choose_devices(&self.device).ok()?;
+        Some(devices.iter().map(|d| d.memory_free as u64).sum())
+    }
+}
+
 /// The llama.cpp [`Engine`].
 ///
 /// Keeps one model and one context with a sequence per request it serves
@@ -322,10 +345,28 @@ impl Engine for LlamaEngine {
         // Free the old model first: two models may not fit in memory.
         self.unload();
         let started = Instant::now();
-        let mut params = LlamaModelParams::default();
-        if let Some(layers) = self.options.gpu_layers {
-            params = params.with_n_gpu_layers(layers);
+        let devices = backend::choose_devices(&self.options.device)?;
+        if devices.is_empty()
+            && self.options.device == Device::Auto
+            && backend::gpu_backend() != "cpu"
+        {
+            log::warn!(
+                "this build offloads to {} but finds no device for it, so {name} runs on the CPU: {}",
+                backend::gpu_backend(),
+                backend::missing_driver_hint()
+            );
         }
+        let indices: Vec<usize> = devices.iter().map(|d| d.index).collect();
+        let layers = match (devices.is_empty(), self.options.gpu_layers) {
+            (true, _) => 0,
+            (false, GpuLayers::All) => u32::MAX,
+            (false, GpuLayers::Count(n)) => n,
+        };
+        let params = LlamaModelParams::default()
+            .with_n_gpu_layers(layers)
+            // An empty list keeps every layer and buffer off the GPUs.
+            .with_devices(&indices)
+            .map_err(|err| GeniusError::engine_from("cannot choose the devices", err))?;
         let model = LlamaModel::load_from_file(llama_backend()?, path, &params).map_err(|err| {
             GeniusError::InvalidModelFile {
                 path: path.to_path_buf(),
@@ -338,19 +379,31 @@ impl Engine for LlamaEngine {
             "read the model in {:.0} ms",
             started.elapsed().as_secs_f64() * 1e3
         );
-        let loaded = Loaded::new(name, path, model, &self.options)?;
+        let offloadable = model.n_layer().saturating_add(1);
+        let placement = match devices.first() {
+            Some(first) if layers > 0 => Placement {
+                backend: first.backend.clone(),
+                devices: devices.iter().map(backend::describe).collect(),
+                gpu_layers: layers.min(offloadable),
+                layers: offloadable,
+            },
+            _ => Placement::cpu(offloadable),
+        };
+        let loaded = Loaded::new(name, path, model, &self.options, &placement)?;
         let info = ModelInfo {
             name: loaded.name.clone(),
             context_size: loaded.slot_context,
             vocab_size: loaded.model().n_vocab().max(0) as usize,
             parallel: loaded.slots.len(),
             embeds: loaded.declared_pooling.is_some(),
+            placement,
         };
         log::info!(
-            "loaded {} from {} in {:.0} ms ({} requests at once, {} tokens of context each, {} threads, {})",
+            "loaded {} from {} in {:.0} ms on {} ({} requests at once, {} tokens of context each, {} threads, {})",
             info.name,
             path.display(),
             started.elapsed().as_secs_f64() * 1e3,
+            info.placement,
             loaded.slots.len(),
             info.context_size,
             self.options.threads,

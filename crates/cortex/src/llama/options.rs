@@ -22,10 +22,15 @@ pub struct LlamaOptions {
     /// Tokens decoded per batch while processing a prompt. Default 512
     /// (`GENIUS_BATCH_SIZE`).
     pub batch_size: u32,
-    /// Layers to offload to the GPU in GPU builds; `None` keeps llama.cpp's
-    /// default (all of them when a GPU backend is compiled in).
-    /// `GENIUS_GPU_LAYERS`.
-    pub gpu_layers: Option<u32>,
+    /// Layers to offload to the GPU in GPU builds (`vulkan`, `cuda`,
+    /// `metal`): all of them by default, or the first `n`. A build without
+    /// a GPU backend, or a machine without a usable device, runs them all
+    /// on the CPU. `GENIUS_GPU_LAYERS` (`all` or a number).
+    pub gpu_layers: GpuLayers,
+    /// Which devices hold the offloaded layers. Default
+    /// [`Device::Auto`]. `GENIUS_DEVICE` (`auto`, `cpu`, or device names
+    /// such as `Vulkan0`, comma-separated).
+    pub device: Device,
     /// Bytes of host memory for slot caches another prompt took the slot
     /// from: a conversation coming back to a recycled slot reads its cache
     /// from here and decodes only what is new. Past this, the least
@@ -55,7 +60,8 @@ impl Default for LlamaOptions {
             parallel: 4,
             threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
             batch_size: 512,
-            gpu_layers: None,
+            gpu_layers: GpuLayers::All,
+            device: Device::Auto,
             cache_ram: 2048 * MIB,
             snapshot_dir: None,
             snapshot_budget: 8192 * MIB,
@@ -75,6 +81,13 @@ impl LlamaOptions {
             }
             parsed
         }
+        fn parsed<T: std::str::FromStr<Err = String>>(name: &str) -> Option<T> {
+            let value = std::env::var(name).ok()?;
+            value
+                .parse()
+                .map_err(|err| log::warn!("ignoring {name}={value:?}: {err}"))
+                .ok()
+        }
         let defaults = Self::default();
         Self {
             context_size: var("GENIUS_CONTEXT_SIZE")
@@ -89,12 +102,105 @@ impl LlamaOptions {
             batch_size: var("GENIUS_BATCH_SIZE")
                 .filter(|&n| n > 0)
                 .unwrap_or(defaults.batch_size),
-            gpu_layers: var("GENIUS_GPU_LAYERS").or(defaults.gpu_layers),
+            gpu_layers: parsed("GENIUS_GPU_LAYERS").unwrap_or(defaults.gpu_layers),
+            device: parsed("GENIUS_DEVICE").unwrap_or(defaults.device),
             cache_ram: var::<u64>("GENIUS_CACHE_RAM_MIB")
                 .map_or(defaults.cache_ram, |mib| mib.saturating_mul(MIB)),
             snapshot_dir: snapshot_dir_from_env(),
             snapshot_budget: var::<u64>("GENIUS_KV_DISK_MIB")
                 .map_or(defaults.snapshot_budget, |mib| mib.saturating_mul(MIB)),
+        }
+    }
+}
+
+/// How many of a model's layers go to the GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GpuLayers {
+    /// Every layer, the output layer included.
+    #[default]
+    All,
+    /// The first `n` layers; the rest run on the CPU. 0 offloads none.
+    Count(u32),
+}
+
+impl std::str::FromStr for GpuLayers {
+    type Err = String;
+
+    /// `all` (or `max`, `auto`), or a number of layers.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if ["all", "max", "auto"]
+            .iter()
+            .any(|word| text.eq_ignore_ascii_case(word))
+        {
+            return Ok(Self::All);
+        }
+        // llama.cpp's own -1 means all of them too.
+        if text == "-1" {
+            return Ok(Self::All);
+        }
+        text.parse()
+            .map(Self::Count)
+            .map_err(|_| format!("`{text}` is neither `all` nor a number of layers"))
+    }
+}
+
+impl std::fmt::Display for GpuLayers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::All => f.write_str("all"),
+            Self::Count(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Which devices hold a model's offloaded layers.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Device {
+    /// The GPUs llama.cpp finds (discrete ones first, else integrated);
+    /// with none, everything runs on the CPU and a warning says why.
+    #[default]
+    Auto,
+    /// The CPU only, even where a GPU is there.
+    Cpu,
+    /// These devices, by llama.cpp's names (`Vulkan0`, `CUDA1`); loading
+    /// fails with [`GeniusError::DeviceUnavailable`] when one is not there.
+    ///
+    /// [`GeniusError::DeviceUnavailable`]: rusty_genius_core::GeniusError::DeviceUnavailable
+    Named(Vec<String>),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    /// `auto`, `cpu` (or `none`), or device names separated by commas.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() || text.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        if text.eq_ignore_ascii_case("cpu") || text.eq_ignore_ascii_case("none") {
+            return Ok(Self::Cpu);
+        }
+        let names: Vec<String> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|name| !name.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if names.is_empty() {
+            return Err(format!("`{text}` names no device"));
+        }
+        Ok(Self::Named(names))
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Named(names) => f.write_str(&names.join(",")),
         }
     }
 }

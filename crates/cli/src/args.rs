@@ -10,6 +10,8 @@ use rusty_genius::core::Limits;
 pub(crate) mod exit {
     /// Anything else that failed.
     pub(crate) const FAILED: u8 = 1;
+    /// The command line is wrong (as clap says it when it cannot parse it).
+    pub(crate) const USAGE: u8 = 2;
     /// The model named is not in the registry, the cache or the Hub.
     pub(crate) const MODEL_NOT_FOUND: u8 = 3;
     /// Fetching the model failed (network, access, checksum, disk).
@@ -73,7 +75,7 @@ pub(crate) enum Command {
         #[arg(long)]
         raw: bool,
         #[command(flatten)]
-        engine: EngineArgs,
+        engine: Box<EngineArgs>,
     },
     /// List the models in the cache.
     #[command(alias = "ls", after_help = EXIT_CODES)]
@@ -278,6 +280,15 @@ pub(crate) struct EngineArgs {
     /// CPU threads (GENIUS_THREADS, default: every core).
     #[arg(long)]
     pub(crate) threads: Option<usize>,
+    /// Layers offloaded to the GPU in a GPU build: `all` or a number
+    /// (GENIUS_GPU_LAYERS, default all).
+    #[arg(long, value_name = "all|N")]
+    pub(crate) gpu_layers: Option<String>,
+    /// Where offloaded layers go: `auto` (any GPU, else the CPU), `cpu`,
+    /// or device names such as `Vulkan0`, comma-separated (GENIUS_DEVICE,
+    /// default auto).
+    #[arg(long, value_name = "auto|cpu|NAME")]
+    pub(crate) device: Option<String>,
     /// MiB of RAM for the caches of slots another conversation took, so
     /// the conversation decodes only its new tokens when it comes back
     /// (GENIUS_CACHE_RAM_MIB, default 2048; 0 keeps none).

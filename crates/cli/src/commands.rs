@@ -369,8 +369,42 @@ fn llama(
     builder: rusty_genius::stem::OrchestratorBuilder,
     engine: &EngineArgs,
 ) -> Result<rusty_genius::stem::OrchestratorBuilder, Failure> {
-    use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
-    let mut options = LlamaOptions::from_env();
+    use rusty_genius::cortex::LlamaEngine;
+    let options = llama_options(engine)?;
+    let sized = options.clone();
+    Ok(builder
+        .footprint(move |path| {
+            rusty_genius::cortex::gguf::footprint_offloaded(
+                path,
+                u64::from(sized.context_size),
+                u64::from(sized.parallel),
+                u64::from(sized.batch_size),
+                sized.offloaded_layers(),
+            )
+        })
+        .engine(move || LlamaEngine::new(options.clone())))
+}
+
+/// The free memory of the GPUs the engine offloads to, as the arguments
+/// choose; `None` when it offloads nothing.
+#[cfg(feature = "llama")]
+fn device_memory(engine: &EngineArgs) -> Result<Option<u64>, Failure> {
+    Ok(match engine.engine {
+        EngineKind::Pinky => None,
+        EngineKind::Llama => llama_options(engine)?.device_memory(),
+    })
+}
+
+#[cfg(not(feature = "llama"))]
+fn device_memory(_engine: &EngineArgs) -> Result<Option<u64>, Failure> {
+    Ok(None)
+}
+
+/// The llama.cpp engine's options: the environment's, overridden by the
+/// arguments.
+#[cfg(feature = "llama")]
+fn llama_options(engine: &EngineArgs) -> Result<rusty_genius::cortex::LlamaOptions, Failure> {
+    let mut options = rusty_genius::cortex::LlamaOptions::from_env();
     if let Some(parallel) = engine.parallel {
         options.parallel = parallel.max(1);
     }
@@ -379,6 +413,16 @@ fn llama(
     }
     if let Some(threads) = engine.threads {
         options.threads = threads.max(1);
+    }
+    if let Some(layers) = &engine.gpu_layers {
+        options.gpu_layers = layers
+            .parse()
+            .map_err(|err| Failure::new(exit::USAGE, format!("--gpu-layers: {err}")))?;
+    }
+    if let Some(device) = &engine.device {
+        options.device = device
+            .parse()
+            .map_err(|err| Failure::new(exit::USAGE, format!("--device: {err}")))?;
     }
     if let Some(mib) = engine.cache_ram {
         options.cache_ram = mib.saturating_mul(1 << 20);
@@ -392,17 +436,7 @@ fn llama(
     if let Some(mib) = engine.kv_disk {
         options.snapshot_budget = mib.saturating_mul(1 << 20);
     }
-    let sized = options.clone();
-    Ok(builder
-        .footprint(move |path| {
-            rusty_genius::cortex::gguf::footprint(
-                path,
-                u64::from(sized.context_size),
-                u64::from(sized.parallel),
-                u64::from(sized.batch_size),
-            )
-        })
-        .engine(move || LlamaEngine::new(options.clone())))
+    Ok(options)
 }
 
 #[cfg(not(feature = "llama"))]
@@ -558,10 +592,19 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
     if let Some(budget) = args.memory_budget {
         residency = residency.with_memory_budget(budget);
     }
+    residency = residency.with_device_budget(device_memory(&args.engine)?.unwrap_or(u64::MAX));
     log::info!(
-        "at most {} models at once, in {:.1} GB",
+        "at most {} models at once, in {:.1} GB{}",
         residency.max_models,
-        residency.memory_budget as f64 / 1e9
+        residency.memory_budget as f64 / 1e9,
+        if residency.device_budget == u64::MAX {
+            String::new()
+        } else {
+            format!(
+                " and {:.1} GB of GPU memory",
+                residency.device_budget as f64 / 1e9
+            )
+        }
     );
     let genius = orchestrator(&args.engine, strategy, args.limits.limits(), residency)?;
     let settings = ServeSettings {

@@ -91,8 +91,10 @@ pub(super) fn model_object(
     if let Some(status) = status.filter(|s| s.state == ModelState::Loaded) {
         object["resident"] = json!({
             "memory_bytes": status.memory_bytes,
+            "device_bytes": status.device_bytes,
             "context": status.info.as_ref().map(|i| i.context_size),
             "parallel": status.info.as_ref().map(|i| i.parallel),
+            "placement": status.info.as_ref().map(|i| &i.placement),
             "running": status.running,
             "queued": status.queued,
             "idle_seconds": status.idle_for.map(|d| d.as_secs_f64()),

@@ -837,8 +837,8 @@ async fn ps(State(state): State<Arc<AppState>>) -> Response {
                 .iter()
                 .find(|s| s.name == model.name && s.state == ModelState::Loaded)?;
             let mut entry = model_entry(model);
-            entry["size_vram"] = json!(0);
-            entry["size"] = json!(status.memory_bytes);
+            entry["size_vram"] = json!(status.device_bytes);
+            entry["size"] = json!(status.memory_bytes + status.device_bytes);
             if let Some(info) = &status.info {
                 entry["context_length"] = json!(info.context_size);
             }

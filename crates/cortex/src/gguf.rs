@@ -425,20 +425,9 @@ mod tests {
         path
     }
 
-    #[test]
-    fn reads_the_attention_shape_and_skips_the_rest() {
-        let mut arch = Vec::new();
-        string(&mut arch, "qwen2");
-        let mut tokens = 8u32.to_le_bytes().to_vec();
-        tokens.extend(3u64.to_le_bytes());
-        for t in ["a", "bb", "ccc"] {
-            string(&mut tokens, t);
-        }
-        let mut template = Vec::new();
-        string(&mut template, &"x".repeat(10_000));
-        let bytes = header(&[
-            ("general.architecture", 8, arch),
-            ("tokenizer.chat_template", 8, template),
+    /// Qwen2.5-0.5B's attention shape, as its header gives it.
+    fn qwen_shape() -> Vec<(&'static str, u32, Vec<u8>)> {
+        vec![
             ("qwen2.block_count", 4, 24u32.to_le_bytes().to_vec()),
             ("qwen2.embedding_length", 4, 896u32.to_le_bytes().to_vec()),
             (
@@ -452,8 +441,27 @@ mod tests {
                 2u32.to_le_bytes().to_vec(),
             ),
             ("qwen2.context_length", 4, 32768u32.to_le_bytes().to_vec()),
-            ("tokenizer.ggml.tokens", 9, tokens),
-        ]);
+        ]
+    }
+
+    #[test]
+    fn reads_the_attention_shape_and_skips_the_rest() {
+        let mut arch = Vec::new();
+        string(&mut arch, "qwen2");
+        let mut tokens = 8u32.to_le_bytes().to_vec();
+        tokens.extend(3u64.to_le_bytes());
+        for t in ["a", "bb", "ccc"] {
+            string(&mut tokens, t);
+        }
+        let mut template = Vec::new();
+        string(&mut template, &"x".repeat(10_000));
+        let mut keys = vec![
+            ("general.architecture", 8, arch),
+            ("tokenizer.chat_template", 8, template),
+        ];
+        keys.extend(qwen_shape());
+        keys.push(("tokenizer.ggml.tokens", 9, tokens));
+        let bytes = header(&keys);
         let facts = GgufFacts::read(&write("qwen", &bytes)).unwrap();
         assert_eq!(facts.architecture, "qwen2");
         assert_eq!(facts.block_count, 24);
@@ -469,22 +477,9 @@ mod tests {
     fn offloaded_layers_move_their_weights_and_kv_cache_to_the_device() {
         let mut arch = Vec::new();
         string(&mut arch, "qwen2");
-        let mut bytes = header(&[
-            ("general.architecture", 8, arch),
-            ("qwen2.block_count", 4, 24u32.to_le_bytes().to_vec()),
-            ("qwen2.embedding_length", 4, 896u32.to_le_bytes().to_vec()),
-            (
-                "qwen2.attention.head_count",
-                4,
-                14u32.to_le_bytes().to_vec(),
-            ),
-            (
-                "qwen2.attention.head_count_kv",
-                4,
-                2u32.to_le_bytes().to_vec(),
-            ),
-            ("qwen2.context_length", 4, 32768u32.to_le_bytes().to_vec()),
-        ]);
+        let mut keys = vec![("general.architecture", 8, arch)];
+        keys.extend(qwen_shape());
+        let mut bytes = header(&keys);
         // Stand-in weights: the header plus 4 MB.
         bytes.resize(bytes.len() + 4_000_000, 0);
         let path = write("offload", &bytes);

@@ -300,10 +300,13 @@ impl LlamaOptions {
     /// The free memory of the devices these options offload to, in bytes;
     /// `None` when nothing is offloaded.
     pub fn device_memory(&self) -> Option<u64> {
-        if self.offloaded_layers() == 0 {
+        if self.gpu_layers == GpuLayers::Count(0) {
             return None;
         }
         let devices = backend::choose_devices(&self.device).ok()?;
+        if devices.is_empty() {
+            return None;
+        }
         Some(devices.iter().map(|d| d.memory_free as u64).sum())
     }
 }

@@ -51,9 +51,11 @@ gpu_tests --skip qwen
 echo "vulkan tests on the system's lavapipe: $((SECONDS - started)) s"
 started=$SECONDS
 qwen_driver=$(.ci/lavapipe.sh)
-VK_DRIVER_FILES=$qwen_driver VK_ICD_FILENAMES=$qwen_driver \
+(
+    export VK_DRIVER_FILES=$qwen_driver VK_ICD_FILENAMES=$qwen_driver
     vulkaninfo --summary 2>/dev/null | grep -E "driverInfo" || true
-VK_DRIVER_FILES=$qwen_driver VK_ICD_FILENAMES=$qwen_driver gpu_tests qwen
+    gpu_tests qwen
+)
 echo "vulkan tests on $qwen_driver: $((SECONDS - started)) s"
 CARGO_TARGET_DIR=target/vulkan cargo clippy --release -p rusty-genius -p rusty-genius-cli \
     --features vulkan --all-targets --quiet -- -D warnings

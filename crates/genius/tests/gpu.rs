@@ -31,9 +31,10 @@ use rusty_genius::stem::testing::{read_stream, Reply, MIN_MARGIN, SEQUENCE_PROMP
 use rusty_genius::{Orchestrator, OrchestratorHandle};
 use serde_json::json;
 
-/// How long one request may take. Generous: on a cold lavapipe the first
-/// requests also wait for the shaders they need, compiled by LLVM on the
-/// CPU (about 8 minutes for all of them on 2 cores).
+/// How long one request may take. Generous: on Mesa 25's lavapipe with a
+/// cold shader cache, the first request waits for the shaders it needs,
+/// compiled by LLVM on the CPU (Qwen's test took about 9 minutes on 2
+/// cores; see .ci/lavapipe.sh).
 const LIMIT: Duration = Duration::from_secs(1800);
 
 /// The backend llama.cpp names for the GPU feature this test is built with.

@@ -286,6 +286,13 @@ impl Output {
         self.finished
     }
 
+    /// Whether the request is to end at its next step: it was cancelled,
+    /// its consumer went away, or its output finished it (a stop
+    /// sequence).
+    pub fn must_end(&self) -> bool {
+        self.finished.is_some() || self.cancel.is_cancelled()
+    }
+
     /// A handle that cancels this request.
     pub fn cancel_token(&self) -> CancelToken {
         self.cancel.clone()

@@ -11,7 +11,9 @@
 //! compiled.
 
 mod cancel;
+mod cores;
 mod engine;
+mod exit;
 pub mod gguf;
 #[cfg(feature = "llama")]
 mod llama;
@@ -27,6 +29,7 @@ mod thread;
 pub mod tools;
 
 pub use cancel::CancelToken;
+pub use cores::{default_threads, Cores, Lease, Seat};
 pub use engine::{
     check_gguf, Ended, Engine, EventSink, Output, Refused, Request, RequestId, Step, MAX_BACKLOG,
 };

@@ -17,27 +17,41 @@ pub(crate) enum Want {
     Prompt { left: usize, since: Instant },
 }
 
-/// How much one step may take.
+/// How much one step may take, and what its tokens cost lately.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Budget {
     /// The most tokens a batch holds.
     pub(crate) batch: usize,
-    /// What a token of a large batch has cost lately, in milliseconds;
-    /// `None` before the first such batch.
+    /// What a prompt token of a large batch has cost lately, in
+    /// milliseconds on this step's cores; `None` before the first.
     pub(crate) ms_per_token: Option<f64>,
+    /// What the answers' part of a step (one token each) has cost lately,
+    /// in milliseconds on this step's cores; `None` before the first.
+    pub(crate) ms_per_answer_step: Option<f64>,
+    /// Whether other models want the cores too: a step then holds only
+    /// its share of them, and should end soon enough to hand them on.
+    pub(crate) shared: bool,
 }
 
-/// How long a step that decodes prompt tokens should take at most while
-/// other requests wait on it (answers running, or several prompts), and
-/// for a prompt alone: whoever arrives during a step waits for it, and
-/// deep in a long context a full batch of 512 prompt tokens takes seconds
-/// on a small CPU. Prompt tokens are cut to fit.
-pub(crate) const STEP_TARGET_MS: f64 = 500.0;
-pub(crate) const STEP_TARGET_ALONE_MS: f64 = 1500.0;
+/// While answers run, a step's prompt tokens cost at most this many times
+/// the answers' own part of the step: every running answer keeps at least
+/// a fifth of its speed while a long prompt is read beside it, and the
+/// prompt gets the rest, on any CPU (both costs are measured, so a slow
+/// CPU does not shrink the chunks).
+pub(crate) const PROMPT_PER_ANSWER_STEP: f64 = 4.0;
+
+/// While other models want the cores, a step ends after about this long:
+/// a model's share of the cores changes only between its steps, so when
+/// the others are done, the cores they leave wait at most this long.
+pub(crate) const SHARED_STEP_MS: f64 = 500.0;
 
 /// The fewest prompt tokens a step decodes, when any wait (and the
 /// smallest batch whose time per token counts as a measure).
 pub(crate) const MIN_PREFILL: usize = 32;
+
+/// A step's prompt tokens beside running answers before their costs are
+/// measured.
+const UNMEASURED_PREFILL: usize = 4 * MIN_PREFILL;
 
 /// The next batch: every slot that decodes its last token, then the
 /// prompt chunks, in the order they go into the batch.
@@ -62,10 +76,12 @@ impl Plan {
 ///   first, then the oldest: a short request's first token does not wait
 ///   behind a long prompt's whole prefill, and the long prompt gets the
 ///   room the shorter ones leave.
-/// - The prompt tokens of a step are as many as it decodes in about
-///   [`STEP_TARGET_MS`] while others wait on it ([`STEP_TARGET_ALONE_MS`]
-///   for a prompt alone), going by the recent cost of a token, and at
-///   least [`MIN_PREFILL`].
+/// - Prompts with nothing else to keep going fill whole batches: a prompt
+///   alone is read at full speed.
+/// - Beside running answers, a step's prompt tokens cost at most
+///   [`PROMPT_PER_ANSWER_STEP`] times the answers' part; while other
+///   models want the cores, a step takes about [`SHARED_STEP_MS`] at most.
+///   Both by the costs measured lately, and at least [`MIN_PREFILL`].
 pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
     let decode: Vec<usize> = wants
         .iter()
@@ -83,18 +99,7 @@ pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
         })
         .collect();
     prompts.sort_by_key(|&(slot, left, since)| (left, since, slot));
-    let contended = !decode.is_empty() || prompts.len() > 1;
-    let target = if contended {
-        STEP_TARGET_MS
-    } else {
-        STEP_TARGET_ALONE_MS
-    };
-    let mut tokens = match budget.ms_per_token {
-        Some(ms) if ms > 0.0 => {
-            ((target / ms) as usize).clamp(MIN_PREFILL, budget.batch.max(MIN_PREFILL))
-        }
-        _ => budget.batch,
-    };
+    let mut tokens = prompt_tokens(budget, !decode.is_empty());
     let mut room = budget.batch - decode.len();
     let mut prefill = Vec::new();
     for (slot, left, _) in prompts {
@@ -107,6 +112,27 @@ pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
         tokens -= count;
     }
     Plan { decode, prefill }
+}
+
+/// How many prompt tokens the next step may hold, beside answers or not.
+fn prompt_tokens(budget: Budget, answers: bool) -> usize {
+    let floor = MIN_PREFILL.min(budget.batch);
+    let mut tokens = budget.batch;
+    let per_token = budget.ms_per_token.filter(|ms| *ms > 0.0);
+    if answers {
+        tokens = tokens.min(match (per_token, budget.ms_per_answer_step) {
+            (Some(prompt), Some(answers)) => {
+                ((PROMPT_PER_ANSWER_STEP * answers / prompt) as usize).max(floor)
+            }
+            _ => UNMEASURED_PREFILL,
+        });
+    }
+    if budget.shared {
+        if let Some(prompt) = per_token {
+            tokens = tokens.min(((SHARED_STEP_MS / prompt) as usize).max(floor));
+        }
+    }
+    tokens
 }
 
 /// The fewest shared tokens that make a slot's cache worth taking over
@@ -158,12 +184,19 @@ mod tests {
     const FRESH: Budget = Budget {
         batch: 512,
         ms_per_token: None,
+        ms_per_answer_step: None,
+        shared: false,
     };
 
     #[test]
     fn answers_decode_first_and_prompts_fill_the_room_they_leave() {
         let wants = [Want::Decode, prompt(1000, 0), Want::Decode, Want::Nothing];
-        let plan = plan(&wants, FRESH);
+        let cheap = Budget {
+            ms_per_token: Some(1.0),
+            ms_per_answer_step: Some(1000.0),
+            ..FRESH
+        };
+        let plan = plan(&wants, cheap);
         assert_eq!(plan.decode, vec![0, 2]);
         assert_eq!(plan.prefill, vec![(1, 510)]);
         assert_eq!(plan.tokens(), 512);
@@ -200,42 +233,79 @@ mod tests {
     }
 
     #[test]
-    fn prompt_tokens_are_cut_to_the_step_time_target() {
-        // 10 ms a token, deep in a long context: while an answer runs, a
-        // step holds 50 prompt tokens (0.5 s); a prompt alone gets 150.
-        let slow = Budget {
-            batch: 512,
-            ms_per_token: Some(10.0),
-        };
-        let plan = plan(&[Want::Decode, prompt(5000, 0)], slow);
-        assert_eq!(plan.prefill, vec![(1, 50)]);
-        let alone = super::plan(&[prompt(5000, 0)], slow);
-        assert_eq!(alone.prefill, vec![(0, 150)]);
-        // Never below the floor, never above the batch.
-        let glacial = Budget {
-            batch: 512,
-            ms_per_token: Some(1000.0),
+    fn prompts_alone_fill_whole_batches_on_any_cpu() {
+        // However slow a token is, prompts with nothing beside them are
+        // read in whole batches.
+        for ms in [0.5, 22.0, 1000.0] {
+            let slow = Budget {
+                ms_per_token: Some(ms),
+                ms_per_answer_step: Some(ms * 3.0),
+                ..FRESH
+            };
+            assert_eq!(
+                super::plan(&[prompt(5000, 0)], slow).prefill,
+                vec![(0, 512)]
+            );
+            assert_eq!(
+                super::plan(&[prompt(5000, 0), prompt(600, 1)], slow).prefill,
+                vec![(1, 512)]
+            );
+        }
+    }
+
+    #[test]
+    fn beside_answers_a_prompt_costs_a_few_answer_steps_on_any_cpu() {
+        // A prompt token costs a tenth of the answers' step: 4 steps' worth
+        // is 40 tokens, whether the CPU is fast or ten times slower.
+        for scale in [1.0, 10.0] {
+            let measured = Budget {
+                ms_per_token: Some(2.0 * scale),
+                ms_per_answer_step: Some(20.0 * scale),
+                ..FRESH
+            };
+            let plan = plan(&[Want::Decode, prompt(5000, 0), Want::Decode], measured);
+            assert_eq!(plan.decode, vec![0, 2]);
+            assert_eq!(plan.prefill, vec![(1, 40)]);
+        }
+        // Never below the floor.
+        let dear = Budget {
+            ms_per_token: Some(100.0),
+            ms_per_answer_step: Some(10.0),
+            ..FRESH
         };
         assert_eq!(
-            super::plan(&[prompt(5000, 0), prompt(10, 1)], glacial).prefill,
-            vec![(1, 10), (0, MIN_PREFILL - 10)]
+            plan(&[Want::Decode, prompt(5000, 0)], dear).prefill,
+            vec![(1, MIN_PREFILL)]
         );
-        let fast = Budget {
-            batch: 512,
-            ms_per_token: Some(0.01),
+        // Before anything is measured, a modest chunk.
+        assert_eq!(
+            plan(&[Want::Decode, prompt(5000, 0)], FRESH).prefill,
+            vec![(1, UNMEASURED_PREFILL)]
+        );
+    }
+
+    #[test]
+    fn while_other_models_wait_a_step_ends_soon() {
+        let shared = Budget {
+            ms_per_token: Some(10.0),
+            ms_per_answer_step: None,
+            shared: true,
+            ..FRESH
+        };
+        assert_eq!(plan(&[prompt(5000, 0)], shared).prefill, vec![(0, 50)]);
+        let glacial = Budget {
+            ms_per_token: Some(1000.0),
+            ..shared
         };
         assert_eq!(
-            super::plan(&[prompt(5000, 0)], fast).prefill,
-            vec![(0, 512)]
+            plan(&[prompt(5000, 0)], glacial).prefill,
+            vec![(0, MIN_PREFILL)]
         );
     }
 
     #[test]
     fn a_full_batch_of_answers_leaves_no_room_for_prompts() {
-        let small = Budget {
-            batch: 2,
-            ms_per_token: None,
-        };
+        let small = Budget { batch: 2, ..FRESH };
         let plan = plan(
             &[Want::Decode, Want::Decode, Want::Decode, prompt(9, 0)],
             small,

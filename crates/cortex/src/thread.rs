@@ -25,6 +25,7 @@ use rusty_genius_core::GeniusError;
 
 use crate::cancel::CancelToken;
 use crate::engine::{Ended, Engine, Request, RequestId, Step};
+use crate::exit;
 
 /// Creates an engine. Called on the engine thread, so the engine itself
 /// need not be `Send`.
@@ -37,6 +38,9 @@ pub type EngineFactory = Arc<dyn Fn() -> Result<Box<dyn Engine>, GeniusError> + 
 pub enum EngineReport {
     /// A `load` finished.
     Loaded(Result<ModelInfo, GeniusError>),
+    /// The engine took the request into its batch: it is being answered,
+    /// no longer waiting for a place.
+    Started(RequestId),
     /// The request ended; its `Complete` or error was sent to its output.
     Ended(RequestId),
 }
@@ -74,7 +78,11 @@ impl EngineThread {
             .name("genius-engine".into())
             .stack_size(ENGINE_STACK)
             .spawn(move || {
-                Serving::new(factory, reports).serve(inbox);
+                let serving = {
+                    let _inside = exit::enter();
+                    Serving::new(factory, reports)
+                };
+                serving.serve(inbox);
                 let _ = exiting.send(());
             })?;
         Ok((
@@ -215,6 +223,9 @@ impl Serving {
         }
     }
 
+    /// Serves commands until the handle is dropped and the work is done,
+    /// then unloads. Engine code runs only inside the exit gate, which a
+    /// thread leaves while it waits for commands.
     fn serve(mut self, inbox: mpsc::Receiver<Command>) {
         let mut paused = false;
         let mut open = true;
@@ -222,6 +233,9 @@ impl Serving {
             let busy = !self.waiting.is_empty() || self.running() > 0;
             if !busy && !open {
                 break;
+            }
+            if paused && !open {
+                std::thread::sleep(PAUSED_POLL);
             }
             // Block for a command when there is nothing else to do; when
             // every running request waits on its consumer, look again soon.
@@ -234,6 +248,7 @@ impl Serving {
             } else {
                 receive(&inbox, Duration::ZERO)
             };
+            let _inside = exit::enter();
             match received {
                 Ok(command) => {
                     open &= self.handle(command);
@@ -257,11 +272,11 @@ impl Serving {
             }
             self.admit();
             paused = self.step().is_some_and(|step| !step.progressed);
-            if paused && !open {
-                std::thread::sleep(PAUSED_POLL);
-            }
         }
+        let _inside = exit::enter();
         self.stop();
+        // The engine (and its model) is freed inside the gate too.
+        drop(self);
     }
 
     /// Cancels every running request and fails every waiting one.
@@ -367,6 +382,7 @@ impl Serving {
                 Ok(Ok(())) => {
                     accepted.accepted();
                     self.started.push((id, cancel));
+                    self.report(EngineReport::Started(id));
                 }
                 Ok(Err(mut refused)) => {
                     refused.output.end(Err(refused.error));

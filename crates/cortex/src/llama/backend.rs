@@ -22,7 +22,11 @@ pub fn llama_backend() -> Result<&'static LlamaBackend, GeniusError> {
             // SAFETY: `forward_log` is a plain function that only reads the
             // NUL-terminated string llama.cpp passes it.
             unsafe { llama_cpp_sys_2::llama_log_set(Some(forward_log), std::ptr::null_mut()) };
-            LlamaBackend::init().map_err(|err| format!("cannot initialise llama.cpp: {err}"))
+            let backend =
+                LlamaBackend::init().map_err(|err| format!("cannot initialise llama.cpp: {err}"));
+            // Engines stop before the statics it just made are destroyed.
+            crate::exit::guard_statics();
+            backend
         })
         .as_ref()
         .map_err(|err| GeniusError::engine(err.clone()))

@@ -17,7 +17,7 @@ use rusty_genius_core::{Embed, EmbedInput, GeniusError, Limits, Pooling};
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
 use rusty_genius_core::Embeddings;
 
-use super::{llama_backend, Loaded};
+use super::{llama_backend, Control, Loaded};
 use crate::engine::{millis_since, Ended, Output, RequestId, Step};
 
 /// The most texts one decode embeds together.
@@ -552,8 +552,9 @@ fn embed_usage(job: &EmbedJob, finish_reason: FinishReason) -> Usage {
 impl Loaded {
     /// Decodes one batch of texts of the oldest `Embed` request, ending it
     /// when all its texts have vectors. One batch per step, so that the
-    /// other requests' steps come in between a long embedding's batches.
-    pub(super) fn embed_next(&mut self, step: &mut Step) {
+    /// other requests' steps come in between a long embedding's batches;
+    /// on `cores` threads, the step's lease.
+    pub(super) fn embed_next(&mut self, step: &mut Step, cores: usize) {
         let Some(mut job) = self.embed_jobs.pop_front() else {
             return;
         };
@@ -590,7 +591,7 @@ impl Loaded {
         } = self;
         let (shape, threads) = (*embed_shape, *threads);
         let result = cell.with_dependent_mut(|model, contexts| {
-            if contexts.embed.as_ref().map(|(pooling, _)| *pooling) != Some(job.pooling) {
+            if contexts.embed.as_ref().map(|(pooling, _, _)| *pooling) != Some(job.pooling) {
                 // Free the old one first.
                 contexts.embed = None;
                 let context = model
@@ -598,9 +599,13 @@ impl Loaded {
                     .map_err(|err| {
                         GeniusError::engine_from("cannot create the embedding context", err)
                     })?;
-                contexts.embed = Some((job.pooling, context));
+                let control = Control::of(&context, model, threads);
+                contexts.embed = Some((job.pooling, context, control));
             }
-            let (_, context) = contexts.embed.as_mut().expect("made above");
+            let (_, context, control) = contexts.embed.as_mut().expect("made above");
+            if let Some(control) = control {
+                control.set_threads(cores);
+            }
             run_batch(context, embed_batch, shape, &mut job)
         });
         match result {

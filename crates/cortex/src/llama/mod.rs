@@ -30,6 +30,7 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -41,6 +42,7 @@ use rusty_genius_core::manifest::{ModelInfo, Placement};
 use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::{GeniusError, Pooling, Prompt};
 
+use crate::cores::{Cores, Seat};
 use crate::engine::{check_gguf, Engine, Refused, Request, Step};
 
 mod backend;
@@ -52,18 +54,22 @@ mod saved;
 mod slot;
 mod snapshot;
 mod step;
+mod threads;
 
 pub use backend::llama_backend;
 pub use options::{Device, GpuLayers, LlamaOptions};
 
 use prompt::Prompter;
 use slot::{Job, Slot};
+use threads::Control;
 
 /// The llama.cpp contexts of one model: the one requests generate in, and
 /// the one texts are embedded in (made on first use, with its pooling).
 struct Contexts<'model> {
     main: LlamaContext<'model>,
-    embed: Option<(Pooling, LlamaContext<'model>)>,
+    /// The main context's threads and abort callback.
+    control: Option<Control>,
+    embed: Option<(Pooling, LlamaContext<'model>, Option<Control>)>,
 }
 
 self_cell::self_cell!(
@@ -97,9 +103,9 @@ struct Loaded {
     /// `Embed` requests waiting for the next step.
     embed_jobs: VecDeque<embed::EmbedJob>,
     threads: i32,
-    /// What a token of a large batch has cost lately, in milliseconds (a
-    /// moving average; it grows with the depth of the context).
-    ms_per_token: Option<f64>,
+    /// What steps have cost lately (moving averages; they grow with the
+    /// depth of the context).
+    costs: step::Costs,
     /// Slot caches another prompt took the slot from.
     ram: saved::RamTier,
     /// Snapshots on disk, if they are on.
@@ -136,7 +142,19 @@ impl Loaded {
             // as Gemma 3) so that a cached prefix can always be reused.
             .with_swa_full(true);
         let cell = ModelContext::try_new(model, |model| {
-            model.new_context(backend, params).map(|main| Contexts { main, embed: None })
+            model.new_context(backend, params).map(|main| {
+                let control = Control::of(&main, model, threads);
+                if control.is_none() {
+                    log::warn!(
+                        "cannot set llama.cpp's threads per step with this llama-cpp-2: every step of {name} uses {threads} threads, even beside other models"
+                    );
+                }
+                Contexts {
+                    main,
+                    control,
+                    embed: None,
+                }
+            })
         })
             .map_err(|err| {
                 GeniusError::engine_from(
@@ -178,7 +196,7 @@ impl Loaded {
             embed_shape,
             embed_jobs: VecDeque::new(),
             threads,
-            ms_per_token: None,
+            costs: step::Costs::default(),
             ram: saved::RamTier::new(usize::try_from(options.cache_ram).unwrap_or(usize::MAX)),
             disk: None,
             copies_pending: false,
@@ -324,15 +342,29 @@ impl LlamaOptions {
 pub struct LlamaEngine {
     options: LlamaOptions,
     loaded: Option<Loaded>,
+    /// Its place at the process's compute scheduler.
+    seat: Seat,
+    /// Whether the loaded model has stepped yet.
+    stepped: bool,
 }
 
 impl LlamaEngine {
-    /// Creates an engine; nothing is loaded yet.
+    /// Creates an engine; nothing is loaded yet. Its steps share the
+    /// process's cores ([`Cores::process`]) with every other engine.
     pub fn new(options: LlamaOptions) -> Result<Self, GeniusError> {
+        Self::with_cores(options, &Cores::process())
+    }
+
+    /// Creates an engine whose steps lease `cores` instead of the
+    /// process's.
+    pub fn with_cores(options: LlamaOptions, cores: &Arc<Cores>) -> Result<Self, GeniusError> {
         llama_backend()?;
+        let seat = cores.seat(options.threads);
         Ok(Self {
             options,
             loaded: None,
+            seat,
+            stepped: false,
         })
     }
 
@@ -365,6 +397,9 @@ impl Engine for LlamaEngine {
             (false, GpuLayers::All) => u32::MAX,
             (false, GpuLayers::Count(n)) => n,
         };
+        // Reading the model (and repacking its weights for this CPU) is
+        // compute too: it waits for its share of the cores.
+        let lease = self.seat.lease();
         let params = LlamaModelParams::default()
             .with_n_gpu_layers(layers)
             // An empty list keeps every layer and buffer off the GPUs.
@@ -393,6 +428,11 @@ impl Engine for LlamaEngine {
             _ => Placement::cpu(offloadable),
         };
         let loaded = Loaded::new(name, path, model, &self.options, &placement)?;
+        drop(lease);
+        self.seat.idle();
+        // The exit handler goes after the statics this load made.
+        crate::exit::guard_statics();
+        self.stepped = false;
         let info = ModelInfo {
             name: loaded.name.clone(),
             context_size: loaded.slot_context,
@@ -459,9 +499,19 @@ impl Engine for LlamaEngine {
     }
 
     fn step(&mut self) -> Step {
-        match self.loaded.as_mut() {
-            Some(loaded) => loaded.step(),
-            None => Step::default(),
+        let Some(loaded) = self.loaded.as_mut() else {
+            return Step::default();
+        };
+        let step = loaded.step(&self.seat);
+        if !loaded.has_work() {
+            self.seat.idle();
         }
+        if !self.stepped {
+            // Statics llama.cpp makes at its first computation must be
+            // destroyed after the engine stops, not under it.
+            self.stepped = true;
+            crate::exit::guard_statics();
+        }
+        step
     }
 }

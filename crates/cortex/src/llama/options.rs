@@ -16,8 +16,11 @@ pub struct LlamaOptions {
     /// of one batch. More requests wait for a free place. Default 4
     /// (`GENIUS_PARALLEL`).
     pub parallel: u32,
-    /// Threads for generation and prompt processing. Default: the
-    /// machine's available parallelism (`GENIUS_THREADS`).
+    /// The most threads a step of this model computes with. Each step
+    /// runs on a lease of the process's cores ([`Cores`](crate::Cores)),
+    /// shared with the other models' steps, and uses as many threads as
+    /// the lease holds, up to this. Default: one per physical core
+    /// ([`default_threads`](crate::default_threads), `GENIUS_THREADS`).
     pub threads: usize,
     /// Tokens decoded per batch while processing a prompt. Default 512
     /// (`GENIUS_BATCH_SIZE`).
@@ -58,7 +61,7 @@ impl Default for LlamaOptions {
         Self {
             context_size: 4096,
             parallel: 4,
-            threads: std::thread::available_parallelism().map_or(4, |n| n.get()),
+            threads: crate::cores::default_threads(),
             batch_size: 512,
             gpu_layers: GpuLayers::All,
             device: Device::Auto,

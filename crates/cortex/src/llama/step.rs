@@ -9,8 +9,42 @@ use rusty_genius_core::GeniusError;
 use super::sampling::{token_logprobs, Choice};
 use super::slot::{Job, Logits, Phase, Slot, Turn, SHARE_MIN};
 use super::Loaded;
+use crate::cores::Seat;
 use crate::engine::{millis_since, reusable_prefix, Ended, Step};
 use crate::plan::{self, Budget, Want, MIN_PREFILL};
+
+/// What steps have cost lately, in core-milliseconds (milliseconds times
+/// the threads of the step), so that steps on fewer cores compare.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Costs {
+    /// A prompt token of a large batch.
+    pub(super) prompt_token: Option<f64>,
+    /// The answers' part of a step: one token each.
+    pub(super) answer_step: Option<f64>,
+}
+
+impl Costs {
+    /// Takes in a step of `ms` on `cores` threads that decoded `answers`
+    /// answers' tokens and `prompt` prompt tokens.
+    fn measured(&mut self, ms: f64, cores: usize, answers: usize, prompt: usize) {
+        let core_ms = ms * cores.max(1) as f64;
+        let average = |before: Option<f64>, now: f64| {
+            Some(before.map_or(now, |before| before * 0.7 + now * 0.3))
+        };
+        if prompt >= MIN_PREFILL {
+            // Batches of a few tokens cost mostly their fixed overhead and
+            // would overstate the cost of a token.
+            self.prompt_token = average(self.prompt_token, core_ms / (prompt + answers) as f64);
+        }
+        if answers > 0 {
+            // The answers' part is what the prompt tokens beside them did
+            // not take (at least a tenth of the step).
+            let prompt_part = self.prompt_token.unwrap_or(0.0) * prompt as f64;
+            let part = (core_ms - prompt_part).max(core_ms / 10.0);
+            self.answer_step = average(self.answer_step, part);
+        }
+    }
+}
 
 impl Loaded {
     /// One step: every job that needs the model gets its tokens into one
@@ -18,16 +52,41 @@ impl Loaded {
     /// its prompt), the batch is decoded once, and every job with fresh
     /// logits chooses its next token. After it, one batch of texts to
     /// embed, if any wait.
-    pub(super) fn step(&mut self) -> Step {
+    ///
+    /// The step runs on a lease of the process's cores from `seat`, with
+    /// as many llama.cpp threads as the lease holds; an engine with nothing
+    /// to do (no request, or all of them waiting on their consumers) takes
+    /// none.
+    pub(super) fn step(&mut self, seat: &Seat) -> Step {
+        if !self.has_work() {
+            return Step::default();
+        }
+        let lease = seat.lease();
+        let cores = lease.cores();
+        if let Some(control) = &self.cell.borrow_dependent().control {
+            control.set_threads(cores);
+        }
         // Generation first: a request that just arrived gets its prompt
         // decoded before the next batch of texts to embed, not after.
-        let mut step = self.generate();
-        self.embed_next(&mut step);
+        let mut step = self.generate(cores, lease.others() > 0);
+        self.embed_next(&mut step, cores);
         step
     }
 
-    /// The generating half of a step.
-    pub(super) fn generate(&mut self) -> Step {
+    /// Whether a step would do anything: a request that is not waiting on
+    /// its consumer, or one that is to end.
+    pub(super) fn has_work(&self) -> bool {
+        !self.embed_jobs.is_empty()
+            || self.slots.iter().any(|slot| {
+                slot.job
+                    .as_ref()
+                    .is_some_and(|job| job.output.must_end() || !job.output.is_paused())
+            })
+    }
+
+    /// The generating half of a step, on `cores` threads; `shared` when
+    /// other models want the cores too.
+    pub(super) fn generate(&mut self, cores: usize, shared: bool) -> Step {
         let mut step = Step::default();
         // Cancelled jobs end before anything is spent on them.
         for index in 0..self.slots.len() {
@@ -78,7 +137,9 @@ impl Loaded {
             &wants,
             Budget {
                 batch: self.batch_size,
-                ms_per_token: self.ms_per_token,
+                ms_per_token: self.costs.prompt_token.map(|ms| ms / cores as f64),
+                ms_per_answer_step: self.costs.answer_step.map(|ms| ms / cores as f64),
+                shared,
             },
         );
         if plan.tokens() == 0 {
@@ -144,15 +205,10 @@ impl Loaded {
         };
         // A decode carries out the sequence copies queued before it.
         self.copies_pending = false;
-        let tokens = self.batch.n_tokens() as usize;
-        if tokens >= MIN_PREFILL {
-            // Batches of a few tokens cost mostly their fixed overhead and
-            // would overstate the cost of a token.
-            let ms = millis_since(decoding) / tokens as f64;
-            self.ms_per_token = Some(match self.ms_per_token {
-                Some(before) => before * 0.7 + ms * 0.3,
-                None => ms,
-            });
+        if decoded.is_ok() {
+            let prompt = prefilled.iter().map(|(_, count)| count).sum();
+            self.costs
+                .measured(millis_since(decoding), cores, generating, prompt);
         }
         if let Err(err) = decoded {
             let err = std::sync::Arc::new(err);

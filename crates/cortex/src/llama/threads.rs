@@ -1,0 +1,100 @@
+//! A context's thread count, set for each step from the step's lease of
+//! cores, and the callback that stops a step when the process exits.
+//!
+//! llama-cpp-2 (0.1.160) sets a context's threads only when the context
+//! is made, and has neither `llama_set_n_threads` nor
+//! `llama_set_abort_callback`, nor a way to reach the context's pointer
+//! to call them through llama-cpp-sys-2 — except its `Debug` output,
+//! which prints that pointer. [`Control::of`] reads it there once per
+//! context and accepts it only if llama.cpp, asked through it, names the
+//! context's own model (whose pointer `LlamaModel`'s transparent layout
+//! gives) and the context's own sizes. Where it cannot, the context keeps
+//! the threads it was made with and a warning says so.
+
+use std::cell::Cell;
+use std::ffi::c_void;
+use std::ptr::NonNull;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_sys_2::{llama_context, llama_model};
+
+/// A context's settings that llama-cpp-2 does not reach.
+#[derive(Debug)]
+pub(super) struct Control {
+    context: NonNull<llama_context>,
+    /// The threads it computes with now.
+    threads: Cell<i32>,
+}
+
+impl Control {
+    /// The control of `context`, made from `model` with `threads`; `None`
+    /// when its pointer cannot be found and checked.
+    pub(super) fn of(context: &LlamaContext<'_>, model: &LlamaModel, threads: i32) -> Option<Self> {
+        let shown = format!("{context:?}");
+        let hex = shown
+            .strip_prefix("LlamaContext { context: 0x")?
+            .strip_suffix(" }")?;
+        let address = usize::from_str_radix(hex, 16).ok()?;
+        if address % std::mem::align_of::<usize>() != 0 {
+            return None;
+        }
+        let candidate = NonNull::new(address as *mut llama_context)?;
+        // SAFETY: `LlamaModel` is `#[repr(transparent)]` over llama-cpp-2's
+        // `Ptr`, itself `#[repr(transparent)]` over `NonNull<llama_model>`,
+        // so a reference to the model points at the model's pointer.
+        let model_pointer = unsafe { *(model as *const LlamaModel).cast::<*const llama_model>() };
+        // SAFETY: `candidate` is the pointer the live context prints as
+        // its own (the exact shape of llama-cpp-2's `Debug` was checked
+        // above); these calls only read its fields.
+        let (owner, n_ctx, n_batch, n_ubatch) = unsafe {
+            let pointer = candidate.as_ptr().cast_const();
+            (
+                llama_cpp_sys_2::llama_get_model(pointer),
+                llama_cpp_sys_2::llama_n_ctx(pointer),
+                llama_cpp_sys_2::llama_n_batch(pointer),
+                llama_cpp_sys_2::llama_n_ubatch(pointer),
+            )
+        };
+        let same = owner == model_pointer
+            && n_ctx == context.n_ctx()
+            && n_batch == context.n_batch()
+            && n_ubatch == context.n_ubatch();
+        if !same {
+            return None;
+        }
+        let control = Self {
+            context: candidate,
+            threads: Cell::new(threads),
+        };
+        // SAFETY: the pointer was checked above; `stop_on_exit` lives as
+        // long as the program and reads only an atomic flag.
+        unsafe {
+            llama_cpp_sys_2::llama_set_abort_callback(
+                control.context.as_ptr(),
+                Some(stop_on_exit),
+                std::ptr::null_mut(),
+            );
+        }
+        Some(control)
+    }
+
+    /// The threads of the context's next computations.
+    pub(super) fn set_threads(&self, threads: usize) {
+        let threads = i32::try_from(threads.max(1)).unwrap_or(i32::MAX);
+        if self.threads.replace(threads) != threads {
+            // SAFETY: the pointer was checked when this was made, and the
+            // context outlives its control (both live in the model's cell,
+            // and the engine thread is the only one that uses them).
+            unsafe {
+                llama_cpp_sys_2::llama_set_n_threads(self.context.as_ptr(), threads, threads);
+            }
+        }
+    }
+}
+
+/// llama.cpp's abort callback, asked between the operations of a step:
+/// stop when the process exits.
+unsafe extern "C" fn stop_on_exit(_: *mut c_void) -> bool {
+    crate::exit::closing()
+}

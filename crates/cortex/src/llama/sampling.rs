@@ -585,13 +585,29 @@ const NEGLIGIBLE: f32 = 20.0;
 
 /// The token with the largest logit; the first one on a tie.
 fn first_max(logits: &[f32]) -> Option<LlamaToken> {
-    let mut best: Option<(usize, f32)> = None;
-    for (id, &logit) in logits.iter().enumerate() {
-        if best.is_none_or(|(_, top)| logit > top) {
-            best = Some((id, logit));
+    // The largest logit first, over lanes the compiler keeps in vector
+    // registers (a vocabulary of 262,144 logits is a megabyte, read on the
+    // engine thread between two decodes of every answer), then the first
+    // place it is at. NaNs are never the largest.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &logit) in lanes.iter_mut().zip(chunk) {
+            *lane = if logit > *lane { logit } else { *lane };
         }
     }
-    best.map(|(id, _)| LlamaToken(id as i32))
+    let max =
+        lanes.iter().chain(tail).fold(
+            f32::NEG_INFINITY,
+            |max, &logit| if logit > max { logit } else { max },
+        );
+    if logits.is_empty() {
+        return None;
+    }
+    let id = logits.iter().position(|&logit| logit == max).unwrap_or(0);
+    Some(LlamaToken(id as i32))
 }
 
 fn selected(candidates: &LlamaTokenDataArray) -> Result<LlamaToken, GeniusError> {
@@ -681,4 +697,28 @@ fn largest(logits: &[f32], count: usize) -> Vec<usize> {
         best.truncate(count);
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_of_equal_maxima_wins_wherever_it_is() {
+        let id = |logits: &[f32]| first_max(logits).map(|token| token.0);
+        assert_eq!(id(&[]), None);
+        assert_eq!(id(&[-3.0]), Some(0));
+        for len in [5, 16, 17, 33, 1000] {
+            for at in [0, len / 2, len - 1] {
+                let mut logits: Vec<f32> = (0..len).map(|i| -((i % 7) as f32)).collect();
+                logits[at] = 9.0;
+                if at + 3 < len {
+                    logits[at + 3] = 9.0;
+                }
+                assert_eq!(id(&logits), Some(at as i32), "len {len}, at {at}");
+            }
+        }
+        assert_eq!(id(&[f32::NAN, -1.0, 2.0, f32::NAN, 2.0]), Some(2));
+        assert_eq!(id(&[f32::NEG_INFINITY; 20]), Some(0));
+    }
 }

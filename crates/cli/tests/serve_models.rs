@@ -261,3 +261,84 @@ fn with_two_places_the_least_recently_used_idle_model_makes_room() {
         .count();
     assert!(evictions >= 4, "{:?}", server.log());
 }
+
+/// `(running, queued)` of `model` as `/v1/models` gives them.
+fn load_of(server: &Server, model: &str) -> (u64, u64) {
+    let listed = request(server.addr, "GET", "/v1/models", &[], None)
+        .unwrap()
+        .json();
+    let entry = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == model)
+        .cloned()
+        .unwrap_or_else(|| panic!("{model} is not listed: {listed}"));
+    let resident = &entry["resident"];
+    (
+        resident["running"].as_u64().unwrap(),
+        resident["queued"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn running_counts_the_requests_being_answered_and_queued_those_waiting_for_a_place() {
+    let dir = TempDir::new("serve-models-load");
+    let path = model(&dir, "busy", 64);
+    let server = start(
+        &dir,
+        &[
+            "--model",
+            &path,
+            "--parallel",
+            "2",
+            "--pinky-token-ms",
+            "60",
+        ],
+    );
+    server.wait_healthy();
+    assert_eq!(load_of(&server, "busy"), (0, 0));
+    // Eight answers at once (a few tokens each, 60 ms a token), on two
+    // places.
+    let addr = server.addr;
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/chat/completions",
+                    &json!({"model": "busy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30}),
+                    &[],
+                )
+                .status
+            })
+        })
+        .collect();
+    let (mut most_running, mut most_queued, mut all_seen) = (0, 0, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while clients.iter().any(|c| !c.is_finished()) && Instant::now() < deadline {
+        let (running, queued) = load_of(&server, "busy");
+        assert!(
+            running <= 2,
+            "{running} running on 2 places ({queued} queued)"
+        );
+        assert!(
+            running + queued <= 8,
+            "{running} running, {queued} queued of 8"
+        );
+        most_running = most_running.max(running);
+        most_queued = most_queued.max(queued);
+        all_seen |= running + queued == 8;
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    for client in clients {
+        assert_eq!(client.join().unwrap(), 200);
+    }
+    assert_eq!(most_running, 2);
+    assert!(most_queued >= 4, "at most {most_queued} seen waiting");
+    assert!(
+        all_seen,
+        "the eight requests were never all counted at once"
+    );
+    assert_eq!(load_of(&server, "busy"), (0, 0));
+}

@@ -14,7 +14,7 @@
 //! → `Unloaded` (hibernated, evicted or released; the next request for it
 //! waits for room again, without resolving).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -89,6 +89,9 @@ struct Entry {
     loads: Vec<LoadDone>,
     /// Requests given to the engine and not yet ended.
     running: HashMap<RequestId, CancelToken>,
+    /// Those of them the engine has started (in its batch); the others
+    /// wait in its queue for a place.
+    started: HashSet<RequestId>,
     /// The last request's arrival or end, or the load's end: where its idle
     /// time starts.
     last_used: Instant,
@@ -112,6 +115,7 @@ impl Entry {
             queue: VecDeque::new(),
             loads: Vec::new(),
             running: HashMap::new(),
+            started: HashSet::new(),
             last_used: Instant::now(),
             last_asked: Instant::now(),
             keep_alive: None,
@@ -436,8 +440,8 @@ impl Brainstem {
                         |info| info.embeds,
                     ),
                     info,
-                    running: entry.running.len(),
-                    queued: entry.queue.len(),
+                    running: entry.started.len(),
+                    queued: entry.queue.len() + entry.running.len() - entry.started.len(),
                     idle_for,
                     keep_alive: self.idle_time(entry),
                 }
@@ -819,9 +823,16 @@ impl Brainstem {
         };
         match report {
             Some(EngineReport::Loaded(result)) => self.on_loaded(&name, result),
+            Some(EngineReport::Started(id)) => {
+                let entry = self.models.get_mut(&name).expect("found above");
+                if entry.running.contains_key(&id) {
+                    entry.started.insert(id);
+                }
+            }
             Some(EngineReport::Ended(id)) => {
                 let entry = self.models.get_mut(&name).expect("found above");
                 entry.running.remove(&id);
+                entry.started.remove(&id);
                 if entry.running.is_empty() {
                     entry.last_used = Instant::now();
                     let immediate =
@@ -840,6 +851,7 @@ impl Brainstem {
                 if let Some(entry) = self.models.get_mut(&name) {
                     entry.phase = Phase::Unloaded;
                     entry.running.clear();
+                    entry.started.clear();
                 }
                 self.forget(&name, &err);
             }

@@ -16,6 +16,8 @@ pub(crate) mod exit {
     pub(crate) const MODEL_NOT_FOUND: u8 = 3;
     /// Fetching the model failed (network, access, checksum, disk).
     pub(crate) const DOWNLOAD_FAILED: u8 = 4;
+    /// Ctrl-C ended the command (128 + SIGINT, as shells report it).
+    pub(crate) const INTERRUPTED: u8 = 130;
 }
 
 const EXIT_CODES: &str = "\
@@ -24,7 +26,8 @@ Exit codes:
   1  failure (the message says why)
   2  the command line is wrong
   3  the model is not found (registry, cache or Hub)
-  4  fetching the model failed (network, access, checksum, disk)";
+  4  fetching the model failed (network, access, checksum, disk)
+130  Ctrl-C ended it";
 
 /// Local models from the shell: pull, run and serve them over the OpenAI API.
 ///

@@ -33,6 +33,11 @@ impl Failure {
             message: message.into(),
         }
     }
+
+    /// Ctrl-C ended the command; nothing more to say.
+    fn interrupted() -> Self {
+        Self::new(exit::INTERRUPTED, "")
+    }
 }
 
 impl From<FacecrabError> for Failure {
@@ -487,58 +492,111 @@ async fn run_model(
         Limits::default(),
         Residency::default(),
     )?;
-    load(&genius, model).await?;
-    let result = if prompt.is_empty() {
-        chat(&genius, system, config).await
-    } else {
-        let prompt = prompt.join(" ");
-        let stream = match system {
-            Some(system) if config.prompt_format == PromptFormat::Auto => genius.chat(
-                vec![ChatMessage::system(system), ChatMessage::user(prompt)],
-                config,
-            ),
-            _ => genius.infer(prompt, config),
-        };
-        print_answer(stream).await.map(|_| ())
+    let mut interrupts = Interrupts::listen();
+    let loaded = tokio::select! {
+        loaded = load(&genius, model) => loaded,
+        () = interrupts.next() => Err(Failure::interrupted()),
     };
+    let result = match loaded {
+        Ok(()) => answer(&genius, prompt, system, config, &mut interrupts).await,
+        Err(failure) => Err(failure),
+    };
+    // Whatever ended the command, the engine stops cleanly: the answer is
+    // cancelled and the model unloads. A second Ctrl-C meanwhile exits
+    // at once.
+    interrupts.leaving();
     genius.shutdown();
     genius.stopped().await;
     result
 }
 
-/// Prints an answer as it streams; returns its text.
-async fn print_answer(mut stream: RequestStream) -> Result<String, Failure> {
+/// Answers the prompt, or chats on stdin when there is none.
+async fn answer(
+    genius: &OrchestratorHandle,
+    prompt: Vec<String>,
+    system: Option<String>,
+    config: InferenceConfig,
+    interrupts: &mut Interrupts,
+) -> Result<(), Failure> {
+    if prompt.is_empty() {
+        return chat(genius, system, config, interrupts).await;
+    }
+    let prompt = prompt.join(" ");
+    let stream = match system {
+        Some(system) if config.prompt_format == PromptFormat::Auto => genius.chat(
+            vec![ChatMessage::system(system), ChatMessage::user(prompt)],
+            config,
+        ),
+        _ => genius.infer(prompt, config),
+    };
+    match print_answer(stream, interrupts).await? {
+        (_, Printed::Whole | Printed::OutputClosed) => Ok(()),
+        (_, Printed::Interrupted) => Err(Failure::interrupted()),
+    }
+}
+
+/// How printing an answer ended.
+enum Printed {
+    /// The answer is all out.
+    Whole,
+    /// Ctrl-C stopped it (and cancelled the request).
+    Interrupted,
+    /// Standard output was closed (`genius run … | head`): the request
+    /// was cancelled, nobody reads the rest.
+    OutputClosed,
+}
+
+/// Prints an answer as it streams; returns its text and how it ended.
+async fn print_answer(
+    mut stream: RequestStream,
+    interrupts: &mut Interrupts,
+) -> Result<(String, Printed), Failure> {
     let mut stdout = std::io::stdout();
     let mut answer = String::new();
-    while let Some(event) = stream.next().await {
-        match event? {
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => event,
+            () = interrupts.next() => {
+                // The stream is dropped on return, which cancels it.
+                let _ = writeln!(stdout);
+                return Ok((answer, Printed::Interrupted));
+            }
+        };
+        let Some(event) = event else { break };
+        let written = match event? {
             InferenceEvent::Content(text) => {
                 answer.push_str(&text);
-                let _ = write!(stdout, "{text}");
-                let _ = stdout.flush();
+                write!(stdout, "{text}").and_then(|()| stdout.flush())
             }
             InferenceEvent::ToolCall {
                 name, arguments, ..
-            } => {
-                let _ = writeln!(stdout, "[tool call] {name}({arguments})");
-            }
+            } => writeln!(stdout, "[tool call] {name}({arguments})"),
             InferenceEvent::Complete => break,
-            _ => {}
+            _ => Ok(()),
+        };
+        if written.is_err() {
+            return Ok((answer, Printed::OutputClosed));
         }
     }
-    let _ = writeln!(stdout);
-    Ok(answer)
+    if writeln!(stdout).is_err() {
+        return Ok((answer, Printed::OutputClosed));
+    }
+    Ok((answer, Printed::Whole))
 }
 
-/// A conversation on stdin and stdout, with its history.
+/// A conversation on stdin and stdout, with its history. Ctrl-C stops an
+/// answer and the chat goes on; at the prompt it ends the chat.
 async fn chat(
     genius: &OrchestratorHandle,
     system: Option<String>,
     config: InferenceConfig,
+    interrupts: &mut Interrupts,
 ) -> Result<(), Failure> {
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("Chatting; /bye or Ctrl-D ends it, /clear forgets the history.");
+        eprintln!(
+            "Chatting; /bye or Ctrl-D ends it, /clear forgets the history, Ctrl-C stops an answer."
+        );
     }
     let mut history: Vec<ChatMessage> = system.iter().map(ChatMessage::system).collect();
     let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -546,10 +604,15 @@ async fn chat(
         if interactive {
             eprint!(">>> ");
         }
-        let Some(line) = lines
-            .next_line()
-            .await
-            .map_err(|err| Failure::new(exit::FAILED, format!("cannot read stdin: {err}")))?
+        let line = tokio::select! {
+            line = lines.next_line() => line,
+            () = interrupts.next() => {
+                eprintln!();
+                return Err(Failure::interrupted());
+            }
+        };
+        let Some(line) =
+            line.map_err(|err| Failure::new(exit::FAILED, format!("cannot read stdin: {err}")))?
         else {
             break;
         };
@@ -565,8 +628,13 @@ async fn chat(
         }
         history.push(ChatMessage::user(line));
         let stream = genius.chat(history.clone(), config.clone());
-        match print_answer(stream).await {
-            Ok(answer) => history.push(ChatMessage::assistant(answer)),
+        match print_answer(stream, interrupts).await {
+            Ok((answer, Printed::Whole)) => history.push(ChatMessage::assistant(answer)),
+            Ok((_, Printed::OutputClosed)) => break,
+            Ok((_, Printed::Interrupted)) => {
+                // A stopped turn is forgotten.
+                history.pop();
+            }
             Err(failure) => {
                 // A bad turn is reported and forgotten; the chat goes on.
                 eprintln!("error: {}", failure.message);
@@ -575,6 +643,64 @@ async fn chat(
         }
     }
     Ok(())
+}
+
+/// Ctrl-C, as `genius run` hears it: each one is handled once by whoever
+/// waits for it (the load, the answer, the chat's prompt). Once the
+/// command is leaving, another one exits at once.
+struct Interrupts {
+    heard: tokio::sync::watch::Receiver<u64>,
+    handled: u64,
+    leaving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Interrupts {
+    /// Takes Ctrl-C over from the default (which ends the process at once)
+    /// for the rest of the command.
+    fn listen() -> Self {
+        let (tell, heard) = tokio::sync::watch::channel(0);
+        let leaving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let force = leaving.clone();
+        tokio::spawn(async move {
+            let mut count = 0;
+            while tokio::signal::ctrl_c().await.is_ok() {
+                if force.load(std::sync::atomic::Ordering::Acquire) {
+                    // The engines stop at a safe point as the process
+                    // exits.
+                    std::process::exit(exit::INTERRUPTED.into());
+                }
+                count += 1;
+                if tell.send(count).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            heard,
+            handled: 0,
+            leaving,
+        }
+    }
+
+    /// Completes at the next Ctrl-C not yet handled.
+    async fn next(&mut self) {
+        loop {
+            let heard = *self.heard.borrow_and_update();
+            if heard > self.handled {
+                self.handled = heard;
+                return;
+            }
+            if self.heard.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The command is ending: a Ctrl-C from now on exits at once.
+    fn leaving(&self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
 }
 
 async fn serve_command(args: ServeArgs) -> Result<(), Failure> {

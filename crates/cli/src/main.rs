@@ -39,10 +39,15 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(commands::run(cli.command));
+    // A task still reading stdin (a chat ended by Ctrl-C) would hold a
+    // plain drop of the runtime until the next line comes.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("error: {}", failure.message);
+            if !failure.message.is_empty() {
+                eprintln!("error: {}", failure.message);
+            }
             ExitCode::from(failure.code)
         }
     }

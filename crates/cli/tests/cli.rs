@@ -216,3 +216,136 @@ fn the_interactive_chat_remembers_the_conversation() {
         .unwrap_or("");
     assert!(second.contains("Ada"), "{answers}");
 }
+
+/// Sends `signal` (`INT`, `TERM`) to a child.
+fn signal(child: &std::process::Child, signal: &str) {
+    let sent = Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// Reads from `out` until `enough` bytes came (or it ends); what came.
+fn read_some(out: &mut impl std::io::Read, enough: usize) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 256];
+    while seen.len() < enough {
+        match out.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+        }
+    }
+    seen
+}
+
+/// Waits for `child` at most `limit`; its exit code (`None` when a signal
+/// ended it).
+fn exit_code(child: &mut std::process::Child, limit: std::time::Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("genius did not exit within {limit:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `genius run` on the real model, cut off mid-answer: by a reader that
+/// closes the pipe (`genius run … | head -c 8`), it stops and exits 0; by
+/// Ctrl-C, it stops and exits 130. Never a crash of the engine thread.
+#[cfg(feature = "llama")]
+#[test]
+fn run_cut_off_by_a_closed_pipe_or_ctrl_c_stops_and_exits_cleanly() {
+    let Some(model) = rusty_genius::facecrab::testing::GEMMA.for_test() else {
+        return;
+    };
+    let home = TempDir::new("cli-cut-off");
+    let model = model.display().to_string();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_genius"))
+            .args(["run", &model, "--max-tokens", "400", "--temperature", "0"])
+            .arg("1, 2, 3, 4,")
+            .env("GENIUS_HOME", home.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("genius runs")
+    };
+    let limit = std::time::Duration::from_secs(120);
+    for _ in 0..4 {
+        let mut child = start();
+        let mut out = child.stdout.take().unwrap();
+        assert!(read_some(&mut out, 8).len() >= 8);
+        drop(out);
+        let code = exit_code(&mut child, limit);
+        let stderr = text(&read_some(child.stderr.as_mut().unwrap(), usize::MAX));
+        assert_eq!(code, Some(0), "closed pipe: {stderr}");
+    }
+    for _ in 0..3 {
+        let mut child = start();
+        let mut out = child.stdout.take().unwrap();
+        assert!(read_some(&mut out, 8).len() >= 8);
+        signal(&child, "INT");
+        let code = exit_code(&mut child, limit);
+        let rest = text(&read_some(&mut out, usize::MAX));
+        let stderr = text(&read_some(child.stderr.as_mut().unwrap(), usize::MAX));
+        assert_eq!(code, Some(130), "Ctrl-C: {stderr}");
+        assert!(rest.len() < 2000, "the answer went on after Ctrl-C: {rest}");
+    }
+}
+
+/// In a chat, Ctrl-C stops the answer and the chat goes on; at the prompt
+/// it ends the chat (exit 130).
+#[test]
+fn ctrl_c_stops_a_chat_answer_and_ends_the_chat_at_the_prompt() {
+    let home = TempDir::new("cli-chat-interrupt");
+    let model = common::pinky_model(home.path());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_genius"))
+        .args([
+            "run",
+            &model,
+            "--engine",
+            "pinky",
+            "--pinky-token-ms",
+            "300",
+        ])
+        .env("GENIUS_HOME", home.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("genius runs");
+    let mut input = child.stdin.take().unwrap();
+    let mut out = child.stdout.take().unwrap();
+    input.write_all(b"first question\n").unwrap();
+    // The first piece of the answer, then Ctrl-C.
+    assert!(!read_some(&mut out, 1).is_empty());
+    signal(&child, "INT");
+    input.write_all(b"second\n").unwrap();
+    let mut seen = Vec::new();
+    while !text(&seen).contains("You said: second") {
+        let more = read_some(&mut out, 1);
+        assert!(!more.is_empty(), "the chat ended: {}", text(&seen));
+        seen.extend(more);
+    }
+    assert!(
+        !text(&seen).contains("first question"),
+        "the stopped answer went on: {}",
+        text(&seen)
+    );
+    // Back at the prompt: Ctrl-C ends the chat.
+    while !text(&seen).ends_with('\n') {
+        seen.extend(read_some(&mut out, 1));
+    }
+    signal(&child, "INT");
+    assert_eq!(
+        exit_code(&mut child, std::time::Duration::from_secs(30)),
+        Some(130)
+    );
+}

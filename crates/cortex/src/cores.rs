@@ -23,6 +23,7 @@
 //! - Leases go out in the order they were asked for: no model waits for a
 //!   later one.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -69,7 +70,6 @@ impl Member {
 /// most its cap; what one cannot use goes to the others), and at least
 /// one core: with more models than cores, they take turns.
 pub(crate) fn grant(total: usize, members: &[Member], now: Instant) -> Vec<(usize, usize)> {
-    let total = total.max(1);
     let held: usize = members
         .iter()
         .map(|m| match m.standing {
@@ -77,7 +77,44 @@ pub(crate) fn grant(total: usize, members: &[Member], now: Instant) -> Vec<(usiz
             _ => 0,
         })
         .sum();
-    let mut free = total.saturating_sub(held);
+    let mut free = total.max(1).saturating_sub(held);
+    let waiting = waiting(members);
+    if waiting.is_empty() || free == 0 {
+        return Vec::new();
+    }
+    let shares = fair_shares(total, members, now);
+    let mut grants = Vec::new();
+    for index in waiting {
+        let share = share_of(&shares, index);
+        if share > free {
+            break;
+        }
+        free -= share;
+        grants.push((index, share));
+    }
+    grants
+}
+
+/// The holders that hold more than their share while another member
+/// waits: a step of theirs that can stop early should, so that the cores
+/// are shared from the next step on.
+pub(crate) fn over_share(total: usize, members: &[Member], now: Instant) -> Vec<usize> {
+    if waiting(members).is_empty() {
+        return Vec::new();
+    }
+    let shares = fair_shares(total, members, now);
+    members
+        .iter()
+        .enumerate()
+        .filter_map(|(index, m)| match m.standing {
+            Standing::Holding(cores) if cores > share_of(&shares, index) => Some(index),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The indices of the waiting members, oldest ticket first.
+fn waiting(members: &[Member]) -> Vec<usize> {
     let mut waiting: Vec<(u64, usize)> = members
         .iter()
         .enumerate()
@@ -86,19 +123,21 @@ pub(crate) fn grant(total: usize, members: &[Member], now: Instant) -> Vec<(usiz
             _ => None,
         })
         .collect();
-    if waiting.is_empty() || free == 0 {
-        return Vec::new();
-    }
     waiting.sort_unstable();
-    // Contenders in the order shares' remainders go: holders, then
-    // waiters by ticket, then those between steps.
+    waiting.into_iter().map(|(_, index)| index).collect()
+}
+
+/// Every contending member's share, as (index, cores), in the order the
+/// remainders go: holders, then waiters by ticket, then those between
+/// steps.
+fn fair_shares(total: usize, members: &[Member], now: Instant) -> Vec<(usize, usize)> {
     let mut order: Vec<usize> = members
         .iter()
         .enumerate()
         .filter(|(_, m)| matches!(m.standing, Standing::Holding(_)))
         .map(|(index, _)| index)
         .collect();
-    order.extend(waiting.iter().map(|&(_, index)| index));
+    order.extend(waiting(members));
     order.extend(
         members
             .iter()
@@ -110,18 +149,16 @@ pub(crate) fn grant(total: usize, members: &[Member], now: Instant) -> Vec<(usiz
         .iter()
         .map(|&index| members[index].cap.max(1))
         .collect();
-    let shares = shares(total, &caps);
-    let mut grants = Vec::new();
-    for (_, index) in waiting {
-        let position = order.iter().position(|&i| i == index).expect("a contender");
-        let share = shares[position].max(1);
-        if share > free {
-            break;
-        }
-        free -= share;
-        grants.push((index, share));
-    }
-    grants
+    order.into_iter().zip(shares(total.max(1), &caps)).collect()
+}
+
+/// The share of member `index` (at least one core).
+fn share_of(shares: &[(usize, usize)], index: usize) -> usize {
+    shares
+        .iter()
+        .find(|(i, _)| *i == index)
+        .map_or(1, |(_, share)| *share)
+        .max(1)
 }
 
 /// `total` cores dealt out one at a time, in order, to those below their
@@ -163,6 +200,9 @@ pub struct Cores {
 struct Table {
     /// Members by seat id; `None` for seats given back.
     members: Vec<Option<Member>>,
+    /// Each seat's flag, raised when it holds more than its share while
+    /// another waits.
+    nudges: Vec<Arc<AtomicBool>>,
     next_ticket: u64,
 }
 
@@ -183,6 +223,13 @@ impl Table {
             if let Some(member) = &mut self.members[id] {
                 member.standing = Standing::Holding(cores);
             }
+        }
+        let view: Vec<Member> = present
+            .iter()
+            .map(|&(id, _)| self.members[id].expect("present"))
+            .collect();
+        for index in over_share(total, &view, now) {
+            self.nudges[present[index].0].store(true, Ordering::Release);
         }
         !grants.is_empty()
     }
@@ -240,10 +287,12 @@ impl Cores {
         let id = match table.members.iter().position(Option::is_none) {
             Some(free) => {
                 table.members[free] = Some(member);
+                table.nudges[free] = Arc::new(AtomicBool::new(false));
                 free
             }
             None => {
                 table.members.push(Some(member));
+                table.nudges.push(Arc::new(AtomicBool::new(false)));
                 table.members.len() - 1
             }
         };
@@ -297,6 +346,7 @@ impl Seat {
                 ..
             }) = table.members[self.id]
             {
+                table.nudges[self.id].store(false, Ordering::Release);
                 let others = table.others_contending(self.id, Instant::now());
                 return Lease {
                     seat: self,
@@ -333,6 +383,13 @@ impl Seat {
     pub fn others(&self) -> usize {
         let table = self.cores.lock();
         table.others_contending(self.id, Instant::now())
+    }
+
+    /// A flag raised while this seat holds more cores than its share and
+    /// another engine waits for them: a step that can stop early (one that
+    /// gives nobody a token) may stop, and the next step gets the share.
+    pub fn nudge(&self) -> Arc<AtomicBool> {
+        self.cores.lock().nudges[self.id].clone()
     }
 
     /// The most threads this seat's steps use.
@@ -433,7 +490,7 @@ fn cpu_list(list: &str) -> Option<Vec<usize>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     fn member(standing: Standing) -> Member {
         Member { standing, cap: 8 }
@@ -534,6 +591,26 @@ mod tests {
     }
 
     #[test]
+    fn a_holder_over_its_share_is_nudged_when_another_waits() {
+        let now = Instant::now();
+        // Alone with both cores, then another model asks.
+        let members = [member(Standing::Holding(2)), member(Standing::Waiting(0))];
+        assert_eq!(over_share(2, &members, now), vec![0]);
+        // At its share, or with nobody waiting: left alone.
+        let members = [member(Standing::Holding(1)), member(Standing::Waiting(0))];
+        assert!(over_share(2, &members, now).is_empty());
+        let members = [member(Standing::Holding(2)), member(Standing::Between(now))];
+        assert!(over_share(2, &members, now).is_empty());
+        // Turns among more models than cores are no reason.
+        let members = [
+            member(Standing::Holding(1)),
+            member(Standing::Holding(1)),
+            member(Standing::Waiting(0)),
+        ];
+        assert!(over_share(2, &members, now).is_empty());
+    }
+
+    #[test]
     fn shares_are_equal_and_capped() {
         assert_eq!(shares(2, &[8, 8]), vec![1, 1]);
         assert_eq!(shares(5, &[8, 8]), vec![3, 2]);
@@ -594,6 +671,8 @@ mod tests {
         let first = a.lease();
         assert_eq!(first.cores(), 2);
         assert_eq!(first.others(), 0);
+        let nudge = a.nudge();
+        assert!(!nudge.load(Ordering::Acquire));
         let (got, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
         let (got_tx, got_rx) = got;
         let (release_tx, release_rx) = release;
@@ -604,13 +683,16 @@ mod tests {
             drop(lease);
             b.idle();
         });
-        // Let the second engine queue up behind the running step.
-        while a.others() == 0 {
+        // The second engine queues up behind the running step, which is
+        // asked to stop early.
+        while !nudge.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(1));
         }
+        assert_eq!(a.others(), 1);
         drop(first);
         assert_eq!(got_rx.recv().unwrap(), 1);
         let second = a.lease();
+        assert!(!nudge.load(Ordering::Acquire));
         assert_eq!(second.cores(), 1);
         assert_eq!(second.others(), 1);
         drop(second);

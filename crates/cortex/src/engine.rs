@@ -1,6 +1,7 @@
 //! The engine trait and the output handle engines write tokens to.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusty_genius_core::manifest::ModelInfo;
@@ -59,6 +60,47 @@ pub trait Engine {
     /// Advances every running request that is not paused; returns those
     /// that ended, and whether anything moved.
     fn step(&mut self) -> Step;
+
+    /// Called once, after the engine is made: `knock` is raised while a
+    /// request is on its way to the engine. An engine whose step can stop
+    /// early (a long prompt alone, which gives nobody a token) may stop it
+    /// then, so that the newcomer does not wait for the whole step.
+    /// Default: not heard.
+    fn listen(&mut self, knock: Knock) {
+        let _ = knock;
+    }
+}
+
+/// Tells an engine mid-step that a request is on its way: counts the
+/// requests sent to the engine thread and those it has taken in.
+#[derive(Debug, Clone, Default)]
+pub struct Knock(Arc<KnockCounts>);
+
+#[derive(Debug, Default)]
+struct KnockCounts {
+    sent: AtomicU64,
+    taken: AtomicU64,
+}
+
+impl Knock {
+    /// A request is about to be sent (called before sending it, so that
+    /// the knock is heard until the engine thread has taken it in).
+    pub fn sending(&self) {
+        self.0.sent.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The engine thread took a request in.
+    pub fn taken(&self) {
+        self.0.taken.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether a request was sent that the engine thread has not taken in.
+    pub fn is_raised(&self) -> bool {
+        // `taken` first: a request taken after this read and sent before
+        // the next only makes `sent` larger.
+        let taken = self.0.taken.load(Ordering::Acquire);
+        self.0.sent.load(Ordering::Acquire) > taken
+    }
 }
 
 /// Identifies a request for as long as it runs.

@@ -31,7 +31,8 @@ pub mod tools;
 pub use cancel::CancelToken;
 pub use cores::{default_threads, Cores, Lease, Seat};
 pub use engine::{
-    check_gguf, Ended, Engine, EventSink, Output, Refused, Request, RequestId, Step, MAX_BACKLOG,
+    check_gguf, Ended, Engine, EventSink, Knock, Output, Refused, Request, RequestId, Step,
+    MAX_BACKLOG,
 };
 #[cfg(feature = "llama")]
 pub use llama::{llama_backend, Device, GpuLayers, LlamaEngine, LlamaOptions};

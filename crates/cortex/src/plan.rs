@@ -50,8 +50,9 @@ pub(crate) const SHARED_STEP_MS: f64 = 500.0;
 pub(crate) const MIN_PREFILL: usize = 32;
 
 /// A step's prompt tokens beside running answers before their costs are
-/// measured.
-const UNMEASURED_PREFILL: usize = 4 * MIN_PREFILL;
+/// measured: the floor, so that the first answers of a fresh model do not
+/// wait.
+const UNMEASURED_PREFILL: usize = MIN_PREFILL;
 
 /// The next batch: every slot that decodes its last token, then the
 /// prompt chunks, in the order they go into the batch.
@@ -77,7 +78,9 @@ impl Plan {
 ///   behind a long prompt's whole prefill, and the long prompt gets the
 ///   room the shorter ones leave.
 /// - Prompts with nothing else to keep going fill whole batches: a prompt
-///   alone is read at full speed.
+///   alone is read at full speed. When one of them finishes in the step,
+///   the unfinished ones take only what they would beside an answer, so
+///   that the short one's first token does not wait for the long one.
 /// - Beside running answers, a step's prompt tokens cost at most
 ///   [`PROMPT_PER_ANSWER_STEP`] times the answers' part; while other
 ///   models want the cores, a step takes about [`SHARED_STEP_MS`] at most.
@@ -100,16 +103,26 @@ pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
         .collect();
     prompts.sort_by_key(|&(slot, left, since)| (left, since, slot));
     let mut tokens = prompt_tokens(budget, !decode.is_empty());
+    // Once a prompt finishes in this step, its first token comes out of
+    // it: the unfinished prompts beside it take only what they would beside
+    // a running answer.
+    let mut beside_answer = prompt_tokens(budget, true);
     let mut room = budget.batch - decode.len();
     let mut prefill = Vec::new();
+    let mut finished = false;
     for (slot, left, _) in prompts {
-        let count = left.min(room).min(tokens);
+        let mut count = left.min(room).min(tokens);
+        if finished && count < left {
+            count = count.min(beside_answer);
+            beside_answer -= count;
+        }
         if count == 0 {
             break;
         }
         prefill.push((slot, count));
         room -= count;
         tokens -= count;
+        finished |= count == left;
     }
     Plan { decode, prefill }
 }
@@ -211,7 +224,12 @@ mod tests {
             prompt(300, 1),
         ];
         let plan = plan(&wants, FRESH);
-        assert_eq!(plan.prefill, vec![(1, 20), (3, 300), (2, 192)]);
+        // The two that finish go whole; the third takes what it would
+        // beside an answer, and the fourth waits.
+        assert_eq!(
+            plan.prefill,
+            vec![(1, 20), (3, 300), (2, UNMEASURED_PREFILL)]
+        );
         // Prompts sent together, all short, share the first step.
         let together = [
             prompt(110, 0),
@@ -221,6 +239,23 @@ mod tests {
         ];
         let plan = super::plan(&together, FRESH);
         assert_eq!(plan.prefill, vec![(0, 110), (1, 110), (2, 110), (3, 110)]);
+    }
+
+    #[test]
+    fn a_short_prompt_finishing_beside_a_long_one_keeps_its_step_short() {
+        let measured = Budget {
+            ms_per_token: Some(2.0),
+            ms_per_answer_step: Some(20.0),
+            ..FRESH
+        };
+        let plan = plan(&[prompt(9000, 0), prompt(30, 5)], measured);
+        assert_eq!(plan.prefill, vec![(1, 30), (0, 40)]);
+        // The long one alone again: whole batches.
+        let plan = super::plan(&[prompt(9000, 0)], measured);
+        assert_eq!(plan.prefill, vec![(0, 512)]);
+        // Prompts that all finish share the step whole.
+        let plan = super::plan(&[prompt(100, 0), prompt(120, 1), prompt(9000, 2)], measured);
+        assert_eq!(plan.prefill, vec![(0, 100), (1, 120), (2, 40)]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::GeniusError;
 
 use crate::cancel::CancelToken;
-use crate::engine::{Ended, Engine, Request, RequestId, Step};
+use crate::engine::{Ended, Engine, Knock, Request, RequestId, Step};
 use crate::exit;
 
 /// Creates an engine. Called on the engine thread, so the engine itself
@@ -59,6 +59,8 @@ enum Command {
 /// model freed), await [`shutdown`](Self::shutdown) instead.
 pub struct EngineThread {
     commands: Option<mpsc::Sender<Command>>,
+    /// Raised with every request sent, for the engine to hear mid-step.
+    knock: Knock,
     /// Fires (or is dropped) when the thread has unloaded and is exiting.
     exited: Option<oneshot::Receiver<()>>,
 }
@@ -72,6 +74,8 @@ impl EngineThread {
         let (commands, inbox) = mpsc::channel();
         let (reports, receiver) = unbounded();
         let (exiting, exited) = oneshot::channel();
+        let knock = Knock::default();
+        let heard = knock.clone();
         // Never joined: `shutdown` waits for `exiting` instead, so no async
         // caller ever blocks on the thread.
         let _detached: JoinHandle<()> = std::thread::Builder::new()
@@ -80,7 +84,7 @@ impl EngineThread {
             .spawn(move || {
                 let serving = {
                     let _inside = exit::enter();
-                    Serving::new(factory, reports)
+                    Serving::new(factory, reports, heard)
                 };
                 serving.serve(inbox);
                 let _ = exiting.send(());
@@ -88,6 +92,7 @@ impl EngineThread {
         Ok((
             Self {
                 commands: Some(commands),
+                knock,
                 exited: Some(exited),
             },
             receiver,
@@ -128,6 +133,7 @@ impl EngineThread {
     /// Its events go to its own output; its cancel token (in the output)
     /// ends it early, queued or running.
     pub fn submit(&self, request: Request) {
+        self.knock.sending();
         self.send(Command::Submit(Box::new(request)));
     }
 
@@ -144,6 +150,8 @@ impl EngineThread {
 /// requests waiting for room.
 struct Serving {
     engine: Result<Box<dyn Engine>, Arc<GeniusError>>,
+    /// Counts the requests sent and taken in.
+    knock: Knock,
     waiting: VecDeque<Request>,
     /// The cancel tokens of the running requests.
     started: Vec<(RequestId, CancelToken)>,
@@ -203,7 +211,7 @@ fn receive(
 }
 
 impl Serving {
-    fn new(factory: EngineFactory, reports: UnboundedSender<EngineReport>) -> Self {
+    fn new(factory: EngineFactory, reports: UnboundedSender<EngineReport>, knock: Knock) -> Self {
         // Every request fails with the reason the engine could not start.
         let engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
             Ok(result) => result.map_err(Arc::new),
@@ -212,11 +220,14 @@ impl Serving {
                 panic_message(&panic)
             )))),
         };
-        if let Err(err) = &engine {
-            log::error!("{err}");
+        let mut engine = engine;
+        match &mut engine {
+            Ok(engine) => engine.listen(knock.clone()),
+            Err(err) => log::error!("{err}"),
         }
         Self {
             engine,
+            knock,
             waiting: VecDeque::new(),
             started: Vec::new(),
             reports,
@@ -338,6 +349,7 @@ impl Serving {
             }
             Command::Submit(request) => {
                 self.waiting.push_back(*request);
+                self.knock.taken();
                 true
             }
         }

@@ -246,3 +246,79 @@ async fn two_places_three_models_the_least_recently_used_idle_one_makes_room() {
         "{seen:?}"
     );
 }
+
+/// The text of `reply`'s tokens up to its first near tie: what must not
+/// change with the threads a step runs on.
+fn firm_prefix(reply: &rusty_genius::stem::testing::Reply) -> String {
+    reply
+        .margins()
+        .into_iter()
+        .take_while(|(_, margin)| *margin >= rusty_genius::stem::testing::MIN_MARGIN)
+        .map(|(token, _)| token)
+        .collect()
+}
+
+/// Two models computing at the same time (each step on its lease of the
+/// cores, with that many threads, the lease changing as the other model
+/// comes and goes) answer as each answers alone.
+#[async_std::test]
+async fn two_models_computing_at_once_answer_as_they_do_alone() {
+    use rusty_genius::stem::testing::{read_stream, SEQUENCE_PROMPTS};
+
+    let (Some(base), Some(chat)) = (GEMMA.for_test(), QWEN.for_test()) else {
+        return;
+    };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let genius = start(Residency::default());
+    let (base, chat) = (name(&base), name(&chat));
+    genius.load(&base).await.unwrap();
+    genius.load(&chat).await.unwrap();
+    let limit = Duration::from_secs(300);
+    let completion = |prompt: &str| {
+        genius.infer(
+            prompt,
+            InferenceConfig::greedy()
+                .with_max_tokens(24)
+                .with_logprobs(2)
+                .with_prompt_format(PromptFormat::Raw)
+                .with_model(&base),
+        )
+    };
+    let question = |text: &str| {
+        genius.chat(
+            vec![ChatMessage::user(text)],
+            InferenceConfig::greedy()
+                .with_max_tokens(24)
+                .with_logprobs(2)
+                .with_model(&chat),
+        )
+    };
+    let prompts = &SEQUENCE_PROMPTS[..2];
+    let questions = ["Name the planets of the solar system.", "What is Rust?"];
+    let mut alone = Vec::new();
+    for prompt in prompts {
+        alone.push(read_stream(completion(prompt), limit).await.reply);
+    }
+    for text in questions {
+        alone.push(read_stream(question(text), limit).await.reply);
+    }
+    // All four at once, twice.
+    for _ in 0..2 {
+        let streams = prompts
+            .iter()
+            .map(|prompt| completion(prompt))
+            .chain(questions.iter().map(|text| question(text)))
+            .map(|stream| read_stream(stream, limit));
+        let together = futures::future::join_all(streams).await;
+        for (before, now) in alone.iter().zip(&together) {
+            assert!(now.reply.completed, "{}", now.reply.event_list());
+            let firm = firm_prefix(before);
+            assert!(
+                now.reply.text.starts_with(&firm),
+                "alone: {:?} (firm: {firm:?}), together: {:?}",
+                before.text,
+                now.reply.text
+            );
+        }
+    }
+}

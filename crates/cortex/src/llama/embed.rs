@@ -587,6 +587,7 @@ impl Loaded {
             embed_batch,
             embed_shape,
             threads,
+            stops,
             ..
         } = self;
         let (shape, threads) = (*embed_shape, *threads);
@@ -599,7 +600,7 @@ impl Loaded {
                     .map_err(|err| {
                         GeniusError::engine_from("cannot create the embedding context", err)
                     })?;
-                let control = Control::of(&context, model, threads);
+                let control = Control::of(&context, model, threads, stops);
                 contexts.embed = Some((job.pooling, context, control));
             }
             let (_, context, control) = contexts.embed.as_mut().expect("made above");

@@ -61,7 +61,7 @@ pub use options::{Device, GpuLayers, LlamaOptions};
 
 use prompt::Prompter;
 use slot::{Job, Slot};
-use threads::Control;
+use threads::{Control, Stops};
 
 /// The llama.cpp contexts of one model: the one requests generate in, and
 /// the one texts are embedded in (made on first use, with its pooling).
@@ -113,6 +113,9 @@ struct Loaded {
     /// Whether a sequence copy waits for the next decode (llama.cpp moves
     /// the data then): until it has, no cache is copied out or read in.
     copies_pending: bool,
+    /// What may stop a step early (the contexts' abort callback reads it;
+    /// dropped after `cell`, whose contexts it outlives).
+    stops: Arc<Stops>,
 }
 
 impl Loaded {
@@ -122,6 +125,7 @@ impl Loaded {
         model: LlamaModel,
         options: &LlamaOptions,
         placement: &Placement,
+        stops: &Arc<Stops>,
     ) -> Result<Self, GeniusError> {
         let backend = llama_backend()?;
         let parallel = options.parallel.max(1);
@@ -143,7 +147,7 @@ impl Loaded {
             .with_swa_full(true);
         let cell = ModelContext::try_new(model, |model| {
             model.new_context(backend, params).map(|main| {
-                let control = Control::of(&main, model, threads);
+                let control = Control::of(&main, model, threads, stops);
                 if control.is_none() {
                     log::warn!(
                         "cannot set llama.cpp's threads per step with this llama-cpp-2: every step of {name} uses {threads} threads, even beside other models"
@@ -200,6 +204,7 @@ impl Loaded {
             ram: saved::RamTier::new(usize::try_from(options.cache_ram).unwrap_or(usize::MAX)),
             disk: None,
             copies_pending: false,
+            stops: stops.clone(),
         }
         .with_disk(path, options, placement))
     }
@@ -344,6 +349,8 @@ pub struct LlamaEngine {
     loaded: Option<Loaded>,
     /// Its place at the process's compute scheduler.
     seat: Seat,
+    /// What may stop a step early.
+    stops: Arc<Stops>,
     /// Whether the loaded model has stepped yet.
     stepped: bool,
 }
@@ -360,10 +367,12 @@ impl LlamaEngine {
     pub fn with_cores(options: LlamaOptions, cores: &Arc<Cores>) -> Result<Self, GeniusError> {
         llama_backend()?;
         let seat = cores.seat(options.threads);
+        let stops = Arc::new(Stops::new(seat.nudge()));
         Ok(Self {
             options,
             loaded: None,
             seat,
+            stops,
             stepped: false,
         })
     }
@@ -427,7 +436,7 @@ impl Engine for LlamaEngine {
             },
             _ => Placement::cpu(offloadable),
         };
-        let loaded = Loaded::new(name, path, model, &self.options, &placement)?;
+        let loaded = Loaded::new(name, path, model, &self.options, &placement, &self.stops)?;
         drop(lease);
         self.seat.idle();
         // The exit handler goes after the statics this load made.
@@ -496,6 +505,10 @@ impl Engine for LlamaEngine {
                 error: GeniusError::NoModelLoaded,
             })),
         }
+    }
+
+    fn listen(&mut self, knock: crate::Knock) {
+        self.stops.listen(knock);
     }
 
     fn step(&mut self) -> Step {

@@ -12,6 +12,7 @@ use super::Loaded;
 use crate::cores::Seat;
 use crate::engine::{millis_since, reusable_prefix, Ended, Step};
 use crate::plan::{self, Budget, Want, MIN_PREFILL};
+use llama_cpp_2::DecodeError;
 
 /// What steps have cost lately, in core-milliseconds (milliseconds times
 /// the threads of the step), so that steps on fewer cores compare.
@@ -193,22 +194,48 @@ impl Loaded {
             return step;
         }
         step.progressed = true;
+        // A step that gives nobody a token (prompt chunks that finish no
+        // prompt) may stop early when a request arrives or another model
+        // waits for the cores: llama.cpp drops what it wrote, and a later
+        // step decodes those tokens again, beside the newcomer.
+        let preemptible = sampled.is_empty() && failed.is_none();
+        self.stops.arm(preemptible);
         let decoding = Instant::now();
         let decoded = match failed {
             Some(err) => Err(GeniusError::engine(format!("cannot fill the batch: {err}"))),
             None => {
                 let batch = &mut self.batch;
-                self.cell
+                match self
+                    .cell
                     .with_dependent_mut(|_, contexts| contexts.main.decode(batch))
-                    .map_err(|err| GeniusError::engine_from("decoding failed", err))
+                {
+                    Ok(()) => Ok(()),
+                    // llama.cpp's code for a computation its abort callback
+                    // stopped.
+                    Err(DecodeError::Unknown(2)) if preemptible && !crate::exit::closing() => {
+                        self.stops.arm(false);
+                        self.copies_pending = false;
+                        log::debug!(
+                            "a step of {} prompt tokens stopped after {:.0} ms, for a newcomer",
+                            self.batch.n_tokens(),
+                            millis_since(decoding)
+                        );
+                        return step;
+                    }
+                    Err(err) => Err(GeniusError::engine_from("decoding failed", err)),
+                }
             }
         };
+        self.stops.arm(false);
         // A decode carries out the sequence copies queued before it.
         self.copies_pending = false;
         if decoded.is_ok() {
             let prompt = prefilled.iter().map(|(_, count)| count).sum();
-            self.costs
-                .measured(millis_since(decoding), cores, generating, prompt);
+            let ms = millis_since(decoding);
+            log::trace!(
+                "step on {cores} cores: {generating} answers, {prompt} prompt tokens, {ms:.0} ms"
+            );
+            self.costs.measured(ms, cores, generating, prompt);
         }
         if let Err(err) = decoded {
             let err = std::sync::Arc::new(err);

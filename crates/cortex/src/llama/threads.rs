@@ -1,5 +1,7 @@
 //! A context's thread count, set for each step from the step's lease of
-//! cores, and the callback that stops a step when the process exits.
+//! cores, and the callback that stops a step early: when the process
+//! exits, and, for a step that gives nobody a token (a long prompt alone),
+//! when a request arrives or another model waits for the cores.
 //!
 //! llama-cpp-2 (0.1.160) sets a context's threads only when the context
 //! is made, and has neither `llama_set_n_threads` nor
@@ -14,10 +16,56 @@
 use std::cell::Cell;
 use std::ffi::c_void;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_sys_2::{llama_context, llama_model};
+
+use crate::engine::Knock;
+
+/// What may stop a step early, read by llama.cpp between the operations
+/// of a step (an atomic load each).
+#[derive(Debug, Default)]
+pub(super) struct Stops {
+    /// Set while a step that may stop early runs.
+    armed: AtomicBool,
+    /// Raised when a request arrives for this engine.
+    knock: OnceLock<Knock>,
+    /// Raised when another model waits for cores this one holds.
+    nudge: OnceLock<Arc<AtomicBool>>,
+}
+
+impl Stops {
+    /// Stops made of the engine's scheduler `nudge`.
+    pub(super) fn new(nudge: Arc<AtomicBool>) -> Self {
+        let stops = Self::default();
+        let _ = stops.nudge.set(nudge);
+        stops
+    }
+
+    /// The engine thread's knock, once it is given.
+    pub(super) fn listen(&self, knock: Knock) {
+        let _ = self.knock.set(knock);
+    }
+
+    /// Whether the next step may stop early.
+    pub(super) fn arm(&self, armed: bool) {
+        self.armed.store(armed, Ordering::Release);
+    }
+
+    /// Whether a step should stop now.
+    fn should_stop(&self) -> bool {
+        crate::exit::closing()
+            || (self.armed.load(Ordering::Acquire)
+                && (self.knock.get().is_some_and(Knock::is_raised)
+                    || self
+                        .nudge
+                        .get()
+                        .is_some_and(|nudge| nudge.load(Ordering::Acquire))))
+    }
+}
 
 /// A context's settings that llama-cpp-2 does not reach.
 #[derive(Debug)]
@@ -28,9 +76,15 @@ pub(super) struct Control {
 }
 
 impl Control {
-    /// The control of `context`, made from `model` with `threads`; `None`
-    /// when its pointer cannot be found and checked.
-    pub(super) fn of(context: &LlamaContext<'_>, model: &LlamaModel, threads: i32) -> Option<Self> {
+    /// The control of `context`, made from `model` with `threads`, its
+    /// steps stopped early by `stops` (which must outlive the context);
+    /// `None` when its pointer cannot be found and checked.
+    pub(super) fn of(
+        context: &LlamaContext<'_>,
+        model: &LlamaModel,
+        threads: i32,
+        stops: &Arc<Stops>,
+    ) -> Option<Self> {
         let shown = format!("{context:?}");
         let hex = shown
             .strip_prefix("LlamaContext { context: 0x")?
@@ -67,13 +121,14 @@ impl Control {
             context: candidate,
             threads: Cell::new(threads),
         };
-        // SAFETY: the pointer was checked above; `stop_on_exit` lives as
-        // long as the program and reads only an atomic flag.
+        // SAFETY: the pointer was checked above; `stop_early` lives as
+        // long as the program and only reads atomics of `stops`, which the
+        // engine keeps (in an `Arc`) for longer than its contexts.
         unsafe {
             llama_cpp_sys_2::llama_set_abort_callback(
                 control.context.as_ptr(),
-                Some(stop_on_exit),
-                std::ptr::null_mut(),
+                Some(stop_early),
+                Arc::as_ptr(stops).cast_mut().cast(),
             );
         }
         Some(control)
@@ -93,8 +148,10 @@ impl Control {
     }
 }
 
-/// llama.cpp's abort callback, asked between the operations of a step:
-/// stop when the process exits.
-unsafe extern "C" fn stop_on_exit(_: *mut c_void) -> bool {
-    crate::exit::closing()
+/// llama.cpp's abort callback, asked between the operations of a step.
+unsafe extern "C" fn stop_early(stops: *mut c_void) -> bool {
+    // SAFETY: llama.cpp passes back the pointer `Control::of` gave it, to
+    // `Stops` the engine keeps alive for longer than the context.
+    let stops = unsafe { &*stops.cast::<Stops>() };
+    stops.should_stop()
 }

@@ -82,7 +82,8 @@ impl Plan {
 ///   the unfinished ones take only what they would beside an answer, so
 ///   that the short one's first token does not wait for the long one.
 /// - Beside running answers, a step's prompt tokens cost at most
-///   [`PROMPT_PER_ANSWER_STEP`] times the answers' part; while other
+///   [`PROMPT_PER_ANSWER_STEP`] times the answers' part, more when more
+///   prompts wait than answers run (requests count alike); while other
 ///   models want the cores, a step takes about [`SHARED_STEP_MS`] at most.
 ///   Both by the costs measured lately, and at least [`MIN_PREFILL`].
 pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
@@ -102,19 +103,21 @@ pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
         })
         .collect();
     prompts.sort_by_key(|&(slot, left, since)| (left, since, slot));
-    let mut tokens = prompt_tokens(budget, !decode.is_empty());
-    // Once a prompt finishes in this step, its first token comes out of
-    // it: the unfinished prompts beside it take only what they would beside
-    // a running answer.
-    let mut beside_answer = prompt_tokens(budget, true);
+    let waiting = prompts.len();
+    let mut tokens = prompt_tokens(budget, decode.len(), waiting);
     let mut room = budget.batch - decode.len();
     let mut prefill = Vec::new();
-    let mut finished = false;
+    // Once prompts finish in this step, their first tokens come out of it:
+    // the unfinished prompts beside them take only what they would beside
+    // that many running answers.
+    let mut finished = 0;
+    let mut beside_taken = 0;
     for (slot, left, _) in prompts {
         let mut count = left.min(room).min(tokens);
-        if finished && count < left {
-            count = count.min(beside_answer);
-            beside_answer -= count;
+        if finished > 0 && count < left {
+            let beside = prompt_tokens(budget, decode.len() + finished, waiting - finished);
+            count = count.min(beside.saturating_sub(beside_taken));
+            beside_taken += count;
         }
         if count == 0 {
             break;
@@ -122,20 +125,28 @@ pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
         prefill.push((slot, count));
         room -= count;
         tokens -= count;
-        finished |= count == left;
+        if count == left {
+            finished += 1;
+        }
     }
     Plan { decode, prefill }
 }
 
-/// How many prompt tokens the next step may hold, beside answers or not.
-fn prompt_tokens(budget: Budget, answers: bool) -> usize {
+/// How many prompt tokens the next step may hold beside `answers`
+/// running answers, for `waiting` prompts. Requests count alike: while
+/// more prompts wait than answers run, the prompts' part grows with them
+/// (each waiting prompt gets what [`PROMPT_PER_ANSWER_STEP`] allows beside
+/// one answer's part), so that a few short chats arriving together start
+/// in one step rather than one after another.
+fn prompt_tokens(budget: Budget, answers: usize, waiting: usize) -> usize {
     let floor = MIN_PREFILL.min(budget.batch);
     let mut tokens = budget.batch;
     let per_token = budget.ms_per_token.filter(|ms| *ms > 0.0);
-    if answers {
+    if answers > 0 {
+        let requests = (waiting as f64 / answers as f64).max(1.0);
         tokens = tokens.min(match (per_token, budget.ms_per_answer_step) {
-            (Some(prompt), Some(answers)) => {
-                ((PROMPT_PER_ANSWER_STEP * answers / prompt) as usize).max(floor)
+            (Some(prompt), Some(part)) => {
+                ((PROMPT_PER_ANSWER_STEP * part * requests / prompt) as usize).max(floor)
             }
             _ => UNMEASURED_PREFILL,
         });
@@ -239,6 +250,26 @@ mod tests {
         ];
         let plan = super::plan(&together, FRESH);
         assert_eq!(plan.prefill, vec![(0, 110), (1, 110), (2, 110), (3, 110)]);
+    }
+
+    #[test]
+    fn prompts_waiting_beside_fewer_answers_get_a_part_each() {
+        let measured = Budget {
+            ms_per_token: Some(2.0),
+            ms_per_answer_step: Some(20.0),
+            ..FRESH
+        };
+        // One answer, three chats' prompts arrived together: each prompt
+        // gets what four answer parts cost (40 tokens), so all start now.
+        let wants = [Want::Decode, prompt(40, 1), prompt(40, 2), prompt(40, 3)];
+        let plan = plan(&wants, measured);
+        assert_eq!(plan.decode, vec![0]);
+        assert_eq!(plan.prefill, vec![(1, 40), (2, 40), (3, 40)]);
+        // As many answers as prompts: the prompt part stays four answer
+        // parts in all, so a long prompt does not stall the answers.
+        let wants = [Want::Decode, Want::Decode, prompt(900, 1), prompt(900, 2)];
+        let plan = super::plan(&wants, measured);
+        assert_eq!(plan.prefill, vec![(2, 40)]);
     }
 
     #[test]

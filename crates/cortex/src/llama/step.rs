@@ -147,49 +147,64 @@ impl Loaded {
             return step;
         }
         self.batch.clear();
+        // The batch goes in slot (sequence) order: llama.cpp cuts a batch of
+        // several sequences into micro-batches that take as many tokens
+        // from each of a run of consecutive sequences, so tokens in any other
+        // order cost more micro-batches, each about a whole step's time.
+        let mut entries: Vec<(usize, Option<usize>)> = plan
+            .decode
+            .iter()
+            .map(|&index| (index, None))
+            .chain(
+                plan.prefill
+                    .iter()
+                    .map(|&(index, count)| (index, Some(count))),
+            )
+            .collect();
+        entries.sort_unstable_by_key(|&(index, _)| self.slots[index].seq);
         let mut sampled: Vec<(usize, i32)> = Vec::new();
-        let mut failed: Option<String> = None;
-        for &index in &plan.decode {
-            let slot = &self.slots[index];
-            let Some(Job {
-                phase: Phase::Decode(token),
-                ..
-            }) = &slot.job
-            else {
-                continue;
-            };
-            let position = slot.cached.len() as i32;
-            if let Err(err) = self.batch.add(*token, position, &[slot.seq], true) {
-                failed = Some(err.to_string());
-                break;
-            }
-            sampled.push((index, self.batch.n_tokens() - 1));
-        }
-        let generating = sampled.len();
+        let mut finishing: Vec<(usize, i32)> = Vec::new();
         let mut prefilled: Vec<(usize, usize)> = Vec::new();
-        for &(index, count) in &plan.prefill {
-            if failed.is_some() {
-                break;
-            }
+        let mut failed: Option<String> = None;
+        for (index, chunk) in entries {
             let slot = &self.slots[index];
             let Some(job) = &slot.job else { continue };
-            let start = slot.cached.len();
-            let last_chunk = start + count == job.tokens.len();
-            for (offset, &token) in job.tokens[start..start + count].iter().enumerate() {
-                let is_last = last_chunk && offset + 1 == count;
-                if let Err(err) =
-                    self.batch
-                        .add(token, (start + offset) as i32, &[slot.seq], is_last)
-                {
-                    failed = Some(err.to_string());
-                    break;
+            match (chunk, &job.phase) {
+                (None, Phase::Decode(token)) => {
+                    let position = slot.cached.len() as i32;
+                    if let Err(err) = self.batch.add(*token, position, &[slot.seq], true) {
+                        failed = Some(err.to_string());
+                        break;
+                    }
+                    sampled.push((index, self.batch.n_tokens() - 1));
                 }
-            }
-            prefilled.push((index, count));
-            if last_chunk {
-                sampled.push((index, self.batch.n_tokens() - 1));
+                (Some(count), _) => {
+                    let start = slot.cached.len();
+                    let last_chunk = start + count == job.tokens.len();
+                    for (offset, &token) in job.tokens[start..start + count].iter().enumerate() {
+                        let is_last = last_chunk && offset + 1 == count;
+                        if let Err(err) =
+                            self.batch
+                                .add(token, (start + offset) as i32, &[slot.seq], is_last)
+                        {
+                            failed = Some(err.to_string());
+                            break;
+                        }
+                    }
+                    prefilled.push((index, count));
+                    if failed.is_some() {
+                        break;
+                    }
+                    if last_chunk {
+                        finishing.push((index, self.batch.n_tokens() - 1));
+                    }
+                }
+                (None, _) => {}
             }
         }
+        // Answers choose first, then the prompts that finished.
+        let generating = sampled.len();
+        sampled.append(&mut finishing);
         if self.batch.n_tokens() == 0 {
             return step;
         }

@@ -22,7 +22,7 @@ mod common;
 
 use std::process::Command;
 
-use common::{free_addr, median, post_json, threads, Server};
+use common::{free_addr, genius_command, median, post_json, stem, threads, Server};
 use serde_json::json;
 
 const PARALLEL: u32 = 4;
@@ -37,26 +37,9 @@ struct Setup {
 
 fn genius(name: &'static str, models: &[&str]) -> Result<Server, String> {
     let addr = free_addr();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_genius"));
-    command
-        .args(["serve", "--addr", &addr.to_string()])
-        .args(["--parallel", &PARALLEL.to_string()])
-        .args(["--ctx-size", &CONTEXT.to_string()])
-        .args(["--threads", &threads()])
-        .env("GENIUS_BATCH_SIZE", "512")
-        .env("RUST_LOG", "rusty_genius_stem=info,warn");
-    for model in models {
-        command.args(["--model", model]);
-    }
+    let mut command = genius_command(addr, PARALLEL, CONTEXT, models);
+    command.env("RUST_LOG", "rusty_genius_stem=info,warn");
     Server::start(name, command, addr, String::new())
-}
-
-fn stem(path: &str) -> String {
-    std::path::Path::new(path)
-        .file_stem()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
 }
 
 fn router(peer: &str, chat: &str, embed: &str) -> Result<Server, String> {

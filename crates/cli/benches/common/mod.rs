@@ -60,7 +60,14 @@ impl Server {
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(180);
+        let mut server = server;
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                // Another process may answer on its port (one it could not
+                // bind): do not take that for this server.
+                let log = server.log.lock().unwrap().join("\n");
+                return Err(format!("{name} exited ({status}):\n{log}"));
+            }
             if health(addr) {
                 return Ok(server);
             }
@@ -194,4 +201,34 @@ pub(crate) fn threads() -> String {
         .and_then(|t| t.parse().ok())
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get()))
         .to_string()
+}
+
+/// `genius serve` on `addr` with `models`, `parallel` requests of
+/// `context` tokens each, the benchmark's threads and batch size.
+pub(crate) fn genius_command(
+    addr: SocketAddr,
+    parallel: u32,
+    context: u32,
+    models: &[&str],
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_genius"));
+    command
+        .args(["serve", "--addr", &addr.to_string()])
+        .args(["--parallel", &parallel.to_string()])
+        .args(["--ctx-size", &context.to_string()])
+        .args(["--threads", &threads()])
+        .env("GENIUS_BATCH_SIZE", "512");
+    for model in models {
+        command.args(["--model", model]);
+    }
+    command
+}
+
+/// A model file's name without its folder and `.gguf`: the name the
+/// servers know it by.
+pub(crate) fn stem(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_stem()
+        .map(|stem| stem.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }

@@ -82,7 +82,7 @@ pub(crate) fn grant(total: usize, members: &[Member], now: Instant) -> Vec<(usiz
     if waiting.is_empty() || free == 0 {
         return Vec::new();
     }
-    let shares = fair_shares(total, members, now);
+    let shares = fair_shares(total, members, &waiting, now);
     let mut grants = Vec::new();
     for index in waiting {
         let share = share_of(&shares, index);
@@ -99,10 +99,11 @@ pub(crate) fn grant(total: usize, members: &[Member], now: Instant) -> Vec<(usiz
 /// waits: a step of theirs that can stop early should, so that the cores
 /// are shared from the next step on.
 pub(crate) fn over_share(total: usize, members: &[Member], now: Instant) -> Vec<usize> {
-    if waiting(members).is_empty() {
+    let waiting = waiting(members);
+    if waiting.is_empty() {
         return Vec::new();
     }
-    let shares = fair_shares(total, members, now);
+    let shares = fair_shares(total, members, &waiting, now);
     members
         .iter()
         .enumerate()
@@ -128,16 +129,21 @@ fn waiting(members: &[Member]) -> Vec<usize> {
 }
 
 /// Every contending member's share, as (index, cores), in the order the
-/// remainders go: holders, then waiters by ticket, then those between
-/// steps.
-fn fair_shares(total: usize, members: &[Member], now: Instant) -> Vec<(usize, usize)> {
+/// remainders go: holders, then the `waiting` (by ticket, as [`waiting`]
+/// gives them), then those between steps.
+fn fair_shares(
+    total: usize,
+    members: &[Member],
+    waiting: &[usize],
+    now: Instant,
+) -> Vec<(usize, usize)> {
     let mut order: Vec<usize> = members
         .iter()
         .enumerate()
         .filter(|(_, m)| matches!(m.standing, Standing::Holding(_)))
         .map(|(index, _)| index)
         .collect();
-    order.extend(waiting(members));
+    order.extend_from_slice(waiting);
     order.extend(
         members
             .iter()
@@ -216,18 +222,14 @@ impl Table {
             .enumerate()
             .filter_map(|(id, m)| m.map(|m| (id, m)))
             .collect();
-        let view: Vec<Member> = present.iter().map(|&(_, m)| m).collect();
+        let mut view: Vec<Member> = present.iter().map(|&(_, m)| m).collect();
         let grants = grant(total, &view, now);
         for &(index, cores) in &grants {
-            let id = present[index].0;
-            if let Some(member) = &mut self.members[id] {
+            view[index].standing = Standing::Holding(cores);
+            if let Some(member) = &mut self.members[present[index].0] {
                 member.standing = Standing::Holding(cores);
             }
         }
-        let view: Vec<Member> = present
-            .iter()
-            .map(|&(id, _)| self.members[id].expect("present"))
-            .collect();
         for index in over_share(total, &view, now) {
             self.nudges[present[index].0].store(true, Ordering::Release);
         }

@@ -213,14 +213,13 @@ fn receive(
 impl Serving {
     fn new(factory: EngineFactory, reports: UnboundedSender<EngineReport>, knock: Knock) -> Self {
         // Every request fails with the reason the engine could not start.
-        let engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
+        let mut engine = match catch_unwind(AssertUnwindSafe(|| factory())) {
             Ok(result) => result.map_err(Arc::new),
             Err(panic) => Err(Arc::new(GeniusError::engine(format!(
                 "the engine panicked while starting: {}",
                 panic_message(&panic)
             )))),
         };
-        let mut engine = engine;
         match &mut engine {
             Ok(engine) => engine.listen(knock.clone()),
             Err(err) => log::error!("{err}"),

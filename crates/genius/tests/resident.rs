@@ -302,6 +302,12 @@ async fn two_models_computing_at_once_answer_as_they_do_alone() {
     for text in questions {
         alone.push(read_stream(question(text), limit).await.reply);
     }
+    // Something to compare: a reply whose first token is a near tie
+    // checks nothing, and the counting prompts are chosen firm.
+    assert!(
+        alone.iter().any(|reply| !firm_prefix(reply).is_empty()),
+        "no reply alone has a firm first token"
+    );
     // All four at once, twice.
     for _ in 0..2 {
         let streams = prompts

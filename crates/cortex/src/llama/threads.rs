@@ -27,22 +27,24 @@ use crate::engine::Knock;
 
 /// What may stop a step early, read by llama.cpp between the operations
 /// of a step (an atomic load each).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct Stops {
     /// Set while a step that may stop early runs.
     armed: AtomicBool,
     /// Raised when a request arrives for this engine.
     knock: OnceLock<Knock>,
     /// Raised when another model waits for cores this one holds.
-    nudge: OnceLock<Arc<AtomicBool>>,
+    nudge: Arc<AtomicBool>,
 }
 
 impl Stops {
     /// Stops made of the engine's scheduler `nudge`.
     pub(super) fn new(nudge: Arc<AtomicBool>) -> Self {
-        let stops = Self::default();
-        let _ = stops.nudge.set(nudge);
-        stops
+        Self {
+            armed: AtomicBool::new(false),
+            knock: OnceLock::new(),
+            nudge,
+        }
     }
 
     /// The engine thread's knock, once it is given.
@@ -60,10 +62,7 @@ impl Stops {
         crate::exit::closing()
             || (self.armed.load(Ordering::Acquire)
                 && (self.knock.get().is_some_and(Knock::is_raised)
-                    || self
-                        .nudge
-                        .get()
-                        .is_some_and(|nudge| nudge.load(Ordering::Acquire))))
+                    || self.nudge.load(Ordering::Acquire)))
     }
 }
 

@@ -308,6 +308,86 @@ async fn a_prompt_extending_the_last_one_decodes_only_the_new_tokens() {
     second.assert_contains_firmly("London");
 }
 
+/// About 1,400 tokens of numbered lines: longer than gemma's sliding
+/// attention window (512 positions) plus one batch.
+fn long_notes() -> String {
+    let words = [
+        "apple", "river", "stone", "cloud", "engine", "paper", "garden",
+    ];
+    (0..100)
+        .map(|i| {
+            format!(
+                "Note {i}: the {} by the {} is {}.\n",
+                words[i % 7],
+                words[(i * 3 + 1) % 7],
+                words[(i * 5 + 2) % 7]
+            )
+        })
+        .collect()
+}
+
+#[async_std::test]
+async fn past_the_sliding_window_a_long_conversation_is_reused_and_going_back_is_read_again() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // One slot, so that every request finds the last one's cache.
+    let mut g = start(
+        CortexStrategy::KeepAlive,
+        LlamaOptions {
+            context_size: 2048,
+            parallel: 1,
+            ..LlamaOptions::default()
+        },
+    );
+    g.load(&path).await;
+    let greedy = InferenceConfig::greedy()
+        .with_max_tokens(4)
+        .with_stop("\n")
+        .with_logprobs(2);
+    let notes = long_notes();
+    // A short prompt sharing the notes' first lines, read fresh.
+    let short = format!("{}{JAPAN}", &notes[..notes.len() / 6]);
+    let fresh = g.ask(&short, greedy.clone()).await;
+    assert_eq!(fresh.usage().cached_tokens, 0);
+
+    // A long prompt: its cache keeps only the window of the
+    // sliding-window layers, not its beginning.
+    let long = format!("{notes}{JAPAN}");
+    let first = g.ask(&long, greedy.clone()).await;
+    assert!(
+        first.usage().prompt_tokens > 1100,
+        "the notes should pass the window and a batch: {:?}",
+        first.usage()
+    );
+
+    // The conversation goes on: only the new turn is decoded.
+    let follow_up = format!(
+        "{long}{}\nQuestion: What is the capital of England?\nAnswer:",
+        first.text
+    );
+    let second = g.ask(&follow_up, greedy.clone()).await;
+    let usage = second.usage();
+    assert!(
+        usage.cached_tokens >= first.usage().prompt_tokens,
+        "the long prompt should be reused: {usage:?}"
+    );
+    second.assert_contains_firmly("London");
+
+    // Going back to the short prompt needs positions the window has
+    // passed: it is decoded again, and answers as it did fresh.
+    let again = g.ask(&short, greedy).await;
+    assert_eq!(again.text, fresh.text);
+    assert_eq!(again.logprobs.len(), fresh.logprobs.len());
+    for (again, fresh) in again.logprobs.iter().zip(&fresh.logprobs) {
+        assert_eq!(again.id, fresh.id);
+        assert!(
+            (again.logprob - fresh.logprob).abs() < 1e-3,
+            "{again:?} against {fresh:?}"
+        );
+    }
+    assert_eq!(again.usage().cached_tokens, 0, "{:?}", again.usage());
+}
+
 #[async_std::test]
 async fn bad_input_on_the_real_engine_gets_clear_errors() {
     let Some(path) = model() else { return };

@@ -92,6 +92,9 @@ struct Loaded {
     slots: Vec<Slot>,
     /// The context each request may use, in tokens.
     slot_context: usize,
+    /// The attention window of the model's sliding-window layers, 0 if it
+    /// has none: their cache keeps only so many positions back.
+    window: usize,
     /// The most tokens one step decodes.
     batch_size: usize,
     /// The pooling the model declares: an embedding model, which embeds
@@ -142,9 +145,13 @@ impl Loaded {
             // cache: a request never takes another's room.
             .with_n_seq_max(parallel)
             .with_kv_unified(false)
-            // Keep the full attention window of sliding-window models (such
-            // as Gemma 3) so that a cached prefix can always be reused.
-            .with_swa_full(true);
+            // Sliding-window layers (Gemma 2 and 3, for instance) keep only
+            // their window and one batch, as llama-server does: a full
+            // cache for them costs prefill speed (their attention would
+            // span the whole context) and memory. A cached prefix is then
+            // reused only while the window before its end is still held
+            // (`Loaded::can_keep`).
+            .with_swa_full(false);
         let cell = ModelContext::try_new(model, |model| {
             model.new_context(backend, params).map(|main| {
                 let control = Control::of(&main, model, threads, stops);
@@ -169,6 +176,7 @@ impl Loaded {
                 )
             })?;
         let prompter = Prompter::of(cell.borrow_owner());
+        let window = threads::sliding_window(cell.borrow_owner());
         let slot_context = cell.borrow_dependent().main.n_ctx() as usize / parallel as usize;
         let declared_pooling = embed::declared_pooling(cell.borrow_owner());
         let embed_shape = embed::Shape::new(
@@ -194,6 +202,7 @@ impl Loaded {
             prompter,
             slots,
             slot_context,
+            window,
             batch_size: options.batch_size as usize,
             declared_pooling,
             embed_batch: LlamaBatch::new(embed_shape.batch, 1),
@@ -221,7 +230,7 @@ impl Loaded {
                 context: self.slot_context as u32,
                 sequences: self.slots.len() as u32,
                 kv_types: "f16/f16".into(),
-                swa_full: true,
+                swa_full: false,
                 offload: format!("{} build, {placement}", backend::gpu_backend()),
                 llama: backend::llama_version(),
                 cpu: backend::system_info(),

@@ -154,11 +154,43 @@ impl Loaded {
         slot.transcript = None;
     }
 
+    /// Whether slot `index` can go on from its first `keep` cached tokens.
+    /// A sliding-window layer's cache reuses the cells of positions its
+    /// window has passed, so going back needs the window before `keep`
+    /// still held: a sequence extended where it ends always can, one cut
+    /// further back than about a batch cannot (and is decoded again).
+    pub(super) fn can_keep(&self, index: usize, keep: usize) -> bool {
+        let slot = &self.slots[index];
+        if self.window == 0 || keep == 0 || keep >= slot.cached.len() {
+            return true;
+        }
+        let oldest = self
+            .cell
+            .borrow_dependent()
+            .main
+            .kv_cache_seq_pos_min(slot.seq);
+        usize::try_from(oldest).is_ok_and(|oldest| oldest <= keep.saturating_sub(self.window))
+    }
+
+    /// The cached tokens of slot `index` a prompt sharing `shared` of them
+    /// can go on from: all of those, or none when the slot cannot go back
+    /// to there.
+    fn keepable(&self, index: usize, shared: usize) -> usize {
+        if self.can_keep(index, shared) {
+            shared
+        } else {
+            0
+        }
+    }
+
     /// Drops a slot's cache after its first `keep` tokens; false if this
     /// context cannot.
     pub(super) fn truncate_slot(&mut self, index: usize, keep: usize) -> bool {
         let seq = self.slots[index].seq;
         if keep < self.slots[index].cached.len() {
+            if !self.can_keep(index, keep) {
+                return false;
+            }
             let removed = self.cell.with_dependent_mut(|_, contexts| {
                 contexts
                     .main
@@ -316,7 +348,7 @@ impl Loaded {
                     &prepared.text,
                     &prepared.tokens,
                 );
-                let reuse = reusable_prefix(&slot.cached, &tokens);
+                let reuse = self.keepable(index, reusable_prefix(&slot.cached, &tokens));
                 (index, tokens, reuse)
             })
             .collect();
@@ -334,13 +366,16 @@ impl Loaded {
         let (mut index, mut tokens, mut reuse) = candidates.swap_remove(at);
         // A cache kept out of the slots, in RAM or on disk, may hold more
         // of the prompt than any free slot.
-        let in_slot = usable(
-            &self.slots[index].cached,
-            self.slots[index]
-                .prompt_logits
-                .as_ref()
-                .map(|(len, _)| *len),
-            &tokens,
+        let in_slot = self.keepable(
+            index,
+            usable(
+                &self.slots[index].cached,
+                self.slots[index]
+                    .prompt_logits
+                    .as_ref()
+                    .map(|(len, _)| *len),
+                &tokens,
+            ),
         );
         let kept = self.best_kept(&prepared.text, &prepared.tokens, in_slot);
         if let Some(kept) = &kept {
@@ -391,7 +426,9 @@ impl Loaded {
             if self.truncate_slot(index, reuse) {
                 (Phase::Prefill, reuse)
             } else {
-                log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
+                log::debug!(
+                    "slot {index} cannot go back to token {reuse}, decoding the whole prompt"
+                );
                 self.reset_slot(index);
                 (Phase::Prefill, 0)
             }

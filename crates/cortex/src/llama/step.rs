@@ -412,7 +412,7 @@ impl Loaded {
         slot.cached = cached;
         slot.prompt_logits = None;
         if !self.truncate_slot(to, upto) {
-            log::debug!("partial KV cache removal unsupported here, decoding the whole prompt");
+            log::debug!("slot {to} cannot go back to token {upto}, decoding the whole prompt");
             self.reset_slot(to);
             return Phase::Prefill;
         }

@@ -12,6 +12,9 @@
 //! context's own model (whose pointer `LlamaModel`'s transparent layout
 //! gives) and the context's own sizes. Where it cannot, the context keeps
 //! the threads it was made with and a warning says so.
+//!
+//! The model's sliding attention window ([`sliding_window`]) is another
+//! fact llama-cpp-2 does not give, read through the same model pointer.
 
 use std::cell::Cell;
 use std::ffi::c_void;
@@ -93,10 +96,7 @@ impl Control {
             return None;
         }
         let candidate = NonNull::new(address as *mut llama_context)?;
-        // SAFETY: `LlamaModel` is `#[repr(transparent)]` over llama-cpp-2's
-        // `Ptr`, itself `#[repr(transparent)]` over `NonNull<llama_model>`,
-        // so a reference to the model points at the model's pointer.
-        let model_pointer = unsafe { *(model as *const LlamaModel).cast::<*const llama_model>() };
+        let model_pointer = model_pointer(model);
         // SAFETY: `candidate` is the pointer the live context prints as
         // its own (the exact shape of llama-cpp-2's `Debug` was checked
         // above); these calls only read its fields.
@@ -145,6 +145,23 @@ impl Control {
             }
         }
     }
+}
+
+/// The llama.cpp pointer of `model`.
+fn model_pointer(model: &LlamaModel) -> *const llama_model {
+    // SAFETY: `LlamaModel` is `#[repr(transparent)]` over llama-cpp-2's
+    // `Ptr`, itself `#[repr(transparent)]` over `NonNull<llama_model>`,
+    // so a reference to the model points at the model's pointer.
+    unsafe { *(model as *const LlamaModel).cast::<*const llama_model>() }
+}
+
+/// How many positions back the sliding-window attention layers of
+/// `model` see (Gemma 2 and 3, for instance); 0 when it has none.
+pub(super) fn sliding_window(model: &LlamaModel) -> usize {
+    // SAFETY: the pointer is the live model's own; the call reads one of
+    // its hyperparameters.
+    let window = unsafe { llama_cpp_sys_2::llama_model_n_swa(model_pointer(model)) };
+    usize::try_from(window).unwrap_or(0)
 }
 
 /// llama.cpp's abort callback, asked between the operations of a step.

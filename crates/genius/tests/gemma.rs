@@ -308,6 +308,35 @@ async fn a_prompt_extending_the_last_one_decodes_only_the_new_tokens() {
     second.assert_contains_firmly("London");
 }
 
+#[async_std::test]
+async fn an_answer_cut_by_max_tokens_is_reused_by_the_next_turn() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut g = start(CortexStrategy::KeepAlive, small_options());
+    g.load(&path).await;
+    let first = g.ask_greedy(JAPAN, 2).await;
+    assert_eq!(first.usage().finish_reason, FinishReason::MaxTokens);
+    assert_eq!(first.usage().generated_tokens, 2);
+
+    // The last token allowed was never decoded (nothing read its
+    // logits): the next turn decodes it with its own new tokens.
+    let follow_up = format!(
+        "{JAPAN}{}\nQuestion: What is the capital of England?\nAnswer:",
+        first.text
+    );
+    let second = g.ask_greedy(&follow_up, 2).await;
+    let usage = second.usage();
+    assert!(
+        usage.cached_tokens >= first.usage().prompt_tokens,
+        "the first prompt should be reused: {usage:?}"
+    );
+    assert!(
+        usage.prompt_tokens - usage.cached_tokens <= 18,
+        "expected only the last answer token and the new question decoded: {usage:?}"
+    );
+    second.assert_contains_firmly("London");
+}
+
 /// About 1,400 tokens of numbered lines: longer than gemma's sliding
 /// attention window (512 positions) plus one batch.
 fn long_notes() -> String {

@@ -495,10 +495,19 @@ impl Loaded {
                 .token_to_piece_into(token, &mut piece, prompter.is_markup(token), None);
             job.answer.extend_from_slice(&piece);
             job.phase = Phase::Decode(token);
-            Ok(match job.output.push(&piece) {
-                Some(reason) => Turn::Ended(reason),
-                None => Turn::Moved,
-            })
+            if let Some(reason) = job.output.push(&piece) {
+                return Ok(Turn::Ended(reason));
+            }
+            // The last token allowed ends the answer now: decoding it would
+            // cost a step whose logits nobody reads.
+            if job
+                .config
+                .max_tokens
+                .is_some_and(|max| job.usage.generated_tokens >= max)
+            {
+                return Ok(Turn::Ended(FinishReason::MaxTokens));
+            }
+            Ok(Turn::Moved)
         })();
         match turn {
             Ok(Turn::Moved) => None,

@@ -28,6 +28,11 @@ use rusty_genius::{CortexStrategy, Orchestrator};
 const JAPAN: &str =
     "Question: What is the capital of France?\nAnswer: Paris\nQuestion: What is the capital of Japan?\nAnswer:";
 
+/// The next turn after `prompt` and its `answer`: England's capital.
+fn ask_about_england(prompt: &str, answer: &str) -> String {
+    format!("{prompt}{answer}\nQuestion: What is the capital of England?\nAnswer:")
+}
+
 /// The test model, or `None` (with a note) when it is not available here.
 fn model() -> Option<PathBuf> {
     GEMMA.for_test()
@@ -290,10 +295,7 @@ async fn a_prompt_extending_the_last_one_decodes_only_the_new_tokens() {
     let first = g.ask(JAPAN, greedy.clone()).await;
     assert_eq!(first.usage().cached_tokens, 0);
 
-    let follow_up = format!(
-        "{JAPAN}{}\nQuestion: What is the capital of England?\nAnswer:",
-        first.text
-    );
+    let follow_up = ask_about_england(JAPAN, &first.text);
     let second = g.ask(&follow_up, greedy).await;
     let usage = second.usage();
     let decoded = usage.prompt_tokens - usage.cached_tokens;
@@ -320,10 +322,7 @@ async fn an_answer_cut_by_max_tokens_is_reused_by_the_next_turn() {
 
     // The last token allowed was never decoded (nothing read its
     // logits): the next turn decodes it with its own new tokens.
-    let follow_up = format!(
-        "{JAPAN}{}\nQuestion: What is the capital of England?\nAnswer:",
-        first.text
-    );
+    let follow_up = ask_about_england(JAPAN, &first.text);
     let second = g.ask_greedy(&follow_up, 2).await;
     let usage = second.usage();
     assert!(
@@ -390,10 +389,7 @@ async fn past_the_sliding_window_a_long_conversation_is_reused_and_going_back_is
     );
 
     // The conversation goes on: only the new turn is decoded.
-    let follow_up = format!(
-        "{long}{}\nQuestion: What is the capital of England?\nAnswer:",
-        first.text
-    );
+    let follow_up = ask_about_england(&long, &first.text);
     let second = g.ask(&follow_up, greedy.clone()).await;
     let usage = second.usage();
     assert!(

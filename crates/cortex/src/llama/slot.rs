@@ -55,6 +55,15 @@ pub(super) struct Job {
     pub(super) generation_started: Option<Instant>,
 }
 
+impl Job {
+    /// Whether it has generated every token `max_tokens` allows.
+    pub(super) fn reached_max_tokens(&self) -> bool {
+        self.config
+            .max_tokens
+            .is_some_and(|max| self.usage.generated_tokens >= max)
+    }
+}
+
 /// Where a job is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {

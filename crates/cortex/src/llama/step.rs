@@ -450,11 +450,7 @@ impl Loaded {
         let job = job.as_mut()?;
         job.generation_started.get_or_insert_with(Instant::now);
         let turn = (|| -> Result<Turn, GeniusError> {
-            if job
-                .config
-                .max_tokens
-                .is_some_and(|max| job.usage.generated_tokens >= max)
-            {
+            if job.reached_max_tokens() {
                 return Ok(Turn::Ended(FinishReason::MaxTokens));
             }
             if cached.len() >= *slot_context {
@@ -500,11 +496,7 @@ impl Loaded {
             }
             // The last token allowed ends the answer now: decoding it would
             // cost a step whose logits nobody reads.
-            if job
-                .config
-                .max_tokens
-                .is_some_and(|max| job.usage.generated_tokens >= max)
-            {
+            if job.reached_max_tokens() {
                 return Ok(Turn::Ended(FinishReason::MaxTokens));
             }
             Ok(Turn::Moved)

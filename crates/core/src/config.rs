@@ -91,6 +91,37 @@ pub struct InferenceConfig {
     /// evicted or unloaded. Default `None`: the strategy's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub keep_alive: Option<std::time::Duration>,
+    /// Whether the engine guesses tokens ahead and checks several in one
+    /// step (speculative decoding). The answer is the same either way:
+    /// only its speed changes. Default [`Speculative::Auto`].
+    pub speculative: Speculative,
+    /// Text the answer is expected to repeat for the most part, such as
+    /// the file an edit request is about (OpenAI's Predicted Outputs). It
+    /// is offered as the guess ahead wherever the answer follows it; the
+    /// answer is the same with or without it. At most
+    /// [`MAX_PREDICTION_BYTES`] bytes. Default `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<String>,
+}
+
+/// The longest [`InferenceConfig::prediction`], in bytes.
+pub const MAX_PREDICTION_BYTES: usize = 1 << 20;
+
+/// Speculative decoding for one request: where the tokens guessed ahead
+/// come from. Guesses are checked against the model's own choices in one
+/// step, so they change how fast an answer comes, never what it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Speculative {
+    /// One token per step.
+    Off,
+    /// Guesses from the request's own text: the continuation of the last
+    /// few tokens where they appeared before in the prompt or the answer
+    /// (prompt lookup), and the [`prediction`](InferenceConfig::prediction)
+    /// when there is one. A request whose guesses keep failing stops
+    /// guessing, so free prose runs as without.
+    #[default]
+    Auto,
 }
 
 /// How a prompt reaches the model.
@@ -132,6 +163,8 @@ impl Default for InferenceConfig {
             response_format: ResponseFormat::Text,
             model: None,
             keep_alive: None,
+            speculative: Speculative::Auto,
+            prediction: None,
         }
     }
 }
@@ -212,6 +245,18 @@ impl InferenceConfig {
         self
     }
 
+    /// Sets [`speculative`](Self::speculative).
+    pub fn with_speculative(mut self, speculative: Speculative) -> Self {
+        self.speculative = speculative;
+        self
+    }
+
+    /// Sets [`prediction`](Self::prediction).
+    pub fn with_prediction(mut self, prediction: impl Into<String>) -> Self {
+        self.prediction = Some(prediction.into());
+        self
+    }
+
     /// Sets [`keep_alive`](Self::keep_alive).
     pub fn with_keep_alive(mut self, idle: std::time::Duration) -> Self {
         self.keep_alive = Some(idle);
@@ -254,6 +299,16 @@ impl InferenceConfig {
             return Err(crate::GeniusError::InvalidConfig {
                 field: "logit_bias",
                 reason: format!("the bias of token {id} must be a number from -100 to 100"),
+            });
+        }
+        if self
+            .prediction
+            .as_ref()
+            .is_some_and(|text| text.len() > MAX_PREDICTION_BYTES)
+        {
+            return Err(crate::GeniusError::InvalidConfig {
+                field: "prediction",
+                reason: format!("must be at most {MAX_PREDICTION_BYTES} bytes"),
             });
         }
         if self.max_tokens == Some(0) {

@@ -21,7 +21,7 @@ pub use chat::{
     ChatMessage, FunctionCall, FunctionDefinition, JsonSchemaFormat, Prompt, ResponseFormat, Role,
     Tool, ToolCall, ToolChoice, ToolKind,
 };
-pub use config::{InferenceConfig, PromptFormat};
+pub use config::{InferenceConfig, PromptFormat, Speculative, MAX_PREDICTION_BYTES};
 pub use embed::{Embed, EmbedInput, Embeddings, Pooling};
 pub use error::{BoxError, ErrorKind, ErrorReport, GeniusError, Result};
 pub use limits::{grammar_depth, Limits};

@@ -224,6 +224,15 @@ pub struct Usage {
     pub cached_tokens: usize,
     /// Tokens generated.
     pub generated_tokens: usize,
+    /// Tokens guessed ahead and checked (speculative decoding); those the
+    /// model chose too are `accepted_draft_tokens`, the rest were thrown
+    /// away. Of `generated_tokens`, the accepted ones cost no step of
+    /// their own.
+    #[serde(default)]
+    pub draft_tokens: usize,
+    /// Tokens guessed ahead that the model chose too.
+    #[serde(default)]
+    pub accepted_draft_tokens: usize,
     /// Time spent decoding the uncached part of the prompt, in milliseconds.
     pub prompt_ms: f64,
     /// Time spent generating, in milliseconds.

@@ -12,6 +12,8 @@
 
 mod cancel;
 mod cores;
+#[cfg_attr(not(feature = "llama"), allow(dead_code))]
+mod draft;
 mod engine;
 mod exit;
 pub mod gguf;

@@ -12,6 +12,10 @@ pub(crate) enum Want {
     Nothing,
     /// Its last chosen token decoded, which gives the logits of the next.
     Decode,
+    /// As `Decode`, and after it up to `guesses` tokens guessed ahead
+    /// (speculative decoding), each with its logits, to check the guesses
+    /// against the model's own choices.
+    Check { guesses: usize },
     /// Part of its prompt decoded: `left` tokens are still to go; `since`
     /// is when the request started, which breaks ties (older first).
     Prompt { left: usize, since: Instant },
@@ -60,12 +64,16 @@ const UNMEASURED_PREFILL: usize = MIN_PREFILL;
 pub(crate) struct Plan {
     pub(crate) decode: Vec<usize>,
     pub(crate) prefill: Vec<(usize, usize)>,
+    /// The slots of `decode` that check guesses, with how many.
+    pub(crate) guesses: Vec<(usize, usize)>,
 }
 
 impl Plan {
     /// Tokens in the batch.
     pub(crate) fn tokens(&self) -> usize {
-        self.decode.len() + self.prefill.iter().map(|(_, count)| count).sum::<usize>()
+        self.decode.len()
+            + self.prefill.iter().map(|(_, count)| count).sum::<usize>()
+            + self.guesses.iter().map(|(_, count)| count).sum::<usize>()
     }
 }
 
@@ -86,11 +94,14 @@ impl Plan {
 ///   prompts wait than answers run (requests count alike); while other
 ///   models want the cores, a step takes about [`SHARED_STEP_MS`] at most.
 ///   Both by the costs measured lately, and at least [`MIN_PREFILL`].
+/// - Guesses ahead are checked only while no prompt waits: a prompt's
+///   first token comes before any answer's speed-up. They take the room
+///   the answers leave in the batch, in slot order.
 pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
     let decode: Vec<usize> = wants
         .iter()
         .enumerate()
-        .filter(|(_, want)| **want == Want::Decode)
+        .filter(|(_, want)| matches!(want, Want::Decode | Want::Check { .. }))
         .map(|(slot, _)| slot)
         .take(budget.batch)
         .collect();
@@ -129,7 +140,23 @@ pub(crate) fn plan(wants: &[Want], budget: Budget) -> Plan {
             finished += 1;
         }
     }
-    Plan { decode, prefill }
+    let mut guesses = Vec::new();
+    if waiting == 0 {
+        for &slot in &decode {
+            if let Want::Check { guesses: offered } = wants[slot] {
+                let count = offered.min(room);
+                if count > 0 {
+                    guesses.push((slot, count));
+                    room -= count;
+                }
+            }
+        }
+    }
+    Plan {
+        decode,
+        prefill,
+        guesses,
+    }
 }
 
 /// How many prompt tokens the next step may hold beside `answers`
@@ -407,5 +434,34 @@ mod tests {
         // Equal in both: the lowest index.
         assert_eq!(pick_slot([(3, 5, 9), (1, 5, 9)], 1000), Some(1));
         assert_eq!(pick_slot([], 1000), None);
+    }
+
+    #[test]
+    fn guesses_are_checked_in_the_room_the_answers_leave_and_never_while_a_prompt_waits() {
+        let budget = Budget {
+            batch: 8,
+            ms_per_token: Some(5.0),
+            ms_per_answer_step: Some(20.0),
+            shared: false,
+        };
+        let wants = [
+            Want::Check { guesses: 4 },
+            Want::Decode,
+            Want::Check { guesses: 6 },
+        ];
+        let planned = plan(&wants, budget);
+        assert_eq!(planned.decode, vec![0, 1, 2]);
+        assert_eq!(planned.guesses, vec![(0, 4), (2, 1)]);
+        assert_eq!(planned.tokens(), 8);
+        let waiting = [
+            Want::Check { guesses: 4 },
+            Want::Prompt {
+                left: 10,
+                since: at(0),
+            },
+        ];
+        let planned = plan(&waiting, budget);
+        assert!(planned.guesses.is_empty());
+        assert_eq!(planned.decode, vec![0]);
     }
 }

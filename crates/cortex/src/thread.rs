@@ -482,6 +482,8 @@ fn nothing_done(finish_reason: FinishReason) -> Usage {
         prompt_tokens: 0,
         cached_tokens: 0,
         generated_tokens: 0,
+        draft_tokens: 0,
+        accepted_draft_tokens: 0,
         prompt_ms: 0.0,
         generation_ms: 0.0,
         finish_reason,

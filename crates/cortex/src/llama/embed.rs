@@ -543,6 +543,8 @@ fn embed_usage(job: &EmbedJob, finish_reason: FinishReason) -> Usage {
         prompt_tokens: job.inputs.iter().map(Vec::len).sum(),
         cached_tokens: 0,
         generated_tokens: 0,
+        draft_tokens: 0,
+        accepted_draft_tokens: 0,
         prompt_ms: millis_since(job.started),
         generation_ms: 0.0,
         finish_reason,

@@ -40,9 +40,10 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use rusty_genius_core::manifest::{ModelInfo, Placement};
 use rusty_genius_core::protocol::{FinishReason, Usage};
-use rusty_genius_core::{GeniusError, Pooling, Prompt};
+use rusty_genius_core::{GeniusError, Pooling, Prompt, Speculative};
 
 use crate::cores::{Cores, Seat};
+use crate::draft::Drafter;
 use crate::engine::{check_gguf, Engine, Refused, Request, Step};
 
 mod backend;
@@ -111,6 +112,8 @@ struct Loaded {
     costs: step::Costs,
     /// Slot caches another prompt took the slot from.
     ram: saved::RamTier,
+    /// Whether requests may guess ahead (`LlamaOptions::speculative`).
+    speculative: bool,
     /// Snapshots on disk, if they are on.
     disk: Option<saved::Disk>,
     /// Whether a sequence copy waits for the next decode (llama.cpp moves
@@ -211,6 +214,7 @@ impl Loaded {
             threads,
             costs: step::Costs::default(),
             ram: saved::RamTier::new(usize::try_from(options.cache_ram).unwrap_or(usize::MAX)),
+            speculative: options.speculative,
             disk: None,
             copies_pending: false,
             stops: stops.clone(),
@@ -290,10 +294,21 @@ impl Loaded {
         if let Some(syntax) = placed.tool_syntax {
             output.parse_tool_calls(syntax, &config, &prompt);
         }
+        let drafter = (self.speculative && config.speculative == Speculative::Auto).then(|| {
+            let mut prediction = match &config.prediction {
+                Some(text) => self.model().vocab().tokenize(text.as_bytes(), false, false),
+                None => Vec::new(),
+            };
+            // No answer outgrows its slot's context.
+            prediction.truncate(self.slot_context);
+            Drafter::new(prediction, true)
+        });
         let usage = Usage {
             prompt_tokens: placed.tokens.len(),
             cached_tokens: placed.cached,
             generated_tokens: 0,
+            draft_tokens: 0,
+            accepted_draft_tokens: 0,
             prompt_ms: 0.0,
             generation_ms: 0.0,
             finish_reason: FinishReason::Cancelled,
@@ -310,6 +325,8 @@ impl Loaded {
             answer: Vec::new(),
             prompt_started: Instant::now(),
             generation_started: None,
+            drafter,
+            guesses: Vec::new(),
         });
         Ok(())
     }

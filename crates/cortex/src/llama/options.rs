@@ -52,6 +52,12 @@ pub struct LlamaOptions {
     /// recently used snapshots are deleted past it. Default 8 GiB
     /// (`GENIUS_KV_DISK_MIB`).
     pub snapshot_budget: u64,
+    /// Whether requests may guess tokens ahead and check them in one step
+    /// (speculative decoding; see
+    /// [`InferenceConfig::speculative`](rusty_genius_core::InferenceConfig::speculative)).
+    /// `false` turns it off for every request. Default `true`
+    /// (`GENIUS_SPECULATIVE`: `auto` or `off`).
+    pub speculative: bool,
 }
 
 const MIB: u64 = 1 << 20;
@@ -68,6 +74,7 @@ impl Default for LlamaOptions {
             cache_ram: 2048 * MIB,
             snapshot_dir: None,
             snapshot_budget: 8192 * MIB,
+            speculative: true,
         }
     }
 }
@@ -112,6 +119,14 @@ impl LlamaOptions {
             snapshot_dir: snapshot_dir_from_env(),
             snapshot_budget: var::<u64>("GENIUS_KV_DISK_MIB")
                 .map_or(defaults.snapshot_budget, |mib| mib.saturating_mul(MIB)),
+            speculative: match std::env::var("GENIUS_SPECULATIVE").ok().as_deref() {
+                None | Some("auto") => defaults.speculative,
+                Some("off") => false,
+                Some(other) => {
+                    log::warn!("ignoring GENIUS_SPECULATIVE={other:?}: not `auto` or `off`");
+                    defaults.speculative
+                }
+            },
         }
     }
 }

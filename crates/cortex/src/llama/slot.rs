@@ -12,6 +12,7 @@ use super::sampling::{
     check_logit_bias, grammar_field, grammar_sampler, grammar_text, sampler_for, Chooser,
 };
 use super::Loaded;
+use crate::draft::Drafter;
 use crate::engine::{reusable_prefix, Output, RequestId};
 use crate::plan;
 
@@ -53,6 +54,10 @@ pub(super) struct Job {
     pub(super) answer: Vec<u8>,
     pub(super) prompt_started: Instant,
     pub(super) generation_started: Option<Instant>,
+    /// Guesses tokens ahead (speculative decoding); `None` when off.
+    pub(super) drafter: Option<Drafter<LlamaToken>>,
+    /// The guesses of this step, decoded after the job's last token.
+    pub(super) guesses: Vec<LlamaToken>,
 }
 
 impl Job {

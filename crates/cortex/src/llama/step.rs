@@ -117,12 +117,20 @@ impl Loaded {
             }
         }
 
+        self.guess();
         // The batch: what the planner decides, from each slot's want.
         let wants: Vec<Want> = self
             .slots
             .iter()
             .map(|slot| match &slot.job {
                 Some(job) if job.output.is_paused() => Want::Nothing,
+                Some(Job {
+                    phase: Phase::Decode(_),
+                    guesses,
+                    ..
+                }) if !guesses.is_empty() => Want::Check {
+                    guesses: guesses.len(),
+                },
                 Some(Job {
                     phase: Phase::Decode(_),
                     ..
@@ -143,6 +151,17 @@ impl Loaded {
                 shared,
             },
         );
+        // Each slot checks as many of its guesses as the plan gives it.
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if let Some(job) = &mut slot.job {
+                let room = plan
+                    .guesses
+                    .iter()
+                    .find(|(i, _)| *i == index)
+                    .map_or(0, |(_, count)| *count);
+                job.guesses.truncate(room);
+            }
+        }
         if plan.tokens() == 0 {
             return step;
         }
@@ -165,6 +184,7 @@ impl Loaded {
         let mut sampled: Vec<(usize, i32)> = Vec::new();
         let mut finishing: Vec<(usize, i32)> = Vec::new();
         let mut prefilled: Vec<(usize, usize)> = Vec::new();
+        let mut guessed = 0;
         let mut failed: Option<String> = None;
         for (index, chunk) in entries {
             let slot = &self.slots[index];
@@ -172,11 +192,23 @@ impl Loaded {
             match (chunk, &job.phase) {
                 (None, Phase::Decode(token)) => {
                     let position = slot.cached.len() as i32;
-                    if let Err(err) = self.batch.add(*token, position, &[slot.seq], true) {
-                        failed = Some(err.to_string());
+                    let row = self.batch.n_tokens();
+                    // The last token, then the guesses after it, each
+                    // with its logits.
+                    for (offset, &token) in std::iter::once(token).chain(&job.guesses).enumerate() {
+                        if let Err(err) =
+                            self.batch
+                                .add(token, position + offset as i32, &[slot.seq], true)
+                        {
+                            failed = Some(err.to_string());
+                            break;
+                        }
+                    }
+                    if failed.is_some() {
                         break;
                     }
-                    sampled.push((index, self.batch.n_tokens() - 1));
+                    guessed += job.guesses.len();
+                    sampled.push((index, row));
                 }
                 (Some(count), _) => {
                     let start = slot.cached.len();
@@ -245,12 +277,13 @@ impl Loaded {
         // A decode carries out the sequence copies queued before it.
         self.copies_pending = false;
         if decoded.is_ok() {
-            let prompt = prefilled.iter().map(|(_, count)| count).sum();
+            let prompt: usize = prefilled.iter().map(|(_, count)| count).sum();
             let ms = millis_since(decoding);
             log::trace!(
-                "step on {cores} cores: {generating} answers, {prompt} prompt tokens, {ms:.0} ms"
+                "step on {cores} cores: {generating} answers, {guessed} guesses, {prompt} prompt tokens, {ms:.0} ms"
             );
-            self.costs.measured(ms, cores, generating, prompt);
+            // A guess costs what a prompt token does.
+            self.costs.measured(ms, cores, generating, prompt + guessed);
         }
         if let Err(err) = decoded {
             let err = std::sync::Arc::new(err);
@@ -313,11 +346,126 @@ impl Loaded {
                     job.usage.prompt_ms = millis_since(job.prompt_started);
                 }
             }
-            if let Some(ended) = self.choose(index, Logits::Batch(logits_index)) {
+            if finished_prompt {
+                if let Some(ended) = self.choose(index, Logits::Batch(logits_index)) {
+                    step.ended.push(ended);
+                }
+            } else if let Some(ended) = self.check_guesses(index, logits_index) {
                 step.ended.push(ended);
             }
         }
         step
+    }
+
+    /// Each answering job (other than those prompts finishing) with the
+    /// guesses it will check in this step, up to what its drafter offers,
+    /// what its `max_tokens` leaves room for and what its context holds.
+    fn guess(&mut self) {
+        let slot_context = self.slot_context;
+        for slot in &mut self.slots {
+            let Some(job) = &mut slot.job else { continue };
+            job.guesses.clear();
+            let Phase::Decode(token) = job.phase else {
+                continue;
+            };
+            let Some(drafter) = &mut job.drafter else {
+                continue;
+            };
+            // The last token chosen gives the next; each kept guess one
+            // more, up to the last one allowed.
+            let left = job.config.max_tokens.map_or(usize::MAX, |max| {
+                max.saturating_sub(job.usage.generated_tokens)
+            });
+            let room = slot_context.saturating_sub(slot.cached.len() + 1);
+            let most = left.saturating_sub(1).min(room);
+            if most == 0 {
+                continue;
+            }
+            let mut text = Vec::with_capacity(slot.cached.len() + 1);
+            text.extend_from_slice(&slot.cached);
+            text.push(token);
+            let answer = text.len().saturating_sub(job.tokens.len());
+            job.guesses = drafter.guess(&text, answer, most);
+        }
+    }
+
+    /// Slot `index`'s job chooses from the batch's row `row` (its last
+    /// token's logits) and, for as long as each choice is the guess that
+    /// followed in the batch, from the next row too: every guess it keeps
+    /// is a token it would have chosen anyway, whose keys and values the
+    /// step already computed. The cache then drops the guesses it did not
+    /// keep. The job's end, if it ended.
+    fn check_guesses(&mut self, index: usize, row: i32) -> Option<Ended> {
+        let guesses = self.slots[index]
+            .job
+            .as_mut()
+            .map(|job| std::mem::take(&mut job.guesses))
+            .unwrap_or_default();
+        if let Some(job) = &mut self.slots[index].job {
+            job.usage.draft_tokens += guesses.len();
+        }
+        let mut kept = 0;
+        let mut ended = None;
+        loop {
+            if let Some(end) = self.choose(index, Logits::Batch(row + kept as i32)) {
+                ended = Some(end);
+                break;
+            }
+            let slot = &mut self.slots[index];
+            let Some(job) = &mut slot.job else { break };
+            match (job.phase, guesses.get(kept)) {
+                (Phase::Decode(chosen), Some(&guess)) if chosen == guess => {
+                    // Decoded already, in this step.
+                    slot.cached.push(chosen);
+                    job.usage.accepted_draft_tokens += 1;
+                    kept += 1;
+                }
+                _ => break,
+            }
+        }
+        if let Some(drafter) = self.slots[index]
+            .job
+            .as_mut()
+            .and_then(|job| job.drafter.as_mut())
+        {
+            drafter.settle(guesses.len(), kept);
+        }
+        if kept < guesses.len() {
+            let failed = self.drop_after(index, self.slots[index].cached.len());
+            ended = ended.or(failed);
+        }
+        ended
+    }
+
+    /// Takes every position from `from` on out of slot `index`'s cache
+    /// (guesses that were not kept). A model whose cache cannot do that
+    /// ends the slot's job (given back).
+    fn drop_after(&mut self, index: usize, from: usize) -> Option<Ended> {
+        let seq = self.slots[index].seq;
+        let removed = self.cell.with_dependent_mut(|_, contexts| {
+            contexts
+                .main
+                .clear_kv_cache_seq(Some(seq as u32), Some(from as u32), None)
+        });
+        // The cache must now end where the slot says it does: a guess left
+        // behind would be read by every later token.
+        let last = self.cell.borrow_dependent().main.kv_cache_seq_pos_max(seq);
+        if matches!(removed, Ok(true)) && last == from as i32 - 1 {
+            return None;
+        }
+        log::warn!(
+            "cannot take the unkept guesses out of slot {index}'s cache (it ends at {last}, not {})",
+            from as i32 - 1
+        );
+        let result = Err(GeniusError::engine(
+            "this model's cache cannot take back tokens guessed ahead: turn speculative decoding off",
+        ));
+        let ended = self.slots[index]
+            .job
+            .is_some()
+            .then(|| self.end_job(index, result));
+        self.reset_slot(index);
+        ended
     }
 
     /// Settles every job that follows another slot (`Phase::Follow`): once

@@ -1,0 +1,409 @@
+//! Guessing tokens ahead for speculative decoding, without a second
+//! model: from the client's predicted text, and from the request's own
+//! tokens (the continuation of the last few tokens where they appeared
+//! before). Plain data in, guesses out; the engine decodes a slot's last
+//! token and its guesses in one step and keeps the guesses its own
+//! choices agree with.
+//!
+//! A guess costs a row of the batch whether it is kept or not, and on a
+//! CPU a row is not free. So a slot guesses only what it has grounds for
+//! (a match in the text), guesses more while its guesses are kept, fewer
+//! when they fail, and after failures in a row pauses for a while: free
+//! prose, where matches rarely continue, runs at the speed it would
+//! without.
+
+/// The most tokens guessed ahead in one step.
+pub(crate) const MAX_GUESSES: usize = 16;
+
+/// The fewest tokens the end of the text must share with an earlier place
+/// for that place's continuation to be guessed.
+const MIN_MATCH: usize = 2;
+
+/// The most tokens of the text's end that are looked up.
+const MAX_MATCH: usize = 4;
+
+/// Guesses in the first step of a match, before any was checked.
+const FIRST_GUESSES: usize = 4;
+
+/// Failed steps in a row after which a slot pauses its guessing.
+const PATIENCE: u32 = 3;
+
+/// The longest pause, in steps.
+const MAX_PAUSE: u32 = 64;
+
+/// One request's guesser.
+#[derive(Debug, Clone)]
+pub(crate) struct Drafter<T> {
+    /// The client's predicted answer, if any.
+    prediction: Vec<T>,
+    /// Where in `prediction` the answer stands: the index of the token
+    /// expected next, while the answer's last tokens follow it.
+    aligned: Option<usize>,
+    /// The answer's length when `aligned` was last set.
+    aligned_at: usize,
+    /// Whether the request's own text is searched too.
+    lookup: bool,
+    /// How many tokens the next guess may hold.
+    room: usize,
+    /// Steps in a row whose guesses all failed.
+    misses: u32,
+    /// Steps left before guessing again.
+    pause: u32,
+}
+
+impl<T: Copy + Eq> Drafter<T> {
+    /// A guesser from the client's `prediction` (may be empty) and, when
+    /// `lookup`, from the request's own text.
+    pub(crate) fn new(prediction: Vec<T>, lookup: bool) -> Self {
+        let aligned = (!prediction.is_empty()).then_some(0);
+        Self {
+            prediction,
+            aligned,
+            aligned_at: 0,
+            lookup,
+            room: FIRST_GUESSES,
+            misses: 0,
+            pause: 0,
+        }
+    }
+
+    /// Up to `max` tokens guessed to follow `text`, the prompt and then
+    /// the answer so far (`answer` tokens of it, at its end).
+    pub(crate) fn guess(&mut self, text: &[T], answer: usize, max: usize) -> Vec<T> {
+        let answer = answer.min(text.len());
+        self.follow_prediction(&text[text.len() - answer..]);
+        if self.pause > 0 {
+            self.pause -= 1;
+            return Vec::new();
+        }
+        let max = max.min(self.room).min(MAX_GUESSES);
+        if max == 0 {
+            return Vec::new();
+        }
+        if let Some(at) = self.aligned {
+            let guess: Vec<T> = self.prediction[at..].iter().take(max).copied().collect();
+            if !guess.is_empty() {
+                return guess;
+            }
+        }
+        if self.lookup {
+            if let Some(from) = continuation(text, text.len()) {
+                return text[from..].iter().take(max).copied().collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// Takes in how a guess of `offered` tokens went: the first `kept`
+    /// were the model's own choices.
+    pub(crate) fn settle(&mut self, offered: usize, kept: usize) {
+        if offered == 0 {
+            return;
+        }
+        if kept == offered {
+            self.room = (self.room * 2).min(MAX_GUESSES);
+        } else {
+            self.room = (kept + 1).max(FIRST_GUESSES / 2);
+        }
+        if kept == 0 {
+            self.misses += 1;
+            if self.misses >= PATIENCE {
+                self.pause = (1 << (self.misses - PATIENCE + 1).min(6)).min(MAX_PAUSE);
+            }
+        } else {
+            self.misses = 0;
+        }
+    }
+
+    /// Moves the place in the prediction along with the `answer`, or finds
+    /// it again where the answer's last tokens appear in the prediction
+    /// (an edit changes a few lines: the answer leaves the prediction and
+    /// comes back to it further on).
+    fn follow_prediction(&mut self, answer: &[T]) {
+        if self.prediction.is_empty() {
+            return;
+        }
+        if let Some(at) = self.aligned {
+            let new = answer.get(self.aligned_at..).unwrap_or(&[]);
+            let expected = self.prediction.get(at..at + new.len());
+            if expected == Some(new) {
+                self.aligned = Some(at + new.len());
+                self.aligned_at = answer.len();
+                return;
+            }
+        }
+        self.aligned_at = answer.len();
+        let key = MAX_MATCH.min(answer.len());
+        if key < MIN_MATCH {
+            self.aligned = None;
+            return;
+        }
+        let key = &answer[answer.len() - key..];
+        // The first place after the old one, else the first anywhere.
+        let after = self.aligned.unwrap_or(0);
+        let place = find(&self.prediction, key, after).or_else(|| find(&self.prediction, key, 0));
+        self.aligned = place.map(|start| start + key.len());
+    }
+}
+
+/// What checking one guessed token gives.
+#[cfg_attr(not(test), allow(dead_code))] // see `check`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// The guess stands: it is the token at this place.
+    Keep,
+    /// The guess falls; this token takes its place, and the guesses after
+    /// it fall too.
+    Replace(usize),
+}
+
+/// The speculative-sampling rule: whether the token `guess`, drawn from
+/// the guesser's distribution `q`, stands where the model's distribution
+/// (after every sampler stage) is `p`, given two uniform draws `u` and
+/// `v` in [0, 1). The guess stands with probability min(1, p/q); else a
+/// token is drawn from what p has over q, max(0, p - q), normalised. The
+/// token that comes out follows `p` exactly, whatever `q` is: guessing
+/// changes how many tokens a step yields, never which.
+///
+/// A guess copied from text (a prediction, an earlier run of tokens) is
+/// certain, q = 1 on it: then the guess stands with probability p(guess),
+/// and otherwise the token is drawn from p without it. That is drawing
+/// from p as usual and keeping the guess when it is drawn, which is how
+/// the engine checks such guesses (the sampler chain draws, at each place
+/// in turn). The general rule is for guesses that carry a distribution (a
+/// draft model's).
+#[cfg_attr(not(test), allow(dead_code))]
+pub(crate) fn check(p: &[f64], q: &[f64], guess: usize, u: f64, v: f64) -> Verdict {
+    // A guess q never makes counts as a certain one.
+    let certain = q.get(guess).is_none_or(|&q| q <= 0.0);
+    let q_of = |token: usize| {
+        if certain {
+            f64::from(u8::from(token == guess))
+        } else {
+            q.get(token).copied().unwrap_or(0.0)
+        }
+    };
+    // u < p/q, without dividing.
+    if u * q_of(guess) < p.get(guess).copied().unwrap_or(0.0) {
+        return Verdict::Keep;
+    }
+    let excess: Vec<f64> = p
+        .iter()
+        .enumerate()
+        .map(|(token, &p)| (p - q_of(token)).max(0.0))
+        .collect();
+    // Where p and q agree (up to rounding) the guess stands but for
+    // rounding: draw from p.
+    let weights = if excess.iter().sum::<f64>() > 0.0 {
+        &excess[..]
+    } else {
+        p
+    };
+    let target = v * weights.iter().sum::<f64>();
+    let mut sum = 0.0;
+    let mut last = guess;
+    for (token, &weight) in weights.iter().enumerate() {
+        if weight <= 0.0 {
+            continue;
+        }
+        last = token;
+        sum += weight;
+        if target < sum {
+            return Verdict::Replace(token);
+        }
+    }
+    Verdict::Replace(last)
+}
+
+/// Where the tokens that followed an earlier occurrence of the end of
+/// `text[..end]` start: the latest occurrence of its longest suffix of
+/// [`MIN_MATCH`] to [`MAX_MATCH`] tokens that is followed by something.
+fn continuation<T: Eq>(text: &[T], end: usize) -> Option<usize> {
+    for len in (MIN_MATCH..=MAX_MATCH.min(end.saturating_sub(1))).rev() {
+        let key = &text[end - len..end];
+        // Latest first: the nearest repetition is the likeliest to go on.
+        if let Some(start) = (0..end - len).rev().find(|&s| &text[s..s + len] == key) {
+            return Some(start + len);
+        }
+    }
+    None
+}
+
+/// The first index at or after `from` where `key` starts in `text`.
+fn find<T: Eq>(text: &[T], key: &[T], from: usize) -> Option<usize> {
+    if key.is_empty() || text.len() < key.len() {
+        return None;
+    }
+    (from..=text.len() - key.len()).find(|&s| &text[s..s + key.len()] == key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(text: &str) -> Vec<char> {
+        text.chars().collect()
+    }
+
+    #[test]
+    fn a_repeated_run_of_tokens_is_guessed_to_go_on_as_before() {
+        let mut drafter = Drafter::new(Vec::new(), true);
+        let text = tokens("abcdefg xyz abc");
+        assert_eq!(drafter.guess(&text, 3, 8), tokens("defg"), "4 at first");
+        drafter.settle(4, 4);
+        assert_eq!(drafter.guess(&text, 3, 8), tokens("defg xyz"));
+        assert_eq!(
+            drafter.guess(&text, 3, 2),
+            tokens("de"),
+            "never over the limit"
+        );
+    }
+
+    #[test]
+    fn the_latest_occurrence_of_the_longest_match_wins() {
+        let text = tokens("xab1 yab2 zab3 ab");
+        let from = continuation(&text, text.len()).unwrap();
+        assert_eq!(text[from], '3');
+        // Without a longer match, the latest "ab" decides.
+        let text = tokens("qab1 pzab2 ab");
+        assert_eq!(text[continuation(&text, text.len()).unwrap()], '2');
+    }
+
+    #[test]
+    fn nothing_is_guessed_without_a_match() {
+        let mut drafter = Drafter::new(Vec::new(), true);
+        assert!(drafter.guess(&tokens("abcdefgh"), 2, 8).is_empty());
+        let mut off = Drafter::new(Vec::new(), false);
+        assert!(off.guess(&tokens("abcabcab"), 2, 8).is_empty());
+    }
+
+    #[test]
+    fn the_prediction_is_followed_from_the_first_token_and_found_again_after_an_edit() {
+        let prediction = tokens("fn main() { one(); two(); three(); }");
+        let mut drafter = Drafter::new(prediction, false);
+        // The answer starts as predicted.
+        assert_eq!(drafter.guess(&tokens("P"), 0, 8), tokens("fn m"));
+        drafter.settle(4, 4);
+        let answer = "fn main() { one(); ";
+        assert_eq!(
+            drafter.guess(&tokens(&format!("P{answer}")), answer.len(), 8),
+            tokens("two(); t")
+        );
+        // The answer changes two() into six() and rejoins after it.
+        let answer = "fn main() { one(); six(); t";
+        let text = tokens(&format!("P{answer}"));
+        assert_eq!(drafter.guess(&text, answer.len(), 8), tokens("hree(); "));
+    }
+
+    #[test]
+    fn failing_guesses_shrink_then_pause_and_kept_ones_grow() {
+        let mut drafter: Drafter<char> = Drafter::new(Vec::new(), true);
+        let text = tokens("abcdefgh abc");
+        drafter.settle(4, 1);
+        assert_eq!(drafter.guess(&text, 3, 16).len(), 2);
+        for _ in 0..PATIENCE {
+            drafter.settle(2, 0);
+        }
+        assert!(drafter.guess(&text, 3, 16).is_empty(), "paused");
+        assert!(drafter.guess(&text, 3, 16).is_empty(), "still paused");
+        assert!(!drafter.guess(&text, 3, 16).is_empty(), "guessing again");
+        drafter.settle(2, 2);
+        drafter.settle(4, 4);
+        drafter.settle(8, 8);
+        assert_eq!(drafter.room, MAX_GUESSES);
+    }
+
+    /// A small seeded generator of uniform draws in [0, 1).
+    struct Draws(u64);
+
+    impl Draws {
+        fn next(&mut self) -> f64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 >> 11) as f64 / (1u64 << 53) as f64
+        }
+
+        /// A token drawn from `weights`.
+        fn pick(&mut self, weights: &[f64]) -> usize {
+            let total: f64 = weights.iter().sum();
+            let target = self.next() * total;
+            let mut sum = 0.0;
+            for (token, weight) in weights.iter().enumerate() {
+                sum += weight;
+                if target < sum {
+                    return token;
+                }
+            }
+            weights.len() - 1
+        }
+    }
+
+    /// The total-variation distance between the tokens that come out of
+    /// `trials` checks (guess drawn from `q`) and `p`, and the share of
+    /// guesses kept.
+    fn outcome(p: &[f64], q: &[f64], trials: usize, seed: u64) -> (f64, f64) {
+        let mut draws = Draws(seed);
+        let mut counts = vec![0usize; p.len()];
+        let mut kept = 0;
+        for _ in 0..trials {
+            let guess = draws.pick(q);
+            let (u, v) = (draws.next(), draws.next());
+            let token = match check(p, q, guess, u, v) {
+                Verdict::Keep => {
+                    kept += 1;
+                    guess
+                }
+                Verdict::Replace(token) => token,
+            };
+            counts[token] += 1;
+        }
+        let distance = p
+            .iter()
+            .zip(&counts)
+            .map(|(p, &n)| (p - n as f64 / trials as f64).abs())
+            .sum::<f64>()
+            / 2.0;
+        (distance, kept as f64 / trials as f64)
+    }
+
+    #[test]
+    fn the_tokens_checked_guesses_give_follow_the_model_whatever_the_guesser() {
+        let p = [0.5, 0.25, 0.15, 0.1, 0.0];
+        let guessers: [(&str, [f64; 5]); 5] = [
+            ("right", p),
+            ("wrong", [0.0, 0.0, 0.0, 0.1, 0.9]),
+            ("partly right", [0.2, 0.5, 0.0, 0.3, 0.0]),
+            ("certain and likely", [1.0, 0.0, 0.0, 0.0, 0.0]),
+            ("certain and unlikely", [0.0, 0.0, 0.0, 1.0, 0.0]),
+        ];
+        // With 200,000 trials, sampling noise keeps the distance near 0.002.
+        for (seed, (name, q)) in guessers.iter().enumerate() {
+            let (distance, kept) = outcome(&p, q, 200_000, 0x9E37_79B9 + seed as u64);
+            assert!(distance < 0.01, "{name}: distance {distance}");
+            // A guess stands with probability sum(min(p, q)).
+            let expected: f64 = p.iter().zip(q).map(|(p, q)| p.min(*q)).sum();
+            assert!(
+                (kept - expected).abs() < 0.01,
+                "{name}: kept {kept}, expected {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_certain_guess_stands_as_often_as_the_model_would_draw_it() {
+        let p = [0.7, 0.2, 0.1];
+        let q = [0.0, 1.0, 0.0];
+        assert_eq!(check(&p, &q, 1, 0.19, 0.5), Verdict::Keep);
+        // Refused: the rest of p, without the guess, decides.
+        assert_eq!(check(&p, &q, 1, 0.21, 0.5), Verdict::Replace(0));
+        assert_eq!(check(&p, &q, 1, 0.21, 0.95), Verdict::Replace(2));
+        // A greedy model (all of p on one token) keeps exactly its token.
+        let greedy = [0.0, 1.0, 0.0];
+        assert_eq!(check(&greedy, &q, 1, 0.999, 0.3), Verdict::Keep);
+        assert_eq!(
+            check(&[1.0, 0.0, 0.0], &q, 1, 0.0, 0.3),
+            Verdict::Replace(0)
+        );
+    }
+}

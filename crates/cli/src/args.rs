@@ -309,6 +309,12 @@ pub(crate) struct EngineArgs {
     /// Save no KV snapshots and read none (GENIUS_KV_DIR=off).
     #[arg(long)]
     pub(crate) no_kv_snapshots: bool,
+    /// Speculative decoding: `auto` guesses tokens ahead from each
+    /// request's own text and its `prediction` and checks them in one
+    /// step (same answers, faster where the answer repeats text); `off`
+    /// decodes one token per step (GENIUS_SPECULATIVE, default auto).
+    #[arg(long, value_enum, value_name = "auto|off")]
+    pub(crate) speculative: Option<SpeculativeArg>,
     /// The engine: llama.cpp, or the Pinky stub (for testing clients
     /// without a model: it answers "Narf! You said: ...").
     #[arg(long, value_enum, default_value_t = EngineKind::Llama, hide = true)]
@@ -319,6 +325,12 @@ pub(crate) struct EngineArgs {
     /// Pinky's delay per model load, in milliseconds.
     #[arg(long, default_value_t = 0, hide = true)]
     pub(crate) pinky_load_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum SpeculativeArg {
+    Auto,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

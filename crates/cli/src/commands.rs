@@ -441,6 +441,9 @@ fn llama_options(engine: &EngineArgs) -> Result<rusty_genius::cortex::LlamaOptio
     if let Some(mib) = engine.kv_disk {
         options.snapshot_budget = mib.saturating_mul(1 << 20);
     }
+    if let Some(speculative) = engine.speculative {
+        options.speculative = speculative == crate::args::SpeculativeArg::Auto;
+    }
     Ok(options)
 }
 

@@ -262,9 +262,18 @@ impl Sampling {
                 ),
             );
         }
-        if self.prediction.as_ref().is_some_and(|p| !p.is_null()) {
-            return cannot("prediction", "predicted outputs are not supported");
-        }
+        let prediction = match self.prediction.as_ref().filter(|p| !p.is_null()) {
+            Some(prediction) => match prediction_text(prediction) {
+                Ok(text) => Some(text),
+                Err(why) => {
+                    return Err(Unsupported {
+                        param: "prediction",
+                        message: why.into(),
+                    })
+                }
+            },
+            None => None,
+        };
         if self
             .web_search_options
             .as_ref()
@@ -277,6 +286,7 @@ impl Sampling {
             ..InferenceConfig::default()
         };
         config = with_temperature(config, self.temperature);
+        config.prediction = prediction;
         if let Some(top_p) = self.top_p {
             config.top_p = top_p;
         }
@@ -391,14 +401,69 @@ pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
     }
 }
 
-/// The API's `usage` object.
+/// The API's `usage` object. The prediction counts are those of every
+/// guess ahead (the prediction's and the engine's own): kept, or thrown
+/// away.
 pub(crate) fn usage(usage: &Usage) -> Value {
     json!({
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.generated_tokens,
         "total_tokens": usage.prompt_tokens + usage.generated_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": usage.accepted_draft_tokens,
+            "rejected_prediction_tokens": usage.draft_tokens - usage.accepted_draft_tokens,
+        },
     })
+}
+
+/// llama.cpp's server's `timings` object (its web page and tools read
+/// it): what the prompt and the answer took, and the guesses ahead.
+pub(crate) fn timings(usage: &Usage) -> Value {
+    let rate = |tokens: usize, ms: f64| {
+        if ms > 0.0 {
+            tokens as f64 * 1000.0 / ms
+        } else {
+            0.0
+        }
+    };
+    let decoded = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
+    json!({
+        "cache_n": usage.cached_tokens,
+        "prompt_n": decoded,
+        "prompt_ms": usage.prompt_ms,
+        "prompt_per_second": rate(decoded, usage.prompt_ms),
+        "predicted_n": usage.generated_tokens,
+        "predicted_ms": usage.generation_ms,
+        "predicted_per_second": rate(usage.generated_tokens, usage.generation_ms),
+        "draft_n": usage.draft_tokens,
+        "draft_n_accepted": usage.accepted_draft_tokens,
+    })
+}
+
+/// The text of a `prediction` (Predicted Outputs): `{"type": "content",
+/// "content": text}`, the content a string or a list of text parts.
+fn prediction_text(prediction: &Value) -> Result<String, &'static str> {
+    const SHAPE: &str = r#"must be {"type": "content", "content": a string or a list of {"type": "text", "text": a string}}"#;
+    let object = prediction.as_object().ok_or(SHAPE)?;
+    if object.get("type").and_then(Value::as_str) != Some("content")
+        || object.keys().any(|key| key != "type" && key != "content")
+    {
+        return Err(SHAPE);
+    }
+    match object.get("content") {
+        Some(Value::String(text)) => Ok(text.clone()),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(
+                |part| match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(text))) => Ok(text.as_str()),
+                    _ => Err(SHAPE),
+                },
+            )
+            .collect(),
+        _ => Err(SHAPE),
+    }
 }
 
 /// What the request's untagged fields must be, in words, by the name

@@ -247,6 +247,52 @@ def _():
         jsonschema.validate(json.loads(reply.choices[0].message.content), PERSON)
 
 
+CODE = """def area(width, height):
+    return width * height
+
+
+def perimeter(width, height):
+    return 2 * (width + height)
+
+
+def describe(width, height):
+    print("area", area(width, height))
+    print("perimeter", perimeter(width, height))
+"""
+EDIT = [{"role": "user", "content": "Rename the function `area` to `surface` everywhere. Answer with the whole code and nothing else.\n\n```python\n" + CODE + "```"}]
+
+
+@check("predicted outputs: the same answer, with the prediction tokens counted")
+def _():
+    plain = client.chat.completions.create(
+        model=model, messages=EDIT, temperature=0, max_tokens=160, logprobs=True, top_logprobs=2
+    )
+    text = plain.choices[0].message.content
+    firm_until(plain.choices[0].logprobs.content, "def describe(width, height):")
+    predicted = client.chat.completions.create(
+        model=model, messages=EDIT, temperature=0, max_tokens=160,
+        prediction={"type": "content", "content": "```python\n" + CODE + "```"},
+    )
+    cut = text.index("def describe(width, height):")
+    assert predicted.choices[0].message.content[:cut] == text[:cut], (predicted, text)
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 10, predicted.usage
+    assert details.rejected_prediction_tokens >= 0, predicted.usage
+
+
+@check("a prediction over the limit: BadRequestError naming the limit")
+def _():
+    try:
+        client.chat.completions.create(
+            model=model, messages=EDIT, max_tokens=8,
+            prediction={"type": "content", "content": "x" * (1024 * 1024 + 1)},
+        )
+    except openai.BadRequestError as err:
+        assert err.status_code == 400 and "prediction" in str(err) and "1048576" in str(err), err
+    else:
+        raise AssertionError("no error")
+
+
 @check("completions")
 def _():
     reply = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=8, temperature=0)

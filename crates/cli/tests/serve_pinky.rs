@@ -915,7 +915,7 @@ fn parallel_tool_calls_false_keeps_the_first_call_and_unhonourable_fields_are_re
         ),
         (json!({"modalities": ["text", "audio"]}), "modalities"),
         (
-            json!({"prediction": {"type": "content", "content": "x"}}),
+            json!({"prediction": {"type": "content", "content": 5}}),
             "prediction",
         ),
         (json!({"web_search_options": {}}), "web_search_options"),

@@ -169,6 +169,8 @@ impl Reply {
         for usage in usages {
             total.cached_tokens = total.cached_tokens.min(usage.cached_tokens);
             total.generated_tokens += usage.generated_tokens;
+            total.draft_tokens += usage.draft_tokens;
+            total.accepted_draft_tokens += usage.accepted_draft_tokens;
             total.prompt_ms = total.prompt_ms.max(usage.prompt_ms);
             total.generation_ms = total.generation_ms.max(usage.generation_ms);
         }
@@ -185,6 +187,7 @@ impl Reply {
         let mut whole = self.envelope(false, choices);
         if let Some(usage) = self.usage() {
             whole["usage"] = openai::usage(&usage);
+            whole["timings"] = openai::timings(&usage);
         }
         whole
     }
@@ -524,6 +527,7 @@ fn sse(
                             if let Some(usage) = reply.usage() {
                                 let mut last = reply.envelope(true, Vec::new());
                                 last["usage"] = openai::usage(&usage);
+                                last["timings"] = openai::timings(&usage);
                                 frames.push_str(&format!("data: {last}\n\n"));
                             }
                         }

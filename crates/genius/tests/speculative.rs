@@ -1,0 +1,339 @@
+//! Speculative decoding on a real model (Qwen2.5-Coder-0.5B-Instruct,
+//! `GENIUS_TEST_CHAT_MODEL`): guesses ahead change how fast an answer
+//! comes, not what it says.
+//!
+//! llama.cpp's CPU kernels round a row of a many-row batch slightly
+//! differently from a batch of one row (by a few hundredths of a logit
+//! here), the same difference that four requests at once make against one
+//! alone. So answers are compared through the part whose every choice is
+//! firm (see fixtures/README.md), and log-probabilities within that
+//! rounding.
+
+#![cfg(feature = "llama")]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use futures::StreamExt;
+use rusty_genius::core::protocol::{BrainstemOutput, FinishReason, InferenceEvent};
+use rusty_genius::core::{
+    ChatMessage, InferenceConfig, ResponseFormat, Speculative, Tool, ToolChoice,
+};
+use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
+use rusty_genius::facecrab::testing::QWEN;
+use rusty_genius::stem::testing::{Reply, TestClient, MIN_MARGIN};
+use rusty_genius::{CortexStrategy, Orchestrator};
+use serde_json::{json, Value};
+
+fn model() -> Option<PathBuf> {
+    QWEN.for_test()
+}
+
+/// The real-model tests share two cores; one at a time.
+static ONE_AT_A_TIME: async_std::sync::Mutex<()> = async_std::sync::Mutex::new(());
+
+/// How far a token's log-probability may move between a batch of one row
+/// and a row of a larger batch.
+const ROUNDING: f32 = 0.15;
+
+/// An Orchestrator that keeps the model, `parallel` requests at once.
+fn orchestrator(parallel: u32) -> Orchestrator {
+    let options = LlamaOptions {
+        context_size: 4096,
+        parallel,
+        ..LlamaOptions::default()
+    };
+    Orchestrator::builder()
+        .strategy(CortexStrategy::KeepAlive)
+        .engine(move || LlamaEngine::new(options.clone()))
+        .build()
+        .unwrap()
+}
+
+async fn start(path: &std::path::Path) -> TestClient {
+    let mut client = TestClient::start(orchestrator(1)).with_timeout(Duration::from_secs(300));
+    let loaded = client.load(&path.display().to_string()).await.unwrap();
+    assert!(loaded.errors.is_empty(), "{loaded:?}");
+    client
+}
+
+const CODE: &str = "def area(width, height):
+    return width * height
+
+
+def perimeter(width, height):
+    return 2 * (width + height)
+
+
+def describe(width, height):
+    print(\"area\", area(width, height))
+    print(\"perimeter\", perimeter(width, height))
+";
+
+fn edit() -> Vec<ChatMessage> {
+    vec![ChatMessage::user(format!(
+        "Rename the function `area` to `surface` everywhere. Answer with the whole code and nothing else.\n\n```python\n{CODE}```"
+    ))]
+}
+
+fn config(speculative: Speculative, max_tokens: usize) -> InferenceConfig {
+    InferenceConfig::greedy()
+        .with_max_tokens(max_tokens)
+        .with_logprobs(2)
+        .with_speculative(speculative)
+}
+
+/// How many bytes of `reply`'s text rest on firm choices only.
+fn firm_bytes(reply: &Reply) -> usize {
+    let mut bytes = 0;
+    for (token, margin) in reply.margins() {
+        if margin < MIN_MARGIN {
+            break;
+        }
+        bytes += token.len();
+    }
+    bytes.min(reply.text.len())
+}
+
+/// `on` says what `off` says through `off`'s firm part, with the same
+/// tokens and log-probabilities there (up to the kernels' rounding).
+fn assert_same_answer(off: &Reply, on: &Reply) {
+    let firm = firm_bytes(off);
+    assert!(
+        firm >= 40,
+        "too little of the answer is firm here: {firm} bytes of {:?}",
+        off.text
+    );
+    assert_eq!(
+        on.text.get(..firm),
+        off.text.get(..firm),
+        "\n--- off\n{}\n--- on\n{}",
+        off.text,
+        on.text
+    );
+    let mut through = 0;
+    for (a, b) in off.logprobs.iter().zip(&on.logprobs) {
+        if through >= firm {
+            break;
+        }
+        assert_eq!(a.id, b.id);
+        assert!(
+            (a.logprob - b.logprob).abs() <= ROUNDING,
+            "{:?}: {} off, {} on",
+            a.token,
+            a.logprob,
+            b.logprob
+        );
+        through += a.bytes.len();
+    }
+}
+
+#[async_std::test]
+async fn an_edit_says_the_same_with_guesses_from_its_own_text_and_from_a_prediction() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let off = client
+        .chat(edit(), config(Speculative::Off, 160))
+        .await
+        .unwrap();
+    assert!(off.completed, "{off:?}");
+    assert_eq!(off.usage().draft_tokens, 0);
+    assert!(off.text.contains("def surface("), "{:?}", off.text);
+
+    let on = client
+        .chat(edit(), config(Speculative::Auto, 160))
+        .await
+        .unwrap();
+    assert_same_answer(&off, &on);
+    let usage = on.usage();
+    assert!(
+        usage.accepted_draft_tokens > 20,
+        "the edit repeats its prompt: guesses from it should hold, {usage:?}"
+    );
+    assert!(usage.accepted_draft_tokens <= usage.draft_tokens);
+
+    let predicted = client
+        .chat(
+            edit(),
+            config(Speculative::Auto, 160).with_prediction(format!("```python\n{CODE}```")),
+        )
+        .await
+        .unwrap();
+    assert_same_answer(&off, &predicted);
+    assert!(
+        predicted.usage().accepted_draft_tokens > usage.accepted_draft_tokens / 2,
+        "{:?}",
+        predicted.usage()
+    );
+
+    // A prediction wrong everywhere changes nothing either.
+    let wrong = client
+        .chat(
+            edit(),
+            config(Speculative::Auto, 160)
+                .with_prediction("Lorem ipsum dolor sit amet. ".repeat(20)),
+        )
+        .await
+        .unwrap();
+    assert_same_answer(&off, &wrong);
+}
+
+#[async_std::test]
+async fn max_tokens_and_a_stop_sequence_end_an_answer_inside_a_kept_guess() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let whole = client
+        .chat(edit(), config(Speculative::Off, 160))
+        .await
+        .unwrap();
+    let firm = firm_bytes(&whole);
+    assert!(firm >= 80, "too little is firm: {:?}", whole.text);
+    // The answer itself as the prediction: every guess is right, so each
+    // limit falls inside a run of kept guesses.
+    let prediction = whole.text.clone();
+
+    for max_tokens in [7, 13] {
+        let off = client
+            .chat(edit(), config(Speculative::Off, max_tokens))
+            .await
+            .unwrap();
+        let on = client
+            .chat(
+                edit(),
+                config(Speculative::Auto, max_tokens).with_prediction(prediction.clone()),
+            )
+            .await
+            .unwrap();
+        assert_eq!(on.text, off.text);
+        assert_eq!(on.usage().generated_tokens, max_tokens);
+        assert_eq!(on.usage().finish_reason, FinishReason::MaxTokens);
+        assert!(on.usage().accepted_draft_tokens > 0, "{:?}", on.usage());
+    }
+
+    let stop = "perimeter(";
+    let at = whole.text.find(stop).expect("the answer keeps `perimeter`");
+    assert!(at < firm, "the stop sequence lies in the firm part");
+    let on = client
+        .chat(
+            edit(),
+            config(Speculative::Auto, 160)
+                .with_prediction(prediction)
+                .with_stop(stop),
+        )
+        .await
+        .unwrap();
+    assert_eq!(on.text, whole.text[..at]);
+    assert_eq!(on.usage().finish_reason, FinishReason::StopSequence);
+}
+
+#[async_std::test]
+async fn a_json_schema_answer_and_a_tool_call_come_out_the_same_with_guesses() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let person = json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "city": {"type": "string"},
+            "items": {"type": "array", "items": {"type": "string"}},
+        },
+        "required": ["name", "city", "items"],
+    });
+    let order = vec![ChatMessage::user(
+        "Ada Lovelace from London ordered: a brass telescope, a walnut writing desk, a brass telescope stand. Give her name, city and items as JSON.",
+    )];
+    let schema = |speculative| {
+        config(speculative, 120)
+            .with_response_format(ResponseFormat::json_schema("order", person.clone()))
+    };
+    let off = client
+        .chat(order.clone(), schema(Speculative::Off))
+        .await
+        .unwrap();
+    let on = client
+        .chat(order.clone(), schema(Speculative::Auto))
+        .await
+        .unwrap();
+    let value: Value = serde_json::from_str(&on.text).expect("JSON");
+    assert_eq!(value["name"], "Ada Lovelace", "{value}");
+    assert_eq!(
+        on.text, off.text,
+        "a grammar holds the answer: every choice is firm or forced"
+    );
+    on.assert_json_firm();
+    assert!(on.usage().accepted_draft_tokens > 0, "{:?}", on.usage());
+
+    let weather = Tool::function(
+        "get_weather",
+        "The current weather in a city",
+        json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        }),
+    );
+    let ask = vec![ChatMessage::user("What is the weather in Paris?")];
+    let call = |speculative| {
+        config(speculative, 64)
+            .with_tools(vec![weather.clone()])
+            .with_tool_choice(ToolChoice::Required)
+    };
+    let off = client
+        .chat(ask.clone(), call(Speculative::Off))
+        .await
+        .unwrap();
+    let on = client.chat(ask, call(Speculative::Auto)).await.unwrap();
+    assert_eq!(on.tool_calls.len(), 1, "{on:?}");
+    assert_eq!(on.tool_calls[0].1, "get_weather");
+    assert_eq!(on.tool_calls[0].2, off.tool_calls[0].2);
+    assert_eq!(on.tool_calls[0].2, json!({"city": "Paris"}));
+}
+
+#[async_std::test]
+async fn four_edits_at_once_say_what_they_say_one_at_a_time() {
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let genius = orchestrator(4).start();
+    genius.load(&path.display().to_string()).await.unwrap();
+    let renames = ["surface", "size", "extent", "room"];
+    let ask = |name: &str| {
+        vec![ChatMessage::user(format!(
+            "Rename the function `area` to `{name}` everywhere. Answer with the whole code and nothing else.\n\n```python\n{CODE}```"
+        ))]
+    };
+    // Four at once without guesses, then with: the same batches but for
+    // the guesses' rows.
+    let mut replies = Vec::new();
+    for speculative in [Speculative::Off, Speculative::Auto] {
+        let streams: Vec<_> = renames
+            .iter()
+            .map(|name| genius.chat(ask(name), config(speculative, 160)))
+            .collect();
+        let mut round = Vec::new();
+        for mut stream in streams {
+            let mut reply = Reply::default();
+            while let Some(event) = stream.next().await {
+                let event = event.unwrap();
+                let done = matches!(event, InferenceEvent::Complete);
+                reply.record(BrainstemOutput::Event(event));
+                if done {
+                    break;
+                }
+            }
+            round.push(reply);
+        }
+        replies.push(round);
+    }
+    let mut kept = 0;
+    for (off, on) in replies[0].iter().zip(&replies[1]) {
+        assert_same_answer(off, on);
+        kept += on.usage().accepted_draft_tokens;
+    }
+    assert!(
+        kept > 40,
+        "guesses from the prompt should hold in edits: {kept}"
+    );
+}

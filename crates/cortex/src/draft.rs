@@ -13,7 +13,7 @@
 //! without.
 
 /// The most tokens guessed ahead in one step.
-pub(crate) const MAX_GUESSES: usize = 16;
+pub(crate) const MAX_GUESSES: usize = 64;
 
 /// The fewest tokens the end of the text must share with an earlier place
 /// for that place's continuation to be guessed.
@@ -22,14 +22,47 @@ const MIN_MATCH: usize = 2;
 /// The most tokens of the text's end that are looked up.
 const MAX_MATCH: usize = 4;
 
-/// Guesses in the first step of a match, before any was checked.
-const FIRST_GUESSES: usize = 4;
+/// What guesses add to a step, as parts of a step without them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct GuessCost {
+    /// Once, for having guesses at all: a batch of one row per sequence
+    /// runs other kernels than one of several rows.
+    pub(crate) fixed: f64,
+    /// Each guess's row.
+    pub(crate) row: f64,
+}
 
-/// Failed steps in a row after which a slot pauses its guessing.
-const PATIENCE: u32 = 3;
+/// Guess costs before the engine has measured them: about a CPU's
+/// (Qwen2.5-0.5B on 2 cores: a step of one token 27 ms; 4 guesses add
+/// 67 ms, 64 add 550 ms; a guess's row costs more than a prompt token's,
+/// as each needs its logits).
+pub(crate) const UNMEASURED: GuessCost = GuessCost {
+    fixed: 1.0,
+    row: 0.3,
+};
 
-/// The longest pause, in steps.
-const MAX_PAUSE: u32 = 64;
+/// The fewest guesses checked at once: the first one costs most.
+const MIN_GUESSES: usize = 4;
+
+/// Where a guess comes from. Each source has its own record: a prediction
+/// is usually right for long runs, a repetition of the text less often.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Prediction,
+    Lookup,
+}
+
+/// Each source's tokens kept per check before any was checked, and what
+/// its record drifts back to while it is not used.
+const PRIOR: [f64; 2] = [16.0, 4.0];
+
+/// How much one check moves its source's record.
+const LEARNING: f64 = 0.3;
+
+/// How far a source's record drifts back to its prior in a step where it
+/// had a guess but was judged not worth it, so that a source that failed
+/// is tried again, some steps later.
+const RECOVERY: f64 = 0.02;
 
 /// One request's guesser.
 #[derive(Debug, Clone)]
@@ -43,12 +76,14 @@ pub(crate) struct Drafter<T> {
     aligned_at: usize,
     /// Whether the request's own text is searched too.
     lookup: bool,
-    /// How many tokens the next guess may hold.
-    room: usize,
-    /// Steps in a row whose guesses all failed.
-    misses: u32,
-    /// Steps left before guessing again.
-    pause: u32,
+    /// For each source, the tokens its checks kept lately (a running
+    /// average).
+    kept: [f64; 2],
+    /// For each source, how many to guess next: twice as many after a
+    /// check kept them all.
+    room: [usize; 2],
+    /// The source of the guesses being checked.
+    last: Option<Source>,
 }
 
 impl<T: Copy + Eq> Drafter<T> {
@@ -61,58 +96,71 @@ impl<T: Copy + Eq> Drafter<T> {
             aligned,
             aligned_at: 0,
             lookup,
-            room: FIRST_GUESSES,
-            misses: 0,
-            pause: 0,
+            kept: PRIOR,
+            room: [PRIOR[0] as usize, MIN_GUESSES],
+            last: None,
         }
     }
 
     /// Up to `max` tokens guessed to follow `text`, the prompt and then
-    /// the answer so far (`answer` tokens of it, at its end).
-    pub(crate) fn guess(&mut self, text: &[T], answer: usize, max: usize) -> Vec<T> {
+    /// the answer so far (`answer` tokens of it, at its end), when by the
+    /// source's record they are worth what they add to the step (`cost`).
+    pub(crate) fn guess(
+        &mut self,
+        text: &[T],
+        answer: usize,
+        max: usize,
+        cost: GuessCost,
+    ) -> Vec<T> {
         let answer = answer.min(text.len());
         self.follow_prediction(&text[text.len() - answer..]);
-        if self.pause > 0 {
-            self.pause -= 1;
+        self.last = None;
+        let (source, run): (Source, &[T]) = match self.aligned {
+            Some(at) if at < self.prediction.len() => (Source::Prediction, &self.prediction[at..]),
+            _ => match continuation(text, text.len()).filter(|_| self.lookup) {
+                Some(from) => (Source::Lookup, &text[from..]),
+                None => return Vec::new(),
+            },
+        };
+        let most = max.min(MAX_GUESSES).min(run.len());
+        let record = &mut self.kept[source as usize];
+        // As many as the room says, or, if that many are not worth it,
+        // about as many as the record keeps.
+        let count = [
+            self.room[source as usize],
+            (record.ceil() as usize).max(MIN_GUESSES),
+        ]
+        .into_iter()
+        .map(|count| count.min(most))
+        .find(|&count| count > 0 && worth_guessing(*record, count, cost));
+        let Some(count) = count else {
+            *record += (PRIOR[source as usize] - *record) * RECOVERY;
             return Vec::new();
-        }
-        let max = max.min(self.room).min(MAX_GUESSES);
-        if max == 0 {
-            return Vec::new();
-        }
-        if let Some(at) = self.aligned {
-            let guess: Vec<T> = self.prediction[at..].iter().take(max).copied().collect();
-            if !guess.is_empty() {
-                return guess;
-            }
-        }
-        if self.lookup {
-            if let Some(from) = continuation(text, text.len()) {
-                return text[from..].iter().take(max).copied().collect();
-            }
-        }
-        Vec::new()
+        };
+        self.last = Some(source);
+        run[..count].to_vec()
     }
 
     /// Takes in how a guess of `offered` tokens went: the first `kept`
     /// were the model's own choices.
     pub(crate) fn settle(&mut self, offered: usize, kept: usize) {
+        let Some(source) = self.last.take() else {
+            return;
+        };
         if offered == 0 {
             return;
         }
-        if kept == offered {
-            self.room = (self.room * 2).min(MAX_GUESSES);
+        // A check that kept every guess says the run goes on past them:
+        // it counts as twice as many, so that the record (and with it the
+        // guesses) can grow past what was offered.
+        let found = if kept == offered { 2 * kept } else { kept };
+        let record = &mut self.kept[source as usize];
+        *record += (found as f64 - *record) * LEARNING;
+        self.room[source as usize] = if kept == offered {
+            (offered * 2).min(MAX_GUESSES)
         } else {
-            self.room = (kept + 1).max(FIRST_GUESSES / 2);
-        }
-        if kept == 0 {
-            self.misses += 1;
-            if self.misses >= PATIENCE {
-                self.pause = (1 << (self.misses - PATIENCE + 1).min(6)).min(MAX_PAUSE);
-            }
-        } else {
-            self.misses = 0;
-        }
+            (2 * kept).clamp(MIN_GUESSES, MAX_GUESSES)
+        };
     }
 
     /// Moves the place in the prediction along with the `answer`, or finds
@@ -215,6 +263,16 @@ pub(crate) fn check(p: &[f64], q: &[f64], guess: usize, u: f64, v: f64) -> Verdi
     Verdict::Replace(last)
 }
 
+/// Whether checking `count` guesses, of a source whose checks keep
+/// `kept` tokens lately, yields more tokens per unit of time than a step
+/// without them (by a margin: a guess that only breaks even is not
+/// worth the latency it adds).
+pub(crate) fn worth_guessing(kept: f64, count: usize, cost: GuessCost) -> bool {
+    let tokens = 1.0 + kept.min(count as f64);
+    let time = 1.0 + cost.fixed + cost.row * count as f64;
+    tokens / time > 1.1
+}
+
 /// Where the tokens that followed an earlier occurrence of the end of
 /// `text[..end]` start: the latest occurrence of its longest suffix of
 /// [`MIN_MATCH`] to [`MAX_MATCH`] tokens that is followed by something.
@@ -245,15 +303,22 @@ mod tests {
         text.chars().collect()
     }
 
+    const COST: GuessCost = UNMEASURED;
+
     #[test]
     fn a_repeated_run_of_tokens_is_guessed_to_go_on_as_before() {
         let mut drafter = Drafter::new(Vec::new(), true);
         let text = tokens("abcdefg xyz abc");
-        assert_eq!(drafter.guess(&text, 3, 8), tokens("defg"), "4 at first");
+        assert_eq!(drafter.guess(&text, 3, 8, COST), tokens("defg"));
         drafter.settle(4, 4);
-        assert_eq!(drafter.guess(&text, 3, 8), tokens("defg xyz"));
         assert_eq!(
-            drafter.guess(&text, 3, 2),
+            drafter.guess(&text, 3, 8, COST),
+            tokens("defg xyz"),
+            "kept: more"
+        );
+        drafter.settle(8, 8);
+        assert_eq!(
+            drafter.guess(&text, 3, 2, COST),
             tokens("de"),
             "never over the limit"
         );
@@ -272,9 +337,9 @@ mod tests {
     #[test]
     fn nothing_is_guessed_without_a_match() {
         let mut drafter = Drafter::new(Vec::new(), true);
-        assert!(drafter.guess(&tokens("abcdefgh"), 2, 8).is_empty());
+        assert!(drafter.guess(&tokens("abcdefgh"), 2, 8, COST).is_empty());
         let mut off = Drafter::new(Vec::new(), false);
-        assert!(off.guess(&tokens("abcabcab"), 2, 8).is_empty());
+        assert!(off.guess(&tokens("abcabcab"), 2, 8, COST).is_empty());
     }
 
     #[test]
@@ -282,35 +347,72 @@ mod tests {
         let prediction = tokens("fn main() { one(); two(); three(); }");
         let mut drafter = Drafter::new(prediction, false);
         // The answer starts as predicted.
-        assert_eq!(drafter.guess(&tokens("P"), 0, 8), tokens("fn m"));
+        assert_eq!(drafter.guess(&tokens("P"), 0, 4, COST), tokens("fn m"));
         drafter.settle(4, 4);
         let answer = "fn main() { one(); ";
         assert_eq!(
-            drafter.guess(&tokens(&format!("P{answer}")), answer.len(), 8),
+            drafter.guess(&tokens(&format!("P{answer}")), answer.len(), 8, COST),
             tokens("two(); t")
         );
         // The answer changes two() into six() and rejoins after it.
         let answer = "fn main() { one(); six(); t";
         let text = tokens(&format!("P{answer}"));
-        assert_eq!(drafter.guess(&text, answer.len(), 8), tokens("hree(); "));
+        assert_eq!(
+            drafter.guess(&text, answer.len(), 8, COST),
+            tokens("hree(); ")
+        );
     }
 
     #[test]
-    fn failing_guesses_shrink_then_pause_and_kept_ones_grow() {
+    fn guesses_that_fail_stop_until_their_record_recovers_and_kept_ones_lengthen() {
         let mut drafter: Drafter<char> = Drafter::new(Vec::new(), true);
-        let text = tokens("abcdefgh abc");
-        drafter.settle(4, 1);
-        assert_eq!(drafter.guess(&text, 3, 16).len(), 2);
-        for _ in 0..PATIENCE {
-            drafter.settle(2, 0);
+        let text = tokens("abcdefghijklmnopqrstuvwxyz abc");
+        let first = drafter.guess(&text, 3, 64, COST).len();
+        assert_eq!(first, MIN_GUESSES);
+        drafter.settle(first, 0);
+        let mut failures = 1;
+        loop {
+            let offered = drafter.guess(&text, 3, 64, COST).len();
+            if offered == 0 {
+                break;
+            }
+            drafter.settle(offered, 0);
+            failures += 1;
+            assert!(failures < 5, "still guessing after {failures} failures");
         }
-        assert!(drafter.guess(&text, 3, 16).is_empty(), "paused");
-        assert!(drafter.guess(&text, 3, 16).is_empty(), "still paused");
-        assert!(!drafter.guess(&text, 3, 16).is_empty(), "guessing again");
-        drafter.settle(2, 2);
-        drafter.settle(4, 4);
-        drafter.settle(8, 8);
-        assert_eq!(drafter.room, MAX_GUESSES);
+        let mut waited = 1;
+        while drafter.guess(&text, 3, 64, COST).is_empty() {
+            waited += 1;
+            assert!(waited < 200, "never tried again");
+        }
+        for _ in 0..10 {
+            let offered = drafter.guess(&text, 3, 64, COST).len();
+            drafter.settle(offered, offered);
+        }
+        assert!(
+            drafter.guess(&text, 3, 64, COST).len() > 16,
+            "a record of kept guesses: longer guesses"
+        );
+    }
+
+    #[test]
+    fn guessing_pays_only_when_guesses_hold_for_what_they_cost() {
+        // A CPU, and guesses that keep less than half a token: no.
+        assert!(!worth_guessing(0.4, 4, UNMEASURED));
+        // A CPU, and guesses that keep a dozen: yes.
+        assert!(worth_guessing(12.0, 16, UNMEASURED));
+        // Rows as dear as a step: no, whatever is kept.
+        let dear = GuessCost {
+            fixed: 0.0,
+            row: 1.0,
+        };
+        assert!(!worth_guessing(4.0, 4, dear));
+        // Nearly free rows (a GPU): even a poor record pays.
+        let free = GuessCost {
+            fixed: 0.05,
+            row: 0.01,
+        };
+        assert!(worth_guessing(1.0, 4, free));
     }
 
     /// A small seeded generator of uniform draws in [0, 1).

@@ -1,6 +1,6 @@
-//! Speculative decoding on a real model (Qwen2.5-Coder-0.5B-Instruct,
-//! `GENIUS_TEST_CHAT_MODEL`): guesses ahead change how fast an answer
-//! comes, not what it says.
+//! Speculative decoding on real models (Qwen2.5-Coder-0.5B-Instruct,
+//! `GENIUS_TEST_CHAT_MODEL`; gemma-3-270m, `GENIUS_TEST_MODEL`): guesses
+//! ahead change how fast an answer comes, not what it says.
 //!
 //! llama.cpp's CPU kernels round a row of a many-row batch slightly
 //! differently from a batch of one row (by a few hundredths of a logit
@@ -17,10 +17,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use rusty_genius::core::protocol::{BrainstemOutput, FinishReason, InferenceEvent};
 use rusty_genius::core::{
-    ChatMessage, InferenceConfig, ResponseFormat, Speculative, Tool, ToolChoice,
+    ChatMessage, InferenceConfig, PromptFormat, ResponseFormat, Speculative, Tool, ToolChoice,
 };
 use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
-use rusty_genius::facecrab::testing::QWEN;
+use rusty_genius::facecrab::testing::{GEMMA, QWEN};
 use rusty_genius::stem::testing::{Reply, TestClient, MIN_MARGIN};
 use rusty_genius::{CortexStrategy, Orchestrator};
 use serde_json::{json, Value};
@@ -336,4 +336,26 @@ async fn four_edits_at_once_say_what_they_say_one_at_a_time() {
         kept > 40,
         "guesses from the prompt should hold in edits: {kept}"
     );
+}
+
+#[async_std::test]
+async fn a_base_model_with_a_sliding_window_repeats_a_list_the_same_with_guesses() {
+    // gemma-3 keeps only a window of its sliding-window layers' cache:
+    // guesses that fall must come out of both kinds of layer.
+    let Some(path) = GEMMA.for_test() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut client = start(&path).await;
+    let list = "copper kettle, linen apron, oak ladle, clay bowl, iron skillet, \
+                glass jar, wicker basket, tin funnel, bone spoon, stone mortar";
+    let prompt = format!("Inventory of the kitchen: {list}.\nThe same inventory, copied: copper");
+    let ask = |speculative| config(speculative, 60).with_prompt_format(PromptFormat::Raw);
+    let off = client.infer(&prompt, ask(Speculative::Off)).await.unwrap();
+    let on = client.infer(&prompt, ask(Speculative::Auto)).await.unwrap();
+    assert!(
+        off.text.starts_with(" kettle, linen apron"),
+        "{:?}",
+        off.text
+    );
+    assert_same_answer(&off, &on);
+    assert!(on.usage().accepted_draft_tokens > 10, "{:?}", on.usage());
 }

@@ -10,6 +10,7 @@ use super::sampling::{token_logprobs, Choice};
 use super::slot::{Job, Logits, Phase, Slot, Turn, SHARE_MIN};
 use super::Loaded;
 use crate::cores::Seat;
+use crate::draft::{GuessCost, UNMEASURED};
 use crate::engine::{millis_since, reusable_prefix, Ended, Step};
 use crate::plan::{self, Budget, Want, MIN_PREFILL};
 use llama_cpp_2::DecodeError;
@@ -22,16 +23,77 @@ pub(super) struct Costs {
     pub(super) prompt_token: Option<f64>,
     /// The answers' part of a step: one token each.
     pub(super) answer_step: Option<f64>,
+    /// What guesses added to steps lately: a line through (guesses,
+    /// core-milliseconds added).
+    pub(super) guesses: Fit,
+}
+
+/// A straight line fitted to recent points, the older ones counting less
+/// (least squares over sums that decay).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Fit {
+    weight: f64,
+    x: f64,
+    y: f64,
+    xx: f64,
+    xy: f64,
+}
+
+impl Fit {
+    /// How much the last point outweighs the one before.
+    const DECAY: f64 = 0.95;
+
+    fn add(&mut self, x: f64, y: f64) {
+        let Fit {
+            weight,
+            x: sx,
+            y: sy,
+            xx,
+            xy,
+        } = self;
+        for sum in [&mut *weight, &mut *sx, &mut *sy, &mut *xx, &mut *xy] {
+            *sum *= Self::DECAY;
+        }
+        *weight += 1.0;
+        *sx += x;
+        *sy += y;
+        *xx += x * x;
+        *xy += x * y;
+    }
+
+    /// (intercept, slope), both at least 0; `None` before a few points.
+    /// While every point had about the same x, the slope is the mean y
+    /// over the mean x and the intercept 0.
+    pub(super) fn line(&self) -> Option<(f64, f64)> {
+        if self.weight < 3.0 {
+            return None;
+        }
+        let (mean_x, mean_y) = (self.x / self.weight, self.y / self.weight);
+        let spread = self.xx / self.weight - mean_x * mean_x;
+        if spread < 1.0 {
+            return (mean_x > 0.0).then(|| (0.0, (mean_y / mean_x).max(0.0)));
+        }
+        let slope = ((self.xy / self.weight - mean_x * mean_y) / spread).max(0.0);
+        Some(((mean_y - slope * mean_x).max(0.0), slope))
+    }
 }
 
 impl Costs {
     /// Takes in a step of `ms` on `cores` threads that decoded `answers`
-    /// answers' tokens and `prompt` prompt tokens.
-    fn measured(&mut self, ms: f64, cores: usize, answers: usize, prompt: usize) {
+    /// answers' tokens, `prompt` prompt tokens and `guesses` guesses.
+    fn measured(&mut self, ms: f64, cores: usize, answers: usize, prompt: usize, guesses: usize) {
         let core_ms = ms * cores.max(1) as f64;
         let average = |before: Option<f64>, now: f64| {
             Some(before.map_or(now, |before| before * 0.7 + now * 0.3))
         };
+        if guesses > 0 {
+            // What the guesses added to the answers' part, when that is
+            // known; the step says nothing else new.
+            if let (Some(part), 0) = (self.answer_step, prompt) {
+                self.guesses.add(guesses as f64, (core_ms - part).max(0.0));
+            }
+            return;
+        }
         if prompt >= MIN_PREFILL {
             // Batches of a few tokens cost mostly their fixed overhead and
             // would overstate the cost of a token.
@@ -283,7 +345,7 @@ impl Loaded {
                 "step on {cores} cores: {generating} answers, {guessed} guesses, {prompt} prompt tokens, {ms:.0} ms"
             );
             // A guess costs what a prompt token does.
-            self.costs.measured(ms, cores, generating, prompt + guessed);
+            self.costs.measured(ms, cores, generating, prompt, guessed);
         }
         if let Err(err) = decoded {
             let err = std::sync::Arc::new(err);
@@ -362,6 +424,15 @@ impl Loaded {
     /// what its `max_tokens` leaves room for and what its context holds.
     fn guess(&mut self) {
         let slot_context = self.slot_context;
+        // What guesses added to steps lately, against the answers' part
+        // of a step.
+        let cost = match (self.costs.guesses.line(), self.costs.answer_step) {
+            (Some((fixed, row)), Some(step)) if step > 0.0 => GuessCost {
+                fixed: fixed / step,
+                row: row / step,
+            },
+            _ => UNMEASURED,
+        };
         for slot in &mut self.slots {
             let Some(job) = &mut slot.job else { continue };
             job.guesses.clear();
@@ -385,7 +456,19 @@ impl Loaded {
             text.extend_from_slice(&slot.cached);
             text.push(token);
             let answer = text.len().saturating_sub(job.tokens.len());
-            job.guesses = drafter.guess(&text, answer, most);
+            let mut guesses = drafter.guess(&text, answer, most, cost);
+            // A grammar that refuses the first guess refuses them all: no
+            // row is spent on them. (Later guesses would need the grammar
+            // moved along the earlier ones; the check after decoding
+            // refuses those.)
+            if !job.chooser.is_plain()
+                && guesses
+                    .first()
+                    .is_some_and(|first| job.chooser.allowed(&[*first]).is_empty())
+            {
+                guesses.clear();
+            }
+            job.guesses = guesses;
         }
     }
 
@@ -693,5 +776,30 @@ impl Loaded {
                 ..job.usage
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Fit;
+
+    #[test]
+    fn the_fit_finds_the_line_through_what_guesses_added() {
+        let mut fit = Fit::default();
+        assert_eq!(fit.line(), None);
+        for (x, y) in [(4.0, 67.0), (8.0, 100.0), (16.0, 165.0), (64.0, 550.0)] {
+            fit.add(x, y);
+        }
+        let (fixed, row) = fit.line().unwrap();
+        assert!((row - 8.1).abs() < 0.3, "{row}");
+        assert!((fixed - 35.0).abs() < 8.0, "{fixed}");
+        // Always the same count: the cost is all per row.
+        let mut same = Fit::default();
+        for _ in 0..5 {
+            same.add(16.0, 160.0);
+        }
+        let (fixed, row) = same.line().unwrap();
+        assert_eq!(fixed, 0.0);
+        assert!((row - 10.0).abs() < 1e-9);
     }
 }

@@ -44,6 +44,10 @@ pub(crate) const UNMEASURED: GuessCost = GuessCost {
 /// The fewest guesses checked at once: the first one costs most.
 const MIN_GUESSES: usize = 4;
 
+/// A match of the text's end this long (a copy under way) makes a guess
+/// at least as long as the match.
+const LONG_MATCH: usize = 8;
+
 /// Where a guess comes from. Each source has its own record: a prediction
 /// is usually right for long runs, a repetition of the text less often.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,15 +119,28 @@ impl<T: Copy + Eq> Drafter<T> {
         let answer = answer.min(text.len());
         self.follow_prediction(&text[text.len() - answer..]);
         self.last = None;
-        let (source, run): (Source, &[T]) = match self.aligned {
-            Some(at) if at < self.prediction.len() => (Source::Prediction, &self.prediction[at..]),
+        // How long the text has followed the place guessed from: a long
+        // match is a copy under way, worth guessing far along at once.
+        let (source, run, matched): (Source, &[T], usize) = match self.aligned {
+            Some(at) if at < self.prediction.len() => {
+                let matched = matching_tail(&self.prediction[..at], text);
+                (Source::Prediction, &self.prediction[at..], matched)
+            }
             _ => match continuation(text, text.len()).filter(|_| self.lookup) {
-                Some(from) => (Source::Lookup, &text[from..]),
+                Some(from) => (
+                    Source::Lookup,
+                    &text[from..],
+                    matching_tail(&text[..from], text),
+                ),
                 None => return Vec::new(),
             },
         };
-        let most = max.min(MAX_GUESSES).min(run.len());
         let record = &mut self.kept[source as usize];
+        if matched >= LONG_MATCH {
+            self.room[source as usize] = self.room[source as usize].max(matched);
+            *record = record.max(matched as f64);
+        }
+        let most = max.min(MAX_GUESSES).min(run.len());
         // As many as the room says, or, if that many are not worth it,
         // about as many as the record keeps.
         let count = [
@@ -285,6 +302,18 @@ fn continuation<T: Eq>(text: &[T], end: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// How many tokens `before` and `text` share at their ends (at most
+/// [`MAX_GUESSES`]).
+fn matching_tail<T: Eq>(before: &[T], text: &[T]) -> usize {
+    before
+        .iter()
+        .rev()
+        .zip(text.iter().rev())
+        .take(MAX_GUESSES)
+        .take_while(|(a, b)| a == b)
+        .count()
 }
 
 /// The first index at or after `from` where `key` starts in `text`.
@@ -507,5 +536,14 @@ mod tests {
             check(&[1.0, 0.0, 0.0], &q, 1, 0.0, 0.3),
             Verdict::Replace(0)
         );
+    }
+
+    #[test]
+    fn a_long_copy_under_way_is_guessed_far_ahead_at_once() {
+        let mut drafter = Drafter::new(Vec::new(), true);
+        let line = "the quick brown fox jumps over the lazy dog and runs away";
+        let text = tokens(&format!("{line}\n{}", &line[..20]));
+        // 20 tokens already copied: a guess as long, not 4.
+        assert_eq!(drafter.guess(&text, 20, 64, COST).len(), 20);
     }
 }

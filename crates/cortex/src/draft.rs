@@ -7,10 +7,10 @@
 //!
 //! A guess costs a row of the batch whether it is kept or not, and on a
 //! CPU a row is not free. So a slot guesses only what it has grounds for
-//! (a match in the text), guesses more while its guesses are kept, fewer
-//! when they fail, and after failures in a row pauses for a while: free
-//! prose, where matches rarely continue, runs at the speed it would
-//! without.
+//! (a match in the text), guesses more while its guesses are kept, and
+//! guesses at all only while its record of kept tokens pays for what the
+//! engine measured guesses to cost: free prose, where matches rarely
+//! continue, runs at the speed it would without.
 
 /// The most tokens guessed ahead in one step.
 pub(crate) const MAX_GUESSES: usize = 64;
@@ -78,8 +78,6 @@ pub(crate) struct Drafter<T> {
     aligned: Option<usize>,
     /// The answer's length when `aligned` was last set.
     aligned_at: usize,
-    /// Whether the request's own text is searched too.
-    lookup: bool,
     /// For each source, the tokens its checks kept lately (a running
     /// average).
     kept: [f64; 2],
@@ -91,15 +89,14 @@ pub(crate) struct Drafter<T> {
 }
 
 impl<T: Copy + Eq> Drafter<T> {
-    /// A guesser from the client's `prediction` (may be empty) and, when
-    /// `lookup`, from the request's own text.
-    pub(crate) fn new(prediction: Vec<T>, lookup: bool) -> Self {
+    /// A guesser from the client's `prediction` (may be empty) and from
+    /// the request's own text.
+    pub(crate) fn new(prediction: Vec<T>) -> Self {
         let aligned = (!prediction.is_empty()).then_some(0);
         Self {
             prediction,
             aligned,
             aligned_at: 0,
-            lookup,
             kept: PRIOR,
             room: [PRIOR[0] as usize, MIN_GUESSES],
             last: None,
@@ -126,7 +123,7 @@ impl<T: Copy + Eq> Drafter<T> {
                 let matched = matching_tail(&self.prediction[..at], text);
                 (Source::Prediction, &self.prediction[at..], matched)
             }
-            _ => match continuation(text, text.len()).filter(|_| self.lookup) {
+            _ => match continuation(text, text.len()) {
                 Some(from) => (
                     Source::Lookup,
                     &text[from..],
@@ -336,7 +333,7 @@ mod tests {
 
     #[test]
     fn a_repeated_run_of_tokens_is_guessed_to_go_on_as_before() {
-        let mut drafter = Drafter::new(Vec::new(), true);
+        let mut drafter = Drafter::new(Vec::new());
         let text = tokens("abcdefg xyz abc");
         assert_eq!(drafter.guess(&text, 3, 8, COST), tokens("defg"));
         drafter.settle(4, 4);
@@ -365,16 +362,14 @@ mod tests {
 
     #[test]
     fn nothing_is_guessed_without_a_match() {
-        let mut drafter = Drafter::new(Vec::new(), true);
+        let mut drafter = Drafter::new(Vec::new());
         assert!(drafter.guess(&tokens("abcdefgh"), 2, 8, COST).is_empty());
-        let mut off = Drafter::new(Vec::new(), false);
-        assert!(off.guess(&tokens("abcabcab"), 2, 8, COST).is_empty());
     }
 
     #[test]
     fn the_prediction_is_followed_from_the_first_token_and_found_again_after_an_edit() {
         let prediction = tokens("fn main() { one(); two(); three(); }");
-        let mut drafter = Drafter::new(prediction, false);
+        let mut drafter = Drafter::new(prediction);
         // The answer starts as predicted.
         assert_eq!(drafter.guess(&tokens("P"), 0, 4, COST), tokens("fn m"));
         drafter.settle(4, 4);
@@ -394,7 +389,7 @@ mod tests {
 
     #[test]
     fn guesses_that_fail_stop_until_their_record_recovers_and_kept_ones_lengthen() {
-        let mut drafter: Drafter<char> = Drafter::new(Vec::new(), true);
+        let mut drafter: Drafter<char> = Drafter::new(Vec::new());
         let text = tokens("abcdefghijklmnopqrstuvwxyz abc");
         let first = drafter.guess(&text, 3, 64, COST).len();
         assert_eq!(first, MIN_GUESSES);
@@ -540,7 +535,7 @@ mod tests {
 
     #[test]
     fn a_long_copy_under_way_is_guessed_far_ahead_at_once() {
-        let mut drafter = Drafter::new(Vec::new(), true);
+        let mut drafter = Drafter::new(Vec::new());
         let line = "the quick brown fox jumps over the lazy dog and runs away";
         let text = tokens(&format!("{line}\n{}", &line[..20]));
         // 20 tokens already copied: a guess as long, not 4.

@@ -295,13 +295,11 @@ impl Loaded {
             output.parse_tool_calls(syntax, &config, &prompt);
         }
         let drafter = (self.speculative && config.speculative == Speculative::Auto).then(|| {
-            let mut prediction = match &config.prediction {
-                Some(text) => self.model().vocab().tokenize(text.as_bytes(), false, false),
-                None => Vec::new(),
-            };
-            // No answer outgrows its slot's context.
-            prediction.truncate(self.slot_context);
-            Drafter::new(prediction, true)
+            let prediction = config
+                .prediction
+                .as_deref()
+                .map_or_else(Vec::new, |text| self.prediction_tokens(text));
+            Drafter::new(prediction)
         });
         let usage = Usage {
             prompt_tokens: placed.tokens.len(),

@@ -126,6 +126,16 @@ pub(super) const SHARE_MIN: usize = 64;
 /// measured by the tokens of only that many bytes of it.
 const PROMPT_PREFIX_BYTES_PER_TOKEN: usize = 16;
 
+/// The longest start of `text` of at most `bytes` bytes that ends
+/// between characters.
+fn char_prefix(text: &str, bytes: usize) -> &str {
+    let mut end = bytes.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// How many of `prompt`'s tokens a copy of the cache of a request with
 /// the prompt `other` gives: all of them when the prompts are the same
 /// (its saved logits give the first token), else their common prefix
@@ -275,12 +285,9 @@ impl Loaded {
             if left == 0 {
                 break;
             }
-            let mut end = left.min(text.len());
-            while !text.is_char_boundary(end) {
-                end -= 1;
-            }
-            tokens += vocab.tokenize(&text.as_bytes()[..end], false, false).len();
-            left -= end;
+            let part = char_prefix(text, left);
+            tokens += vocab.tokenize(part.as_bytes(), false, false).len();
+            left -= part.len();
         }
         if tokens >= self.slot_context {
             // The whole is at least as long; its length is estimated from
@@ -325,6 +332,20 @@ impl Loaded {
                 (upto > cached && (whole || upto >= cached + SHARE_MIN)).then_some((index, upto))
             })
             .max_by_key(|&(_, upto)| upto)
+    }
+
+    /// A request's `prediction` as tokens, at most a slot's context of them
+    /// (no answer outgrows it). Only the start of a long text is
+    /// tokenized, as for a prompt's size.
+    pub(super) fn prediction_tokens(&self, text: &str) -> Vec<LlamaToken> {
+        let part = char_prefix(
+            text,
+            self.slot_context
+                .saturating_mul(PROMPT_PREFIX_BYTES_PER_TOKEN),
+        );
+        let mut tokens = self.model().vocab().tokenize(part.as_bytes(), false, false);
+        tokens.truncate(self.slot_context);
+        tokens
     }
 
     /// Tokenizes a prompt, builds its sampler and grammar, and gives it a

@@ -344,7 +344,6 @@ impl Loaded {
             log::trace!(
                 "step on {cores} cores: {generating} answers, {guessed} guesses, {prompt} prompt tokens, {ms:.0} ms"
             );
-            // A guess costs what a prompt token does.
             self.costs.measured(ms, cores, generating, prompt, guessed);
         }
         if let Err(err) = decoded {

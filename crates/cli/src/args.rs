@@ -315,6 +315,12 @@ pub(crate) struct EngineArgs {
     /// decodes one token per step (GENIUS_SPECULATIVE, default auto).
     #[arg(long, value_enum, value_name = "auto|off")]
     pub(crate) speculative: Option<SpeculativeArg>,
+    /// A smaller model of the same family that guesses ahead for the
+    /// models served (a GGUF path), or, as MODEL=PATH, for that model
+    /// only; loaded beside it. A model whose tokens it does not share
+    /// refuses its requests with a 400 naming both (GENIUS_DRAFT_MODEL).
+    #[arg(long, value_name = "[MODEL=]PATH")]
+    pub(crate) draft_model: Option<String>,
     /// The engine: llama.cpp, or the Pinky stub (for testing clients
     /// without a model: it answers "Narf! You said: ...").
     #[arg(long, value_enum, default_value_t = EngineKind::Llama, hide = true)]

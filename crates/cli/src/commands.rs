@@ -378,15 +378,7 @@ fn llama(
     let options = llama_options(engine)?;
     let sized = options.clone();
     Ok(builder
-        .footprint(move |path| {
-            rusty_genius::cortex::gguf::footprint_offloaded(
-                path,
-                u64::from(sized.context_size),
-                u64::from(sized.parallel),
-                u64::from(sized.batch_size),
-                sized.offloaded_layers(),
-            )
-        })
+        .footprint(move |path| sized.footprint(path))
         .engine(move || LlamaEngine::new(options.clone())))
 }
 
@@ -443,6 +435,18 @@ fn llama_options(engine: &EngineArgs) -> Result<rusty_genius::cortex::LlamaOptio
     }
     if let Some(speculative) = engine.speculative {
         options.speculative = speculative == crate::args::SpeculativeArg::Auto;
+    }
+    if let Some(draft) = &engine.draft_model {
+        let draft: rusty_genius::cortex::DraftChoice = draft
+            .parse()
+            .map_err(|err| Failure::new(exit::USAGE, format!("--draft-model: {err}")))?;
+        if !draft.path.is_file() {
+            return Err(Failure::new(
+                exit::USAGE,
+                format!("--draft-model: {} is not a file", draft.path.display()),
+            ));
+        }
+        options.draft_model = Some(draft);
     }
     Ok(options)
 }

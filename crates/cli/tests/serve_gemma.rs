@@ -12,7 +12,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
-use common::{post, send, Server};
+use common::{post, request, send, Server};
 use rusty_genius::facecrab::testing::{TempDir, GEMMA, QWEN};
 use serde_json::{json, Value};
 
@@ -269,4 +269,73 @@ fn logit_bias_and_frequency_penalty_change_the_greedy_answer() {
     assert_eq!(first, again);
     assert!(first[0] != first[1] || first[1] != first[2], "{first:?}");
     assert!(first.iter().all(|text| !text.is_empty()), "{first:?}");
+}
+
+#[test]
+fn a_draft_model_of_other_tokens_is_a_400_naming_both_and_the_server_keeps_serving() {
+    let (Some(gemma), Some(qwen)) = (GEMMA.for_test(), QWEN.for_test()) else {
+        return;
+    };
+    let home = TempDir::new("serve-draft");
+    let (gemma, qwen) = (gemma.display().to_string(), qwen.display().to_string());
+    // Qwen drafts for gemma only; gemma's tokens are not Qwen's.
+    let draft = format!("gemma-3-270m-q4_k_m={qwen}");
+    let server = Server::start(
+        &[
+            "--model",
+            &gemma,
+            "--model",
+            &qwen,
+            "--draft-model",
+            &draft,
+            "--ctx-size",
+            "1024",
+        ],
+        &[("GENIUS_HOME", &home.path().display().to_string())],
+    );
+    // Loading at start, gemma fails, and health says so.
+    let started = std::time::Instant::now();
+    let health = loop {
+        let health = request(server.addr, "GET", "/health", &[], None);
+        match health {
+            Ok(reply) if reply.json()["status"] != "loading" => break reply,
+            _ if started.elapsed() > Duration::from_secs(120) => panic!("still loading"),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert_eq!(health.status, 503, "{}", health.json());
+    assert!(
+        health.json()["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("gemma-3-270m")),
+        "{}",
+        health.json()
+    );
+    let chat = |model: &str| {
+        post(
+            server.addr,
+            "/v1/chat/completions",
+            &json!({
+                "model": model,
+                "messages": [{"role": "user", "content": "Say hello."}],
+                "max_tokens": 4,
+            }),
+            &[],
+        )
+    };
+    let refused = chat("gemma-3-270m-q4_k_m");
+    assert_eq!(refused.status, 400, "{}", refused.json());
+    let message = refused.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.contains("qwen2.5-coder-0.5b-instruct-q4_k_m")
+            && message.contains("gemma-3-270m-q4_k_m")
+            && !message.contains('/'),
+        "{message}"
+    );
+    // The model it does not draft for answers as ever.
+    let answered = chat("qwen2.5-coder-0.5b-instruct-q4_k_m");
+    assert_eq!(answered.status, 200, "{}", answered.json());
 }

@@ -118,10 +118,19 @@ pub enum Speculative {
     /// Guesses from the request's own text: the continuation of the last
     /// few tokens where they appeared before in the prompt or the answer
     /// (prompt lookup), and the [`prediction`](InferenceConfig::prediction)
-    /// when there is one. A request whose guesses keep failing stops
-    /// guessing, so free prose runs as without.
+    /// when there is one; and, where the text offers nothing and the
+    /// engine has a draft model, that model's guesses. A request whose
+    /// guesses from text keep failing stops guessing them, so free prose
+    /// runs as without.
     #[default]
     Auto,
+    /// Guesses from the request's own text and its prediction only, as
+    /// `Auto` does, never from a draft model.
+    Ngram,
+    /// Guesses from the engine's draft model only (a smaller model of the
+    /// same family, loaded beside the model it drafts for). Refused when
+    /// the engine has none.
+    Draft,
 }
 
 /// How a prompt reaches the model.

@@ -1,7 +1,8 @@
-//! Guessing tokens ahead for speculative decoding, without a second
-//! model: from the client's predicted text, and from the request's own
-//! tokens (the continuation of the last few tokens where they appeared
-//! before). Plain data in, guesses out; the engine decodes a slot's last
+//! Guessing tokens ahead for speculative decoding: from the client's
+//! predicted text, and from the request's own tokens (the continuation of
+//! the last few tokens where they appeared before); and how many tokens
+//! to ask of a draft model (`ModelRoom`; the engine runs the model).
+//! Plain data in, guesses out; the engine decodes a slot's last
 //! token and its guesses in one step and keeps the guesses its own
 //! choices agree with.
 //!
@@ -208,6 +209,39 @@ impl<T: Copy + Eq> Drafter<T> {
     }
 }
 
+/// The most tokens a draft model guesses in one step: each is a decode
+/// of the draft model, one after another.
+pub(crate) const MAX_MODEL_GUESSES: usize = 16;
+
+/// How many tokens a request asks its draft model for: twice as many
+/// after a check kept them all, and a couple more than were kept after
+/// one that did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ModelRoom(usize);
+
+impl ModelRoom {
+    pub(crate) const fn new() -> Self {
+        Self(8)
+    }
+
+    /// How many to ask for now.
+    pub(crate) fn count(self) -> usize {
+        self.0
+    }
+
+    /// Takes in how a guess of `offered` tokens went: `kept` were kept.
+    pub(crate) fn settle(&mut self, offered: usize, kept: usize) {
+        if offered == 0 {
+            return;
+        }
+        self.0 = if kept == offered {
+            (2 * offered).clamp(2, MAX_MODEL_GUESSES)
+        } else {
+            (kept + 2).clamp(2, MAX_MODEL_GUESSES)
+        };
+    }
+}
+
 /// What checking one guessed token gives.
 #[cfg_attr(not(test), allow(dead_code))] // see `check`
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -324,6 +358,21 @@ fn find<T: Eq>(text: &[T], key: &[T], from: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_draft_models_room_follows_what_its_checks_keep() {
+        let mut room = ModelRoom::new();
+        room.settle(8, 8);
+        assert_eq!(room.count(), 16);
+        room.settle(16, 16);
+        assert_eq!(room.count(), MAX_MODEL_GUESSES);
+        room.settle(16, 3);
+        assert_eq!(room.count(), 5);
+        room.settle(5, 0);
+        assert_eq!(room.count(), 2);
+        room.settle(0, 0);
+        assert_eq!(room.count(), 2);
+    }
 
     fn tokens(text: &str) -> Vec<char> {
         text.chars().collect()

@@ -37,7 +37,7 @@ pub use engine::{
     MAX_BACKLOG,
 };
 #[cfg(feature = "llama")]
-pub use llama::{llama_backend, Device, GpuLayers, LlamaEngine, LlamaOptions};
+pub use llama::{llama_backend, Device, DraftChoice, GpuLayers, LlamaEngine, LlamaOptions};
 /// The llama.cpp bindings this crate uses, for code that drives llama.cpp
 /// beside the engine (take the backend from [`llama_backend`]).
 #[cfg(feature = "llama")]
@@ -82,15 +82,7 @@ pub fn default_footprint() -> gguf::FootprintFn {
     #[cfg(feature = "llama")]
     {
         let options = LlamaOptions::from_env();
-        std::sync::Arc::new(move |path: &std::path::Path| {
-            gguf::footprint_offloaded(
-                path,
-                u64::from(options.context_size),
-                u64::from(options.parallel),
-                u64::from(options.batch_size),
-                options.offloaded_layers(),
-            )
-        })
+        std::sync::Arc::new(move |path: &std::path::Path| options.footprint(path))
     }
     #[cfg(not(feature = "llama"))]
     {

@@ -16,12 +16,13 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use rusty_genius::core::protocol::{BrainstemOutput, FinishReason, InferenceEvent};
+use rusty_genius::core::ErrorKind;
 use rusty_genius::core::{
     ChatMessage, InferenceConfig, PromptFormat, ResponseFormat, Speculative, Tool, ToolChoice,
 };
-use rusty_genius::cortex::{LlamaEngine, LlamaOptions};
+use rusty_genius::cortex::{DraftChoice, LlamaEngine, LlamaOptions};
 use rusty_genius::facecrab::testing::{GEMMA, QWEN};
-use rusty_genius::stem::testing::{Reply, TestClient, MIN_MARGIN};
+use rusty_genius::stem::testing::{Reply, TestClient, MIN_MARGIN, SEQUENCE_PROMPTS};
 use rusty_genius::{CortexStrategy, Orchestrator};
 use serde_json::{json, Value};
 
@@ -358,4 +359,192 @@ async fn a_base_model_with_a_sliding_window_repeats_a_list_the_same_with_guesses
     );
     assert_same_answer(&off, &on);
     assert!(on.usage().accepted_draft_tokens > 10, "{:?}", on.usage());
+}
+
+/// An Orchestrator whose engine loads `draft` beside each model.
+fn with_draft(draft: &std::path::Path) -> Orchestrator {
+    let options = LlamaOptions {
+        context_size: 4096,
+        parallel: 2,
+        draft_model: Some(DraftChoice {
+            path: draft.to_path_buf(),
+            target: None,
+        }),
+        ..LlamaOptions::default()
+    };
+    Orchestrator::builder()
+        .strategy(CortexStrategy::KeepAlive)
+        .engine(move || LlamaEngine::new(options.clone()))
+        .build()
+        .unwrap()
+}
+
+/// Questions whose answers are prose, not copies of the prompt.
+const DRAFT_PROMPTS: [&str; 5] = [
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "List the planets of the solar system in order from the Sun.",
+    "Explain in a few sentences how a bicycle's gears make climbing easier.",
+    "What is the capital of France? Answer in one sentence, then name three sights there.",
+    "Write a short poem about the sea.",
+];
+
+#[async_std::test]
+async fn a_model_drafting_for_itself_has_every_guess_kept_and_says_the_same() {
+    // The same model as its own draft: its greedy guesses are the choices
+    // the model makes, so every one checked is kept (a guess goes out only
+    // when the draft is sure of it, far above the kernels' rounding).
+    // Qwen answers questions in its chat template; gemma, a base model with
+    // a sliding window, continues sequences.
+    let models = [
+        (QWEN.for_test(), &DRAFT_PROMPTS[..], PromptFormat::Auto),
+        (GEMMA.for_test(), &SEQUENCE_PROMPTS[..], PromptFormat::Raw),
+    ];
+    for (path, prompts, format) in models {
+        let Some(path): Option<PathBuf> = path else {
+            continue;
+        };
+        let _turn = ONE_AT_A_TIME.lock().await;
+        let mut client =
+            TestClient::start(with_draft(&path)).with_timeout(Duration::from_secs(300));
+        let loaded = client.load(&path.display().to_string()).await.unwrap();
+        assert!(loaded.errors.is_empty(), "{loaded:?}");
+        let ask = |speculative| config(speculative, 64).with_prompt_format(format);
+        // The first candidate whose answer is firm for a while here (which
+        // are firm depends on the CPU's kernels).
+        let mut chosen = None;
+        for &prompt in prompts {
+            let off = client.infer(prompt, ask(Speculative::Off)).await.unwrap();
+            if firm_bytes(&off) >= 60 {
+                chosen = Some((prompt, off));
+                break;
+            }
+        }
+        let (prompt, off) = chosen.expect("one of the prompts has a firm answer");
+        let on = client.infer(prompt, ask(Speculative::Draft)).await.unwrap();
+        assert_same_answer(&off, &on);
+        let usage = on.usage();
+        assert!(usage.draft_tokens >= 20, "{path:?}: {usage:?}");
+        assert_eq!(
+            usage.accepted_draft_tokens, usage.draft_tokens,
+            "{path:?}: {usage:?}"
+        );
+        // Auto takes the draft model's guesses where the text has none.
+        let auto = client.infer(prompt, ask(Speculative::Auto)).await.unwrap();
+        assert_same_answer(&off, &auto);
+        assert!(
+            auto.usage().accepted_draft_tokens >= 20,
+            "{:?}",
+            auto.usage()
+        );
+    }
+}
+
+#[async_std::test]
+async fn a_draft_model_of_other_tokens_is_refused_naming_both_and_draft_needs_one() {
+    let (Some(qwen), Some(gemma)) = (QWEN.for_test(), GEMMA.for_test()) else {
+        return;
+    };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    // gemma offered as Qwen's draft: their vocabularies differ.
+    let mut client = TestClient::start(with_draft(&gemma)).with_timeout(Duration::from_secs(300));
+    let loaded = client.load(&qwen.display().to_string()).await.unwrap();
+    let error = loaded.errors.first().expect("the load is refused");
+    assert_eq!(error.kind, ErrorKind::InvalidRequest, "{error}");
+    assert!(
+        error.contains("gemma-3-270m") && error.contains("qwen2.5-coder-0.5b"),
+        "{error}"
+    );
+    // Without a draft model, a request for its guesses is refused by name.
+    let mut client = start(&qwen).await;
+    let reply = client
+        .infer("Hello", config(Speculative::Draft, 4))
+        .await
+        .unwrap();
+    let error = reply.errors.first().expect("refused");
+    assert!(
+        error.contains("speculative") && error.contains("draft"),
+        "{error}"
+    );
+}
+
+/// Runs `stream` to its end: its reply, or the first error.
+async fn collect(mut stream: rusty_genius::RequestStream) -> Reply {
+    let mut reply = Reply::default();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => {
+                let done = matches!(event, InferenceEvent::Complete);
+                reply.record(BrainstemOutput::Event(event));
+                if done {
+                    break;
+                }
+            }
+            Err(error) => {
+                reply.errors.push(error);
+                break;
+            }
+        }
+    }
+    reply
+}
+
+#[async_std::test]
+async fn a_soak_of_speculative_requests_leaves_every_slot_cache_as_its_tokens() {
+    // Guesses right, wrong and half right, cut by max_tokens and stop
+    // sequences, and requests dropped mid-answer, four at a time: the
+    // engine checks after every step with guesses that each slot's cache
+    // ends at its last kept token (a request fails otherwise), and the
+    // same question afterwards gets the answer it got first.
+    let Some(path) = model() else { return };
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let genius = orchestrator(4).start();
+    genius.load(&path.display().to_string()).await.unwrap();
+    let before = collect(genius.chat(edit(), config(Speculative::Off, 120))).await;
+    assert!(before.errors.is_empty(), "{:?}", before.errors);
+    let other = CODE.replace("width", "w").replace("height", "h");
+    let mut finished = 0;
+    for round in 0..6usize {
+        let mut streams = Vec::new();
+        for client in 0..4usize {
+            let kind = (round + client) % 6;
+            let base = config(Speculative::Auto, 24 + 29 * ((round * 4 + client) % 5));
+            let (messages, config) = match kind {
+                0 => (
+                    edit(),
+                    base.with_prediction(format!("```python\n{CODE}```")),
+                ),
+                1 => (
+                    edit(),
+                    base.with_prediction("nothing like the answer ".repeat(40)),
+                ),
+                2 => (edit(), base.with_prediction(other.clone())),
+                3 => (edit(), base.with_stop("perimeter(")),
+                4 => (
+                    vec![ChatMessage::user("Count from one to thirty in words.")],
+                    base,
+                ),
+                _ => (edit(), base.with_max_tokens(7)),
+            };
+            streams.push((client, genius.chat(messages, config)));
+        }
+        for (client, mut stream) in streams {
+            if client == 3 && round % 2 == 1 {
+                // Dropped after its first few events.
+                for _ in 0..5 {
+                    let _ = stream.next().await;
+                }
+                drop(stream);
+                continue;
+            }
+            let reply = collect(stream).await;
+            assert!(reply.errors.is_empty(), "round {round}: {:?}", reply.errors);
+            finished += 1;
+        }
+    }
+    assert!(finished >= 20);
+    let after = collect(genius.chat(edit(), config(Speculative::Auto, 120))).await;
+    assert!(after.errors.is_empty(), "{:?}", after.errors);
+    assert_same_answer(&before, &after);
+    let again = collect(genius.chat(edit(), config(Speculative::Off, 120))).await;
+    assert_same_answer(&before, &again);
 }

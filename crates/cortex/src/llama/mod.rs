@@ -43,10 +43,11 @@ use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::{GeniusError, Pooling, Prompt, Speculative};
 
 use crate::cores::{Cores, Seat};
-use crate::draft::Drafter;
+use crate::draft::{Drafter, ModelRoom};
 use crate::engine::{check_gguf, Engine, Refused, Request, Step};
 
 mod backend;
+mod draft_model;
 mod embed;
 mod options;
 mod prompt;
@@ -58,7 +59,7 @@ mod step;
 mod threads;
 
 pub use backend::llama_backend;
-pub use options::{Device, GpuLayers, LlamaOptions};
+pub use options::{Device, DraftChoice, GpuLayers, LlamaOptions};
 
 use prompt::Prompter;
 use slot::{Job, Slot};
@@ -114,6 +115,8 @@ struct Loaded {
     ram: saved::RamTier,
     /// Whether requests may guess ahead (`LlamaOptions::speculative`).
     speculative: bool,
+    /// The model that guesses ahead for this one, if there is one.
+    draft: Option<draft_model::DraftModel>,
     /// Snapshots on disk, if they are on.
     disk: Option<saved::Disk>,
     /// Whether a sequence copy waits for the next decode (llama.cpp moves
@@ -215,6 +218,7 @@ impl Loaded {
             costs: step::Costs::default(),
             ram: saved::RamTier::new(usize::try_from(options.cache_ram).unwrap_or(usize::MAX)),
             speculative: options.speculative,
+            draft: None,
             disk: None,
             copies_pending: false,
             stops: stops.clone(),
@@ -294,13 +298,27 @@ impl Loaded {
         if let Some(syntax) = placed.tool_syntax {
             output.parse_tool_calls(syntax, &config, &prompt);
         }
-        let drafter = (self.speculative && config.speculative == Speculative::Auto).then(|| {
+        if self.speculative && config.speculative == Speculative::Draft && self.draft.is_none() {
+            let error = GeniusError::InvalidConfig {
+                field: "speculative",
+                reason: format!(
+                    "`draft` needs a draft model, and {} has none (start the engine with one: `--draft-model`, GENIUS_DRAFT_MODEL)",
+                    self.name
+                ),
+            };
+            return refused(output, error);
+        }
+        let from_text = matches!(config.speculative, Speculative::Auto | Speculative::Ngram);
+        let drafter = (self.speculative && from_text).then(|| {
             let prediction = config
                 .prediction
                 .as_deref()
                 .map_or_else(Vec::new, |text| self.prediction_tokens(text));
             Drafter::new(prediction)
         });
+        let from_model = matches!(config.speculative, Speculative::Auto | Speculative::Draft);
+        let model_room =
+            (self.speculative && from_model && self.draft.is_some()).then(ModelRoom::new);
         let usage = Usage {
             prompt_tokens: placed.tokens.len(),
             cached_tokens: placed.cached,
@@ -324,6 +342,8 @@ impl Loaded {
             prompt_started: Instant::now(),
             generation_started: None,
             drafter,
+            model_room,
+            guessed_by_model: false,
             guesses: Vec::new(),
         });
         Ok(())
@@ -331,6 +351,34 @@ impl Loaded {
 }
 
 impl LlamaOptions {
+    /// The memory the model at `path` takes once loaded with these
+    /// options (`crate::gguf::footprint_offloaded`), its draft model's
+    /// included when it has one.
+    pub fn footprint(&self, path: &Path) -> crate::gguf::Footprint {
+        let sized = |path: &Path| {
+            crate::gguf::footprint_offloaded(
+                path,
+                u64::from(self.context_size),
+                u64::from(self.parallel),
+                u64::from(self.batch_size),
+                self.offloaded_layers(),
+            )
+        };
+        let mut footprint = sized(path);
+        // (A draft named for a model by another name than its file's is
+        // not counted: the footprint knows only the path.)
+        let draft = self
+            .draft_model
+            .as_ref()
+            .filter(|draft| self.speculative && !footprint.embeds && draft.drafts_for("", path));
+        if let Some(draft) = draft {
+            let extra = sized(&draft.path);
+            footprint.bytes += extra.bytes;
+            footprint.device_bytes += extra.device_bytes;
+        }
+        footprint
+    }
+
     /// The layers these options offload on this machine: 0 when no device
     /// is chosen or found (a CPU build, no driver, `Device::Cpu`),
     /// `u32::MAX` for all of them.
@@ -460,7 +508,33 @@ impl Engine for LlamaEngine {
             },
             _ => Placement::cpu(offloadable),
         };
-        let loaded = Loaded::new(name, path, model, &self.options, &placement, &self.stops)?;
+        let mut loaded = Loaded::new(name, path, model, &self.options, &placement, &self.stops)?;
+        let draft = self
+            .options
+            .draft_model
+            .as_ref()
+            .filter(|draft| draft.drafts_for(name, path) && loaded.declared_pooling.is_none());
+        if let (Some(draft), true) = (draft, self.options.speculative) {
+            check_gguf(&draft.path)?;
+            let stem = |path: &Path| {
+                path.file_stem()
+                    .map_or_else(|| "the model".into(), |s| s.to_string_lossy().into_owned())
+            };
+            let draft_name = stem(&draft.path);
+            loaded.draft = Some(draft_model::DraftModel::load(
+                &draft_name,
+                &draft.path,
+                loaded.model(),
+                &stem(path),
+                &params,
+                loaded.slot_context as u32,
+                loaded.slots.len() as u32,
+                self.options.batch_size,
+                loaded.threads,
+                &self.stops,
+            )?);
+            log::info!("{draft_name} guesses ahead for {name}");
+        }
         drop(lease);
         self.seat.idle();
         // The exit handler goes after the statics this load made.

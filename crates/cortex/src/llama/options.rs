@@ -58,6 +58,57 @@ pub struct LlamaOptions {
     /// `false` turns it off for every request. Default `true`
     /// (`GENIUS_SPECULATIVE`: `auto` or `off`).
     pub speculative: bool,
+    /// A smaller model of the same family that guesses ahead for the
+    /// models this engine loads (or only for the one it names), loaded
+    /// beside it. A model whose vocabulary it does not share is refused at
+    /// load, naming both. Default `None` (`GENIUS_DRAFT_MODEL`:
+    /// `[MODEL=]PATH`).
+    pub draft_model: Option<DraftChoice>,
+}
+
+/// A draft model ([`LlamaOptions::draft_model`]): its file, and the model
+/// it drafts for (every model that generates, when `None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DraftChoice {
+    /// The draft model's GGUF file.
+    pub path: PathBuf,
+    /// The name of the only model it drafts for.
+    pub target: Option<String>,
+}
+
+impl DraftChoice {
+    /// Whether it drafts for the model called `name`, read from `path`:
+    /// the target is that name, the path, or the file's name without
+    /// `.gguf`.
+    pub fn drafts_for(&self, name: &str, path: &std::path::Path) -> bool {
+        self.target.as_deref().is_none_or(|target| {
+            target == name
+                || std::path::Path::new(target) == path
+                || path.file_stem().is_some_and(|stem| stem == target)
+        })
+    }
+}
+
+impl std::str::FromStr for DraftChoice {
+    type Err = String;
+
+    /// `PATH`, or `MODEL=PATH` for one model only.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        let (target, path) = match text.split_once('=') {
+            Some((target, path)) if !target.trim().is_empty() => {
+                (Some(target.trim().to_owned()), path.trim())
+            }
+            _ => (None, text),
+        };
+        if path.is_empty() {
+            return Err(format!("`{text}` names no draft model file"));
+        }
+        Ok(Self {
+            path: PathBuf::from(path),
+            target,
+        })
+    }
 }
 
 const MIB: u64 = 1 << 20;
@@ -75,6 +126,7 @@ impl Default for LlamaOptions {
             snapshot_dir: None,
             snapshot_budget: 8192 * MIB,
             speculative: true,
+            draft_model: None,
         }
     }
 }
@@ -127,6 +179,7 @@ impl LlamaOptions {
                     defaults.speculative
                 }
             },
+            draft_model: parsed("GENIUS_DRAFT_MODEL"),
         }
     }
 }

@@ -12,7 +12,7 @@ use super::sampling::{
     check_logit_bias, grammar_field, grammar_sampler, grammar_text, sampler_for, Chooser,
 };
 use super::Loaded;
-use crate::draft::Drafter;
+use crate::draft::{Drafter, ModelRoom};
 use crate::engine::{reusable_prefix, Output, RequestId};
 use crate::plan;
 
@@ -56,6 +56,11 @@ pub(super) struct Job {
     pub(super) generation_started: Option<Instant>,
     /// Guesses tokens ahead (speculative decoding); `None` when off.
     pub(super) drafter: Option<Drafter<LlamaToken>>,
+    /// How many tokens to ask of the engine's draft model; `None` when
+    /// the request takes none of its guesses.
+    pub(super) model_room: Option<ModelRoom>,
+    /// Whether this step's guesses are the draft model's.
+    pub(super) guessed_by_model: bool,
     /// The guesses of this step, decoded after the job's last token.
     pub(super) guesses: Vec<LlamaToken>,
 }

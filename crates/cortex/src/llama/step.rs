@@ -8,11 +8,12 @@ use rusty_genius_core::GeniusError;
 
 use super::sampling::{token_logprobs, Choice};
 use super::slot::{Job, Logits, Phase, Slot, Turn, SHARE_MIN};
-use super::Loaded;
+use super::{draft_model, Loaded};
 use crate::cores::Seat;
 use crate::draft::{GuessCost, UNMEASURED};
 use crate::engine::{millis_since, reusable_prefix, Ended, Step};
 use crate::plan::{self, Budget, Want, MIN_PREFILL};
+use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::DecodeError;
 
 /// What steps have cost lately, in core-milliseconds (milliseconds times
@@ -179,7 +180,7 @@ impl Loaded {
             }
         }
 
-        self.guess();
+        self.guess(cores);
         // The batch: what the planner decides, from each slot's want.
         let wants: Vec<Want> = self
             .slots
@@ -421,7 +422,10 @@ impl Loaded {
     /// Each answering job (other than those prompts finishing) with the
     /// guesses it will check in this step, up to what its drafter offers,
     /// what its `max_tokens` leaves room for and what its context holds.
-    fn guess(&mut self) {
+    /// Guesses from text come first; a job they give nothing to asks the
+    /// draft model, if it takes that model's guesses, which runs on
+    /// `cores` threads for all such jobs at once.
+    fn guess(&mut self, cores: usize) {
         let slot_context = self.slot_context;
         // What guesses added to steps lately, against the answers' part
         // of a step.
@@ -432,15 +436,18 @@ impl Loaded {
             },
             _ => UNMEASURED,
         };
-        for slot in &mut self.slots {
+        // (slot, its text, how many the draft model may guess).
+        let mut for_model: Vec<(usize, Vec<LlamaToken>, usize)> = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(job) = &mut slot.job else { continue };
             job.guesses.clear();
+            job.guessed_by_model = false;
             let Phase::Decode(token) = job.phase else {
                 continue;
             };
-            let Some(drafter) = &mut job.drafter else {
+            if job.drafter.is_none() && job.model_room.is_none() {
                 continue;
-            };
+            }
             // The last token chosen gives the next; each kept guess one
             // more, up to the last one allowed.
             let left = job.config.max_tokens.map_or(usize::MAX, |max| {
@@ -455,19 +462,48 @@ impl Loaded {
             text.extend_from_slice(&slot.cached);
             text.push(token);
             let answer = text.len().saturating_sub(job.tokens.len());
-            let mut guesses = drafter.guess(&text, answer, most, cost);
-            // A grammar that refuses the first guess refuses them all: no
-            // row is spent on them. (Later guesses would need the grammar
-            // moved along the earlier ones; the check after decoding
-            // refuses those.)
+            let guesses = match &mut job.drafter {
+                Some(drafter) => drafter.guess(&text, answer, most, cost),
+                None => Vec::new(),
+            };
+            if guesses.is_empty() {
+                if let Some(room) = job.model_room {
+                    for_model.push((index, text, most.min(room.count())));
+                }
+                continue;
+            }
+            job.guesses = guesses;
+        }
+        if let (Some(draft), false) = (&mut self.draft, for_model.is_empty()) {
+            let wants: Vec<draft_model::Want<'_>> = for_model
+                .iter()
+                .map(|(index, text, most)| draft_model::Want {
+                    seq: self.slots[*index].seq as usize,
+                    text,
+                    most: *most,
+                })
+                .collect();
+            let drafted = draft.draft(&wants, cores);
+            for ((index, _, _), guesses) in for_model.into_iter().zip(drafted) {
+                if let Some(job) = &mut self.slots[index].job {
+                    job.guessed_by_model = !guesses.is_empty();
+                    job.guesses = guesses;
+                }
+            }
+        }
+        // A grammar that refuses the first guess refuses them all: no row
+        // is spent on them. (Later guesses would need the grammar moved
+        // along the earlier ones; the check after decoding refuses those.)
+        for slot in &mut self.slots {
+            let Some(job) = &mut slot.job else { continue };
             if !job.chooser.is_plain()
-                && guesses
+                && job
+                    .guesses
                     .first()
                     .is_some_and(|first| job.chooser.allowed(&[*first]).is_empty())
             {
-                guesses.clear();
+                job.guesses.clear();
             }
-            job.guesses = guesses;
         }
     }
 
@@ -505,14 +541,16 @@ impl Loaded {
                 _ => break,
             }
         }
-        if let Some(drafter) = self.slots[index]
-            .job
-            .as_mut()
-            .and_then(|job| job.drafter.as_mut())
-        {
-            drafter.settle(guesses.len(), kept);
+        if let Some(job) = &mut self.slots[index].job {
+            match (&mut job.model_room, &mut job.drafter) {
+                (Some(room), _) if job.guessed_by_model => room.settle(guesses.len(), kept),
+                (_, Some(drafter)) => drafter.settle(guesses.len(), kept),
+                _ => {}
+            }
         }
-        if kept < guesses.len() {
+        if !guesses.is_empty() {
+            // Every check leaves the cache ending where the slot says,
+            // whether the job goes on or not.
             let failed = self.drop_after(index, self.slots[index].cached.len());
             ended = ended.or(failed);
         }
@@ -524,15 +562,20 @@ impl Loaded {
     /// ends the slot's job (given back).
     fn drop_after(&mut self, index: usize, from: usize) -> Option<Ended> {
         let seq = self.slots[index].seq;
-        let removed = self.cell.with_dependent_mut(|_, contexts| {
-            contexts
-                .main
-                .clear_kv_cache_seq(Some(seq as u32), Some(from as u32), None)
-        });
+        let last = self.cell.borrow_dependent().main.kv_cache_seq_pos_max(seq);
+        let removed = last < from as i32
+            || self.cell.with_dependent_mut(|_, contexts| {
+                matches!(
+                    contexts
+                        .main
+                        .clear_kv_cache_seq(Some(seq as u32), Some(from as u32), None),
+                    Ok(true)
+                )
+            });
         // The cache must now end where the slot says it does: a guess left
         // behind would be read by every later token.
         let last = self.cell.borrow_dependent().main.kv_cache_seq_pos_max(seq);
-        if matches!(removed, Ok(true)) && last == from as i32 - 1 {
+        if removed && last == from as i32 - 1 {
             return None;
         }
         log::warn!(

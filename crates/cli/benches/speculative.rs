@@ -54,18 +54,35 @@ fn code(name: &str) -> String {
     .replace("Ledger", name)
 }
 
-/// The edits asked for, one per round in turn.
-const CHANGES: [&str; 4] = [
-    "Rename the method `total` to `sum_amounts`.",
-    "Add a method `count` that returns the number of entries.",
-    "Make `find` raise KeyError instead of returning None.",
-    "Rename the attribute `entries` to `items` everywhere.",
+/// Words no request shares with another: each edit's new name has one.
+const WORDS: [&str; 40] = [
+    "amber", "basil", "cedar", "delta", "ember", "fable", "garnet", "hazel", "indigo", "jasper",
+    "kelp", "lilac", "maple", "nectar", "onyx", "pepper", "quill", "russet", "saffron", "tundra",
+    "umber", "violet", "willow", "yarrow", "zephyr", "acorn", "birch", "clover", "dune", "fern",
+    "grove", "heath", "iris", "juniper", "kestrel", "lichen", "moss", "nettle", "opal", "pine",
 ];
 
+/// The edits asked for, one per request in turn, each with a new word.
+fn change(index: usize) -> String {
+    let word = WORDS[index % WORDS.len()];
+    match index % 4 {
+        0 => format!("Rename the method `total` to `{word}_total`."),
+        1 => format!("Add a method `count_{word}` that returns the number of entries."),
+        2 => format!(
+            "Make `find` raise `{}Missing` (a new exception class) instead of returning None.",
+            word[..1].to_uppercase() + &word[1..]
+        ),
+        _ => format!("Rename the attribute `entries` to `{word}_entries` everywhere."),
+    }
+}
+
+/// Round `round`'s edit request number `offset` (0 alone, 1 to 4 at
+/// once), and the file it is about: no two requests of a run alike.
 fn edit_request(round: usize, offset: usize) -> (String, String) {
-    let name = NAMES[(round * 5 + offset) % NAMES.len()];
+    let index = round * 5 + offset;
+    let name = NAMES[index % NAMES.len()];
     let old = code(name);
-    let change = CHANGES[(round + offset) % CHANGES.len()];
+    let change = change(index);
     (
         format!("{change} Answer with the whole file and nothing else.\n\n```python\n{old}```"),
         format!("```python\n{old}```"),
@@ -114,34 +131,50 @@ fn chat(
     Ok(reply)
 }
 
-/// (generated tokens, tokens/s, guesses, kept) of a reply.
-fn figures(reply: &Value) -> (f64, f64, f64, f64) {
+/// What one reply's `timings` say.
+struct Figures {
+    generated: f64,
+    rate: f64,
+    guessed: f64,
+    kept: f64,
+    /// Milliseconds to the first token: the prompt's decoding.
+    first_ms: f64,
+}
+
+fn figures(reply: &Value) -> Figures {
     let timings = &reply["timings"];
     let number = |key: &str| timings[key].as_f64().unwrap_or(0.0);
-    (
-        number("predicted_n"),
-        number("predicted_per_second"),
-        number("draft_n"),
-        number("draft_n_accepted"),
-    )
+    Figures {
+        generated: number("predicted_n"),
+        rate: number("predicted_per_second"),
+        guessed: number("draft_n"),
+        kept: number("draft_n_accepted"),
+        first_ms: number("prompt_ms"),
+    }
 }
 
 #[derive(Default)]
 struct Tally {
     rates: Vec<f64>,
+    first_ms: Vec<f64>,
     guessed: f64,
     kept: f64,
 }
 
 impl Tally {
-    fn add(&mut self, rate: f64, guessed: f64, kept: f64) {
+    fn add(&mut self, rate: f64, figures: &Figures) {
         self.rates.push(rate);
-        self.guessed += guessed;
-        self.kept += kept;
+        self.first_ms.push(figures.first_ms);
+        self.guessed += figures.guessed;
+        self.kept += figures.kept;
     }
 
     fn rate(&self) -> f64 {
         median(self.rates.clone())
+    }
+
+    fn first_ms(&self) -> f64 {
+        median(self.first_ms.clone())
     }
 
     fn kept(&self) -> String {
@@ -220,6 +253,7 @@ fn main() -> Result<(), String> {
         .map(|_| servers.iter().map(|_| Tally::default()).collect())
         .collect();
     let mut predicted = Tally::default();
+    let mut mispredicted = Tally::default();
     for round in 0..=rounds {
         let (edit, original) = edit_request(round, 0);
         let json_prompt = json_request(round);
@@ -231,9 +265,9 @@ fn main() -> Result<(), String> {
                 .enumerate()
             {
                 let reply = chat(server.addr, &name, prompt, max_tokens, None)?;
-                let (_, rate, guessed, kept) = figures(&reply);
+                let figures = figures(&reply);
                 if keep {
-                    tallies[t][s].add(rate, guessed, kept);
+                    tallies[t][s].add(figures.rate, &figures);
                 }
             }
             // Four edits at once.
@@ -253,21 +287,35 @@ fn main() -> Result<(), String> {
                     .collect()
             });
             let wall = started.elapsed().as_secs_f64();
-            let (mut tokens, mut guessed, mut kept) = (0.0, 0.0, 0.0);
+            let mut all = Figures {
+                generated: 0.0,
+                rate: 0.0,
+                guessed: 0.0,
+                kept: 0.0,
+                first_ms: 0.0,
+            };
             for reply in replies {
-                let (n, _, g, k) = figures(&reply?);
-                tokens += n;
-                guessed += g;
-                kept += k;
+                let one = figures(&reply?);
+                all.generated += one.generated;
+                all.guessed += one.guessed;
+                all.kept += one.kept;
+                all.first_ms = all.first_ms.max(one.first_ms);
             }
             if keep {
-                tallies[3][s].add(tokens / wall, guessed, kept);
+                tallies[3][s].add(all.generated / wall, &all);
             }
             if s == 0 {
-                let reply = chat(server.addr, &name, &edit, 600, Some(&original))?;
-                let (_, rate, guessed, kept) = figures(&reply);
-                if keep {
-                    predicted.add(rate, guessed, kept);
+                // The edit with the original file as its prediction, and
+                // with a prediction wrong everywhere (another text).
+                for (tally, prediction) in [
+                    (&mut predicted, original.clone()),
+                    (&mut mispredicted, json_prompt.repeat(3)),
+                ] {
+                    let reply = chat(server.addr, &name, &edit, 600, Some(&prediction))?;
+                    let figures = figures(&reply);
+                    if keep {
+                        tally.add(figures.rate, &figures);
+                    }
                 }
             }
         }
@@ -279,9 +327,14 @@ fn main() -> Result<(), String> {
         let best_peer = (3..servers.len())
             .max_by(|&a, &b| row[a].rate().total_cmp(&row[b].rate()))
             .unwrap_or(3);
-        println!("\n{task} (generated tokens/s; guesses kept):");
+        println!("\n{task} (generated tokens/s; guesses kept; ms to the first token):");
         for (s, (label, _)) in servers.iter().enumerate() {
-            println!("  {label:<30} {:>6.1}  {}", row[s].rate(), row[s].kept());
+            println!(
+                "  {label:<30} {:>6.1}  {:>4}  {:>5.0}",
+                row[s].rate(),
+                row[s].kept(),
+                row[s].first_ms()
+            );
         }
         println!(
             "  ours / ours off {:.2}; ours / {} {:.2}; ours / llama-server plain {:.2}",
@@ -292,10 +345,17 @@ fn main() -> Result<(), String> {
         );
     }
     println!(
-        "\nedit with the original file as `prediction`: {:.1} tokens/s, guesses kept {}; / ours off {:.2}",
+        "\nedit with the original file as `prediction`: {:.1} tokens/s, guesses kept {}, {:.0} ms to the first token; / ours off {:.2}",
         predicted.rate(),
         predicted.kept(),
+        predicted.first_ms(),
         predicted.rate() / tallies[0][1].rate()
+    );
+    println!(
+        "edit with a prediction wrong everywhere: {:.1} tokens/s, guesses kept {}; / ours without a prediction {:.2}",
+        mispredicted.rate(),
+        mispredicted.kept(),
+        mispredicted.rate() / tallies[0][0].rate()
     );
     drop(servers);
     Ok(())

@@ -438,6 +438,7 @@ impl Loaded {
         };
         // (slot, its text, how many the draft model may guess).
         let mut for_model: Vec<(usize, Vec<LlamaToken>, usize)> = Vec::new();
+        let vocab = self.cell.borrow_owner().vocab();
         for (index, slot) in self.slots.iter_mut().enumerate() {
             let Some(job) = &mut slot.job else { continue };
             job.guesses.clear();
@@ -462,10 +463,16 @@ impl Loaded {
             text.extend_from_slice(&slot.cached);
             text.push(token);
             let answer = text.len().saturating_sub(job.tokens.len());
-            let guesses = match &mut job.drafter {
+            let mut guesses = match &mut job.drafter {
                 Some(drafter) => drafter.guess(&text, answer, most, cost),
                 None => Vec::new(),
             };
+            // Nothing follows the answer's end: a run copied from the
+            // prompt stops at its end-of-turn token (what comes after it
+            // there is the template's markup and the answer's own start).
+            if let Some(end) = guesses.iter().position(|&t| vocab.is_eog(t)) {
+                guesses.truncate(end + 1);
+            }
             if guesses.is_empty() {
                 if let Some(room) = job.model_room {
                     for_model.push((index, text, most.min(room.count())));
@@ -541,6 +548,7 @@ impl Loaded {
                 _ => break,
             }
         }
+        log::trace!("slot {index} kept {kept} of {} guesses", guesses.len());
         if let Some(job) = &mut self.slots[index].job {
             match (&mut job.model_room, &mut job.drafter) {
                 (Some(room), _) if job.guessed_by_model => room.settle(guesses.len(), kept),

@@ -89,14 +89,43 @@ fn edit_request(round: usize, offset: usize) -> (String, String) {
     )
 }
 
+/// Things ordered, each a quantity and its exact words; every round takes
+/// three no other round has.
+const ITEMS: [(u32, &str); 18] = [
+    (3, "hand-thrown stoneware mugs, glazed in deep teal"),
+    (2, "linen tea towels with a narrow red stripe"),
+    (1, "cast iron trivet shaped like an oak leaf"),
+    (4, "beeswax candles rolled by hand, unscented"),
+    (2, "walnut serving boards with a juice groove"),
+    (1, "enamel colander in speckled cream"),
+    (6, "waxed cotton bread bags, drawstring top"),
+    (1, "copper milk pan with a pouring lip"),
+    (3, "olive wood spoons of different lengths"),
+    (2, "glass storage jars with cork lids, one litre"),
+    (5, "hemp dish brushes with replaceable heads"),
+    (1, "slate cheese board engraved with a fern"),
+    (2, "stoneware pie dishes, fluted edge"),
+    (4, "cotton napkins dyed with indigo"),
+    (1, "carbon steel wok seasoned for use"),
+    (3, "porcelain egg cups painted with hens"),
+    (2, "wool pot holders knitted in grey"),
+    (1, "bamboo steamer with two tiers"),
+];
+
 fn json_request(round: usize) -> String {
     let name = NAMES[round % NAMES.len()];
     let city = CITIES[round % CITIES.len()];
+    let items: Vec<String> = (0..3)
+        .map(|i| {
+            let (count, words) = ITEMS[(round * 3 + i) % ITEMS.len()];
+            format!("{count} \"{words}\"")
+        })
+        .collect();
     format!(
         "Extract the customer's name, city, and each item ordered with its quantity and the exact words of its description, as JSON.\n\n\
-         Order note: {name} Okafor from {city} asked for 3 \"hand-thrown stoneware mugs, glazed in deep teal\", \
-         2 \"linen tea towels with a narrow red stripe\", and 1 \"cast iron trivet shaped like an oak leaf\", \
-         delivered before the {round}th of next month to the back door of the bakery on Quay Street."
+         Order note: {name} Okafor from {city} asked for {}, {}, and {}, \
+         delivered before the {round}th of next month to the back door of the bakery on Quay Street.",
+        items[0], items[1], items[2]
     )
 }
 

@@ -45,9 +45,29 @@ pub(crate) const UNMEASURED: GuessCost = GuessCost {
 /// The fewest guesses checked at once: the first one costs most.
 const MIN_GUESSES: usize = 4;
 
-/// A match of the text's end this long (a copy under way) makes a guess
-/// at least as long as the match.
+/// A match of the text's end this long is a copy under way: its guess is
+/// sized by how often copies of that source break (`Hazard`).
 const LONG_MATCH: usize = 8;
+
+/// Each source's share of copied tokens after which a copy breaks, before
+/// any was checked: a prediction is rarely left, a repetition more often.
+const HAZARD_PRIOR: [f64; 2] = [0.01, 0.02];
+
+/// How much longer the text's own repetition must have been followed
+/// than the prediction for its guess to go first.
+const PREDICTION_EDGE: usize = 4;
+
+/// How many tokens the prior counts for.
+const HAZARD_WEIGHT: f64 = 50.0;
+
+/// How many tokens the record of breaks remembers, about: older ones
+/// fade, so that the record follows the answer.
+const HAZARD_MEMORY: f64 = 400.0;
+
+/// How much more a step must yield per unit of time with guesses than
+/// without them for the guesses to go out: guesses that only break even
+/// are not worth the latency they add.
+const WORTH: f64 = 1.1;
 
 /// Where a guess comes from. Each source has its own record: a prediction
 /// is usually right for long runs, a repetition of the text less often.
@@ -85,8 +105,46 @@ pub(crate) struct Drafter<T> {
     /// For each source, how many to guess next: twice as many after a
     /// check kept them all.
     room: [usize; 2],
+    /// For each source, how often its copies break.
+    hazard: [Hazard; 2],
     /// The source of the guesses being checked.
     last: Option<Source>,
+    /// Whether they continue a copy under way.
+    copying: bool,
+}
+
+/// How often copies from a source break: breaks per token checked, from
+/// the checks of guesses that continued a copy (a decaying count).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Hazard {
+    breaks: f64,
+    tokens: f64,
+}
+
+impl Hazard {
+    const fn prior(rate: f64) -> Self {
+        Self {
+            breaks: rate * HAZARD_WEIGHT,
+            tokens: HAZARD_WEIGHT,
+        }
+    }
+
+    /// The chance that a copied token is not the model's, given those
+    /// before it were.
+    fn rate(self) -> f64 {
+        (self.breaks / self.tokens).clamp(1e-3, 0.9)
+    }
+
+    fn add(&mut self, offered: usize, kept: usize) {
+        let broke = kept < offered;
+        self.tokens += (kept + usize::from(broke)) as f64;
+        self.breaks += f64::from(u8::from(broke));
+        if self.tokens > HAZARD_MEMORY {
+            let fade = HAZARD_MEMORY / self.tokens;
+            self.tokens *= fade;
+            self.breaks *= fade;
+        }
+    }
 }
 
 impl<T: Copy + Eq> Drafter<T> {
@@ -100,7 +158,12 @@ impl<T: Copy + Eq> Drafter<T> {
             aligned_at: 0,
             kept: PRIOR,
             room: [PRIOR[0] as usize, MIN_GUESSES],
+            hazard: [
+                Hazard::prior(HAZARD_PRIOR[0]),
+                Hazard::prior(HAZARD_PRIOR[1]),
+            ],
             last: None,
+            copying: false,
         }
     }
 
@@ -117,43 +180,82 @@ impl<T: Copy + Eq> Drafter<T> {
         let answer = answer.min(text.len());
         self.follow_prediction(&text[text.len() - answer..]);
         self.last = None;
-        // How long the text has followed the place guessed from: a long
-        // match is a copy under way, worth guessing far along at once.
-        let (source, run, matched): (Source, &[T], usize) = match self.aligned {
-            Some(at) if at < self.prediction.len() => {
-                let matched = matching_tail(&self.prediction[..at], text);
-                (Source::Prediction, &self.prediction[at..], matched)
-            }
-            _ => match continuation(text, text.len()) {
-                Some(from) => (
-                    Source::Lookup,
-                    &text[from..],
-                    matching_tail(&text[..from], text),
-                ),
-                None => return Vec::new(),
-            },
+        self.copying = false;
+        // Each source's run, with how long the text has followed the place
+        // it is guessed from (a long match is a copy under way).
+        let predicted = match self.aligned {
+            Some(at) if at < self.prediction.len() => Some((
+                Source::Prediction,
+                at,
+                matching_tail(&self.prediction[..at], text),
+            )),
+            _ => None,
         };
-        let record = &mut self.kept[source as usize];
-        if matched >= LONG_MATCH {
-            self.room[source as usize] = self.room[source as usize].max(matched);
-            *record = record.max(matched as f64);
+        let looked_up =
+            continuation(text, text.len()).map(|(from, matched)| (Source::Lookup, from, matched));
+        // The prediction first, unless the text's own repetition has been
+        // followed for far longer (a prediction found again by a few
+        // common tokens, in a wrong prediction, say).
+        let candidates = match (predicted, looked_up) {
+            (Some(p), Some(l)) if l.2 > p.2 + PREDICTION_EDGE => [Some(l), Some(p)],
+            (p, l) => [p, l],
+        };
+        for (source, from, matched) in candidates.into_iter().flatten() {
+            let whole = match source {
+                Source::Prediction => &self.prediction,
+                Source::Lookup => text,
+            };
+            if let Some(count) = self.size(source, whole.len() - from, matched, max, cost) {
+                let whole = match source {
+                    Source::Prediction => &self.prediction,
+                    Source::Lookup => text,
+                };
+                return whole[from..from + count].to_vec();
+            }
         }
-        let most = max.min(MAX_GUESSES).min(run.len());
+        Vec::new()
+    }
+
+    /// How many of a `source`'s `run` of tokens to guess, at most `max`,
+    /// its text having followed the run's place for `matched` tokens; when
+    /// that many are worth what they add to the step (`cost`), the source
+    /// becomes the one being checked.
+    fn size(
+        &mut self,
+        source: Source,
+        run: usize,
+        matched: usize,
+        max: usize,
+        cost: GuessCost,
+    ) -> Option<usize> {
+        let most = max.min(MAX_GUESSES).min(run);
+        let index = source as usize;
+        if matched >= LONG_MATCH {
+            // A copy under way: as many as yield the most per unit of
+            // time, by how often this source's copies break.
+            self.room[index] = self.room[index].max(matched);
+            self.kept[index] = self.kept[index].max(matched as f64);
+            let (count, rate) = best_length(self.hazard[index].rate(), most, cost);
+            if count == 0 || rate <= WORTH {
+                return None;
+            }
+            self.last = Some(source);
+            self.copying = true;
+            return Some(count);
+        }
         // As many as the room says, or, if that many are not worth it,
         // about as many as the record keeps.
-        let count = [
-            self.room[source as usize],
-            (record.ceil() as usize).max(MIN_GUESSES),
-        ]
-        .into_iter()
-        .map(|count| count.min(most))
-        .find(|&count| count > 0 && worth_guessing(*record, count, cost));
-        let Some(count) = count else {
-            *record += (PRIOR[source as usize] - *record) * RECOVERY;
-            return Vec::new();
-        };
-        self.last = Some(source);
-        run[..count].to_vec()
+        let record = &mut self.kept[index];
+        let count = [self.room[index], (record.ceil() as usize).max(MIN_GUESSES)]
+            .into_iter()
+            .map(|count| count.min(most))
+            .find(|&count| count > 0 && worth_guessing(*record, count, cost));
+        if count.is_none() {
+            *record += (PRIOR[index] - *record) * RECOVERY;
+        } else {
+            self.last = Some(source);
+        }
+        count
     }
 
     /// Takes in how a guess of `offered` tokens went: the first `kept`
@@ -164,6 +266,9 @@ impl<T: Copy + Eq> Drafter<T> {
         };
         if offered == 0 {
             return;
+        }
+        if std::mem::take(&mut self.copying) {
+            self.hazard[source as usize].add(offered, kept);
         }
         // A check that kept every guess says the run goes on past them:
         // it counts as twice as many, so that the record (and with it the
@@ -318,18 +423,49 @@ pub(crate) fn check(p: &[f64], q: &[f64], guess: usize, u: f64, v: f64) -> Verdi
 pub(crate) fn worth_guessing(kept: f64, count: usize, cost: GuessCost) -> bool {
     let tokens = 1.0 + kept.min(count as f64);
     let time = 1.0 + cost.fixed + cost.row * count as f64;
-    tokens / time > 1.1
+    tokens / time > WORTH
+}
+
+/// How many guesses, at most `most`, yield the most tokens per unit of
+/// time, when each holds (given that those before it held) but with the
+/// chance `hazard`; and that yield against a step without guesses.
+fn best_length(hazard: f64, most: usize, cost: GuessCost) -> (usize, f64) {
+    let hold = 1.0 - hazard;
+    let (mut best, mut best_rate) = (0, 1.0);
+    // The step's own token, then each guess as likely as all before it.
+    let (mut expected, mut reached) = (1.0, 1.0);
+    for count in 1..=most {
+        reached *= hold;
+        expected += reached;
+        let rate = expected / (1.0 + cost.fixed + cost.row * count as f64);
+        if rate > best_rate {
+            (best, best_rate) = (count, rate);
+        }
+    }
+    (best, best_rate)
 }
 
 /// Where the tokens that followed an earlier occurrence of the end of
-/// `text[..end]` start: the latest occurrence of its longest suffix of
-/// [`MIN_MATCH`] to [`MAX_MATCH`] tokens that is followed by something.
-fn continuation<T: Eq>(text: &[T], end: usize) -> Option<usize> {
+/// `text[..end]` start, and how many tokens before that place match the
+/// text's end: among the occurrences of its longest suffix of
+/// [`MIN_MATCH`] to [`MAX_MATCH`] tokens that are followed by something,
+/// the one whose match reaches furthest back (the place a copy under way
+/// is following: a line that appears twice in a file must go on as the
+/// copied one does), the latest of those.
+fn continuation<T: Eq>(text: &[T], end: usize) -> Option<(usize, usize)> {
     for len in (MIN_MATCH..=MAX_MATCH.min(end.saturating_sub(1))).rev() {
         let key = &text[end - len..end];
-        // Latest first: the nearest repetition is the likeliest to go on.
-        if let Some(start) = (0..end - len).rev().find(|&s| &text[s..s + len] == key) {
-            return Some(start + len);
+        let best = (0..end - len)
+            .rev()
+            .filter(|&s| &text[s..s + len] == key)
+            .map(|s| (s + len, matching_tail(&text[..s + len], &text[..end])))
+            // Latest first, so a later place wins a tie.
+            .fold(None, |best: Option<(usize, usize)>, place| match best {
+                Some(best) if best.1 >= place.1 => Some(best),
+                _ => Some(place),
+            });
+        if best.is_some() {
+            return best;
         }
     }
     None
@@ -402,11 +538,20 @@ mod tests {
     #[test]
     fn the_latest_occurrence_of_the_longest_match_wins() {
         let text = tokens("xab1 yab2 zab3 ab");
-        let from = continuation(&text, text.len()).unwrap();
+        let (from, _) = continuation(&text, text.len()).unwrap();
         assert_eq!(text[from], '3');
         // Without a longer match, the latest "ab" decides.
         let text = tokens("qab1 pzab2 ab");
-        assert_eq!(text[continuation(&text, text.len()).unwrap()], '2');
+        assert_eq!(text[continuation(&text, text.len()).unwrap().0], '2');
+    }
+
+    #[test]
+    fn a_copy_goes_on_from_the_place_it_follows_not_a_later_repeat() {
+        // "ret x" appears twice; the copy under way follows the first.
+        let text = tokens("def f: ret x; a=1; def g: ret x; b=2; def f: ret x");
+        let (from, matched) = continuation(&text, text.len()).unwrap();
+        assert_eq!(&text[from..from + 5], &tokens("; a=1"));
+        assert_eq!(matched, 12);
     }
 
     #[test]
@@ -587,7 +732,58 @@ mod tests {
         let mut drafter = Drafter::new(Vec::new());
         let line = "the quick brown fox jumps over the lazy dog and runs away";
         let text = tokens(&format!("{line}\n{}", &line[..20]));
-        // 20 tokens already copied: a guess as long, not 4.
-        assert_eq!(drafter.guess(&text, 20, 64, COST).len(), 20);
+        // 20 tokens already copied: a long guess, not 4.
+        assert!(drafter.guess(&text, 20, 64, COST).len() >= 16);
+    }
+
+    #[test]
+    fn a_copy_under_way_goes_before_a_prediction_found_again_by_a_few_tokens() {
+        // The prediction is wrong but for "jklm"; the answer copies the
+        // prompt, and has for 13 tokens.
+        let mut drafter = Drafter::new(tokens("XXjklmYYYYYYYY"));
+        let text = tokens("abcdefghijklmnop abcdefghijklm");
+        let guess = drafter.guess(&text, 13, 64, COST);
+        assert!(guess.starts_with(&tokens("nop a")), "{guess:?}");
+        // Without the copy, the prediction's guess.
+        let mut drafter = Drafter::new(tokens("XXjklmYYYYYYYY"));
+        let text = tokens("prompt: jklm");
+        assert_eq!(drafter.guess(&text, 4, 4, COST), tokens("YYYY"));
+    }
+
+    #[test]
+    fn a_copys_guesses_are_as_long_as_its_breaks_make_worth_it() {
+        // Copies that never break: as far as allowed.
+        assert_eq!(best_length(0.0, 64, COST).0, 64);
+        // Copies that break every few tokens: short guesses, or none.
+        let (count, rate) = best_length(0.3, 64, COST);
+        assert!(count <= 4 && rate < WORTH, "{count} {rate}");
+        // Between, the longest guesses cost more than they bring.
+        let (count, _) = best_length(0.016, 64, COST);
+        assert!((12..=40).contains(&count), "{count}");
+        // Dearer rows: shorter.
+        let dear = GuessCost {
+            fixed: 1.0,
+            row: 0.6,
+        };
+        assert!(best_length(0.016, 64, dear).0 < count);
+    }
+
+    #[test]
+    fn a_copy_that_breaks_often_guesses_shorter() {
+        let line = "the quick brown fox jumps over the lazy dog and runs far away from the farm";
+        let text = tokens(&format!("{line}\n{}", &line[..20]));
+        let mut steady = Drafter::new(Vec::new());
+        let mut broken = Drafter::new(Vec::new());
+        for _ in 0..10 {
+            let offered = steady.guess(&text, 20, 64, COST).len();
+            steady.settle(offered, offered);
+            let offered = broken.guess(&text, 20, 64, COST).len();
+            broken.settle(offered, 3);
+        }
+        let (steady, broken) = (
+            steady.guess(&text, 20, 64, COST).len(),
+            broken.guess(&text, 20, 64, COST).len(),
+        );
+        assert!(broken < steady, "{broken} {steady}");
     }
 }

@@ -23,6 +23,9 @@ pub enum Prompt {
     /// [`InferenceEvent::Embeddings`](crate::protocol::InferenceEvent::Embeddings)
     /// rather than generated text.
     Embed(crate::Embed),
+    /// The text between a prefix and a suffix (fill-in-the-middle, code
+    /// completion), in the model's own layout for it.
+    Infill(crate::Infill),
 }
 
 impl From<String> for Prompt {

@@ -102,6 +102,21 @@ pub struct InferenceConfig {
     /// [`MAX_PREDICTION_BYTES`] bytes. Default `None`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prediction: Option<String>,
+    /// Ends the answer before the first line indented by fewer than this
+    /// many spaces (a tab counts as one), so a code completion stops at
+    /// the end of its block (llama.cpp's `n_indent`); the answer's first
+    /// line is not held to it. `0` turns it off. Default `0`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub min_indent: usize,
+    /// Ends the answer at its first line break after generating for this
+    /// long (llama.cpp's `t_max_predict_ms`), so a code completion comes
+    /// back in time. Default `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_limit: Option<std::time::Duration>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// The longest [`InferenceConfig::prediction`], in bytes.
@@ -174,6 +189,8 @@ impl Default for InferenceConfig {
             keep_alive: None,
             speculative: Speculative::Auto,
             prediction: None,
+            min_indent: 0,
+            time_limit: None,
         }
     }
 }

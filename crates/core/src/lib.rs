@@ -13,6 +13,7 @@ pub mod chat;
 mod config;
 pub mod embed;
 mod error;
+pub mod infill;
 mod limits;
 pub mod manifest;
 pub mod protocol;
@@ -24,4 +25,5 @@ pub use chat::{
 pub use config::{InferenceConfig, PromptFormat, Speculative, MAX_PREDICTION_BYTES};
 pub use embed::{Embed, EmbedInput, Embeddings, Pooling};
 pub use error::{BoxError, ErrorKind, ErrorReport, GeniusError, Result};
+pub use infill::{Infill, InfillFile};
 pub use limits::{grammar_depth, Limits};

@@ -43,6 +43,15 @@ pub enum BrainstemInput {
     /// then `Usage` and `Complete`. An embedding model (BERT-style) uses
     /// its own pooling; a generative model needs [`Embed::pooling`].
     Embed(Embed),
+    /// Fill in the middle between a prefix and a suffix (code completion;
+    /// see [`Infill`](crate::Infill)), answered as `Infer` is.
+    Infill {
+        /// The code around the cursor, and the project's files.
+        infill: crate::Infill,
+        /// Sampling and stopping settings.
+        #[serde(default)]
+        config: InferenceConfig,
+    },
     /// End the generation in progress early. Its output still ends with
     /// [`InferenceEvent::Usage`] and [`InferenceEvent::Complete`]. Requests
     /// queued behind it are kept. Without a generation, does nothing.

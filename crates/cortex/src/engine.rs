@@ -242,7 +242,7 @@ impl Output {
         cancel: CancelToken,
     ) -> Self {
         Self {
-            pipeline: TextPipeline::new(&config.stop),
+            pipeline: TextPipeline::new(&config.stop, config.min_indent),
             events: Vec::new(),
             delivery: Arc::new(Mutex::new(Delivery {
                 sink: Box::new(sink),

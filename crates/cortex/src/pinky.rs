@@ -353,6 +353,11 @@ impl Engine for Pinky {
         let (text, said) = match &prompt {
             Prompt::Embed(_) => unreachable!("answered above"),
             Prompt::Text(text) => (text.clone(), text.clone()),
+            // A fill-in-the-middle request: what was typed before the cursor.
+            Prompt::Infill(infill) => {
+                let typed = format!("{}{}", infill.prefix, infill.middle);
+                (typed.clone(), typed)
+            }
             Prompt::Chat(messages) => {
                 let text: String = messages
                     .iter()

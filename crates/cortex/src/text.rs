@@ -125,6 +125,48 @@ impl StopScanner {
     }
 }
 
+/// Ends the text before the first line indented by fewer than a number of
+/// spaces or tabs (a code completion that leaves its block), as llama.cpp's
+/// `n_indent` does: the first line is free, a line's indentation stays,
+/// and the text is cut where the line's first other character (a line
+/// break included) would be.
+#[derive(Debug, Default)]
+pub struct IndentStop {
+    min: usize,
+    /// The indentation of the line under way, while only blanks began it;
+    /// `None` on the first line and once a line has other text.
+    line: Option<usize>,
+}
+
+impl IndentStop {
+    /// Lines indented by fewer than `min` end the text; 0 never does.
+    pub fn new(min: usize) -> Self {
+        Self { min, line: None }
+    }
+
+    /// Adds `text`, appending to `out` what comes before the cut; `true`
+    /// when the text was cut.
+    pub fn push(&mut self, text: &str, out: &mut String) -> bool {
+        if self.min == 0 {
+            out.push_str(text);
+            return false;
+        }
+        for (at, c) in text.char_indices() {
+            match (self.line, c) {
+                (Some(indent), ' ' | '\t') => self.line = Some(indent + 1),
+                (Some(indent), _) if indent < self.min => {
+                    out.push_str(&text[..at]);
+                    return true;
+                }
+                (_, '\n') => self.line = Some(0),
+                _ => self.line = None,
+            }
+        }
+        out.push_str(text);
+        false
+    }
+}
+
 const THINK_OPEN: &str = "<think>";
 const THINK_CLOSE: &str = "</think>";
 
@@ -198,6 +240,8 @@ impl ThinkParser {
 #[derive(Debug)]
 pub(crate) struct TextPipeline {
     utf8: Utf8Decoder,
+    indent: IndentStop,
+    cut: String,
     stops: StopScanner,
     think: ThinkParser,
     tools: Option<ToolCallParser>,
@@ -207,9 +251,11 @@ pub(crate) struct TextPipeline {
 }
 
 impl TextPipeline {
-    pub(crate) fn new(stops: &[String]) -> Self {
+    pub(crate) fn new(stops: &[String], min_indent: usize) -> Self {
         Self {
             utf8: Utf8Decoder::new(),
+            indent: IndentStop::new(min_indent),
+            cut: String::new(),
             stops: StopScanner::new(stops),
             think: ThinkParser::new(),
             tools: None,
@@ -247,7 +293,14 @@ impl TextPipeline {
         self.scratch.clear();
         self.utf8.push(bytes, &mut self.scratch);
         self.visible.clear();
-        let stopped = self.stops.push(&self.scratch, &mut self.visible);
+        self.cut.clear();
+        let dedented = self.indent.push(&self.scratch, &mut self.cut);
+        let mut stopped = self.stops.push(&self.cut, &mut self.visible);
+        if dedented && !stopped {
+            // Cut before any stop sequence: what the scanner holds is text.
+            self.stops.finish(&mut self.visible);
+            stopped = true;
+        }
         self.think.push(&self.visible, &mut self.staged);
         self.route(events);
         stopped || self.tools.as_ref().is_some_and(ToolCallParser::wants_stop)
@@ -260,7 +313,9 @@ impl TextPipeline {
         if !stopped {
             self.scratch.clear();
             self.utf8.finish(&mut self.scratch);
-            self.stops.push(&self.scratch, &mut self.visible);
+            self.cut.clear();
+            self.indent.push(&self.scratch, &mut self.cut);
+            self.stops.push(&self.cut, &mut self.visible);
             self.stops.finish(&mut self.visible);
         }
         self.think.push(&self.visible, &mut self.staged);
@@ -388,6 +443,47 @@ mod tests {
     }
 
     #[test]
+    fn a_line_indented_less_than_asked_ends_the_text_before_it() {
+        let mut stop = IndentStop::new(4);
+        let mut out = String::new();
+        // The first line is free; indented lines pass.
+        assert!(!stop.push("x = 1\n    y", &mut out));
+        assert!(!stop.push(" = 2\n  ", &mut out));
+        // Two blanks, then text: cut before it, the blanks kept.
+        assert!(stop.push("z = 3\n", &mut out));
+        assert_eq!(out, "x = 1\n    y = 2\n  ");
+        let mut stop = IndentStop::new(4);
+        let mut out = String::new();
+        assert!(stop.push("a\n  b", &mut out));
+        assert_eq!(out, "a\n  ");
+        // A blank line ends it too, as in llama.cpp.
+        let mut stop = IndentStop::new(2);
+        let mut out = String::new();
+        assert!(stop.push("a\n\nb", &mut out));
+        assert_eq!(out, "a\n");
+        let mut stop = IndentStop::new(0);
+        let mut out = String::new();
+        assert!(!stop.push("a\nb", &mut out));
+    }
+
+    #[test]
+    fn an_indent_cut_releases_what_stop_sequences_held() {
+        let mut pipeline = TextPipeline::new(&["\n\n\n".to_string()], 4);
+        let mut events = Vec::new();
+        assert!(!pipeline.push(b"if x:\n    y()\n", &mut events));
+        assert!(pipeline.push(b"z", &mut events));
+        pipeline.finish(true, &mut events);
+        let text: String = events
+            .iter()
+            .filter_map(|e| match e {
+                InferenceEvent::Content(text) => Some(text.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(text, "if x:\n    y()\n");
+    }
+
+    #[test]
     fn stop_sequences_are_found_across_pieces_and_removed() {
         let stops = vec!["\n\n".to_string(), "END".to_string()];
         let mut scanner = StopScanner::new(&stops);
@@ -408,7 +504,7 @@ mod tests {
 
     #[test]
     fn pipeline_joins_the_stages() {
-        let mut pipeline = TextPipeline::new(&["STOP".to_string()]);
+        let mut pipeline = TextPipeline::new(&["STOP".to_string()], 0);
         let mut events = Vec::new();
         let bytes = "<think>é</think>ok STOP hidden".as_bytes();
         let mut stopped = false;

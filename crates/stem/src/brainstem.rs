@@ -378,6 +378,8 @@ impl Brainstem {
             Prompt::Text(_) => Ok(()),
             Prompt::Chat(messages) => validate_messages(messages),
             Prompt::Embed(embed) => embed.validate(),
+            // An empty file is a file to complete: nothing to check.
+            Prompt::Infill(_) => Ok(()),
         }?;
         submission.config.validate()?;
         self.parts

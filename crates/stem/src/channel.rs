@@ -163,6 +163,7 @@ fn start(
         BrainstemInput::Infer { prompt, config } => (Prompt::Text(prompt), config),
         BrainstemInput::Chat { messages, config } => (Prompt::Chat(messages), config),
         BrainstemInput::Embed(embed) => (Prompt::Embed(embed), InferenceConfig::default()),
+        BrainstemInput::Infill { infill, config } => (Prompt::Infill(infill), config),
         other => {
             let report = GeniusError::invalid_request(
                 "input",

@@ -11,7 +11,7 @@ use futures::Stream;
 use rusty_genius_core::manifest::{ModelInfo, ModelStatus};
 use rusty_genius_core::protocol::{BrainstemOutput, InferenceEvent};
 use rusty_genius_core::{
-    ChatMessage, Embed, Embeddings, ErrorReport, GeniusError, InferenceConfig, Prompt,
+    ChatMessage, Embed, Embeddings, ErrorReport, GeniusError, InferenceConfig, Infill, Prompt,
 };
 use rusty_genius_cortex::{CancelToken, EventSink, RequestId};
 
@@ -147,6 +147,12 @@ impl OrchestratorHandle {
     /// Answers a conversation (see `BrainstemInput::Chat`).
     pub fn chat(&self, messages: Vec<ChatMessage>, config: InferenceConfig) -> RequestStream {
         self.submit(Prompt::Chat(messages), config)
+    }
+
+    /// Fills in the middle between a prefix and a suffix (code completion
+    /// at a cursor; see [`Infill`]), with the model `config` names.
+    pub fn infill(&self, infill: Infill, config: InferenceConfig) -> RequestStream {
+        self.submit(Prompt::Infill(infill), config)
     }
 
     /// Embeds texts (see `BrainstemInput::Embed`): the stream carries one

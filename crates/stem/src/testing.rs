@@ -117,6 +117,16 @@ impl TestClient {
         self.read_until(Reply::ends_load, None).await
     }
 
+    /// Sends `Infill` and reads its reply, until `Complete` or an error.
+    pub async fn infill(
+        &mut self,
+        infill: rusty_genius_core::Infill,
+        config: InferenceConfig,
+    ) -> Result<Reply, ClientError> {
+        self.send(BrainstemInput::Infill { infill, config }).await?;
+        self.reply().await
+    }
+
     /// Sends `Infer` and reads its reply, until `Complete` or an error.
     pub async fn infer(
         &mut self,

@@ -344,6 +344,10 @@ impl Loaded {
             drafter,
             model_room,
             guessed_by_model: false,
+            fim: matches!(prompt, Prompt::Infill(_))
+                .then(|| prompt::Fim::of(self.model()))
+                .flatten(),
+            broke_line: false,
             guesses: Vec::new(),
         });
         Ok(())

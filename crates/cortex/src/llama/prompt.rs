@@ -5,7 +5,7 @@
 use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::{
-    ChatMessage, GeniusError, InferenceConfig, Prompt, PromptFormat, Role, ToolChoice,
+    ChatMessage, GeniusError, InferenceConfig, Infill, Prompt, PromptFormat, Role, ToolChoice,
 };
 
 use crate::template::{ChatTemplate, Part};
@@ -14,6 +14,94 @@ use crate::tools::ToolSyntax;
 /// Stands in for the prompt when a built-in template is taken apart; text
 /// a template would never produce by itself.
 const PLACEHOLDER: &str = "\u{E000}rusty-genius prompt\u{E000}";
+
+/// The batch a fill-in-the-middle prompt's parts are measured against, as
+/// llama.cpp's server measures them with its default batch: 1536 tokens
+/// of prefix, up to 512 of suffix.
+pub(super) const INFILL_BATCH: usize = 2048;
+
+/// What a fill-in-the-middle prompt may take: the batch its prefix and
+/// suffix are measured against, the tokens a request's context holds, and
+/// those it may generate.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Room {
+    pub(super) batch: usize,
+    pub(super) context: usize,
+    pub(super) predict: usize,
+}
+
+impl Default for Room {
+    fn default() -> Self {
+        Self {
+            batch: 512,
+            context: 4096,
+            predict: 0,
+        }
+    }
+}
+
+/// A model's fill-in-the-middle tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fim {
+    pub(super) prefix: LlamaToken,
+    pub(super) suffix: LlamaToken,
+    pub(super) middle: LlamaToken,
+    /// The repository-name token, if it has one.
+    pub(super) repo: Option<LlamaToken>,
+    /// The file-separator token, if it has one.
+    pub(super) file: Option<LlamaToken>,
+    /// The padding token, if it has one.
+    pub(super) pad: Option<LlamaToken>,
+}
+
+impl Fim {
+    /// Its tokens, when `model` has at least prefix, suffix and middle.
+    pub(super) fn of(model: &LlamaModel) -> Option<Self> {
+        let vocab = model.vocab();
+        let token = |token: LlamaToken| (token.0 >= 0).then_some(token);
+        Some(Self {
+            prefix: token(vocab.fim_pre())?,
+            suffix: token(vocab.fim_suf())?,
+            middle: token(vocab.fim_mid())?,
+            repo: token(vocab.fim_rep()),
+            file: token(vocab.fim_sep()),
+            pad: token(vocab.fim_pad()),
+        })
+    }
+
+    /// Whether `token` is one of them: none belongs in a middle.
+    pub(super) fn contains(&self, token: LlamaToken) -> bool {
+        [self.prefix, self.suffix, self.middle].contains(&token)
+            || [self.repo, self.file, self.pad].contains(&Some(token))
+    }
+}
+
+/// About the last `tokens` tokens' worth of `text` (16 bytes a token, cut
+/// at a character): tokenizing more would be thrown away.
+fn bounded_tail(text: &str, tokens: usize) -> std::borrow::Cow<'_, str> {
+    let bytes = tokens.saturating_mul(16).max(64);
+    if text.len() <= bytes {
+        return text.into();
+    }
+    let mut at = text.len() - bytes;
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    text[at..].into()
+}
+
+/// About the first `tokens` tokens' worth of `text`.
+fn bounded_head(text: &str, tokens: usize) -> &str {
+    let bytes = tokens.saturating_mul(16).max(64);
+    if text.len() <= bytes {
+        return text;
+    }
+    let mut at = bytes;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    &text[..at]
+}
 
 /// How a loaded model's prompts are made.
 pub(super) struct Prompter {
@@ -130,7 +218,100 @@ impl Prompter {
                 "prompt",
                 "texts to embed are not a prompt to answer",
             )),
+            Prompt::Infill(infill) => self.infill(model, infill, Room::default()),
         }
+    }
+
+    /// The tokens of a fill-in-the-middle request, in the layout
+    /// llama.cpp's server gives it, token for token (Qwen2.5-Coder's
+    /// repository layout where the model has the repository and file
+    /// separator tokens): the project's files first, as `<repo>myproject`,
+    /// then `<file_sep>name` and the text of each (or a snippet line
+    /// between them without a separator token), then `<file_sep>filename`
+    /// for the file being edited; then `<pre>` prefix and middle, `<suf>`
+    /// suffix, `<mid>`. Only what fits in `room` is kept: the end of the
+    /// prefix (3/4 of a batch), the start of the suffix, and the last of the
+    /// files (the context less a batch and twice the tokens to generate).
+    pub(super) fn infill(
+        &self,
+        model: &LlamaModel,
+        infill: &Infill,
+        room: Room,
+    ) -> Result<Tokens, GeniusError> {
+        let vocab = model.vocab();
+        let fim = Fim::of(model).ok_or_else(|| {
+            GeniusError::invalid_request(
+                "prompt",
+                "this model has no fill-in-the-middle tokens (it needs prefix, suffix and middle tokens, as code models such as Qwen2.5-Coder have): send it a prompt to complete instead",
+            )
+        })?;
+        // As plain text: markup typed in the code is not markup.
+        let plain = |text: &str| vocab.tokenize(text.as_bytes(), false, false);
+        let mut files = Vec::new();
+        if let Some(repo) = fim.repo {
+            files.push(repo);
+            files.extend(plain("myproject\n"));
+        }
+        // Tokenizing a file the context cannot hold is wasted work: files
+        // are kept from the last, so the earlier ones stop once the budget
+        // is passed.
+        let files_room = room
+            .context
+            .saturating_sub(room.batch)
+            .saturating_sub(2 * room.predict);
+        let mut parts: Vec<Vec<LlamaToken>> = Vec::new();
+        let mut counted = 0;
+        for file in infill.extra.iter().rev() {
+            if counted > files_room {
+                break;
+            }
+            let mut part = match fim.file {
+                Some(separator) => {
+                    let name = if file.name.is_empty() {
+                        "tmp"
+                    } else {
+                        &file.name
+                    };
+                    let mut part = vec![separator];
+                    part.extend(plain(&format!("{name}\n")));
+                    part
+                }
+                None => plain("\n\n--- snippet ---\n\n"),
+            };
+            part.extend(plain(&bounded_tail(&file.text, files_room)));
+            counted += part.len();
+            parts.push(part);
+        }
+        files.extend(parts.into_iter().rev().flatten());
+        if let Some(separator) = fim.file {
+            files.push(separator);
+            files.extend(plain("filename\n"));
+        }
+        let middle = plain(&infill.middle);
+        let prefix_take = 3 * (room.batch / 4);
+        let suffix_take = (room.batch / 4).saturating_sub(2 + middle.len());
+        let prefix = plain(&bounded_tail(&infill.prefix, prefix_take));
+        let prefix = &prefix[prefix.len().saturating_sub(prefix_take)..];
+        let suffix = plain(bounded_head(&infill.suffix, suffix_take));
+        let suffix = &suffix[..suffix.len().min(suffix_take)];
+        let files = &files[files.len().saturating_sub(files_room)..];
+        let mut tokens = Vec::with_capacity(files.len() + prefix.len() + suffix.len() + 4);
+        if vocab.should_add_bos() {
+            tokens.push(vocab.bos());
+        }
+        tokens.extend_from_slice(files);
+        tokens.push(fim.prefix);
+        tokens.extend_from_slice(prefix);
+        tokens.extend_from_slice(&middle);
+        tokens.push(fim.suffix);
+        tokens.extend_from_slice(suffix);
+        tokens.push(fim.middle);
+        Ok(Tokens {
+            tokens,
+            // Not a text a later prompt continues.
+            text: String::new(),
+            tool_syntax: None,
+        })
     }
 
     fn chat(
@@ -339,4 +520,74 @@ fn apply(
                 err,
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llama_cpp_2::model::params::LlamaModelParams;
+    use rusty_genius_core::InfillFile;
+    use serde_json::Value;
+
+    #[test]
+    fn an_infill_is_laid_out_as_llama_cpps_server_lays_it_out_token_for_token() {
+        // fixtures/infill/render.py wrote what llama-server b11434 made of
+        // each case: its prompt (special tokens shown) and its length.
+        let Some(path) = facecrab::testing::QWEN.for_test() else {
+            return;
+        };
+        let backend = crate::llama_backend().unwrap();
+        let model =
+            LlamaModel::load_from_file(backend, &path, &LlamaModelParams::default()).unwrap();
+        let prompter = Prompter::of(&model);
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/infill");
+        let read = |name: &str| -> Value {
+            serde_json::from_str(&std::fs::read_to_string(root.join(name)).unwrap()).unwrap()
+        };
+        let (cases, expected) = (read("cases.json"), read("llama-server.json"));
+        let text = |case: &Value, key: &str| case[key].as_str().unwrap_or_default().to_owned();
+        for (case, expected) in cases
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(expected.as_array().unwrap())
+        {
+            let infill = Infill {
+                prefix: text(case, "input_prefix"),
+                suffix: text(case, "input_suffix"),
+                middle: text(case, "prompt"),
+                extra: case["input_extra"]
+                    .as_array()
+                    .map(|files| {
+                        files
+                            .iter()
+                            .map(|file| InfillFile {
+                                name: text(file, "filename"),
+                                text: text(file, "text"),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            };
+            let room = Room {
+                batch: 2048,
+                context: 4096,
+                predict: 0,
+            };
+            let tokens = prompter.infill(&model, &infill, room).unwrap().tokens;
+            let shown = model.vocab().detokenize(&tokens, false, true);
+            assert_eq!(
+                String::from_utf8_lossy(&shown),
+                expected["prompt"].as_str().unwrap(),
+                "{}",
+                case["name"]
+            );
+            assert_eq!(
+                tokens.len() as u64,
+                expected["tokens"].as_u64().unwrap(),
+                "{}",
+                case["name"]
+            );
+        }
+    }
 }

@@ -61,6 +61,12 @@ pub(super) struct Job {
     pub(super) model_room: Option<ModelRoom>,
     /// Whether this step's guesses are the draft model's.
     pub(super) guessed_by_model: bool,
+    /// A fill-in-the-middle request's markup tokens: any of them ends the
+    /// answer.
+    pub(super) fim: Option<super::prompt::Fim>,
+    /// Whether the answer has had a line break (see
+    /// `InferenceConfig::time_limit`).
+    pub(super) broke_line: bool,
     /// The guesses of this step, decoded after the job's last token.
     pub(super) guesses: Vec<LlamaToken>,
 }
@@ -275,7 +281,8 @@ impl Loaded {
                 .iter()
                 .filter_map(|message| message.content.as_deref())
                 .collect(),
-            Prompt::Embed(_) => return Ok(()),
+            // Only what fits is read of a fill-in-the-middle request.
+            Prompt::Embed(_) | Prompt::Infill(_) => return Ok(()),
         };
         let total: usize = texts.iter().map(|text| text.len()).sum();
         let budget = self
@@ -372,7 +379,17 @@ impl Loaded {
             ));
         }
         self.check_prompt_size(prompt)?;
-        let prepared = self.prompter.tokens(self.model(), prompt, config)?;
+        let prepared = match prompt {
+            Prompt::Infill(infill) => {
+                let room = super::prompt::Room {
+                    batch: super::prompt::INFILL_BATCH,
+                    context: self.slot_context,
+                    predict: config.max_tokens.unwrap_or(0),
+                };
+                self.prompter.infill(self.model(), infill, room)?
+            }
+            _ => self.prompter.tokens(self.model(), prompt, config)?,
+        };
         // The free slot whose cache shares the longest prefix with the
         // prompt (continuing its transcript where possible), as the
         // planner picks it.

@@ -750,7 +750,7 @@ impl Loaded {
             };
             let searched = job.chooser.take_searched_logits();
             let logits = searched.as_deref().unwrap_or(logits);
-            let end = model.vocab().is_eog(token);
+            let end = model.vocab().is_eog(token) || job.fim.is_some_and(|fim| fim.contains(token));
             if job.config.logprobs && !end {
                 let report = token_logprobs(
                     model,
@@ -774,6 +774,17 @@ impl Loaded {
             job.phase = Phase::Decode(token);
             if let Some(reason) = job.output.push(&piece) {
                 return Ok(Turn::Ended(reason));
+            }
+            // Past its time, an answer ends once it has a line break.
+            job.broke_line |= piece.contains(&b'\n');
+            if let (Some(limit), Some(started), true) = (
+                job.config.time_limit,
+                job.generation_started,
+                job.broke_line,
+            ) {
+                if started.elapsed() >= limit {
+                    return Ok(Turn::Ended(FinishReason::MaxTokens));
+                }
             }
             // The last token allowed ends the answer now: decoding it would
             // cost a step whose logits nobody reads.

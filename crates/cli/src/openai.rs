@@ -8,7 +8,7 @@
 
 use rusty_genius::core::chat::{ResponseFormat, Tool, ToolChoice};
 use rusty_genius::core::protocol::{FinishReason, Usage};
-use rusty_genius::core::{ChatMessage, InferenceConfig, PromptFormat};
+use rusty_genius::core::{ChatMessage, InferenceConfig, Infill, Prompt, PromptFormat};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -349,13 +349,17 @@ impl ChatRequest {
 }
 
 impl CompletionRequest {
-    pub(crate) fn prompt(&self) -> Result<String, Unsupported> {
-        if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
-            return Err(Unsupported {
-                param: "suffix",
-                message: "suffix (fill-in-the-middle) is not supported".into(),
-            });
-        }
+    /// The prompt: a text to continue, or, with a `suffix`, the middle to
+    /// fill in between the prompt and the suffix.
+    pub(crate) fn prompt(&self) -> Result<Prompt, Unsupported> {
+        let text = self.text()?;
+        Ok(match self.suffix.as_deref() {
+            Some(suffix) if !suffix.is_empty() => Prompt::Infill(Infill::new(text, suffix)),
+            _ => Prompt::Text(text),
+        })
+    }
+
+    fn text(&self) -> Result<String, Unsupported> {
         if self.echo == Some(true) {
             return Err(Unsupported {
                 param: "echo",

@@ -115,6 +115,17 @@ def _():
     assert "".join(p.response for p in parts) == reply.response
 
 
+@check("generate with a suffix: the middle")
+def _():
+    reply = client.generate(
+        model=chat_model,
+        prompt="def is_even(n):\n    ",
+        suffix="\n\n\nprint(is_even(4))\n",
+        options=GREEDY,
+    )
+    assert "return n % 2 == 0" in reply.response and "<|" not in reply.response, reply.response
+
+
 @check("embed matches the reference, and the older embeddings too")
 def _():
     texts = [r["text"] for r in reference[:3]]

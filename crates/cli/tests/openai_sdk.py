@@ -300,6 +300,19 @@ def _():
     assert reply.choices[0].finish_reason == "length"
 
 
+@check("completions with a suffix: the middle, in the model's fill-in-the-middle layout")
+def _():
+    reply = client.completions.create(
+        model=model,
+        prompt="def is_even(n):\n    ",
+        suffix="\n\n\nprint(is_even(4))\n",
+        max_tokens=24,
+        temperature=0,
+    )
+    text = reply.choices[0].text
+    assert "return n % 2 == 0" in text and "<|" not in text, text
+
+
 @check("models.list()")
 def _():
     ids = [m.id for m in client.models.list()]

@@ -41,7 +41,7 @@ fn run_checks(model: &Path, serve_args: &[&str], script_args: &[&str], checks: u
 #[test]
 fn the_official_openai_client_works_against_genius_serve() {
     let Some(model) = QWEN.for_test() else { return };
-    run_checks(&model, &["--parallel", "2", "--ctx-size", "2048"], &[], 19);
+    run_checks(&model, &["--parallel", "2", "--ctx-size", "2048"], &[], 20);
 }
 
 #[test]

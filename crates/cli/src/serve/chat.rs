@@ -36,7 +36,7 @@ pub(super) async fn completions(
     let config = request.config()?.with_model(model.name);
     let reply = Reply::new(Endpoint::Completion, model.id, unix_now(), choices);
     let streams = choice_configs(&config, choices)
-        .map(|config| state.genius.infer(prompt.clone(), config))
+        .map(|config| state.genius.submit(prompt.clone(), config))
         .collect();
     answer(reply, streams, &request.sampling).await
 }

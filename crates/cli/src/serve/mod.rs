@@ -29,6 +29,7 @@ mod chat;
 mod cors;
 mod embeddings;
 mod errors;
+mod infill;
 mod models;
 mod ollama;
 mod page;
@@ -222,6 +223,7 @@ fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/completions", post(chat::completions))
+        .route("/infill", post(infill::infill))
         .route("/v1/embeddings", post(embeddings::embeddings))
         .route("/v1/responses", post(responses::create))
         .route(

@@ -123,6 +123,9 @@ struct GenerateBody {
     keep_alive: Option<Value>,
     #[serde(default)]
     images: Option<Vec<Value>>,
+    /// The code after the cursor: the answer is what goes between.
+    #[serde(default)]
+    suffix: Option<String>,
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -332,10 +335,17 @@ async fn generate(
     if let Some(idle) = &request.keep_alive {
         config.keep_alive = Some(keep_alive(idle)?);
     }
-    if request.prompt.is_empty() {
+    let suffix = request.suffix.filter(|suffix| !suffix.is_empty());
+    if request.prompt.is_empty() && suffix.is_none() {
         return load_only(&state, &model, "response", request.keep_alive.as_ref()).await;
     }
-    let stream = if request.raw {
+    let stream = if let Some(suffix) = suffix {
+        // Fill in the middle, in the model's own layout for it.
+        let infill = rusty_genius::core::Infill::new(request.prompt, suffix);
+        state
+            .genius
+            .infill(infill, config.with_prompt_format(PromptFormat::Raw))
+    } else if request.raw {
         let config = config.with_prompt_format(PromptFormat::Raw);
         state.genius.infer(request.prompt, config)
     } else {

@@ -68,7 +68,7 @@ fn the_ollama_client_works_against_genius_serve() {
             reference,
             "hf.co/org/tiny-GGUF",
         ],
-        9,
+        10,
         &server,
     );
 

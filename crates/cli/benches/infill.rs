@@ -21,9 +21,9 @@
 
 mod common;
 
-use std::process::Command;
 use common::{free_addr, genius_command, post_json, stem, threads, Server};
 use serde_json::{json, Value};
+use std::process::Command;
 
 const CONTEXT: u32 = 8192;
 

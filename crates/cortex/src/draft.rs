@@ -57,8 +57,18 @@ const HAZARD_PRIOR: [f64; 2] = [0.01, 0.02];
 /// than the prediction for its guess to go first.
 const PREDICTION_EDGE: usize = 4;
 
-/// How many tokens the prior counts for.
-const HAZARD_WEIGHT: f64 = 50.0;
+/// What a paused source's copies must yield, against a step without
+/// guesses, to be guessed again.
+const RESUME: f64 = 1.3;
+
+/// How much of its breaks a source's copy record forgets in a step where
+/// a copy was judged not worth guessing.
+const COPY_RECOVERY: f64 = 0.005;
+
+/// How many tokens the prior counts for: few, so that copies that break
+/// at once (a JSON answer repeating its structure with other data) stop
+/// being guessed after a few checks.
+const HAZARD_WEIGHT: f64 = 10.0;
 
 /// How many tokens the record of breaks remembers, about: older ones
 /// fade, so that the record follows the answer.
@@ -107,6 +117,9 @@ pub(crate) struct Drafter<T> {
     room: [usize; 2],
     /// For each source, how often its copies break.
     hazard: [Hazard; 2],
+    /// For each source, whether its copies were last judged not worth
+    /// guessing.
+    paused: [bool; 2],
     /// The source of the guesses being checked.
     last: Option<Source>,
     /// Whether they continue a copy under way.
@@ -162,6 +175,7 @@ impl<T: Copy + Eq> Drafter<T> {
                 Hazard::prior(HAZARD_PRIOR[0]),
                 Hazard::prior(HAZARD_PRIOR[1]),
             ],
+            paused: [false; 2],
             last: None,
             copying: false,
         }
@@ -236,9 +250,17 @@ impl<T: Copy + Eq> Drafter<T> {
             self.room[index] = self.room[index].max(matched);
             self.kept[index] = self.kept[index].max(matched as f64);
             let (count, rate) = best_length(self.hazard[index].rate(), most, cost);
-            if count == 0 || rate <= WORTH {
+            // Once stopped, it starts again only with a margin, so that it
+            // does not stop and start at every step near the line.
+            let needed = if self.paused[index] { RESUME } else { WORTH };
+            if count == 0 || rate <= needed {
+                // Forgets its breaks slowly, so that it is tried again
+                // some tens of steps later.
+                self.hazard[index].breaks *= 1.0 - COPY_RECOVERY;
+                self.paused[index] = true;
                 return None;
             }
+            self.paused[index] = false;
             self.last = Some(source);
             self.copying = true;
             return Some(count);
@@ -766,6 +788,28 @@ mod tests {
             row: 0.6,
         };
         assert!(best_length(0.016, 64, dear).0 < count);
+    }
+
+    #[test]
+    fn copies_that_break_at_once_stop_being_guessed_and_are_tried_again_later() {
+        let line = "the quick brown fox jumps over the lazy dog and runs far away from the farm";
+        let text = tokens(&format!("{line}\n{}", &line[..20]));
+        let mut drafter = Drafter::new(Vec::new());
+        let mut checks = 0;
+        while !drafter.guess(&text, 20, 64, COST).is_empty() {
+            drafter.settle(1, 0);
+            checks += 1;
+            assert!(
+                checks <= 5,
+                "still guessing after {checks} checks that kept nothing"
+            );
+        }
+        let mut waited = 0;
+        while drafter.guess(&text, 20, 64, COST).is_empty() {
+            waited += 1;
+            assert!(waited < 500, "never tried again");
+        }
+        assert!(waited > 10, "tried again at once");
     }
 
     #[test]

@@ -344,6 +344,7 @@ impl Loaded {
             drafter,
             model_room,
             guessed_by_model: false,
+            gained: slot::Gained::default(),
             fim: matches!(prompt, Prompt::Infill(_))
                 .then(|| prompt::Fim::of(self.model()))
                 .flatten(),

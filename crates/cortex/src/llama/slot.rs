@@ -61,6 +61,10 @@ pub(super) struct Job {
     pub(super) model_room: Option<ModelRoom>,
     /// Whether this step's guesses are the draft model's.
     pub(super) guessed_by_model: bool,
+    /// What guessing has gained this job lately, whatever the drafter
+    /// expected: steps saved by kept guesses less the steps the guesses
+    /// cost, by the measured cost (see `Loaded::check_guesses`).
+    pub(super) gained: Gained,
     /// A fill-in-the-middle request's markup tokens: any of them ends the
     /// answer.
     pub(super) fim: Option<super::prompt::Fim>,
@@ -77,6 +81,54 @@ impl Job {
         self.config
             .max_tokens
             .is_some_and(|max| self.usage.generated_tokens >= max)
+    }
+}
+
+/// What guessing has gained a job, checked against what it cost: a job
+/// whose guesses lose time stops guessing for a while, longer each time.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Gained {
+    /// Steps saved less steps spent, fading.
+    pub(super) balance: f64,
+    /// Checks since the last pause.
+    pub(super) checks: u32,
+    /// Steps left without guesses.
+    pub(super) pause: u32,
+    /// How long the next pause is.
+    pub(super) next_pause: u32,
+    /// What this step's guesses cost, in steps without guesses.
+    pub(super) cost: f64,
+}
+
+/// The first pause of a job whose guesses lose time, in steps; each pause
+/// after it is twice as long, until guesses gain again.
+const FIRST_PAUSE: u32 = 32;
+
+impl Gained {
+    /// Whether the job may guess in this step (counting the pause down).
+    pub(super) fn may_guess(&mut self) -> bool {
+        if self.pause == 0 {
+            return true;
+        }
+        self.pause -= 1;
+        false
+    }
+
+    /// Takes in a check that kept `kept` guesses.
+    pub(super) fn settle(&mut self, kept: usize) {
+        self.balance = self.balance * 0.8 + kept as f64 - self.cost;
+        self.checks += 1;
+        if self.checks < 3 {
+            return;
+        }
+        if self.balance < 0.0 {
+            self.pause = self.next_pause.max(FIRST_PAUSE);
+            self.next_pause = self.pause.saturating_mul(2);
+            self.balance = 0.0;
+            self.checks = 0;
+        } else {
+            self.next_pause = FIRST_PAUSE;
+        }
     }
 }
 
@@ -507,5 +559,49 @@ impl Loaded {
             phase,
             cached,
         })
+    }
+}
+
+#[cfg(test)]
+mod gained_tests {
+    use super::*;
+
+    /// Checks that each keep `kept` of guesses costing 2.5 steps, until
+    /// the job pauses (at most `most` of them): how many it took.
+    fn until_paused(gained: &mut Gained, kept: usize, most: u32) -> u32 {
+        for done in 1..=most {
+            assert!(gained.may_guess());
+            gained.cost = 2.5;
+            gained.settle(kept);
+            if gained.pause > 0 {
+                return done;
+            }
+        }
+        most + 1
+    }
+
+    fn paused_for(gained: &mut Gained) -> u32 {
+        let mut steps = 0;
+        while !gained.may_guess() {
+            steps += 1;
+        }
+        steps
+    }
+
+    #[test]
+    fn guesses_that_lose_time_pause_longer_each_time_and_gains_end_that() {
+        let mut gained = Gained::default();
+        // Guesses that keep more than they cost go on.
+        assert_eq!(until_paused(&mut gained, 4, 20), 21);
+        // Guesses that keep little: a pause within a few checks, then,
+        // losing again, a longer one.
+        assert!(until_paused(&mut gained, 0, 5) <= 5);
+        assert_eq!(paused_for(&mut gained), FIRST_PAUSE);
+        assert_eq!(until_paused(&mut gained, 1, 5), 3);
+        assert_eq!(paused_for(&mut gained), 2 * FIRST_PAUSE);
+        // Gains again: the next pause is short again.
+        assert_eq!(until_paused(&mut gained, 8, 5), 6);
+        assert!(until_paused(&mut gained, 0, 10) <= 10);
+        assert_eq!(paused_for(&mut gained), FIRST_PAUSE);
     }
 }

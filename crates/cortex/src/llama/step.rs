@@ -427,15 +427,7 @@ impl Loaded {
     /// `cores` threads for all such jobs at once.
     fn guess(&mut self, cores: usize) {
         let slot_context = self.slot_context;
-        // What guesses added to steps lately, against the answers' part
-        // of a step.
-        let cost = match (self.costs.guesses.line(), self.costs.answer_step) {
-            (Some((fixed, row)), Some(step)) if step > 0.0 => GuessCost {
-                fixed: fixed / step,
-                row: row / step,
-            },
-            _ => UNMEASURED,
-        };
+        let cost = self.guess_cost();
         // (slot, its text, how many the draft model may guess).
         let mut for_model: Vec<(usize, Vec<LlamaToken>, usize)> = Vec::new();
         let vocab = self.cell.borrow_owner().vocab();
@@ -446,7 +438,7 @@ impl Loaded {
             let Phase::Decode(token) = job.phase else {
                 continue;
             };
-            if job.drafter.is_none() && job.model_room.is_none() {
+            if job.drafter.is_none() && job.model_room.is_none() || !job.gained.may_guess() {
                 continue;
             }
             // The last token chosen gives the next; each kept guess one
@@ -514,6 +506,18 @@ impl Loaded {
         }
     }
 
+    /// What guesses added to steps lately, against the answers' part of a
+    /// step.
+    fn guess_cost(&self) -> GuessCost {
+        match (self.costs.guesses.line(), self.costs.answer_step) {
+            (Some((fixed, row)), Some(step)) if step > 0.0 => GuessCost {
+                fixed: fixed / step,
+                row: row / step,
+            },
+            _ => UNMEASURED,
+        }
+    }
+
     /// Slot `index`'s job chooses from the batch's row `row` (its last
     /// token's logits) and, for as long as each choice is the guess that
     /// followed in the batch, from the next row too: every guess it keeps
@@ -529,6 +533,7 @@ impl Loaded {
         if let Some(job) = &mut self.slots[index].job {
             job.usage.draft_tokens += guesses.len();
         }
+        let cost = self.guess_cost();
         let mut kept = 0;
         let mut ended = None;
         loop {
@@ -549,6 +554,10 @@ impl Loaded {
             }
         }
         log::trace!("slot {index} kept {kept} of {} guesses", guesses.len());
+        if let (Some(job), false) = (&mut self.slots[index].job, guesses.is_empty()) {
+            job.gained.cost = cost.fixed + cost.row * guesses.len() as f64;
+            job.gained.settle(kept);
+        }
         if let Some(job) = &mut self.slots[index].job {
             match (&mut job.model_room, &mut job.drafter) {
                 (Some(room), _) if job.guessed_by_model => room.settle(guesses.len(), kept),

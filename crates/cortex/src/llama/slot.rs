@@ -86,7 +86,7 @@ impl Job {
 
 /// What guessing has gained a job, checked against what it cost: a job
 /// whose guesses lose time stops guessing for a while, longer each time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Gained {
     /// Steps saved less steps spent, fading.
     pub(super) balance: f64,
@@ -104,6 +104,24 @@ pub(super) struct Gained {
 /// after it is twice as long, until guesses gain again.
 const FIRST_PAUSE: u32 = 32;
 
+/// The checks a job's guesses have before they are judged, and the steps
+/// they start ahead by: an edit's first guesses often fall where the edit
+/// is, and the copy after it pays them back.
+const JUDGED_AFTER: u32 = 4;
+const HEAD_START: f64 = 3.0;
+
+impl Default for Gained {
+    fn default() -> Self {
+        Self {
+            balance: HEAD_START,
+            checks: 0,
+            pause: 0,
+            next_pause: FIRST_PAUSE,
+            cost: 0.0,
+        }
+    }
+}
+
 impl Gained {
     /// Whether the job may guess in this step (counting the pause down).
     pub(super) fn may_guess(&mut self) -> bool {
@@ -118,13 +136,13 @@ impl Gained {
     pub(super) fn settle(&mut self, kept: usize) {
         self.balance = self.balance * 0.8 + kept as f64 - self.cost;
         self.checks += 1;
-        if self.checks < 3 {
+        if self.checks < JUDGED_AFTER {
             return;
         }
         if self.balance < 0.0 {
             self.pause = self.next_pause.max(FIRST_PAUSE);
             self.next_pause = self.pause.saturating_mul(2);
-            self.balance = 0.0;
+            self.balance = HEAD_START;
             self.checks = 0;
         } else {
             self.next_pause = FIRST_PAUSE;
@@ -595,9 +613,9 @@ mod gained_tests {
         assert_eq!(until_paused(&mut gained, 4, 20), 21);
         // Guesses that keep little: a pause within a few checks, then,
         // losing again, a longer one.
-        assert!(until_paused(&mut gained, 0, 5) <= 5);
+        assert!(until_paused(&mut gained, 0, 8) <= 8);
         assert_eq!(paused_for(&mut gained), FIRST_PAUSE);
-        assert_eq!(until_paused(&mut gained, 1, 5), 3);
+        assert_eq!(until_paused(&mut gained, 1, 8), JUDGED_AFTER);
         assert_eq!(paused_for(&mut gained), 2 * FIRST_PAUSE);
         // Gains again: the next pause is short again.
         assert_eq!(until_paused(&mut gained, 8, 5), 6);

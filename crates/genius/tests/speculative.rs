@@ -314,16 +314,9 @@ async fn four_edits_at_once_say_what_they_say_one_at_a_time() {
             .map(|name| genius.chat(ask(name), config(speculative, 160)))
             .collect();
         let mut round = Vec::new();
-        for mut stream in streams {
-            let mut reply = Reply::default();
-            while let Some(event) = stream.next().await {
-                let event = event.unwrap();
-                let done = matches!(event, InferenceEvent::Complete);
-                reply.record(BrainstemOutput::Event(event));
-                if done {
-                    break;
-                }
-            }
+        for stream in streams {
+            let reply = collect(stream).await;
+            assert!(reply.errors.is_empty(), "{:?}", reply.errors);
             round.push(reply);
         }
         replies.push(round);

@@ -440,6 +440,31 @@ pub(super) async fn first_event(
     }
 }
 
+/// Hands `take` every event of a whole (not streamed) answer: `first` (the
+/// one `first_event` read, if any), then the rest of `stream`, until
+/// `Complete`; an error ends it as the HTTP error.
+pub(super) async fn each_event(
+    first: Option<InferenceEvent>,
+    stream: &mut RequestStream,
+    mut take: impl FnMut(InferenceEvent),
+) -> Result<(), ApiError> {
+    let mut next = first;
+    loop {
+        let event = match next.take() {
+            Some(event) => Ok(event),
+            None => match stream.next().await {
+                Some(event) => event,
+                None => return Ok(()),
+            },
+        };
+        match event {
+            Ok(InferenceEvent::Complete) => return Ok(()),
+            Ok(event) => take(event),
+            Err(err) => return Err(ApiError::from_report(&err)),
+        }
+    }
+}
+
 /// How long a streamed answer may be silent before a keep-alive comment
 /// goes out (`--sse-keep-alive`; set once at start).
 pub(super) static KEEP_ALIVE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();

@@ -11,7 +11,7 @@ use rusty_genius::core::{InferenceConfig, Infill, InfillFile, PromptFormat};
 
 use serde::Deserialize;
 
-use super::chat::{answer_frames, event_stream, first_event, Frames, Watched};
+use super::chat::{answer_frames, each_event, event_stream, first_event, Frames, Watched};
 use super::*;
 
 /// A request, as llama.cpp's `/infill` takes it. Options this server does
@@ -167,23 +167,10 @@ pub(super) async fn infill(
         let events = Watched::new(stream, format!("infill-{}", request_id()));
         return Ok(event_stream(answer_frames(answer, first, events)));
     }
-    let mut next = first;
-    loop {
-        let event = match next.take() {
-            Some(event) => Ok(event),
-            None => match stream.next().await {
-                Some(event) => event,
-                None => break,
-            },
-        };
-        match event {
-            Ok(InferenceEvent::Complete) => break,
-            Ok(event) => {
-                answer.take(event);
-            }
-            Err(err) => return Err(ApiError::from_report(&err)),
-        }
-    }
+    each_event(first, &mut stream, |event| {
+        answer.take(event);
+    })
+    .await?;
     Ok(axum::Json(answer.last(&answer.content.clone())).into_response())
 }
 

@@ -520,23 +520,10 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     let first = super::chat::first_event(&mut stream).await?;
     if !streamed {
-        let mut next = first;
-        loop {
-            let event = match next.take() {
-                Some(event) => Ok(event),
-                None => match stream.next().await {
-                    Some(event) => event,
-                    None => break,
-                },
-            };
-            match event {
-                Ok(InferenceEvent::Complete) => break,
-                Ok(event) => {
-                    reply.take(event);
-                }
-                Err(err) => return Err(ApiError::from_report(&err)),
-            }
-        }
+        super::chat::each_event(first, &mut stream, |event| {
+            reply.take(event);
+        })
+        .await?;
         return Ok(axum::Json(reply.done(true)).into_response());
     }
     let events = Watched::new(stream, format!("ollama-{}", request_id()));

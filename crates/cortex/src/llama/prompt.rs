@@ -33,7 +33,7 @@ pub(super) struct Room {
 impl Default for Room {
     fn default() -> Self {
         Self {
-            batch: 512,
+            batch: INFILL_BATCH,
             context: 4096,
             predict: 0,
         }

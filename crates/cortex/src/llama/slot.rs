@@ -96,8 +96,6 @@ pub(super) struct Gained {
     pub(super) pause: u32,
     /// How long the next pause is.
     pub(super) next_pause: u32,
-    /// What this step's guesses cost, in steps without guesses.
-    pub(super) cost: f64,
 }
 
 /// The first pause of a job whose guesses lose time, in steps; each pause
@@ -117,7 +115,6 @@ impl Default for Gained {
             checks: 0,
             pause: 0,
             next_pause: FIRST_PAUSE,
-            cost: 0.0,
         }
     }
 }
@@ -132,9 +129,10 @@ impl Gained {
         false
     }
 
-    /// Takes in a check that kept `kept` guesses.
-    pub(super) fn settle(&mut self, kept: usize) {
-        self.balance = self.balance * 0.8 + kept as f64 - self.cost;
+    /// Takes in a check that kept `kept` guesses costing `cost`, in steps
+    /// without guesses.
+    pub(super) fn settle(&mut self, kept: usize, cost: f64) {
+        self.balance = self.balance * 0.8 + kept as f64 - cost;
         self.checks += 1;
         if self.checks < JUDGED_AFTER {
             return;
@@ -589,8 +587,7 @@ mod gained_tests {
     fn until_paused(gained: &mut Gained, kept: usize, most: u32) -> u32 {
         for done in 1..=most {
             assert!(gained.may_guess());
-            gained.cost = 2.5;
-            gained.settle(kept);
+            gained.settle(kept, 2.5);
             if gained.pause > 0 {
                 return done;
             }

@@ -555,8 +555,8 @@ impl Loaded {
         }
         log::trace!("slot {index} kept {kept} of {} guesses", guesses.len());
         if let (Some(job), false) = (&mut self.slots[index].job, guesses.is_empty()) {
-            job.gained.cost = cost.fixed + cost.row * guesses.len() as f64;
-            job.gained.settle(kept);
+            job.gained
+                .settle(kept, cost.fixed + cost.row * guesses.len() as f64);
         }
         if let Some(job) = &mut self.slots[index].job {
             match (&mut job.model_room, &mut job.drafter) {

@@ -28,9 +28,11 @@ fn start(models: &[&str]) -> (Server, TempDir) {
     (server, home)
 }
 
-const PREFIX: &str = "def is_even(n):\n    ";
-const SUFFIX: &str = "\n\n\nprint(is_even(4))\n";
-const MIDDLE: &str = "return n % 2 == 0";
+// A middle whose every token leads the next choice by 1.19 logits or more
+// here (3.33 with ops.py below as context).
+const PREFIX: &str = "def maximum(a, b):\n    if a > b:\n        return a\n    ";
+const SUFFIX: &str = "\n\n\nprint(maximum(1, 2))\n";
+const MIDDLE: &str = "return b";
 
 #[test]
 fn infill_answers_as_llama_cpps_server_does_and_suffix_works_on_openai_and_ollama() {
@@ -41,7 +43,7 @@ fn infill_answers_as_llama_cpps_server_does_and_suffix_works_on_openai_and_ollam
     let body = json!({
         "input_prefix": PREFIX,
         "input_suffix": SUFFIX,
-        "input_extra": [{"text": "def is_odd(n):\n    return n % 2 == 1\n", "time": 1700000000, "filename": "ops.py"}],
+        "input_extra": [{"text": "def minimum(a, b):\n    if a < b:\n        return a\n    return b\n", "time": 1700000000, "filename": "ops.py"}],
         "prompt": "",
         "n_predict": 32,
         "n_indent": 4,

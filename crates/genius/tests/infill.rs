@@ -42,8 +42,8 @@ fn greedy(max_tokens: usize) -> InferenceConfig {
 const MIDDLES: [(&str, &str, &str); 3] = [
     (
         "a missing return statement",
-        "def is_even(n):\n    ",
-        "\n\n\nprint(is_even(4))\n",
+        "def maximum(a, b):\n    if a > b:\n        return a\n    ",
+        "\n\n\nprint(maximum(1, 2))\n",
     ),
     (
         "a missing loop body",
@@ -57,7 +57,9 @@ const MIDDLES: [(&str, &str, &str); 3] = [
     ),
 ];
 
-const EXPECTED: [&str; 3] = ["return n % 2 == 0", "result += price", "y * y"];
+// Each with every token's margin over the next choice at least 1.19
+// logits here (llama.cpp's kernels move margins by ~0.3 between CPUs).
+const EXPECTED: [&str; 3] = ["return b", "result += price", "y * y"];
 
 fn check(what: &str, reply: &Reply, expected: &str) {
     assert!(reply.errors.is_empty(), "{what}: {:?}", reply.errors);

@@ -74,6 +74,17 @@ pub enum GeniusError {
         loaded: Vec<(String, u64)>,
     },
 
+    /// As many requests wait already as the Orchestrator queues
+    /// (`OrchestratorBuilder::max_queue`): this one was refused before any
+    /// work, and may be sent again later.
+    #[error("the server is busy: {queued} requests are waiting already, the most it queues (genius serve --max-queue {limit}); retry shortly")]
+    QueueFull {
+        /// Requests waiting when this one came.
+        queued: usize,
+        /// The bound.
+        limit: usize,
+    },
+
     /// The file exists but cannot be used as a model.
     #[error("{} is not a usable GGUF model: {reason}", path.display())]
     InvalidModelFile {
@@ -269,6 +280,7 @@ impl GeniusError {
                 ErrorKind::ModelTooLarge
             }
             Self::NoRoomForModel { .. } => ErrorKind::NoRoom,
+            Self::QueueFull { .. } => ErrorKind::Overloaded,
             Self::Engine { .. }
             | Self::DeviceUnavailable { .. }
             | Self::EngineGone
@@ -316,6 +328,8 @@ pub enum ErrorKind {
     ModelTooLarge,
     /// The models holding the memory or places stayed busy: retry later.
     NoRoom,
+    /// Too many requests wait already: retry later.
+    Overloaded,
 }
 
 /// An error as it is sent to the application in

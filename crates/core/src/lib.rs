@@ -16,6 +16,7 @@ mod error;
 pub mod infill;
 mod limits;
 pub mod manifest;
+pub mod metrics;
 pub mod protocol;
 
 pub use chat::{

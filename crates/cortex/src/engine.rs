@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::metrics::EngineStats;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
 use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Limits, Prompt};
 
@@ -68,6 +69,13 @@ pub trait Engine {
     /// Default: not heard.
     fn listen(&mut self, knock: Knock) {
         let _ = knock;
+    }
+
+    /// How the engine stands (its KV cache, its saved caches) and what it
+    /// has done since it was made. Called between steps, so it must be
+    /// cheap. Default: nothing measured.
+    fn stats(&self) -> EngineStats {
+        EngineStats::default()
     }
 }
 

@@ -66,6 +66,8 @@ pub struct Pinky {
     /// prompt and answer; a request takes the free slot that shares the
     /// longest prefix with it, as the llama.cpp engine does.
     slots: Vec<Vec<u8>>,
+    /// Steps taken.
+    steps: u64,
 }
 
 impl Clone for Pinky {
@@ -80,6 +82,7 @@ impl Clone for Pinky {
             load_delay: self.load_delay,
             loaded: self.loaded,
             slots: self.slots.clone(),
+            steps: 0,
         }
     }
 }
@@ -432,7 +435,16 @@ impl Engine for Pinky {
         Ok(())
     }
 
+    fn stats(&self) -> rusty_genius_core::metrics::EngineStats {
+        rusty_genius_core::metrics::EngineStats {
+            kv_cells_used: self.slots.iter().map(|slot| slot.len() as u64).sum(),
+            steps: self.steps,
+            ..Default::default()
+        }
+    }
+
     fn step(&mut self) -> Step {
+        self.steps += 1;
         let mut step = Step::default();
         let all_paused = self.running.iter().all(|run| run.output.is_paused());
         if !all_paused {

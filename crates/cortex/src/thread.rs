@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::channel::oneshot;
 use rusty_genius_core::manifest::ModelInfo;
+use rusty_genius_core::metrics::EngineStats;
 use rusty_genius_core::protocol::{FinishReason, Usage};
 use rusty_genius_core::GeniusError;
 
@@ -43,7 +44,13 @@ pub enum EngineReport {
     Started(RequestId),
     /// The request ended; its `Complete` or error was sent to its output.
     Ended(RequestId),
+    /// How the engine stands: sent when it changed, at most every
+    /// `STATS_EVERY` (250 ms) while requests run, and as soon as they all ended.
+    Stats(EngineStats),
 }
+
+/// How often, at most, a busy engine reports its [`EngineStats`].
+pub(crate) const STATS_EVERY: Duration = Duration::from_millis(250);
 
 enum Command {
     Load { name: String, path: PathBuf },
@@ -156,6 +163,8 @@ struct Serving {
     /// The cancel tokens of the running requests.
     started: Vec<(RequestId, CancelToken)>,
     reports: UnboundedSender<EngineReport>,
+    /// The stats last reported, and when.
+    stats_sent: (EngineStats, Instant),
 }
 
 /// The engine thread's stack. llama.cpp parses a grammar's groups
@@ -230,6 +239,7 @@ impl Serving {
             waiting: VecDeque::new(),
             started: Vec::new(),
             reports,
+            stats_sent: (EngineStats::default(), Instant::now()),
         }
     }
 
@@ -282,6 +292,7 @@ impl Serving {
             }
             self.admit();
             paused = self.step().is_some_and(|step| !step.progressed);
+            self.report_stats();
         }
         let _inside = exit::enter();
         self.stop();
@@ -468,6 +479,26 @@ impl Serving {
         for mut request in std::mem::take(&mut self.waiting) {
             request.output.end(Err(err()));
             self.report(EngineReport::Ended(request.id));
+        }
+    }
+
+    /// Reports the engine's stats if they changed, and either nothing runs
+    /// or the last report is [`STATS_EVERY`] old.
+    fn report_stats(&mut self) {
+        let Ok(engine) = &self.engine else {
+            return;
+        };
+        let due = self.running() == 0 || self.stats_sent.1.elapsed() >= STATS_EVERY;
+        if !due {
+            return;
+        }
+        let stats = match catch_unwind(AssertUnwindSafe(|| engine.stats())) {
+            Ok(stats) => stats,
+            Err(_) => return,
+        };
+        if stats != self.stats_sent.0 {
+            self.stats_sent = (stats, Instant::now());
+            self.report(EngineReport::Stats(stats));
         }
     }
 

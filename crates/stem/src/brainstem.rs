@@ -26,14 +26,16 @@ use futures::stream::{BoxStream, FuturesUnordered, SelectAll};
 use futures::{FutureExt, StreamExt};
 use rusty_genius_core::chat::validate_messages;
 use rusty_genius_core::manifest::{ModelInfo, ModelState, ModelStatus};
+use rusty_genius_core::metrics::{EngineStats, Metrics};
 use rusty_genius_core::protocol::{AssetEvent, BrainstemOutput, EngineStatus};
 use rusty_genius_core::{ErrorReport, GeniusError, Limits, Prompt};
 use rusty_genius_cortex::gguf::{Footprint, FootprintFn};
 use rusty_genius_cortex::{
-    CancelToken, EngineFactory, EngineReport, EngineThread, Output, Request, RequestId,
+    CancelToken, EngineFactory, EngineReport, EngineThread, EventSink, Output, Request, RequestId,
 };
 
-use crate::handle::{Command, Listener, LoadDone, Submission, UnloadDone};
+use crate::handle::{Command, Listener, LoadDone, MetricsDone, Submission, UnloadDone};
+use crate::meter::{fresh, Metered, Tally};
 use crate::residency::{find_room, Holder, Memory, Residency, Room};
 use crate::rt;
 use crate::strategy::CortexStrategy;
@@ -43,6 +45,7 @@ pub(crate) struct Parts {
     pub(crate) strategy: CortexStrategy,
     pub(crate) limits: Limits,
     pub(crate) residency: Residency,
+    pub(crate) max_queue: Option<usize>,
     pub(crate) authority: Arc<AssetAuthority>,
     pub(crate) factory: EngineFactory,
     pub(crate) footprint: FootprintFn,
@@ -104,6 +107,10 @@ struct Entry {
     keep_alive: Option<Duration>,
     /// Unloads waiting for it to be idle.
     releases: Vec<UnloadDone>,
+    /// What its engine last reported.
+    stats: EngineStats,
+    /// The counters its earlier engines left.
+    past_stats: EngineStats,
 }
 
 impl Entry {
@@ -120,6 +127,28 @@ impl Entry {
             last_asked: Instant::now(),
             keep_alive: None,
             releases: Vec::new(),
+            stats: EngineStats::default(),
+            past_stats: EngineStats::default(),
+        }
+    }
+
+    /// Requests waiting: for the model, or in its engine for a place.
+    fn waiting(&self) -> usize {
+        self.queue.len() + self.running.len() - self.started.len()
+    }
+
+    /// Ends the queued requests whose clients stopped listening, so that
+    /// none of them loads a model.
+    fn drop_cancelled(&mut self) {
+        if self.queue.iter().any(|s| s.cancel.is_cancelled()) {
+            let queue = std::mem::take(&mut self.queue);
+            for submission in queue {
+                if submission.cancel.is_cancelled() {
+                    submission.cancelled();
+                } else {
+                    self.queue.push_back(submission);
+                }
+            }
         }
     }
 
@@ -153,10 +182,15 @@ impl Entry {
         }
     }
 
-    /// Takes the engine out, leaving the entry `Unloaded`.
+    /// Takes the engine out, leaving the entry `Unloaded` (and keeping
+    /// the engine's counters).
     fn take_engine(&mut self) -> Option<EngineThread> {
         match std::mem::replace(&mut self.phase, Phase::Unloaded) {
-            Phase::Loading { engine, .. } | Phase::Loaded { engine, .. } => Some(engine),
+            Phase::Loading { engine, .. } | Phase::Loaded { engine, .. } => {
+                self.past_stats = self.stats.after(self.past_stats).counters();
+                self.stats = EngineStats::default();
+                Some(engine)
+            }
             other => {
                 self.phase = other;
                 None
@@ -208,6 +242,10 @@ pub(crate) struct Brainstem {
     /// The model of the last `LoadModel`: requests that name none go to it.
     default: Option<String>,
     next_serial: u64,
+    /// Every request's counters, by model.
+    tally: Tally,
+    /// Requests refused because the queue was full.
+    rejected: u64,
 }
 
 impl Brainstem {
@@ -226,6 +264,8 @@ impl Brainstem {
             models: HashMap::new(),
             default: None,
             next_serial: 1,
+            tally: Tally::default(),
+            rejected: 0,
         }
     }
 
@@ -333,6 +373,7 @@ impl Brainstem {
             Command::Load { name, done } => self.load(name, done),
             Command::Unload { name, done } => self.unload(&name, done),
             Command::Models(done) => done(self.statuses()),
+            Command::Metrics(done) => done(self.metrics()),
             Command::Listen(listener) => self.listeners.push(listener),
             Command::Shutdown => self.shut_down(),
         }
@@ -358,8 +399,30 @@ impl Brainstem {
         else {
             return submission.fail(GeniusError::NoModelLoaded);
         };
+        let mut submission = submission;
+        // Counted from here, but a name the loop has not seen is counted
+        // only once it is checked: a bad request naming a model that
+        // does not exist leaves nothing behind.
+        let known = self.models.contains_key(&name);
+        if known {
+            submission.sink = self.metered(submission.sink, &name);
+        }
         if let Err(err) = self.check(&submission) {
             return submission.fail(err);
+        }
+        if let Some(limit) = self.parts.max_queue {
+            let mut queued = 0;
+            for entry in self.models.values_mut() {
+                entry.drop_cancelled();
+                queued += entry.waiting();
+            }
+            if queued >= limit {
+                self.rejected += 1;
+                return submission.fail(GeniusError::QueueFull { queued, limit });
+            }
+        }
+        if !known {
+            submission.sink = self.metered(submission.sink, &name);
         }
         let keep_alive = submission.keep_alive();
         let entry = self.entry(&name);
@@ -369,6 +432,11 @@ impl Brainstem {
         entry.last_used = Instant::now();
         entry.last_asked = entry.last_used;
         entry.queue.push_back(submission);
+    }
+
+    /// `sink`, counting its request's events for `model`.
+    fn metered(&self, sink: Box<dyn EventSink>, model: &str) -> Box<dyn EventSink> {
+        Box::new(Metered::new(sink, self.tally.clone(), model.to_owned()))
     }
 
     /// Checks a request before any work for it starts (a load included).
@@ -453,6 +521,34 @@ impl Brainstem {
         list
     }
 
+    /// What [`OrchestratorHandle::metrics`](crate::OrchestratorHandle::metrics)
+    /// returns: the counters, and each model's gauges now.
+    fn metrics(&self) -> Metrics {
+        let mut counted = self.tally.lock().clone();
+        for name in self.models.keys() {
+            counted.entry(name.clone()).or_insert_with(|| fresh(name));
+        }
+        let mut models: Vec<_> = counted
+            .into_values()
+            .map(|mut metrics| {
+                if let Some(entry) = self.models.get(&metrics.name) {
+                    metrics.running = entry.started.len();
+                    metrics.queued = entry.waiting();
+                    metrics.resident = entry.resident();
+                    metrics.memory_bytes = if entry.resident() { entry.bytes() } else { 0 };
+                    metrics.engine = entry.stats.after(entry.past_stats);
+                }
+                metrics
+            })
+            .collect();
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        Metrics {
+            models,
+            rejected_queue_full: self.rejected,
+            max_queue: self.parts.max_queue,
+        }
+    }
+
     /// `Shutdown`: running requests are cancelled (each still ends with
     /// its `Complete`), everything queued is answered with `ShutDown`, and
     /// the loop ends once the engines are idle.
@@ -466,6 +562,7 @@ impl Brainstem {
                     Command::Load { done, .. } => done(Err(GeniusError::ShutDown.report())),
                     Command::Unload { done, .. } => done(Err(GeniusError::ShutDown.report())),
                     Command::Models(done) => done(self.statuses()),
+                    Command::Metrics(done) => done(self.metrics()),
                     Command::Listen(listener) => self.listeners.push(listener),
                     Command::Shutdown => {}
                 }
@@ -589,6 +686,16 @@ impl Brainstem {
             for done in entry.releases.drain(..) {
                 done(Ok(false));
             }
+            // A name that led to no model leaves no counters behind: the
+            // names clients send are not a list to grow without bound.
+            let mut tally = self.tally.lock();
+            if tally
+                .get(name)
+                .is_some_and(|m| m.loads == 0 && m.load_failures == 0)
+            {
+                tally.remove(name);
+            }
+            drop(tally);
             if let Some(engine) = entry.take_engine() {
                 self.free(engine, Memory::default());
             }
@@ -607,6 +714,9 @@ impl Brainstem {
             let Some(entry) = self.models.get_mut(name) else {
                 continue;
             };
+            if !matches!(entry.phase, Phase::Loaded { .. }) {
+                entry.drop_cancelled();
+            }
             match &entry.phase {
                 Phase::Loaded { engine, .. } => {
                     while let Some(submission) = entry.queue.pop_front() {
@@ -625,6 +735,11 @@ impl Brainstem {
                     for done in entry.releases.drain(..) {
                         done(Ok(false));
                     }
+                }
+                // Nothing wants it any more (every client waiting for it
+                // went away): it need not load.
+                Phase::Waiting { .. } if entry.queue.is_empty() && entry.loads.is_empty() => {
+                    entry.phase = Phase::Unloaded;
                 }
                 _ => {}
             }
@@ -780,6 +895,11 @@ impl Brainstem {
                 EngineStatus::Released(name.to_owned())
             }
         };
+        self.tally.update(name, |metrics| match why {
+            Unloading::Hibernated => metrics.hibernations += 1,
+            Unloading::Evicted(_) => metrics.evictions += 1,
+            Unloading::Released => metrics.releases += 1,
+        });
         self.broadcast(BrainstemOutput::Status(status));
         for done in releases {
             done(Ok(true));
@@ -831,6 +951,11 @@ impl Brainstem {
                     entry.started.insert(id);
                 }
             }
+            Some(EngineReport::Stats(stats)) => {
+                if let Some(entry) = self.models.get_mut(&name) {
+                    entry.stats = stats;
+                }
+            }
             Some(EngineReport::Ended(id)) => {
                 let entry = self.models.get_mut(&name).expect("found above");
                 entry.running.remove(&id);
@@ -870,6 +995,7 @@ impl Brainstem {
                     return;
                 };
                 log::info!("{name} ready, context {} tokens", info.context_size);
+                self.tally.update(name, |metrics| metrics.loads += 1);
                 entry.phase = Phase::Loaded {
                     engine,
                     serial,
@@ -886,6 +1012,8 @@ impl Brainstem {
             }
             Err(err) => {
                 log::warn!("{err}");
+                self.tally
+                    .update(name, |metrics| metrics.load_failures += 1);
                 self.forget(name, &Arc::new(err));
                 self.broadcast(BrainstemOutput::Status(EngineStatus::Unloaded));
             }

@@ -9,7 +9,8 @@ use std::task::{Context, Poll};
 use futures::channel::{mpsc, oneshot};
 use futures::Stream;
 use rusty_genius_core::manifest::{ModelInfo, ModelStatus};
-use rusty_genius_core::protocol::{BrainstemOutput, InferenceEvent};
+use rusty_genius_core::metrics::Metrics;
+use rusty_genius_core::protocol::{BrainstemOutput, FinishReason, InferenceEvent, Usage};
 use rusty_genius_core::{
     ChatMessage, Embed, Embeddings, ErrorReport, GeniusError, InferenceConfig, Infill, Prompt,
 };
@@ -25,6 +26,8 @@ pub(crate) enum Command {
     Unload { name: String, done: UnloadDone },
     /// List the models the loop knows of.
     Models(ModelsDone),
+    /// Report what has been measured.
+    Metrics(MetricsDone),
     /// Hear every status and download event too.
     Listen(Listener),
     /// End every running and queued request, then the loop.
@@ -63,6 +66,23 @@ impl Submission {
         self.fail_shared(&Arc::new(err));
     }
 
+    /// Ends a request whose client went away before it ran: it did
+    /// nothing, and says so.
+    pub(crate) fn cancelled(mut self) {
+        log::debug!("request {}: cancelled while queued", self.id);
+        self.sink.send(Ok(InferenceEvent::Usage(Usage {
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            generated_tokens: 0,
+            draft_tokens: 0,
+            accepted_draft_tokens: 0,
+            prompt_ms: 0.0,
+            generation_ms: 0.0,
+            finish_reason: FinishReason::Cancelled,
+        })));
+        self.sink.send(Ok(InferenceEvent::Complete));
+    }
+
     /// Fails with an error other requests share (one load failure ends
     /// every request that waited for it, each with the error itself).
     pub(crate) fn fail_shared(mut self, err: &Arc<GeniusError>) {
@@ -79,6 +99,9 @@ pub(crate) type UnloadDone = Box<dyn FnOnce(Result<bool, ErrorReport>) + Send>;
 
 /// Hears the list of models.
 pub(crate) type ModelsDone = Box<dyn FnOnce(Vec<ModelStatus>) + Send>;
+
+/// Hears the figures measured.
+pub(crate) type MetricsDone = Box<dyn FnOnce(Metrics) + Send>;
 
 /// Hears status and download events; `false` once it stopped listening.
 pub(crate) type Listener = Box<dyn FnMut(BrainstemOutput) -> bool + Send>;
@@ -234,6 +257,15 @@ impl OrchestratorHandle {
     /// once, whatever is loading.
     pub async fn models(&self) -> Result<Vec<ModelStatus>, ErrorReport> {
         self.ask(Command::Models).await
+    }
+
+    /// What the Orchestrator has measured since it started, per model:
+    /// requests and how they ended, tokens read (and of them, served from
+    /// the cache) and generated, latencies, loads and unloads, and each
+    /// engine's KV cache and saved caches as it last reported them (see
+    /// [`Metrics`]). Answered at once, whatever runs.
+    pub async fn metrics(&self) -> Result<Metrics, ErrorReport> {
+        self.ask(Command::Metrics).await
     }
 
     /// Sends the command `make` builds around a callback, and waits for

@@ -12,6 +12,7 @@
 mod brainstem;
 mod channel;
 mod handle;
+mod meter;
 mod orchestrator;
 mod residency;
 mod rt;

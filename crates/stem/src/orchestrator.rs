@@ -42,6 +42,7 @@ pub struct Orchestrator {
     authority: Arc<AssetAuthority>,
     limits: Limits,
     residency: Residency,
+    max_queue: Option<usize>,
 }
 
 impl std::fmt::Debug for Orchestrator {
@@ -50,6 +51,7 @@ impl std::fmt::Debug for Orchestrator {
             .field("strategy", &self.strategy)
             .field("limits", &self.limits)
             .field("residency", &self.residency)
+            .field("max_queue", &self.max_queue)
             .finish_non_exhaustive()
     }
 }
@@ -62,6 +64,7 @@ pub struct OrchestratorBuilder {
     authority: Option<AssetAuthority>,
     limits: Limits,
     residency: Residency,
+    max_queue: Option<usize>,
 }
 
 impl OrchestratorBuilder {
@@ -107,6 +110,16 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Bounds the requests waiting for a place (for their model to load,
+    /// or for room in its batch), across every model. A request that
+    /// comes when `requests` wait already is refused at once with
+    /// [`GeniusError::QueueFull`], before any work for it starts. Default:
+    /// no bound.
+    pub fn max_queue(mut self, requests: usize) -> Self {
+        self.max_queue = Some(requests);
+        self
+    }
+
     /// Sets how a model file's size in memory is estimated before it
     /// loads (the residency policy's measure). Default: from the GGUF
     /// header and the default engine's options.
@@ -140,6 +153,7 @@ impl OrchestratorBuilder {
             authority: Arc::new(authority),
             limits: self.limits,
             residency: self.residency,
+            max_queue: self.max_queue,
         })
     }
 }
@@ -160,6 +174,7 @@ impl Orchestrator {
             authority: None,
             limits: Limits::default(),
             residency: Residency::default(),
+            max_queue: None,
         }
     }
 
@@ -223,6 +238,7 @@ impl Orchestrator {
             strategy: self.strategy,
             limits: self.limits,
             residency: self.residency,
+            max_queue: self.max_queue,
             authority: self.authority.clone(),
             factory: self.factory.clone(),
             footprint: self.footprint.clone(),

@@ -433,3 +433,44 @@ async fn immediate_unloads_after_a_request_not_after_a_load() {
         "one load only"
     );
 }
+
+#[async_std::test]
+async fn a_request_given_up_while_its_model_waits_for_room_never_loads_it() {
+    let one = Residency {
+        max_models: 1,
+        ..Residency::default()
+    };
+    let f = Fixture::new(one, CortexStrategy::KeepAlive);
+    let (a, b) = (f.model("first", 1000), f.model("second", 1000));
+    f.ask(&a).await.unwrap();
+    let mut events = f.genius.events();
+    // `first` is busy for about a second: `second` must wait for room.
+    let busy = f.genius.infer(
+        "hi",
+        InferenceConfig::default()
+            .with_model(&a)
+            .with_max_tokens(200),
+    );
+    let given_up = f
+        .genius
+        .infer("hi", InferenceConfig::default().with_model(&b));
+    async_std::task::sleep(Duration::from_millis(100)).await;
+    let metrics = f.genius.metrics().await.unwrap();
+    assert_eq!(metrics.model(&b).unwrap().queued, 1, "{metrics:?}");
+    drop(given_up);
+    let streamed = read_stream(busy, LIMIT).await;
+    assert!(streamed.reply.completed);
+    let seen = statuses(&mut events, Duration::from_millis(300)).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|s| matches!(s, EngineStatus::Loading(name) if name == &b)),
+        "{seen:?}"
+    );
+    let metrics = f.genius.metrics().await.unwrap();
+    let second = metrics.model(&b).unwrap();
+    assert_eq!((second.loads, second.queued), (0, 0), "{second:?}");
+    assert_eq!(second.requests_cancelled, 1, "{second:?}");
+    let first = metrics.model(&a).unwrap();
+    assert_eq!((first.loads, first.evictions), (1, 0), "{first:?}");
+}

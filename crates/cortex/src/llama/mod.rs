@@ -122,6 +122,9 @@ struct Loaded {
     /// Whether a sequence copy waits for the next decode (llama.cpp moves
     /// the data then): until it has, no cache is copied out or read in.
     copies_pending: bool,
+    /// Steps taken and saved caches read back (the counters of
+    /// [`EngineStats`](rusty_genius_core::metrics::EngineStats)).
+    counts: rusty_genius_core::metrics::EngineStats,
     /// What may stop a step early (the contexts' abort callback reads it;
     /// dropped after `cell`, whose contexts it outlives).
     stops: Arc<Stops>,
@@ -221,6 +224,7 @@ impl Loaded {
             draft: None,
             disk: None,
             copies_pending: false,
+            counts: rusty_genius_core::metrics::EngineStats::default(),
             stops: stops.clone(),
         }
         .with_disk(path, options, placement))
@@ -619,6 +623,7 @@ impl Engine for LlamaEngine {
             return Step::default();
         };
         let step = loaded.step(&self.seat);
+        loaded.counts.steps += 1;
         if !loaded.has_work() {
             self.seat.idle();
         }
@@ -629,5 +634,21 @@ impl Engine for LlamaEngine {
             crate::exit::guard_statics();
         }
         step
+    }
+
+    fn stats(&self) -> rusty_genius_core::metrics::EngineStats {
+        let Some(loaded) = &self.loaded else {
+            return rusty_genius_core::metrics::EngineStats::default();
+        };
+        rusty_genius_core::metrics::EngineStats {
+            kv_cells_used: loaded
+                .slots
+                .iter()
+                .map(|slot| slot.cached.len() as u64)
+                .sum(),
+            kv_cells_total: (loaded.slot_context * loaded.slots.len()) as u64,
+            ram_tier_bytes: loaded.ram.held() as u64,
+            ..loaded.counts
+        }
     }
 }

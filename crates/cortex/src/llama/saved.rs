@@ -34,6 +34,11 @@ impl RamTier {
         }
     }
 
+    /// The bytes of the caches it holds.
+    pub(super) fn held(&self) -> usize {
+        self.held
+    }
+
     pub(super) fn iter(&self) -> impl Iterator<Item = &Saved> {
         self.saved.iter()
     }
@@ -250,6 +255,7 @@ impl Loaded {
             return false;
         }
         let started = Instant::now();
+        let from_ram = matches!(source, Source::Ram(_));
         let (saved, from) = match source {
             Source::Ram(at) => (self.ram.take(at), "RAM"),
             Source::Disk(entry) => (
@@ -261,6 +267,7 @@ impl Loaded {
             ),
         };
         let Some(saved) = saved else {
+            self.counts.restore_misses += 1;
             return false;
         };
         if !self.slots[index].cached.is_empty() {
@@ -285,6 +292,7 @@ impl Loaded {
                 "llama.cpp refused a saved KV cache of {} tokens (from {from}); decoding the prompt",
                 saved.tokens.len()
             );
+            self.counts.restore_misses += 1;
             self.reset_slot(index);
             return false;
         }
@@ -293,6 +301,11 @@ impl Loaded {
             saved.tokens.len(),
             started.elapsed().as_secs_f64() * 1e3
         );
+        if from_ram {
+            self.counts.restores_ram += 1;
+        } else {
+            self.counts.restores_disk += 1;
+        }
         let slot = &mut self.slots[index];
         slot.cached = saved.tokens;
         slot.transcript = saved.transcript;

@@ -177,6 +177,20 @@ pub(crate) struct ServeArgs {
     /// clients with read timeouts hold on.
     #[arg(long, default_value_t = 10, value_name = "SECS")]
     pub(crate) sse_keep_alive: u64,
+    /// The most requests that may wait for a place (for their model, or
+    /// for room in its batch), across every model; past it a request is
+    /// refused at once with a 503 and `Retry-After` (0: no bound).
+    #[arg(
+        long,
+        default_value_t = 512,
+        value_name = "N",
+        env = "GENIUS_MAX_QUEUE"
+    )]
+    pub(crate) max_queue: usize,
+    /// Serve Prometheus metrics at GET /metrics (behind the API key, if
+    /// there is one).
+    #[arg(long, env = "GENIUS_METRICS")]
+    pub(crate) metrics: bool,
     #[command(flatten)]
     pub(crate) limits: LimitArgs,
     #[command(flatten)]

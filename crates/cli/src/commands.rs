@@ -324,12 +324,16 @@ fn orchestrator(
     strategy: CortexStrategy,
     limits: Limits,
     residency: Residency,
+    max_queue: Option<usize>,
 ) -> Result<OrchestratorHandle, Failure> {
-    let builder = Orchestrator::builder()
+    let mut builder = Orchestrator::builder()
         .strategy(strategy)
         .limits(limits)
         .residency(residency)
         .asset_authority(authority()?);
+    if let Some(limit) = max_queue {
+        builder = builder.max_queue(limit);
+    }
     let builder = match engine.engine {
         EngineKind::Pinky => builder.pinky(
             Pinky::new()
@@ -498,6 +502,7 @@ async fn run_model(
         CortexStrategy::KeepAlive,
         Limits::default(),
         Residency::default(),
+        None,
     )?;
     let mut interrupts = Interrupts::listen();
     let loaded = tokio::select! {
@@ -739,7 +744,14 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
             )
         }
     );
-    let genius = orchestrator(&args.engine, strategy, args.limits.limits(), residency)?;
+    let max_queue = (args.max_queue > 0).then_some(args.max_queue);
+    let genius = orchestrator(
+        &args.engine,
+        strategy,
+        args.limits.limits(),
+        residency,
+        max_queue,
+    )?;
     let settings = ServeSettings {
         addr: args.addr,
         ollama_addr: args.ollama_addr,
@@ -757,6 +769,7 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
         },
         max_choices: parallel(&args.engine),
         sse_keep_alive: Duration::from_secs(args.sse_keep_alive.max(1)),
+        metrics: args.metrics,
     };
     if settings.api_key.is_none() && settings.cors.any() {
         log::warn!("--cors-origin * without an API key: any web page a user of this machine opens can use the server");

@@ -40,6 +40,27 @@ pub(crate) struct Timeouts {
     pub(crate) idle: Duration,
 }
 
+/// Connections the kernel holds for the server before it accepts them.
+/// Rust's default (128, as in `std`) drops connections from a crowd of
+/// clients arriving at once (600 at once overflowed it; the dropped ones
+/// see a reset). The kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with room for [`BACKLOG`] connections waiting to
+/// be accepted.
+pub(crate) fn listen(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do: a restarted server can bind at once.
+    #[cfg(not(windows))]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
 /// Serves `app` on every connection `listener` accepts, until `shutdown`
 /// completes; then lets the open answers finish.
 pub(crate) async fn serve(

@@ -540,6 +540,9 @@ mod tests {
 #[derive(Debug, Serialize)]
 pub(crate) struct ErrorBody {
     pub(crate) error: ErrorDetail,
+    /// The request's `X-Request-Id`, to find its log lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) request_id: Option<String>,
 }
 
 /// The inside of an [`ErrorBody`].

@@ -34,7 +34,7 @@ use rusty_genius_cortex::{
     CancelToken, EngineFactory, EngineReport, EngineThread, EventSink, Output, Request, RequestId,
 };
 
-use crate::handle::{Command, Listener, LoadDone, MetricsDone, Submission, UnloadDone};
+use crate::handle::{Command, Listener, LoadDone, Submission, UnloadDone};
 use crate::meter::{fresh, Metered, Tally};
 use crate::residency::{find_room, Holder, Memory, Residency, Room};
 use crate::rt;

@@ -18,31 +18,6 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/v1/messages/count_tokens", post(count_tokens))
 }
 
-/// Rewrites the errors of `/v1/messages` paths (the gate's and the
-/// handlers') into Anthropic's shape: `{"type": "error", "error": {"type":
-/// ..., "message": ...}}`.
-pub(super) async fn anthropic_errors(request: Request, next: axum::middleware::Next) -> Response {
-    let ours = request.uri().path().starts_with("/v1/messages");
-    let response = next.run(request).await;
-    if !ours || response.status().is_success() {
-        return response;
-    }
-    errors::reshape(response, |status, message| {
-        let kind = match status.as_u16() {
-            401 => "authentication_error",
-            403 => "permission_error",
-            404 => "not_found_error",
-            413 => "request_too_large",
-            429 => "rate_limit_error",
-            503 | 529 => "overloaded_error",
-            400..=499 => "invalid_request_error",
-            _ => "api_error",
-        };
-        json!({"type": "error", "error": {"type": kind, "message": message}})
-    })
-    .await
-}
-
 // ---- requests -----------------------------------------------------------
 
 /// A message's content: a string, or blocks.
@@ -364,7 +339,7 @@ async fn messages(
     let messages = conversation(request.system.take(), std::mem::take(&mut request.messages))?;
     let stream = state.genius.chat(messages, config);
     let reply = Reply {
-        id: format!("msg_{}", request_id()),
+        id: format!("msg_{}", unique_id()),
         model: request.model,
         blocks: Vec::new(),
         usage: None,

@@ -144,7 +144,7 @@ impl Reply {
         };
         Self {
             endpoint,
-            id: format!("{prefix}-{}", request_id()),
+            id: format!("{prefix}-{}", unique_id()),
             model,
             created,
             choices: (0..choices).map(|_| Choice::default()).collect(),

@@ -1,5 +1,8 @@
 //! Errors in the OpenAI API's shape, and how library errors become them.
 
+use serde::Serialize;
+
+use super::context::{self, Dialect};
 use super::*;
 
 /// An HTTP error answered with the OpenAI error body.
@@ -101,6 +104,11 @@ impl ApiError {
                 "server_error",
                 Some("no_room"),
             ),
+            ErrorKind::Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                Some("queue_full"),
+            ),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
         // A client learns what it did wrong, never where the server keeps
@@ -108,8 +116,8 @@ impl ApiError {
         let message = if status == StatusCode::INTERNAL_SERVER_ERROR
             || status == StatusCode::BAD_GATEWAY
         {
-            let reference = request_id();
-            log::error!("{status} (ref {reference}): {}", report.message);
+            let reference = context::id();
+            log::error!("[{reference}] {status}: {}", report.message);
             format!("the server could not answer this request; its log says why (ref {reference})")
         } else {
             without_paths(&report.message)
@@ -124,8 +132,12 @@ impl ApiError {
         error
     }
 
+    /// The OpenAI-shaped body, for an error inside a stream.
     pub(super) fn body(self) -> ErrorBody {
-        ErrorBody { error: self.detail }
+        ErrorBody {
+            error: self.detail,
+            request_id: Some(context::id().to_string()),
+        }
     }
 }
 
@@ -136,20 +148,103 @@ impl From<Unsupported> for ApiError {
 }
 
 impl IntoResponse for ApiError {
+    /// The error in the shape of the API the request's route belongs to,
+    /// with the request's id; a 503 says when to come back.
     fn into_response(self) -> Response {
+        let current = context::current();
+        let id = current.as_ref().map(|c| c.id.clone());
+        let dialect = current.map_or(Dialect::OpenAi, |c| c.dialect);
+        let request_id = id.as_deref().unwrap_or("-");
         if self.status.is_server_error() {
-            log::warn!("{} {}", self.status, self.detail.message);
+            log::warn!("[{request_id}] {} {}", self.status, self.detail.message);
         } else {
-            log::debug!("{} {}", self.status, self.detail.message);
+            log::debug!("[{request_id}] {} {}", self.status, self.detail.message);
         }
         let status = self.status;
-        let mut response = (status, axum::Json(self.body())).into_response();
+        let request_id = id.map(|id| id.to_string());
+        let mut response = match dialect {
+            Dialect::OpenAi => (
+                status,
+                axum::Json(ErrorBody {
+                    error: self.detail,
+                    request_id,
+                }),
+            )
+                .into_response(),
+            Dialect::Ollama => (
+                status,
+                axum::Json(OllamaError {
+                    error: self.detail.message,
+                    request_id,
+                }),
+            )
+                .into_response(),
+            Dialect::Anthropic => (
+                status,
+                axum::Json(AnthropicError {
+                    kind: "error",
+                    error: AnthropicDetail {
+                        kind: anthropic_kind(status),
+                        message: self.detail.message,
+                    },
+                    request_id,
+                }),
+            )
+                .into_response(),
+        };
         if status == StatusCode::UNAUTHORIZED {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER));
+        }
         response
+    }
+}
+
+/// Seconds a client refused with a 503 is asked to wait (`Retry-After`).
+pub(super) const RETRY_AFTER: &str = "1";
+
+/// Ollama's error body.
+#[derive(Debug, Serialize)]
+struct OllamaError {
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+}
+
+/// Anthropic's error body.
+#[derive(Debug, Serialize)]
+pub(super) struct AnthropicError {
+    #[serde(rename = "type")]
+    pub(super) kind: &'static str,
+    pub(super) error: AnthropicDetail,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(super) request_id: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub(super) struct AnthropicDetail {
+    #[serde(rename = "type")]
+    pub(super) kind: &'static str,
+    pub(super) message: String,
+}
+
+/// The `type` Anthropic gives an error of this status.
+fn anthropic_kind(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
     }
 }
 
@@ -198,27 +293,4 @@ pub(super) fn without_paths(message: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// An error response in another API's shape: its message (the OpenAI-shaped
-/// body's, or the body itself) and status given to `shape`, which writes the
-/// new body. Used by the Ollama and Anthropic routes, whose clients read
-/// their own shape from every error, the gate's included.
-pub(super) async fn reshape(
-    response: Response,
-    shape: impl FnOnce(StatusCode, String) -> Value,
-) -> Response {
-    let (mut parts, body) = response.into_parts();
-    let message = match axum::body::to_bytes(body, 1 << 20).await {
-        Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
-            .ok()
-            .and_then(|body| body["error"]["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
-        Err(_) => "the server failed".to_owned(),
-    };
-    parts.headers.remove(header::CONTENT_LENGTH);
-    let (_, body) = axum::Json(shape(parts.status, message))
-        .into_response()
-        .into_parts();
-    Response::from_parts(parts, body)
 }

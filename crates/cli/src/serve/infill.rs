@@ -164,7 +164,7 @@ pub(super) async fn infill(
     };
     let first = first_event(&mut stream).await?;
     if request.stream {
-        let events = Watched::new(stream, format!("infill-{}", request_id()));
+        let events = Watched::new(stream, format!("infill-{}", unique_id()));
         return Ok(event_stream(answer_frames(answer, first, events)));
     }
     each_event(first, &mut stream, |event| {

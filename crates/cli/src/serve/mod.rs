@@ -26,10 +26,12 @@ use serde_json::{json, Value};
 
 mod anthropic;
 mod chat;
+mod context;
 mod cors;
 mod embeddings;
 mod errors;
 mod infill;
+mod metrics;
 mod models;
 mod ollama;
 mod page;
@@ -73,6 +75,8 @@ pub(crate) struct ServeSettings {
     /// Silence in a streamed answer after which a keep-alive comment goes
     /// out.
     pub(crate) sse_keep_alive: Duration,
+    /// Whether `GET /metrics` answers (`--metrics`).
+    pub(crate) metrics: bool,
 }
 
 /// A model the server answers for: the id clients send, the name the
@@ -109,6 +113,8 @@ struct AppState {
     /// Whether each model file embeds, as its header says (read once).
     embeds: std::sync::Mutex<std::collections::HashMap<std::path::PathBuf, bool>>,
     created: u64,
+    /// The HTTP requests answered, for `/metrics`.
+    http: metrics::HttpMetrics,
 }
 
 /// Serves until Ctrl-C or SIGTERM; then lets the open responses finish
@@ -118,14 +124,12 @@ pub(crate) async fn serve(
     authority: AssetAuthority,
     settings: ServeSettings,
 ) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(settings.addr)
-        .await
+    let listener = crate::http::listen(settings.addr)
         .map_err(|err| format!("cannot listen on {}: {err}", settings.addr))?;
     let local = listener.local_addr().map_err(|err| err.to_string())?;
     let mut listeners = vec![listener];
     if let Some(addr) = settings.ollama_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = crate::http::listen(addr)
             .map_err(|err| format!("cannot listen on {addr} (--ollama-addr): {err}"))?;
         let bound = listener.local_addr().map_err(|err| err.to_string())?;
         log::info!("also listening on http://{bound} for Ollama's clients");
@@ -152,6 +156,7 @@ pub(crate) async fn serve(
         failed: std::sync::Mutex::new(Vec::new()),
         embeds: std::sync::Mutex::new(std::collections::HashMap::new()),
         created: unix_now(),
+        http: metrics::HttpMetrics::default(),
     });
     if !fixed.is_empty() {
         // Load in the background so that /health can say "loading"
@@ -236,19 +241,21 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/models/load", post(models::load_model))
         .route("/models/unload", post(models::unload_model))
         .route("/health", get(models::health))
+        .route("/metrics", get(metrics::metrics))
         .merge(ollama::routes())
         .merge(anthropic::routes())
         .merge(page::routes())
         .fallback(errors::not_found)
         .method_not_allowed_fallback(errors::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), gate))
-        .layer(axum::middleware::from_fn(ollama::ollama_errors))
-        .layer(axum::middleware::from_fn(anthropic::anthropic_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             cors::cors,
         ))
-        .layer(axum::middleware::from_fn(access_log))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            context::layer,
+        ))
         .with_state(state)
 }
 
@@ -279,23 +286,6 @@ async fn gate(
         return refused.into_response();
     }
     next.run(request).await
-}
-
-/// One log line per request: method, path, status and the time to the
-/// response's head (for a stream, to its first token).
-async fn access_log(request: Request, next: axum::middleware::Next) -> Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let started = std::time::Instant::now();
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    let elapsed = started.elapsed().as_secs_f64() * 1000.0;
-    if path == "/health" {
-        log::debug!("{method} {path} {status} {elapsed:.1} ms");
-    } else {
-        log::info!("{method} {path} {status} {elapsed:.1} ms");
-    }
-    response
 }
 
 // ---- request checks -----------------------------------------------------
@@ -562,7 +552,9 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn request_id() -> String {
+/// An id for an object of an answer (a completion, a message, a call):
+/// unique within this process.
+fn unique_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);

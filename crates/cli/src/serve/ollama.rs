@@ -27,18 +27,6 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/api/delete", axum::routing::delete(delete))
 }
 
-/// Rewrites the OpenAI-shaped errors of the gate, the body reader and the
-/// handlers of `/api/` paths into Ollama's `{"error": "message"}`, which
-/// its clients read.
-pub(super) async fn ollama_errors(request: Request, next: axum::middleware::Next) -> Response {
-    let ollama = request.uri().path().starts_with("/api/");
-    let response = next.run(request).await;
-    if !ollama || response.status().is_success() {
-        return response;
-    }
-    errors::reshape(response, |_, message| json!({"error": message})).await
-}
-
 // ---- requests -----------------------------------------------------------
 
 /// `options`: the sampling settings Ollama takes (others are ignored, as
@@ -526,7 +514,7 @@ async fn answer(
         .await?;
         return Ok(axum::Json(reply.done(true)).into_response());
     }
-    let events = Watched::new(stream, format!("ollama-{}", request_id()));
+    let events = Watched::new(stream, format!("ollama-{}", unique_id()));
     Ok(ndjson_response(chat::answer_frames(reply, first, events)))
 }
 

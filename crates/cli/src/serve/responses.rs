@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::chat::{answer_frames, event_stream, first_event, Frames};
-use super::{request_id, unix_now, ApiError, AppState, Watched};
+use super::{unique_id, unix_now, ApiError, AppState, Watched};
 use crate::openai::Sampling;
 
 /// The most answers kept for `previous_response_id` and `GET`.
@@ -486,7 +486,7 @@ impl Answer {
             request.metadata.clone().unwrap_or_else(|| json!({})),
         );
         Self {
-            id: format!("resp_{}", request_id()),
+            id: format!("resp_{}", unique_id()),
             created: unix_now(),
             model,
             echo,
@@ -556,7 +556,7 @@ impl Answer {
                         let index = self.output.len();
                         let item = json!({
                             "type": "message",
-                            "id": format!("msg_{}", request_id()),
+                            "id": format!("msg_{}", unique_id()),
                             "status": "in_progress",
                             "role": "assistant",
                             "content": [],
@@ -615,7 +615,7 @@ impl Answer {
                 }
                 events.extend(self.close_message());
                 let index = self.output.len();
-                let item_id = format!("fc_{}", request_id());
+                let item_id = format!("fc_{}", unique_id());
                 let arguments = arguments.to_string();
                 let item = json!({
                     "type": "function_call",

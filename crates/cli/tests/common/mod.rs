@@ -173,6 +173,11 @@ impl Reply {
         })
     }
 
+    /// The body as text (lossy), for messages.
+    pub(crate) fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
     pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

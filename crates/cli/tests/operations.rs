@@ -559,3 +559,102 @@ fn prometheus_scrapes_the_metrics_and_its_figures_match_what_was_sent() {
     );
     assert_eq!(ttft, Some(5.0));
 }
+
+#[test]
+fn llama_cpp_helper_endpoints_answer_in_its_shapes() {
+    let dir = TempDir::new("ops-helpers");
+    let server = pinky_server(&dir, &[]);
+    let addr = server.addr;
+
+    // Pinky's tokens are bytes.
+    let ids = post(addr, "/tokenize", &json!({"content": "hi"}), &[AUTH]);
+    assert_eq!(ids.status, 200, "{}", ids.text());
+    assert_eq!(ids.json(), json!({"tokens": [104, 105]}));
+    let pieces = post(
+        addr,
+        "/tokenize",
+        &json!({"content": ["h", 105], "with_pieces": true, "model": "pinky"}),
+        &[AUTH],
+    );
+    assert_eq!(
+        pieces.json(),
+        json!({"tokens": [{"id": 104, "piece": "h"}, {"id": 105, "piece": "i"}]})
+    );
+    // A piece that is not UTF-8 alone comes as its bytes.
+    let bytes = post(
+        addr,
+        "/tokenize",
+        &json!({"content": [195], "with_pieces": true}),
+        &[AUTH],
+    );
+    assert_eq!(
+        bytes.json(),
+        json!({"tokens": [{"id": 195, "piece": [195]}]})
+    );
+    let none = post(addr, "/tokenize", &json!({}), &[AUTH]);
+    assert_eq!(none.json(), json!({"tokens": []}));
+
+    let text = post(addr, "/detokenize", &json!({"tokens": [104, 105]}), &[AUTH]);
+    assert_eq!(text.json(), json!({"content": "hi"}));
+    let unknown = post(
+        addr,
+        "/detokenize",
+        &json!({"tokens": [104, 9999]}),
+        &[AUTH],
+    );
+    assert_eq!(unknown.status, 400, "{}", unknown.text());
+    let error = &unknown.json()["error"];
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("token 9999")),
+        "{error}"
+    );
+    assert_eq!(error["param"], "tokens");
+    let negative = post(addr, "/detokenize", &json!({"tokens": [-1]}), &[AUTH]);
+    assert_eq!(negative.status, 400, "{}", negative.text());
+    assert!(negative.json()["error"]["param"]
+        .as_str()
+        .is_some_and(|p| p.starts_with("tokens")));
+
+    let prompt = post(
+        addr,
+        "/apply-template",
+        &json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "hi"},
+        ]}),
+        &[AUTH],
+    );
+    assert_eq!(prompt.status, 200, "{}", prompt.text());
+    assert_eq!(
+        prompt.json(),
+        json!({"prompt": "system: Be brief.\nuser: hi\n"})
+    );
+    let bad = post(addr, "/apply-template", &json!({"messages": []}), &[AUTH]);
+    assert_eq!(bad.status, 400, "{}", bad.text());
+
+    let wrong_model = post(
+        addr,
+        "/tokenize",
+        &json!({"content": "x", "model": "nope"}),
+        &[AUTH],
+    );
+    assert_eq!(wrong_model.status, 404, "{}", wrong_model.text());
+
+    let props = request(addr, "GET", "/props", &[AUTH], None).unwrap();
+    assert_eq!(props.status, 200, "{}", props.text());
+    let props = props.json();
+    assert!(
+        props["total_slots"].as_u64().is_some_and(|n| n >= 1),
+        "{props}"
+    );
+    assert!(props["default_generation_settings"]["n_ctx"]
+        .as_u64()
+        .is_some_and(|n| n > 0));
+    assert_eq!(props["model_alias"], "pinky");
+    assert_eq!(props["modalities"]["vision"], false);
+    // Read-only.
+    let write = post(addr, "/props", &json!({}), &[AUTH]);
+    assert_eq!(write.status, 405, "{}", write.text());
+}

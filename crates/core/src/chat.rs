@@ -26,6 +26,10 @@ pub enum Prompt {
     /// The text between a prefix and a suffix (fill-in-the-middle, code
     /// completion), in the model's own layout for it.
     Infill(crate::Infill),
+    /// A question about the model's tokens or template, answered with one
+    /// [`InferenceEvent::Tokens`](crate::protocol::InferenceEvent::Tokens)
+    /// and nothing generated.
+    Tokens(crate::tokens::TokenQuery),
 }
 
 impl From<String> for Prompt {

@@ -18,6 +18,7 @@ mod limits;
 pub mod manifest;
 pub mod metrics;
 pub mod protocol;
+pub mod tokens;
 
 pub use chat::{
     ChatMessage, FunctionCall, FunctionDefinition, JsonSchemaFormat, Prompt, ResponseFormat, Role,

@@ -110,6 +110,8 @@ pub enum InferenceEvent {
     },
     /// The vectors of an `Embed` request, one per input, in order.
     Embeddings(Embeddings),
+    /// The answer to a [`TokenQuery`](crate::tokens::TokenQuery).
+    Tokens(crate::tokens::TokenAnswer),
     /// Token counts and timings of the request; sent just before `Complete`.
     Usage(Usage),
     /// The answer is finished.

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::metrics::EngineStats;
 use rusty_genius_core::protocol::{FinishReason, InferenceEvent, TokenLogprobs, Usage};
+use rusty_genius_core::tokens::{TokenAnswer, TokenQuery};
 use rusty_genius_core::{ErrorReport, GeniusError, InferenceConfig, Limits, Prompt};
 
 use crate::cancel::CancelToken;
@@ -76,6 +77,20 @@ pub trait Engine {
     /// cheap. Default: nothing measured.
     fn stats(&self) -> EngineStats {
         EngineStats::default()
+    }
+
+    /// Answers a question about the loaded model's tokens or template
+    /// (`Prompt::Tokens`), at once, between steps. Default: not answered.
+    fn tokens(
+        &mut self,
+        query: &TokenQuery,
+        config: &InferenceConfig,
+    ) -> Result<TokenAnswer, GeniusError> {
+        let _ = (query, config);
+        Err(GeniusError::invalid_request(
+            "prompt",
+            "this engine does not answer questions about tokens",
+        ))
     }
 }
 

@@ -355,6 +355,15 @@ impl Engine for Pinky {
         // A conversation reaches Pinky as one line per message.
         let (text, said) = match &prompt {
             Prompt::Embed(_) => unreachable!("answered above"),
+            Prompt::Tokens(_) => {
+                return refuse(
+                    output,
+                    GeniusError::invalid_request(
+                        "prompt",
+                        "a question about tokens is answered at once",
+                    ),
+                )
+            }
             Prompt::Text(text) => (text.clone(), text.clone()),
             // A fill-in-the-middle request: what was typed before the cursor.
             Prompt::Infill(infill) => {
@@ -433,6 +442,67 @@ impl Engine for Pinky {
             started: Instant::now(),
         });
         Ok(())
+    }
+
+    /// Pinky's tokens are bytes: each byte of a text is a token of that
+    /// id, and a conversation renders as one `role: content` line per
+    /// message.
+    fn tokens(
+        &mut self,
+        query: &rusty_genius_core::tokens::TokenQuery,
+        _config: &InferenceConfig,
+    ) -> Result<rusty_genius_core::tokens::TokenAnswer, GeniusError> {
+        use rusty_genius_core::tokens::{TextOrToken, TokenAnswer, TokenPiece, TokenQuery};
+        if !self.loaded {
+            return Err(GeniusError::NoModelLoaded);
+        }
+        let byte = |id: u32, field: &str| {
+            u8::try_from(id).map_err(|_| {
+                GeniusError::invalid_request(
+                    field,
+                    format!("token {id} is not in Pinky's vocabulary (ids 0 to 255)"),
+                )
+            })
+        };
+        Ok(match query {
+            TokenQuery::Tokenize { content, .. } => {
+                let mut pieces = Vec::new();
+                for part in content {
+                    match part {
+                        TextOrToken::Text(text) => {
+                            pieces.extend(text.bytes().map(|b| TokenPiece {
+                                id: u32::from(b),
+                                piece: vec![b],
+                            }))
+                        }
+                        TextOrToken::Token(id) => pieces.push(TokenPiece {
+                            id: *id,
+                            piece: vec![byte(*id, "content")?],
+                        }),
+                    }
+                }
+                TokenAnswer::Tokens(pieces)
+            }
+            TokenQuery::Detokenize { tokens } => {
+                let bytes = tokens
+                    .iter()
+                    .map(|id| byte(*id, "tokens"))
+                    .collect::<Result<Vec<u8>, _>>()?;
+                TokenAnswer::Text(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            TokenQuery::Render { messages } => TokenAnswer::Text(
+                messages
+                    .iter()
+                    .map(|m| {
+                        format!(
+                            "{}: {}\n",
+                            m.role.as_str(),
+                            m.content.as_deref().unwrap_or("")
+                        )
+                    })
+                    .collect(),
+            ),
+        })
     }
 
     fn stats(&self) -> rusty_genius_core::metrics::EngineStats {

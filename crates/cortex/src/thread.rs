@@ -21,8 +21,9 @@ use futures::channel::mpsc::{unbounded, UnboundedReceiver, UnboundedSender};
 use futures::channel::oneshot;
 use rusty_genius_core::manifest::ModelInfo;
 use rusty_genius_core::metrics::EngineStats;
-use rusty_genius_core::protocol::{FinishReason, Usage};
+use rusty_genius_core::protocol::{FinishReason, InferenceEvent, Usage};
 use rusty_genius_core::GeniusError;
+use rusty_genius_core::Prompt;
 
 use crate::cancel::CancelToken;
 use crate::engine::{Ended, Engine, Knock, Request, RequestId, Step};
@@ -357,12 +358,44 @@ impl Serving {
                 self.forget_started();
                 true
             }
+            Command::Submit(request) if matches!(request.prompt, Prompt::Tokens(_)) => {
+                // Takes no place and no step: answered now.
+                self.knock.taken();
+                self.answer_tokens(*request);
+                true
+            }
             Command::Submit(request) => {
                 self.waiting.push_back(*request);
                 self.knock.taken();
                 true
             }
         }
+    }
+
+    /// Answers a question about the model's tokens or template.
+    fn answer_tokens(&mut self, request: Request) {
+        let Request {
+            id,
+            prompt,
+            config,
+            mut output,
+            ..
+        } = request;
+        let Prompt::Tokens(query) = prompt else {
+            return;
+        };
+        let answer = match &mut self.engine {
+            Ok(engine) => guarded(engine.as_mut(), |engine| engine.tokens(&query, &config)),
+            Err(err) => Err(not_started(err)),
+        };
+        match answer {
+            Ok(answer) => {
+                output.send(InferenceEvent::Tokens(answer));
+                output.end(Ok(nothing_done(FinishReason::EndOfGeneration)));
+            }
+            Err(err) => output.end(Err(err)),
+        }
+        self.report(EngineReport::Ended(id));
     }
 
     /// Starts waiting requests while the engine has room.

@@ -28,6 +28,7 @@ use rusty_genius_core::chat::validate_messages;
 use rusty_genius_core::manifest::{ModelInfo, ModelState, ModelStatus};
 use rusty_genius_core::metrics::{EngineStats, Metrics};
 use rusty_genius_core::protocol::{AssetEvent, BrainstemOutput, EngineStatus};
+use rusty_genius_core::tokens::TokenQuery;
 use rusty_genius_core::{ErrorReport, GeniusError, Limits, Prompt};
 use rusty_genius_cortex::gguf::{Footprint, FootprintFn};
 use rusty_genius_cortex::{
@@ -448,6 +449,8 @@ impl Brainstem {
             Prompt::Embed(embed) => embed.validate(),
             // An empty file is a file to complete: nothing to check.
             Prompt::Infill(_) => Ok(()),
+            Prompt::Tokens(TokenQuery::Render { messages }) => validate_messages(messages),
+            Prompt::Tokens(_) => Ok(()),
         }?;
         submission.config.validate()?;
         self.parts

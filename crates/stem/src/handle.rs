@@ -11,6 +11,7 @@ use futures::Stream;
 use rusty_genius_core::manifest::{ModelInfo, ModelStatus};
 use rusty_genius_core::metrics::Metrics;
 use rusty_genius_core::protocol::{BrainstemOutput, FinishReason, InferenceEvent, Usage};
+use rusty_genius_core::tokens::{TokenAnswer, TokenQuery};
 use rusty_genius_core::{
     ChatMessage, Embed, Embeddings, ErrorReport, GeniusError, InferenceConfig, Infill, Prompt,
 };
@@ -197,6 +198,28 @@ impl OrchestratorHandle {
             }
         }
         found.ok_or_else(|| GeniusError::engine("the engine answered without embeddings").report())
+    }
+
+    /// Answers a question about the tokens or chat template of the model
+    /// `config` names (or the default model): tokenizes, detokenizes or
+    /// renders a conversation (with `config`'s tools), without generating.
+    /// The model is loaded first if it is not.
+    pub async fn tokens(
+        &self,
+        query: TokenQuery,
+        config: InferenceConfig,
+    ) -> Result<TokenAnswer, ErrorReport> {
+        use futures::StreamExt;
+        let mut stream = self.submit(Prompt::Tokens(query), config);
+        let mut found = None;
+        while let Some(event) = stream.next().await {
+            match event? {
+                InferenceEvent::Tokens(answer) => found = Some(answer),
+                InferenceEvent::Complete => break,
+                _ => {}
+            }
+        }
+        found.ok_or_else(|| GeniusError::engine("the engine answered without tokens").report())
     }
 
     /// Answers `prompt`, a text or a conversation.

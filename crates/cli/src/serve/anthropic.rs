@@ -323,10 +323,8 @@ fn config(request: &MessagesBody) -> Result<(InferenceConfig, bool), ApiError> {
 
 async fn messages(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(mut request): Json<MessagesBody>,
 ) -> Result<Response, ApiError> {
-    let mut request: MessagesBody = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let (mut config, one_call) = config(&request)?;
     config = config.with_model(model.name);
@@ -358,10 +356,8 @@ async fn messages(
 /// dropped, and its tokens counted.
 async fn count_tokens(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<CountBody>,
 ) -> Result<Response, ApiError> {
-    let request: CountBody = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let mut config = InferenceConfig::greedy().with_model(model.name);
     config.max_tokens = Some(1);

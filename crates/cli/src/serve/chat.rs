@@ -8,10 +8,8 @@ use super::*;
 
 pub(super) async fn chat_completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let request: ChatRequest = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let choices = choices(&request.sampling, state.settings.max_choices)?;
     let config = request.config()?.with_model(model.name);
@@ -26,10 +24,8 @@ pub(super) async fn chat_completions(
 
 pub(super) async fn completions(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let request: CompletionRequest = state.body(&headers, body).await?;
     let prompt = request.prompt()?;
     let model = state.model(&request.model)?;
     let choices = choices(&request.sampling, state.settings.max_choices)?;

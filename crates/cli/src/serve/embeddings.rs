@@ -4,10 +4,8 @@ use super::*;
 
 pub(super) async fn embeddings(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<EmbeddingRequest>,
 ) -> Result<Response, ApiError> {
-    let request: EmbeddingRequest = state.body(&headers, body).await?;
     let base64 = request.base64()?;
     let model = state.model(&request.model)?;
     let embeddings = state

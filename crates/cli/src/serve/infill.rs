@@ -140,10 +140,8 @@ impl InfillRequest {
 
 pub(super) async fn infill(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<InfillRequest>,
 ) -> Result<Response, ApiError> {
-    let request: InfillRequest = state.body(&headers, body).await?;
     let infill = request.infill()?;
     // llama.cpp's server has one model: without a name, the default
     // model, else the first served.

@@ -25,11 +25,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 mod anthropic;
+mod body;
 mod chat;
 mod context;
 mod cors;
 mod embeddings;
 mod errors;
+mod helpers;
 mod infill;
 mod metrics;
 mod models;
@@ -37,6 +39,7 @@ mod ollama;
 mod page;
 mod responses;
 
+use body::Json;
 use chat::Watched;
 use errors::ApiError;
 use models::{model_id, model_object};
@@ -242,6 +245,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/models/unload", post(models::unload_model))
         .route("/health", get(models::health))
         .route("/metrics", get(metrics::metrics))
+        .route("/tokenize", post(helpers::tokenize))
+        .route("/detokenize", post(helpers::detokenize))
+        .route("/apply-template", post(helpers::apply_template))
+        .route("/props", get(helpers::props))
         .merge(ollama::routes())
         .merge(anthropic::routes())
         .merge(page::routes())
@@ -368,71 +375,6 @@ impl AppState {
         }
     }
 
-    /// Reads the body, up to the size limit.
-    async fn body<T: DeserializeOwned>(
-        &self,
-        headers: &HeaderMap,
-        body: Body,
-    ) -> Result<T, ApiError> {
-        let limit = self.settings.max_body_bytes;
-        let too_large = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                format!(
-                    "the request body is larger than {limit} bytes (genius serve --max-body-bytes)"
-                ),
-            )
-        };
-        let declared = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<u64>().ok());
-        if declared.is_some_and(|length| length > limit as u64) {
-            return Err(too_large());
-        }
-        let timeout = self.settings.timeouts.body;
-        let bytes: Bytes = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit))
-            .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::REQUEST_TIMEOUT,
-                    "invalid_request_error",
-                    format!(
-                        "the request body did not arrive within {} s (genius serve --body-timeout)",
-                        timeout.as_secs_f64()
-                    ),
-                )
-            })?
-            .map_err(|_| too_large())?;
-        let mut json = serde_json::Deserializer::from_slice(&bytes);
-        serde_path_to_error::deserialize(&mut json).map_err(|err| {
-            let mut path = err.path().to_string();
-            let mut inner = err.into_inner();
-            if path.is_empty() || path == "." {
-                // A field of the flattened sampling settings: serde loses
-                // its path through `flatten`, so read them on their own.
-                let mut again = serde_json::Deserializer::from_slice(&bytes);
-                if let Err(err) =
-                    serde_path_to_error::deserialize::<_, openai::Sampling>(&mut again)
-                {
-                    path = err.path().to_string();
-                    inner = err.into_inner();
-                }
-            }
-            if inner.is_syntax() || inner.is_eof() {
-                return ApiError::invalid(format!("the body is not valid JSON: {inner}"));
-            }
-            let message = openai::body_error(&path, &inner.to_string());
-            let error = ApiError::invalid(message);
-            if path.is_empty() || path == "." {
-                error
-            } else {
-                error.param(path)
-            }
-        })
-    }
-
     /// The models this server answers for.
     fn served(&self) -> Vec<Served> {
         if !self.fixed.is_empty() {
@@ -481,6 +423,33 @@ impl AppState {
             return Ok(model);
         }
         Err(ApiError::model_not_found(requested, &served))
+    }
+
+    /// The model a request naming `requested` goes to, or, naming none,
+    /// the default model: `--default-model`, else the first `--model`,
+    /// else the only model in the cache.
+    fn model_or_default(&self, requested: Option<&str>) -> Result<Served, ApiError> {
+        if let Some(requested) = requested.filter(|r| !r.is_empty()) {
+            return self.model(requested);
+        }
+        if let Some(default) = &self.settings.default_model {
+            return self.model(default);
+        }
+        let served = self.served();
+        match &served[..] {
+            [] => Err(ApiError::model_not_found("(none given)", &served)),
+            [only] => Ok(only.clone()),
+            [first, ..] if !self.fixed.is_empty() => Ok(first.clone()),
+            _ => Err(ApiError::invalid(format!(
+                "this server serves several models: name one in `model` ({})",
+                served
+                    .iter()
+                    .map(|m| m.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .param("model")),
+        }
     }
 
     /// Whether the model file at `path` is an embedding model.

@@ -106,7 +106,7 @@ pub(super) fn model_object(
 
 /// The body of `/models/load` and `/models/unload`.
 #[derive(serde::Deserialize)]
-struct ModelBody {
+pub(super) struct ModelBody {
     model: String,
 }
 
@@ -114,10 +114,8 @@ struct ModelBody {
 /// residency policy allows); answers once it is loaded.
 pub(super) async fn load_model(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<ModelBody>,
 ) -> Result<Response, ApiError> {
-    let request: ModelBody = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let info = state
         .genius
@@ -137,10 +135,8 @@ pub(super) async fn load_model(
 /// done; answers then.
 pub(super) async fn unload_model(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<ModelBody>,
 ) -> Result<Response, ApiError> {
-    let request: ModelBody = state.body(&headers, body).await?;
     let model = state.model(&request.model)?;
     let was_loaded = match state.genius.unload(&model.name).await {
         Ok(was_loaded) => was_loaded,

@@ -275,10 +275,8 @@ fn conversation(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
 
 async fn chat(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<ChatBody>,
 ) -> Result<Response, ApiError> {
-    let request: ChatBody = state.body(&headers, body).await?;
     let model = resolve(&state, &request.model)?;
     let mut config = request.options.config().with_model(model.name.clone());
     config.tools = request.tools.unwrap_or_default();
@@ -304,10 +302,8 @@ async fn chat(
 
 async fn generate(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<GenerateBody>,
 ) -> Result<Response, ApiError> {
-    let request: GenerateBody = state.body(&headers, body).await?;
     let model = resolve(&state, &request.model)?;
     if request
         .images
@@ -693,10 +689,8 @@ struct EmbedBody {
 
 async fn embed(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<EmbedBody>,
 ) -> Result<Response, ApiError> {
-    let request: EmbedBody = state.body(&headers, body).await?;
     let model = resolve(&state, &request.model)?;
     let texts = match request.input {
         EmbedText::One(text) => vec![text],
@@ -737,10 +731,8 @@ struct EmbeddingsBody {
 /// Ollama's is not).
 async fn embeddings(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<EmbeddingsBody>,
 ) -> Result<Response, ApiError> {
-    let request: EmbeddingsBody = state.body(&headers, body).await?;
     let model = resolve(&state, &request.model)?;
     let mut embed = Embed::new([request.prompt])
         .with_model(model.name)
@@ -854,10 +846,8 @@ struct ShowBody {
 
 async fn show(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<ShowBody>,
 ) -> Result<Response, ApiError> {
-    let request: ShowBody = state.body(&headers, body).await?;
     let model = resolve(&state, &request.model)?;
     let path = model
         .path
@@ -897,10 +887,8 @@ struct PullBody {
 /// lines. A model served from a file (`--model`) needs nothing.
 async fn pull(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<PullBody>,
 ) -> Result<Response, ApiError> {
-    let request: PullBody = state.body(&headers, body).await?;
     let _ = request.insecure;
     let name = ollama_name(&request.model);
     if name.is_empty() {
@@ -964,10 +952,8 @@ struct DeleteBody {
 /// a `--model` file of the user's is never deleted.
 async fn delete(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<DeleteBody>,
 ) -> Result<Response, ApiError> {
-    let request: DeleteBody = state.body(&headers, body).await?;
     let name = ollama_name(&request.model);
     let authority = state.authority.clone();
     let cached = tokio::task::spawn_blocking(move || authority.cached_models())

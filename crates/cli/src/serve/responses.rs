@@ -12,9 +12,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use rusty_genius::core::protocol::{FinishReason, InferenceEvent, Usage};
@@ -25,7 +25,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use super::chat::{answer_frames, event_stream, first_event, Frames};
-use super::{unique_id, unix_now, ApiError, AppState, Watched};
+use super::{unique_id, unix_now, ApiError, AppState, Json, Watched};
 use crate::openai::Sampling;
 
 /// The most answers kept for `previous_response_id` and `GET`.
@@ -194,10 +194,8 @@ pub(super) async fn delete(
 /// `POST /v1/responses`.
 pub(super) async fn create(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
+    Json(request): Json<ResponsesRequest>,
 ) -> Result<Response, ApiError> {
-    let request: ResponsesRequest = state.body(&headers, body).await?;
     if request.background {
         return Err(invalid(
             "background",

@@ -38,9 +38,10 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
 use rusty_genius_core::manifest::{ModelInfo, Placement};
 use rusty_genius_core::protocol::{FinishReason, Usage};
-use rusty_genius_core::{GeniusError, Pooling, Prompt, Speculative};
+use rusty_genius_core::{GeniusError, InferenceConfig, Pooling, Prompt, Speculative};
 
 use crate::cores::{Cores, Seat};
 use crate::draft::{Drafter, ModelRoom};
@@ -228,6 +229,79 @@ impl Loaded {
             stops: stops.clone(),
         }
         .with_disk(path, options, placement))
+    }
+
+    /// Answers a question about the model's tokens or template, as
+    /// llama.cpp's server does at `/tokenize`, `/detokenize` and
+    /// `/apply-template`.
+    fn tokens(
+        &self,
+        query: &rusty_genius_core::tokens::TokenQuery,
+        config: &InferenceConfig,
+    ) -> Result<rusty_genius_core::tokens::TokenAnswer, GeniusError> {
+        use rusty_genius_core::tokens::{TextOrToken, TokenAnswer, TokenPiece, TokenQuery};
+        let model = self.model();
+        let vocab = model.vocab();
+        let n_vocab = u32::try_from(model.n_vocab()).unwrap_or(0);
+        let known = |id: u32, field: &str| {
+            if id < n_vocab {
+                Ok(LlamaToken(id as i32))
+            } else {
+                Err(GeniusError::invalid_request(
+                    field,
+                    format!(
+                        "token {id} is not in the vocabulary of {} (ids 0 to {})",
+                        self.name,
+                        n_vocab.saturating_sub(1)
+                    ),
+                ))
+            }
+        };
+        let piece = |token: LlamaToken| vocab.token_to_piece(token, true, None);
+        match query {
+            TokenQuery::Tokenize {
+                content,
+                add_special,
+                parse_special,
+            } => {
+                let mut tokens = Vec::new();
+                for (at, part) in content.iter().enumerate() {
+                    match part {
+                        // Special tokens go only around a leading text.
+                        TextOrToken::Text(text) => tokens.extend(vocab.tokenize(
+                            text.as_bytes(),
+                            *add_special && at == 0,
+                            *parse_special,
+                        )),
+                        TextOrToken::Token(id) => tokens.push(known(*id, "content")?),
+                    }
+                }
+                Ok(TokenAnswer::Tokens(
+                    tokens
+                        .into_iter()
+                        .map(|token| TokenPiece {
+                            id: token.0 as u32,
+                            piece: piece(token),
+                        })
+                        .collect(),
+                ))
+            }
+            TokenQuery::Detokenize { tokens } => {
+                let mut bytes = Vec::new();
+                for id in tokens {
+                    bytes.extend(piece(known(*id, "tokens")?));
+                }
+                Ok(TokenAnswer::Text(
+                    String::from_utf8_lossy(&bytes).into_owned(),
+                ))
+            }
+            TokenQuery::Render { messages } => {
+                let rendered =
+                    self.prompter
+                        .tokens(model, &Prompt::Chat(messages.clone()), config)?;
+                Ok(TokenAnswer::Text(rendered.text))
+            }
+        }
     }
 
     /// Turns on the disk tier, as `options` ask, for the model at `path`
@@ -634,6 +708,17 @@ impl Engine for LlamaEngine {
             crate::exit::guard_statics();
         }
         step
+    }
+
+    fn tokens(
+        &mut self,
+        query: &rusty_genius_core::tokens::TokenQuery,
+        config: &InferenceConfig,
+    ) -> Result<rusty_genius_core::tokens::TokenAnswer, GeniusError> {
+        match &self.loaded {
+            Some(loaded) => loaded.tokens(query, config),
+            None => Err(GeniusError::NoModelLoaded),
+        }
     }
 
     fn stats(&self) -> rusty_genius_core::metrics::EngineStats {

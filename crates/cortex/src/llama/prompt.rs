@@ -219,6 +219,10 @@ impl Prompter {
                 "texts to embed are not a prompt to answer",
             )),
             Prompt::Infill(infill) => self.infill(model, infill, Room::default()),
+            Prompt::Tokens(_) => Err(GeniusError::invalid_request(
+                "prompt",
+                "a question about tokens is not a prompt to answer",
+            )),
         }
     }
 

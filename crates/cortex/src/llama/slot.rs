@@ -350,7 +350,7 @@ impl Loaded {
                 .filter_map(|message| message.content.as_deref())
                 .collect(),
             // Only what fits is read of a fill-in-the-middle request.
-            Prompt::Embed(_) | Prompt::Infill(_) => return Ok(()),
+            Prompt::Embed(_) | Prompt::Infill(_) | Prompt::Tokens(_) => return Ok(()),
         };
         let total: usize = texts.iter().map(|text| text.len()).sum();
         let budget = self

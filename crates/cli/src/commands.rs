@@ -318,6 +318,14 @@ fn remove(model: &str) -> Result<(), Failure> {
     ))
 }
 
+/// The default residency policy, found off the executor: it asks
+/// llama.cpp for the GPUs' memory, which loads its backends.
+async fn residency_default() -> Result<Residency, Failure> {
+    tokio::task::spawn_blocking(Residency::default)
+        .await
+        .map_err(|err| Failure::new(exit::FAILED, err.to_string()))
+}
+
 /// An Orchestrator with the engine the arguments choose.
 fn orchestrator(
     engine: &EngineArgs,
@@ -501,7 +509,7 @@ async fn run_model(
         engine,
         CortexStrategy::KeepAlive,
         Limits::default(),
-        Residency::default(),
+        residency_default().await?,
         None,
     )?;
     let mut interrupts = Interrupts::listen();
@@ -726,11 +734,17 @@ async fn serve_command(args: ServeArgs) -> Result<(), Failure> {
         let path = fetch(model).await?;
         log::info!("{model} is at {}", path.display());
     }
-    let mut residency = Residency::default().with_max_models(args.max_models.max(1));
+    let mut residency = residency_default()
+        .await?
+        .with_max_models(args.max_models.max(1));
     if let Some(budget) = args.memory_budget {
         residency = residency.with_memory_budget(budget);
     }
-    residency = residency.with_device_budget(device_memory(&args.engine)?.unwrap_or(u64::MAX));
+    let engine = args.engine.clone();
+    let device = tokio::task::spawn_blocking(move || device_memory(&engine))
+        .await
+        .map_err(|err| Failure::new(exit::FAILED, err.to_string()))??;
+    residency = residency.with_device_budget(device.unwrap_or(u64::MAX));
     log::info!(
         "at most {} models at once, in {:.1} GB{}",
         residency.max_models,

@@ -1,5 +1,7 @@
 //! `/v1/embeddings`.
 
+use serde::Serialize;
+
 use super::*;
 
 pub(super) async fn embeddings(
@@ -22,25 +24,60 @@ pub(super) async fn embeddings(
                 None => "input".into(),
             })
         })?;
-    let data: Vec<Value> = embeddings
+    let data = embeddings
         .vectors
         .iter()
         .enumerate()
-        .map(|(index, vector)| {
-            let embedding = if base64 {
-                Value::String(openai::base64_f32(vector))
+        .map(|(index, vector)| EmbeddingObject {
+            object: "embedding",
+            index,
+            embedding: if base64 {
+                Vector::Base64(openai::base64_f32(vector))
             } else {
-                json!(vector)
-            };
-            json!({"object": "embedding", "index": index, "embedding": embedding})
+                // As f64, the width JSON numbers are read at.
+                Vector::Floats(vector.iter().map(|&x| f64::from(x)).collect())
+            },
         })
         .collect();
     let tokens: usize = embeddings.tokens.iter().sum();
-    Ok(axum::Json(json!({
-        "object": "list",
-        "data": data,
-        "model": model.id,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-    }))
+    Ok(axum::Json(EmbeddingList {
+        object: "list",
+        data,
+        model: model.id,
+        usage: EmbeddingUsage {
+            prompt_tokens: tokens,
+            total_tokens: tokens,
+        },
+    })
     .into_response())
+}
+
+/// The answer of `/v1/embeddings`.
+#[derive(Debug, Serialize)]
+struct EmbeddingList {
+    object: &'static str,
+    data: Vec<EmbeddingObject>,
+    model: String,
+    usage: EmbeddingUsage,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingObject {
+    object: &'static str,
+    index: usize,
+    embedding: Vector,
+}
+
+/// A vector as numbers, or as the base64 of its little-endian f32s.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Vector {
+    Floats(Vec<f64>),
+    Base64(String),
+}
+
+#[derive(Debug, Serialize)]
+struct EmbeddingUsage {
+    prompt_tokens: usize,
+    total_tokens: usize,
 }

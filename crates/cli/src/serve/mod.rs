@@ -470,7 +470,7 @@ impl AppState {
     }
 
     /// Every served model as `/v1/models` lists it, with its state.
-    async fn model_objects(&self) -> Vec<Value> {
+    async fn model_objects(&self) -> Vec<models::ModelObject> {
         let statuses = self.genius.models().await.unwrap_or_default();
         let mut objects = Vec::new();
         for model in self.served() {

@@ -1,6 +1,9 @@
 //! The endpoints about models: `/health`, `/v1/models`, `/models`,
 //! `/models/load` and `/models/unload`.
 
+use rusty_genius::core::manifest::Placement;
+use serde::Serialize;
+
 use super::*;
 
 /// The id a model is listed under: a file's name without `.gguf`, or the
@@ -32,7 +35,12 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
     if !ready {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "loading", "model": model, "models": loaded})),
+            axum::Json(Health {
+                status: "loading",
+                model,
+                models: Some(loaded),
+                message: None,
+            }),
         )
             .into_response();
     }
@@ -40,19 +48,84 @@ pub(super) async fn health(State(state): State<Arc<AppState>>) -> Response {
     if !failed.is_empty() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({
-                "status": "error",
-                "message": format!("{} failed to load; see the server's log", failed.join(", ")),
-            })),
+            axum::Json(Health {
+                status: "error",
+                model: None,
+                models: None,
+                message: Some(format!(
+                    "{} failed to load; see the server's log",
+                    failed.join(", ")
+                )),
+            }),
         )
             .into_response();
     }
-    axum::Json(json!({"status": "ok", "model": model, "models": loaded})).into_response()
+    axum::Json(Health {
+        status: "ok",
+        model,
+        models: Some(loaded),
+        message: None,
+    })
+    .into_response()
+}
+
+/// The answer of `/health`.
+#[derive(Debug, Serialize)]
+struct Health {
+    status: &'static str,
+    model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    models: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// The answer of `/v1/models`.
+#[derive(Debug, Serialize)]
+struct ModelList {
+    object: &'static str,
+    data: Vec<ModelObject>,
+}
+
+/// A model as `/v1/models` lists it.
+#[derive(Debug, Clone, Serialize)]
+pub(super) struct ModelObject {
+    pub(super) id: String,
+    object: &'static str,
+    created: u64,
+    owned_by: &'static str,
+    status: ModelStateValue,
+    embeds: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resident: Option<Resident>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct ModelStateValue {
+    value: &'static str,
+}
+
+/// What a loaded model holds.
+#[derive(Debug, Clone, Serialize)]
+struct Resident {
+    memory_bytes: u64,
+    device_bytes: u64,
+    context: Option<usize>,
+    parallel: Option<usize>,
+    placement: Option<Placement>,
+    running: usize,
+    queued: usize,
+    idle_seconds: Option<f64>,
+    keep_alive_seconds: Option<f64>,
 }
 
 pub(super) async fn list_models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let data = state.model_objects().await;
-    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+    Ok(axum::Json(ModelList {
+        object: "list",
+        data,
+    })
+    .into_response())
 }
 
 pub(super) async fn get_model(
@@ -61,7 +134,7 @@ pub(super) async fn get_model(
 ) -> Result<Response, ApiError> {
     let model = state.model(&id)?;
     let data = state.model_objects().await;
-    match data.into_iter().find(|m| m["id"] == model.id.as_str()) {
+    match data.into_iter().find(|m| m.id == model.id) {
         Some(object) => Ok(axum::Json(object).into_response()),
         None => Err(ApiError::model_not_found(&id, &state.served())),
     }
@@ -74,34 +147,34 @@ pub(super) fn model_object(
     status: Option<&ModelStatus>,
     embeds: bool,
     created: u64,
-) -> Value {
+) -> ModelObject {
     let state = match status.map(|s| s.state) {
         Some(ModelState::Loaded) => "loaded",
         Some(ModelState::Loading | ModelState::Resolving | ModelState::WaitingForRoom) => "loading",
         _ => "unloaded",
     };
-    let mut object = json!({
-        "id": model.id,
-        "object": "model",
-        "created": created,
-        "owned_by": "local",
-        "status": {"value": state},
-        "embeds": embeds,
-    });
-    if let Some(status) = status.filter(|s| s.state == ModelState::Loaded) {
-        object["resident"] = json!({
-            "memory_bytes": status.memory_bytes,
-            "device_bytes": status.device_bytes,
-            "context": status.info.as_ref().map(|i| i.context_size),
-            "parallel": status.info.as_ref().map(|i| i.parallel),
-            "placement": status.info.as_ref().map(|i| &i.placement),
-            "running": status.running,
-            "queued": status.queued,
-            "idle_seconds": status.idle_for.map(|d| d.as_secs_f64()),
-            "keep_alive_seconds": status.keep_alive.map(|d| d.as_secs_f64()),
+    let resident = status
+        .filter(|s| s.state == ModelState::Loaded)
+        .map(|status| Resident {
+            memory_bytes: status.memory_bytes,
+            device_bytes: status.device_bytes,
+            context: status.info.as_ref().map(|i| i.context_size),
+            parallel: status.info.as_ref().map(|i| i.parallel),
+            placement: status.info.as_ref().map(|i| i.placement.clone()),
+            running: status.running,
+            queued: status.queued,
+            idle_seconds: status.idle_for.map(|d| d.as_secs_f64()),
+            keep_alive_seconds: status.keep_alive.map(|d| d.as_secs_f64()),
         });
+    ModelObject {
+        id: model.id.clone(),
+        object: "model",
+        created,
+        owned_by: "local",
+        status: ModelStateValue { value: state },
+        embeds,
+        resident,
     }
-    object
 }
 
 /// The body of `/models/load` and `/models/unload`.
@@ -122,12 +195,12 @@ pub(super) async fn load_model(
         .load(&model.name)
         .await
         .map_err(|err| ApiError::from_report(&err).param("model"))?;
-    Ok(axum::Json(json!({
-        "success": true,
-        "model": model.id,
-        "context": info.context_size,
-        "parallel": info.parallel,
-    }))
+    Ok(axum::Json(Loaded {
+        success: true,
+        model: model.id,
+        context: info.context_size,
+        parallel: info.parallel,
+    })
     .into_response())
 }
 
@@ -144,8 +217,27 @@ pub(super) async fn unload_model(
         Err(err) if err.kind == ErrorKind::ModelNotFound => false,
         Err(err) => return Err(ApiError::from_report(&err)),
     };
-    Ok(
-        axum::Json(json!({"success": true, "model": model.id, "was_loaded": was_loaded}))
-            .into_response(),
-    )
+    Ok(axum::Json(Unloaded {
+        success: true,
+        model: model.id,
+        was_loaded,
+    })
+    .into_response())
+}
+
+/// The answer of `/models/load`.
+#[derive(Debug, Serialize)]
+struct Loaded {
+    success: bool,
+    model: String,
+    context: usize,
+    parallel: usize,
+}
+
+/// The answer of `/models/unload`.
+#[derive(Debug, Serialize)]
+struct Unloaded {
+    success: bool,
+    model: String,
+    was_loaded: bool,
 }

@@ -9,9 +9,10 @@
 use rusty_genius::core::protocol::{FinishReason, Usage};
 use rusty_genius::core::{InferenceConfig, Infill, InfillFile, PromptFormat};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::chat::{answer_frames, each_event, event_stream, first_event, Frames, Watched};
+
 use super::*;
 
 /// A request, as llama.cpp's `/infill` takes it. Options this server does
@@ -204,28 +205,28 @@ impl Answer {
             _ => "limit",
         };
         let count = |of: fn(&Usage) -> usize| self.usage.as_ref().map_or(0, of);
-        let object = json!({
-            "index": 0,
-            "content": content,
-            "tokens": [],
-            "stop": true,
-            "model": self.model,
-            "tokens_predicted": count(|usage| usage.generated_tokens),
-            "tokens_evaluated": count(|usage| usage.prompt_tokens),
-            "tokens_cached": count(|usage| usage.cached_tokens),
-            "truncated": false,
-            "has_new_line": self.content.contains('\n'),
-            "stop_type": stop_type,
-            "stopping_word": "",
-            "timings": self.usage.as_ref().map(openai::timings),
-        });
-        self.only_asked(object)
+        self.only_asked(&Last {
+            index: 0,
+            content,
+            tokens: [],
+            stop: true,
+            model: &self.model,
+            tokens_predicted: count(|usage| usage.generated_tokens),
+            tokens_evaluated: count(|usage| usage.prompt_tokens),
+            tokens_cached: count(|usage| usage.cached_tokens),
+            truncated: false,
+            has_new_line: self.content.contains('\n'),
+            stop_type,
+            stopping_word: "",
+            timings: self.usage.as_ref().map(openai::timings),
+        })
     }
 
     /// `object` with only the `response_fields` asked for, a field with a
     /// slash (`timings/prompt_n`) taken out of its object under that
     /// name, as llama.cpp does; all of it when none were asked for.
-    fn only_asked(&self, object: Value) -> Value {
+    fn only_asked(&self, object: &impl Serialize) -> Value {
+        let object = serde_json::to_value(object).unwrap_or(Value::Null);
         let Some(fields) = &self.fields else {
             return object;
         };
@@ -243,8 +244,13 @@ impl Answer {
 impl Frames for Answer {
     fn frames_for(&mut self, event: InferenceEvent) -> Option<String> {
         let text = self.take(event)?;
-        let object = json!({"index": 0, "content": text, "tokens": [], "stop": false});
-        Some(format!("data: {}\n\n", self.only_asked(object)))
+        let object = Piece {
+            index: 0,
+            content: &text,
+            tokens: [],
+            stop: false,
+        };
+        Some(format!("data: {}\n\n", self.only_asked(&object)))
     }
 
     fn last_frames(&mut self) -> String {
@@ -253,6 +259,50 @@ impl Frames for Answer {
 
     fn error_frames(&mut self, err: &ErrorReport) -> String {
         let message = ApiError::from_report(err).body().error.message;
-        format!("data: {}\n\n", json!({"error": {"message": message}}))
+        let error = StreamError {
+            error: ErrorMessage { message },
+        };
+        format!(
+            "data: {}\n\n",
+            serde_json::to_string(&error).unwrap_or_default()
+        )
     }
+}
+
+/// A streamed piece of the middle.
+#[derive(Debug, Serialize)]
+struct Piece<'a> {
+    index: u32,
+    content: &'a str,
+    tokens: [u32; 0],
+    stop: bool,
+}
+
+/// The last object of an answer: llama.cpp's fields.
+#[derive(Debug, Serialize)]
+struct Last<'a, T> {
+    index: u32,
+    content: &'a str,
+    tokens: [u32; 0],
+    stop: bool,
+    model: &'a str,
+    tokens_predicted: usize,
+    tokens_evaluated: usize,
+    tokens_cached: usize,
+    truncated: bool,
+    has_new_line: bool,
+    stop_type: &'static str,
+    stopping_word: &'static str,
+    timings: Option<T>,
+}
+
+/// An error in the middle of a stream, as llama.cpp sends it.
+#[derive(Debug, Serialize)]
+struct StreamError {
+    error: ErrorMessage,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorMessage {
+    message: String,
 }

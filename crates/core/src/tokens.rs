@@ -17,16 +17,25 @@ pub enum TokenQuery {
     /// special tokens written out in a text (`<|im_start|>`) as those
     /// tokens rather than as plain text.
     Tokenize {
+        /// Texts and token ids, in order.
         content: Vec<TextOrToken>,
+        /// Add the model's start (and end) tokens around a leading text.
         add_special: bool,
+        /// Read special tokens written out in a text as those tokens.
         parse_special: bool,
     },
     /// The bytes of these tokens, one after another, special tokens
     /// written out.
-    Detokenize { tokens: Vec<u32> },
+    Detokenize {
+        /// The token ids.
+        tokens: Vec<u32>,
+    },
     /// The prompt a conversation renders to in the model's chat template,
     /// with the request's tools, ready for the model's answer.
-    Render { messages: Vec<ChatMessage> },
+    Render {
+        /// The conversation.
+        messages: Vec<ChatMessage>,
+    },
 }
 
 /// A part of the content to tokenize.

@@ -173,8 +173,10 @@ pub(super) async fn apply_template(
     State(state): State<Arc<AppState>>,
     Json(request): Json<TemplateBody>,
 ) -> Result<Response, ApiError> {
-    let mut config = InferenceConfig::default();
-    config.tools = request.tools.unwrap_or_default();
+    let mut config = InferenceConfig {
+        tools: request.tools.unwrap_or_default(),
+        ..InferenceConfig::default()
+    };
     if let Some(choice) = request.tool_choice {
         config.tool_choice = choice;
     }

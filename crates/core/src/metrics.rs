@@ -130,6 +130,8 @@ pub struct EngineStats {
     pub restore_misses: u64,
     /// Engine steps taken.
     pub steps: u64,
+    /// Time spent in those steps, in microseconds.
+    pub step_micros: u64,
 }
 
 impl EngineStats {
@@ -141,6 +143,7 @@ impl EngineStats {
             restores_disk: earlier.restores_disk + self.restores_disk,
             restore_misses: earlier.restore_misses + self.restore_misses,
             steps: earlier.steps + self.steps,
+            step_micros: earlier.step_micros + self.step_micros,
             ..self
         }
     }
@@ -153,6 +156,7 @@ impl EngineStats {
             restores_disk: self.restores_disk,
             restore_misses: self.restore_misses,
             steps: self.steps,
+            step_micros: self.step_micros,
             ..EngineStats::default()
         }
     }

@@ -62,7 +62,7 @@ pub fn fixtures_dir() -> PathBuf {
 }
 
 /// Folders under `fixtures/` that hold data for other tests, not cases.
-const NOT_CASES: [&str; 3] = ["chat-templates", "embeddings", "infill"];
+const NOT_CASES: [&str; 4] = ["chat-templates", "embeddings", "helpers", "infill"];
 
 /// Reads every case under `root`, in name order.
 pub fn discover(root: &Path) -> Result<Vec<Fixture>, String> {

@@ -461,16 +461,13 @@ pub(super) async fn each_event(
     }
 }
 
-/// How long a streamed answer may be silent before a keep-alive comment
-/// goes out (`--sse-keep-alive`; set once at start).
-pub(super) static KEEP_ALIVE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-
 /// `frames`, with an SSE comment (which every client skips) after each
-/// [`KEEP_ALIVE`] without a frame.
+/// `--sse-keep-alive` without a frame (the server's setting, as the
+/// request's context carries it).
 fn with_keep_alive(
     frames: impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
 ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
-    let every = KEEP_ALIVE.get().copied().unwrap_or(Duration::from_secs(10));
+    let every = super::context::current().map_or(Duration::from_secs(10), |c| c.keep_alive);
     futures::stream::unfold(Box::pin(frames), move |mut frames| async move {
         match tokio::time::timeout(every, frames.next()).await {
             Ok(Some(frame)) => Some((frame, frames)),

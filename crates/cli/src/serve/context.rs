@@ -45,6 +45,9 @@ impl Dialect {
 pub(super) struct Current {
     pub(super) id: Arc<str>,
     pub(super) dialect: Dialect,
+    /// Silence in a streamed answer after which a keep-alive comment goes
+    /// out (`--sse-keep-alive`).
+    pub(super) keep_alive: std::time::Duration,
 }
 
 tokio::task_local! {
@@ -112,6 +115,7 @@ pub(super) async fn layer(
     let current = Current {
         id: id.clone(),
         dialect: Dialect::of(&path),
+        keep_alive: state.settings.sse_keep_alive,
     };
     let started = Instant::now();
     let mut response = CURRENT.scope(current, next.run(request)).await;

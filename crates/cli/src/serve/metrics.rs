@@ -395,6 +395,13 @@ impl Collector for Figures {
         self.per_model(e, "genius_engine_steps", "Engine steps taken", C, |m| {
             m.engine.steps as f64
         })?;
+        self.per_model(
+            e,
+            "genius_engine_step_seconds",
+            "Seconds spent in engine steps (decoding prompts, generating, embedding)",
+            C,
+            |m| m.engine.step_micros as f64 / 1e6,
+        )?;
         Ok(())
     }
 }

@@ -192,7 +192,6 @@ pub(crate) async fn serve(
         });
     }
     let timeouts = settings.timeouts;
-    let _ = chat::KEEP_ALIVE.set(settings.sse_keep_alive);
     let app = router(state);
     log::info!("listening on http://{local}");
     // The one line scripts wait for (the port may have been 0).

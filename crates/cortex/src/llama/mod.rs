@@ -696,8 +696,10 @@ impl Engine for LlamaEngine {
         let Some(loaded) = self.loaded.as_mut() else {
             return Step::default();
         };
+        let started = Instant::now();
         let step = loaded.step(&self.seat);
         loaded.counts.steps += 1;
+        loaded.counts.step_micros += started.elapsed().as_micros() as u64;
         if !loaded.has_work() {
             self.seat.idle();
         }

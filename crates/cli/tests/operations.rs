@@ -220,6 +220,14 @@ fn past_the_queue_bound_the_excess_gets_503s_in_each_api_shape_and_the_rest_comp
         peak = peak.max(server.rss());
         replies.push(thread.join().expect("a reply"));
     }
+    // The kernel holds at most net.core.somaxconn connections waiting to
+    // be accepted (the server asks for 4096); on a machine set lower, a
+    // crowd of 600 may see resets before the server hears of them.
+    let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(4096);
+    let mut reset = 0;
     let mut answered = [0; 3];
     let mut refused = [0; 3];
     for (dialect, reply) in &replies {
@@ -268,6 +276,7 @@ fn past_the_queue_bound_the_excess_gets_503s_in_each_api_shape_and_the_rest_comp
                 );
                 refused[*dialect] += 1;
             }
+            0 if somaxconn < 600 => reset += 1,
             other => panic!(
                 "status {other}: {}\n{}",
                 reply.text(),
@@ -281,7 +290,10 @@ fn past_the_queue_bound_the_excess_gets_503s_in_each_api_shape_and_the_rest_comp
         before >> 20,
         peak >> 20
     );
-    assert_eq!(answered_all + refused_all, 600);
+    if reset > 0 {
+        eprintln!("{reset} connections reset by the kernel (net.core.somaxconn = {somaxconn})");
+    }
+    assert_eq!(answered_all + refused_all + reset, 600);
     assert!(refused.iter().all(|&n| n > 0), "{refused:?}");
     // The queue held at most 64 (and one ran) whenever a request came.
     assert!(answered_all >= 64, "{answered_all} answered");

@@ -4,6 +4,8 @@
 use futures::stream::SelectAll;
 use rusty_genius::core::InferenceConfig;
 
+use serde::Serialize;
+
 use super::*;
 
 pub(super) async fn chat_completions(
@@ -106,8 +108,8 @@ struct Reply {
 struct Choice {
     content: String,
     reasoning: String,
-    tool_calls: Vec<Value>,
-    logprobs: Vec<Value>,
+    tool_calls: Vec<ToolCallOut>,
+    logprobs: Vec<LogprobOut>,
     /// How many of `logprobs` went out with streamed chunks.
     logprobs_sent: usize,
     usage: Option<Usage>,
@@ -123,11 +125,11 @@ impl Choice {
     }
 
     /// Log-probabilities not yet sent with a streamed chunk.
-    fn pending_logprobs(&mut self) -> Option<Value> {
+    fn pending_logprobs(&mut self) -> Option<Vec<LogprobOut>> {
         let sent = self.logprobs_sent;
         (sent < self.logprobs.len()).then(|| {
             self.logprobs_sent = self.logprobs.len();
-            Value::Array(self.logprobs[sent..].to_vec())
+            self.logprobs[sent..].to_vec()
         })
     }
 }
@@ -180,53 +182,49 @@ impl Reply {
             .enumerate()
             .map(|(index, choice)| self.whole_choice(index, choice))
             .collect();
-        let mut whole = self.envelope(false, choices);
-        if let Some(usage) = self.usage() {
-            whole["usage"] = openai::usage(&usage);
-            whole["timings"] = openai::timings(&usage);
-        }
-        whole
+        let usage = self.usage();
+        self.envelope(false, choices, usage.as_ref())
     }
 
     fn whole_choice(&self, index: usize, choice: &Choice) -> Value {
+        let reason = choice.finish_reason();
         match self.endpoint {
-            Endpoint::Chat => {
-                let logprobs = if choice.logprobs.is_empty() {
-                    Value::Null
-                } else {
-                    json!({"content": choice.logprobs})
-                };
-                let mut message = json!({
-                    "role": "assistant",
-                    "content": if choice.content.is_empty() && !choice.tool_calls.is_empty() {
-                        Value::Null
-                    } else {
-                        Value::String(choice.content.clone())
-                    },
-                });
-                if !choice.tool_calls.is_empty() {
-                    message["tool_calls"] = Value::Array(choice.tool_calls.clone());
-                }
-                if !choice.reasoning.is_empty() {
-                    message["reasoning_content"] = Value::String(choice.reasoning.clone());
-                }
-                json!({"index": index, "message": message, "logprobs": logprobs, "finish_reason": choice.finish_reason()})
-            }
-            Endpoint::Completion => {
-                let logprobs = legacy_logprobs(&choice.logprobs);
-                json!({"index": index, "text": choice.content, "logprobs": logprobs, "finish_reason": choice.finish_reason()})
-            }
+            Endpoint::Chat => to_value(&WholeChat {
+                index,
+                message: Message {
+                    role: "assistant",
+                    content: (!choice.content.is_empty() || choice.tool_calls.is_empty())
+                        .then_some(choice.content.as_str()),
+                    tool_calls: (!choice.tool_calls.is_empty()).then_some(&choice.tool_calls[..]),
+                    reasoning_content: (!choice.reasoning.is_empty())
+                        .then_some(choice.reasoning.as_str()),
+                },
+                logprobs: (!choice.logprobs.is_empty()).then_some(Logprobs {
+                    content: &choice.logprobs[..],
+                }),
+                finish_reason: reason,
+            }),
+            Endpoint::Completion => to_value(&WholeText {
+                index,
+                text: &choice.content,
+                logprobs: legacy_logprobs(&choice.logprobs),
+                finish_reason: reason,
+            }),
         }
     }
 
-    fn envelope(&self, streamed: bool, choices: Vec<Value>) -> Value {
-        json!({
-            "id": self.id,
-            "object": self.object(streamed),
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": concat!("rusty-genius-", env!("CARGO_PKG_VERSION")),
-            "choices": choices,
+    /// The object around `choices`, with the request's usage (and
+    /// llama-server's timings) when given.
+    fn envelope(&self, streamed: bool, choices: Vec<Value>, usage: Option<&Usage>) -> Value {
+        to_value(&Envelope {
+            id: &self.id,
+            object: self.object(streamed),
+            created: self.created,
+            model: &self.model,
+            system_fingerprint: concat!("rusty-genius-", env!("CARGO_PKG_VERSION")),
+            choices,
+            usage: usage.map(openai::usage),
+            timings: usage.map(openai::timings),
         })
     }
 
@@ -234,23 +232,26 @@ impl Reply {
     fn chunk(
         &self,
         index: usize,
-        delta: Value,
+        delta: Delta<'_>,
         finish_reason: Option<&str>,
-        logprobs: Option<Value>,
+        logprobs: Option<Vec<LogprobOut>>,
     ) -> Value {
-        let logprobs = logprobs.map_or(Value::Null, |content| json!({"content": content}));
+        let logprobs = logprobs.map(|content| Logprobs { content });
         let choice = match self.endpoint {
-            Endpoint::Chat => {
-                json!({"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason})
-            }
-            Endpoint::Completion => json!({
-                "index": index,
-                "text": delta.get("content").and_then(Value::as_str).unwrap_or(""),
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
+            Endpoint::Chat => to_value(&DeltaChoice {
+                index,
+                delta,
+                logprobs,
+                finish_reason,
+            }),
+            Endpoint::Completion => to_value(&TextChunk {
+                index,
+                text: delta.content.unwrap_or(""),
+                logprobs,
+                finish_reason,
             }),
         };
-        self.envelope(true, vec![choice])
+        self.envelope(true, vec![choice], None)
     }
 
     /// The last chunk of choice `index`, with its finish reason.
@@ -259,7 +260,7 @@ impl Reply {
         choice.finished = true;
         let logprobs = choice.pending_logprobs();
         let reason = choice.finish_reason();
-        self.chunk(index, json!({}), Some(reason), logprobs)
+        self.chunk(index, Delta::default(), Some(reason), logprobs)
     }
 
     /// Takes in one event of choice `index`; returns the chunk to stream
@@ -281,12 +282,21 @@ impl Reply {
             InferenceEvent::Content(text) => {
                 choice.content.push_str(&text);
                 let logprobs = choice.pending_logprobs();
-                Some(self.chunk(index, json!({"content": text}), None, logprobs))
+                let delta = Delta {
+                    content: Some(&text),
+                    ..Delta::default()
+                };
+                Some(self.chunk(index, delta, None, logprobs))
             }
             InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
                 choice.reasoning.push_str(&text);
-                (endpoint == Endpoint::Chat)
-                    .then(|| self.chunk(index, json!({"reasoning_content": text}), None, None))
+                (endpoint == Endpoint::Chat).then(|| {
+                    let delta = Delta {
+                        reasoning_content: Some(&text),
+                        ..Delta::default()
+                    };
+                    self.chunk(index, delta, None, None)
+                })
             }
             InferenceEvent::ToolCall {
                 id,
@@ -298,18 +308,28 @@ impl Reply {
                     return None;
                 }
                 let at = choice.tool_calls.len();
-                let call = json!({
-                    "id": id,
-                    "type": "function",
-                    "function": {"name": name, "arguments": arguments.to_string()},
-                });
+                let call = ToolCallOut {
+                    id,
+                    kind: "function",
+                    function: FunctionOut {
+                        name,
+                        arguments: arguments.to_string(),
+                    },
+                    index: None,
+                };
                 choice.tool_calls.push(call.clone());
-                let mut streamed = call;
-                streamed["index"] = json!(at);
-                Some(self.chunk(index, json!({"tool_calls": [streamed]}), None, None))
+                let streamed = ToolCallOut {
+                    index: Some(at),
+                    ..call
+                };
+                let delta = Delta {
+                    tool_calls: Some(vec![streamed]),
+                    ..Delta::default()
+                };
+                Some(self.chunk(index, delta, None, None))
             }
             InferenceEvent::Logprobs(token) => {
-                choice.logprobs.push(logprob_json(&token));
+                choice.logprobs.push(LogprobOut::from(&token));
                 None
             }
             InferenceEvent::Usage(usage) => {
@@ -324,50 +344,188 @@ impl Reply {
 /// Log-probabilities in the completions API's older shape: parallel
 /// lists of tokens, their log-probabilities, the likeliest alternatives
 /// (token to log-probability) and each token's offset in the text.
-fn legacy_logprobs(tokens: &[Value]) -> Value {
+fn legacy_logprobs(tokens: &[LogprobOut]) -> Option<LegacyLogprobs<'_>> {
     if tokens.is_empty() {
-        return Value::Null;
+        return None;
     }
     let mut offset = 0;
-    let mut offsets = Vec::new();
+    let mut text_offset = Vec::new();
     for token in tokens {
-        offsets.push(offset);
-        offset += token["token"].as_str().map_or(0, str::len);
+        text_offset.push(offset);
+        offset += token.token.len();
     }
-    let top: Vec<Value> = tokens
+    let top_logprobs = tokens
         .iter()
         .map(|token| {
             let mut map = serde_json::Map::new();
-            for alternative in token["top_logprobs"].as_array().into_iter().flatten() {
-                if let Some(text) = alternative["token"].as_str() {
-                    map.entry(text.to_owned())
-                        .or_insert_with(|| alternative["logprob"].clone());
-                }
+            for alternative in &token.top_logprobs {
+                map.entry(alternative.token.clone())
+                    .or_insert_with(|| Value::from(alternative.logprob));
             }
-            Value::Object(map)
+            map
         })
         .collect();
-    json!({
-        "tokens": tokens.iter().map(|t| t["token"].clone()).collect::<Vec<_>>(),
-        "token_logprobs": tokens.iter().map(|t| t["logprob"].clone()).collect::<Vec<_>>(),
-        "top_logprobs": top,
-        "text_offset": offsets,
+    Some(LegacyLogprobs {
+        tokens: tokens.iter().map(|t| t.token.as_str()).collect(),
+        token_logprobs: tokens.iter().map(|t| t.logprob).collect(),
+        top_logprobs,
+        text_offset,
     })
 }
 
-fn logprob_json(token: &TokenLogprobs) -> Value {
-    json!({
-        "id": token.id,
-        "token": token.token,
-        "logprob": token.logprob,
-        "bytes": token.bytes,
-        "top_logprobs": token.top_logprobs.iter().map(|top| json!({
-            "id": top.id,
-            "token": top.token,
-            "logprob": top.logprob,
-            "bytes": top.bytes,
-        })).collect::<Vec<_>>(),
-    })
+/// `value` as JSON (a reply's types always are).
+fn to_value(value: &impl Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+// ---- the replies' shapes ------------------------------------------------
+
+/// A chat completion or a completion, whole or as one streamed chunk.
+#[derive(Debug, Serialize)]
+struct Envelope<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: &'static str,
+    choices: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timings: Option<Value>,
+}
+
+/// A whole chat completion's choice.
+#[derive(Debug, Serialize)]
+struct WholeChat<'a> {
+    index: usize,
+    message: Message<'a>,
+    logprobs: Option<Logprobs<&'a [LogprobOut]>>,
+    finish_reason: &'static str,
+}
+
+/// The assistant's message: its text (null when it only calls tools),
+/// its tool calls, its reasoning.
+#[derive(Debug, Serialize)]
+struct Message<'a> {
+    role: &'static str,
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a [ToolCallOut]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+}
+
+/// A whole completion's choice.
+#[derive(Debug, Serialize)]
+struct WholeText<'a> {
+    index: usize,
+    text: &'a str,
+    logprobs: Option<LegacyLogprobs<'a>>,
+    finish_reason: &'static str,
+}
+
+/// A streamed chat chunk's choice.
+#[derive(Debug, Serialize)]
+struct DeltaChoice<'a> {
+    index: usize,
+    delta: Delta<'a>,
+    logprobs: Option<Logprobs<Vec<LogprobOut>>>,
+    finish_reason: Option<&'a str>,
+}
+
+/// What a chunk adds to the message: its role (first), text, reasoning or
+/// a tool call; nothing in the last chunk.
+#[derive(Debug, Default, Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasoning_content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A streamed completion chunk's choice.
+#[derive(Debug, Serialize)]
+struct TextChunk<'a> {
+    index: usize,
+    text: &'a str,
+    logprobs: Option<Logprobs<Vec<LogprobOut>>>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Debug, Serialize)]
+struct Logprobs<T> {
+    content: T,
+}
+
+/// A tool call as OpenAI sends it; `index` only in a streamed chunk.
+#[derive(Debug, Clone, Serialize)]
+struct ToolCallOut {
+    id: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    function: FunctionOut,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct FunctionOut {
+    name: String,
+    arguments: String,
+}
+
+/// A token's log-probability, with its id and bytes, and the likeliest
+/// alternatives (as f64, the width JSON numbers are read at).
+#[derive(Debug, Clone, Serialize)]
+struct LogprobOut {
+    id: u32,
+    token: String,
+    logprob: f64,
+    bytes: Vec<u8>,
+    top_logprobs: Vec<TopLogprobOut>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct TopLogprobOut {
+    id: u32,
+    token: String,
+    logprob: f64,
+    bytes: Vec<u8>,
+}
+
+impl From<&TokenLogprobs> for LogprobOut {
+    fn from(token: &TokenLogprobs) -> Self {
+        Self {
+            id: token.id,
+            token: token.token.clone(),
+            logprob: f64::from(token.logprob),
+            bytes: token.bytes.clone(),
+            top_logprobs: token
+                .top_logprobs
+                .iter()
+                .map(|top| TopLogprobOut {
+                    id: top.id,
+                    token: top.token.clone(),
+                    logprob: f64::from(top.logprob),
+                    bytes: top.bytes.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The completions API's older log-probabilities.
+#[derive(Debug, Serialize)]
+struct LegacyLogprobs<'a> {
+    tokens: Vec<&'a str>,
+    token_logprobs: Vec<f64>,
+    top_logprobs: Vec<serde_json::Map<String, Value>>,
+    text_offset: Vec<usize>,
 }
 
 async fn whole_reply(mut reply: Reply, mut events: Watched) -> Result<Response, ApiError> {
@@ -400,12 +558,12 @@ async fn stream_reply(
     let opening: Vec<Value> = match reply.endpoint {
         Endpoint::Chat => (0..reply.choices.len())
             .map(|index| {
-                reply.chunk(
-                    index,
-                    json!({"role": "assistant", "content": ""}),
-                    None,
-                    None,
-                )
+                let delta = Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                    ..Delta::default()
+                };
+                reply.chunk(index, delta, None, None)
             })
             .collect(),
         Endpoint::Completion => Vec::new(),
@@ -543,9 +701,7 @@ fn sse(
                         }
                         if include_usage {
                             if let Some(usage) = reply.usage() {
-                                let mut last = reply.envelope(true, Vec::new());
-                                last["usage"] = openai::usage(&usage);
-                                last["timings"] = openai::timings(&usage);
+                                let last = reply.envelope(true, Vec::new(), Some(&usage));
                                 frames.push_str(&format!("data: {last}\n\n"));
                             }
                         }
@@ -567,7 +723,7 @@ fn sse(
                     Some((_, Err(err))) => {
                         events.finished();
                         let error = ApiError::from_report(&err).body();
-                        let frame = json!(error);
+                        let frame = to_value(&error);
                         return Some((data(&frame), (reply, first, events, Phase::Done)));
                     }
                 }

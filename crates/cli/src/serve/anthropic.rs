@@ -8,7 +8,7 @@
 use rusty_genius::core::chat::{Tool, ToolCall, ToolChoice};
 use rusty_genius::core::protocol::FinishReason;
 use rusty_genius::core::{ChatMessage, InferenceConfig, Role};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::*;
 
@@ -367,7 +367,10 @@ async fn count_tokens(
     while let Some(event) = stream.next().await {
         match event {
             Ok(InferenceEvent::Usage(usage)) => {
-                return Ok(axum::Json(json!({"input_tokens": usage.prompt_tokens})).into_response())
+                return Ok(axum::Json(TokenCount {
+                    input_tokens: usage.prompt_tokens,
+                })
+                .into_response())
             }
             Ok(_) => {}
             Err(err) => return Err(ApiError::from_report(&err)),
@@ -388,26 +391,34 @@ enum Out {
 }
 
 impl Out {
-    fn json(&self) -> Value {
+    fn json(&self) -> BlockOut<'_> {
         match self {
-            Out::Thinking(thinking) => {
-                json!({"type": "thinking", "thinking": thinking, "signature": ""})
-            }
-            Out::Text(text) => json!({"type": "text", "text": text}),
-            Out::ToolUse { id, name, input } => {
-                json!({"type": "tool_use", "id": id, "name": name, "input": input})
-            }
+            Out::Thinking(thinking) => BlockOut::Thinking {
+                thinking,
+                signature: "",
+            },
+            Out::Text(text) => BlockOut::Text { text },
+            Out::ToolUse { id, name, input } => BlockOut::ToolUse {
+                id,
+                name,
+                input: Input::Given(input),
+            },
         }
     }
 
     /// How the block opens in a stream: empty.
-    fn start(&self) -> Value {
+    fn start(&self) -> BlockOut<'_> {
         match self {
-            Out::Thinking(_) => json!({"type": "thinking", "thinking": "", "signature": ""}),
-            Out::Text(_) => json!({"type": "text", "text": ""}),
-            Out::ToolUse { id, name, .. } => {
-                json!({"type": "tool_use", "id": id, "name": name, "input": {}})
-            }
+            Out::Thinking(_) => BlockOut::Thinking {
+                thinking: "",
+                signature: "",
+            },
+            Out::Text(_) => BlockOut::Text { text: "" },
+            Out::ToolUse { id, name, .. } => BlockOut::ToolUse {
+                id,
+                name,
+                input: Input::Empty(Empty {}),
+            },
         }
     }
 }
@@ -427,44 +438,45 @@ struct Reply {
 type Event = (&'static str, Value);
 
 impl Reply {
-    fn stop_reason(&self) -> (&'static str, Value) {
+    fn stop_reason(&self) -> (&'static str, Option<String>) {
         match self.usage.as_ref().map(|usage| usage.finish_reason) {
-            Some(FinishReason::ToolCalls) => ("tool_use", Value::Null),
-            Some(FinishReason::MaxTokens | FinishReason::ContextFull) => {
-                ("max_tokens", Value::Null)
-            }
-            Some(FinishReason::StopSequence) => (
-                "stop_sequence",
-                self.single_stop.clone().map_or(Value::Null, Value::String),
-            ),
-            _ => ("end_turn", Value::Null),
+            Some(FinishReason::ToolCalls) => ("tool_use", None),
+            Some(FinishReason::MaxTokens | FinishReason::ContextFull) => ("max_tokens", None),
+            Some(FinishReason::StopSequence) => ("stop_sequence", self.single_stop.clone()),
+            _ => ("end_turn", None),
         }
     }
 
-    fn usage_json(&self) -> Value {
+    fn usage_out(&self) -> UsageOut {
         let usage = self.usage.as_ref();
         let prompt = usage.map_or(0, |u| u.prompt_tokens);
         let cached = usage.map_or(0, |u| u.cached_tokens);
-        json!({
-            "input_tokens": prompt - cached,
-            "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0,
-            "output_tokens": usage.map_or(0, |u| u.generated_tokens),
-        })
+        UsageOut {
+            input_tokens: prompt - cached,
+            cache_read_input_tokens: cached,
+            cache_creation_input_tokens: 0,
+            output_tokens: usage.map_or(0, |u| u.generated_tokens),
+        }
     }
 
-    fn message(&self, whole: bool) -> Value {
+    /// The message: whole, or as a stream opens it (no content, no stop
+    /// reason yet).
+    fn message(&self, whole: bool) -> MessageOut<'_> {
         let (reason, sequence) = self.stop_reason();
-        json!({
-            "id": self.id,
-            "type": "message",
-            "role": "assistant",
-            "model": self.model,
-            "content": if whole { self.blocks.iter().map(Out::json).collect() } else { Vec::new() },
-            "stop_reason": if whole { json!(reason) } else { Value::Null },
-            "stop_sequence": if whole { sequence } else { Value::Null },
-            "usage": self.usage_json(),
-        })
+        MessageOut {
+            id: &self.id,
+            kind: "message",
+            role: "assistant",
+            model: &self.model,
+            content: if whole {
+                self.blocks.iter().map(Out::json).collect()
+            } else {
+                Vec::new()
+            },
+            stop_reason: whole.then_some(reason),
+            stop_sequence: if whole { sequence } else { None },
+            usage: self.usage_out(),
+        }
     }
 
     /// Takes in one event; returns the stream events it makes.
@@ -479,10 +491,10 @@ impl Reply {
                     all.push_str(&text);
                 }
                 let index = self.blocks.len() - 1;
-                events.push((
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": text}}),
-                ));
+                events.push(sse_event(&StreamEvent::ContentBlockDelta {
+                    index,
+                    delta: DeltaOut::TextDelta { text: &text },
+                }));
             }
             InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
                 if !matches!(self.blocks.last(), Some(Out::Thinking(_))) {
@@ -492,10 +504,10 @@ impl Reply {
                     all.push_str(&text);
                 }
                 let index = self.blocks.len() - 1;
-                events.push((
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": index, "delta": {"type": "thinking_delta", "thinking": text}}),
-                ));
+                events.push(sse_event(&StreamEvent::ContentBlockDelta {
+                    index,
+                    delta: DeltaOut::ThinkingDelta { thinking: &text },
+                }));
             }
             InferenceEvent::ToolCall {
                 id,
@@ -521,10 +533,12 @@ impl Reply {
                     &mut events,
                 );
                 let index = self.blocks.len() - 1;
-                events.push((
-                    "content_block_delta",
-                    json!({"type": "content_block_delta", "index": index, "delta": {"type": "input_json_delta", "partial_json": partial}}),
-                ));
+                events.push(sse_event(&StreamEvent::ContentBlockDelta {
+                    index,
+                    delta: DeltaOut::InputJsonDelta {
+                        partial_json: &partial,
+                    },
+                }));
             }
             InferenceEvent::Usage(usage) => self.usage = Some(usage),
             _ => {}
@@ -536,20 +550,17 @@ impl Reply {
     fn open(&mut self, block: Out, events: &mut Vec<Event>) {
         self.close(events);
         let index = self.blocks.len();
-        events.push((
-            "content_block_start",
-            json!({"type": "content_block_start", "index": index, "content_block": block.start()}),
-        ));
+        events.push(sse_event(&StreamEvent::ContentBlockStart {
+            index,
+            content_block: block.start(),
+        }));
         self.blocks.push(block);
     }
 
     fn close(&self, events: &mut Vec<Event>) {
         if !self.blocks.is_empty() {
             let index = self.blocks.len() - 1;
-            events.push((
-                "content_block_stop",
-                json!({"type": "content_block_stop", "index": index}),
-            ));
+            events.push(sse_event(&StreamEvent::ContentBlockStop { index }));
         }
     }
 
@@ -558,12 +569,14 @@ impl Reply {
         let mut events = Vec::new();
         self.close(&mut events);
         let (reason, sequence) = self.stop_reason();
-        let usage = self.usage_json();
-        events.push((
-            "message_delta",
-            json!({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage}),
-        ));
-        events.push(("message_stop", json!({"type": "message_stop"})));
+        events.push(sse_event(&StreamEvent::MessageDelta {
+            delta: StopOut {
+                stop_reason: reason,
+                stop_sequence: sequence,
+            },
+            usage: self.usage_out(),
+        }));
+        events.push(sse_event(&StreamEvent::MessageStop));
         events
     }
 }
@@ -601,21 +614,138 @@ impl chat::Frames for Reply {
 
     fn error_frames(&mut self, err: &ErrorReport) -> String {
         let message = ApiError::from_report(err).body().error.message;
-        frame(&[(
-            "error",
-            json!({"type": "error", "error": {"type": "api_error", "message": message}}),
-        )])
+        frame(&[sse_event(&StreamEvent::Error {
+            error: errors::AnthropicDetail {
+                kind: "api_error",
+                message,
+            },
+        })])
     }
 }
 
 async fn stream_reply(reply: Reply, mut stream: RequestStream) -> Result<Response, ApiError> {
     let first = chat::first_event(&mut stream).await?;
-    let opening = frame(&[(
-        "message_start",
-        json!({"type": "message_start", "message": reply.message(false)}),
-    )]);
+    let opening = frame(&[sse_event(&StreamEvent::MessageStart {
+        message: reply.message(false),
+    })]);
     let events = Watched::new(stream, reply.id.clone());
     let rest = chat::answer_frames(reply, first, events);
     let frames = futures::stream::iter([Ok(Bytes::from(opening))]).chain(rest);
     Ok(chat::event_stream(frames))
+}
+
+// ---- the replies' shapes ------------------------------------------------
+
+/// `count_tokens`' answer.
+#[derive(Debug, Serialize)]
+struct TokenCount {
+    input_tokens: usize,
+}
+
+/// A message as Anthropic's API returns it.
+#[derive(Debug, Serialize)]
+struct MessageOut<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    role: &'static str,
+    model: &'a str,
+    content: Vec<BlockOut<'a>>,
+    stop_reason: Option<&'static str>,
+    stop_sequence: Option<String>,
+    usage: UsageOut,
+}
+
+#[derive(Debug, Serialize)]
+struct UsageOut {
+    input_tokens: usize,
+    cache_read_input_tokens: usize,
+    cache_creation_input_tokens: usize,
+    output_tokens: usize,
+}
+
+/// A content block.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BlockOut<'a> {
+    Thinking {
+        thinking: &'a str,
+        signature: &'static str,
+    },
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: Input<'a>,
+    },
+}
+
+/// A tool call's input: the arguments, or `{}` as a stream opens it.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Input<'a> {
+    Given(&'a Value),
+    Empty(Empty),
+}
+
+#[derive(Debug, Serialize)]
+struct Empty {}
+
+/// The data of a streamed event; its name is its `type`.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum StreamEvent<'a> {
+    MessageStart {
+        message: MessageOut<'a>,
+    },
+    ContentBlockStart {
+        index: usize,
+        content_block: BlockOut<'a>,
+    },
+    ContentBlockDelta {
+        index: usize,
+        delta: DeltaOut<'a>,
+    },
+    ContentBlockStop {
+        index: usize,
+    },
+    MessageDelta {
+        delta: StopOut,
+        usage: UsageOut,
+    },
+    MessageStop,
+    Error {
+        error: errors::AnthropicDetail,
+    },
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum DeltaOut<'a> {
+    TextDelta { text: &'a str },
+    ThinkingDelta { thinking: &'a str },
+    InputJsonDelta { partial_json: &'a str },
+}
+
+#[derive(Debug, Serialize)]
+struct StopOut {
+    stop_reason: &'static str,
+    stop_sequence: Option<String>,
+}
+
+/// A streamed event: its name (its data's `type`) and data.
+fn sse_event(data: &StreamEvent<'_>) -> Event {
+    let value = serde_json::to_value(data).unwrap_or(Value::Null);
+    let name = match data {
+        StreamEvent::MessageStart { .. } => "message_start",
+        StreamEvent::ContentBlockStart { .. } => "content_block_start",
+        StreamEvent::ContentBlockDelta { .. } => "content_block_delta",
+        StreamEvent::ContentBlockStop { .. } => "content_block_stop",
+        StreamEvent::MessageDelta { .. } => "message_delta",
+        StreamEvent::MessageStop => "message_stop",
+        StreamEvent::Error { .. } => "error",
+    };
+    (name, value)
 }

@@ -6,7 +6,7 @@
 
 use rusty_genius::core::chat::{ResponseFormat, Tool, ToolCall};
 use rusty_genius::core::{ChatMessage, Embed, EmbedInput, InferenceConfig, PromptFormat, Role};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::*;
 
@@ -367,18 +367,19 @@ async fn load_only(
             .map_err(|err| ApiError::from_report(&err))?;
         "load"
     };
-    let mut body = json!({
-        "model": model.id,
-        "created_at": now(),
-        "done": true,
-        "done_reason": reason,
-    });
-    body[field] = if field == "message" {
-        json!({"role": "assistant", "content": ""})
-    } else {
-        json!("")
-    };
-    Ok(axum::Json(body).into_response())
+    let chat = field == "message";
+    Ok(axum::Json(LoadOut {
+        model: model.id.clone(),
+        created_at: now(),
+        done: true,
+        done_reason: reason,
+        message: chat.then_some(EmptyMessage {
+            role: "assistant",
+            content: "",
+        }),
+        response: (!chat).then_some(""),
+    })
+    .into_response())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -394,7 +395,7 @@ struct Answer {
     started: std::time::Instant,
     content: String,
     thinking: String,
-    tool_calls: Vec<Value>,
+    tool_calls: Vec<CallOut>,
     usage: Option<Usage>,
     /// Reasoning is left out (`think: false`).
     hide_thinking: bool,
@@ -414,28 +415,39 @@ impl Answer {
         }
     }
 
-    /// An object carrying `content`, `thinking` and `tool_calls`.
-    fn object(&self, content: &str, thinking: &str, tool_calls: &[Value], done: bool) -> Value {
-        let mut object = json!({"model": self.model, "created_at": now(), "done": done});
-        match self.kind {
-            Kind::Chat => {
-                let mut message = json!({"role": "assistant", "content": content});
-                if !thinking.is_empty() {
-                    message["thinking"] = json!(thinking);
-                }
-                if !tool_calls.is_empty() {
-                    message["tool_calls"] = json!(tool_calls);
-                }
-                object["message"] = message;
-            }
-            Kind::Generate => {
-                object["response"] = json!(content);
-                if !thinking.is_empty() {
-                    object["thinking"] = json!(thinking);
-                }
-            }
-        }
-        object
+    /// An object carrying `content`, `thinking` and `tool_calls`, and
+    /// how the answer ended in the last one.
+    fn object(
+        &self,
+        content: &str,
+        thinking: &str,
+        tool_calls: &[CallOut],
+        ending: Option<Ending>,
+    ) -> Value {
+        let thinking = (!thinking.is_empty()).then_some(thinking);
+        let (message, response, top_thinking) = match self.kind {
+            Kind::Chat => (
+                Some(MessageOut {
+                    role: "assistant",
+                    content,
+                    thinking,
+                    tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+                }),
+                None,
+                None,
+            ),
+            Kind::Generate => (None, Some(content), thinking),
+        };
+        let object = ObjectOut {
+            model: &self.model,
+            created_at: now(),
+            done: ending.is_some(),
+            message,
+            response,
+            thinking: top_thinking,
+            ending,
+        };
+        serde_json::to_value(&object).unwrap_or(Value::Null)
     }
 
     /// The piece to send for one event, if any.
@@ -443,19 +455,21 @@ impl Answer {
         match event {
             InferenceEvent::Content(text) => {
                 self.content.push_str(&text);
-                Some(self.object(&text, "", &[], false))
+                Some(self.object(&text, "", &[], None))
             }
             InferenceEvent::Thought(ThoughtEvent::Delta(_)) if self.hide_thinking => None,
             InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
                 self.thinking.push_str(&text);
-                Some(self.object("", &text, &[], false))
+                Some(self.object("", &text, &[], None))
             }
             InferenceEvent::ToolCall {
                 name, arguments, ..
             } => {
-                let call = json!({"function": {"name": name, "arguments": arguments}});
+                let call = CallOut {
+                    function: FunctionOut { name, arguments },
+                };
                 self.tool_calls.push(call.clone());
-                Some(self.object("", "", &[call], false))
+                Some(self.object("", "", &[call], None))
             }
             InferenceEvent::Usage(usage) => {
                 self.usage = Some(usage);
@@ -468,30 +482,102 @@ impl Answer {
     /// The last object: `done`, why, and Ollama's counts and durations (in
     /// nanoseconds). Whole when the answer was not streamed.
     fn done(&self, whole: bool) -> Value {
-        let mut last = if whole {
-            self.object(&self.content, &self.thinking, &self.tool_calls, true)
-        } else {
-            self.object("", "", &[], true)
-        };
         let nanos = |ms: f64| (ms * 1e6) as u64;
         let total = self.started.elapsed().as_nanos() as u64;
         let reason = match self.usage.as_ref().map(|u| u.finish_reason) {
             Some(FinishReason::MaxTokens | FinishReason::ContextFull) => "length",
             _ => "stop",
         };
-        last["done_reason"] = json!(reason);
-        last["total_duration"] = json!(total);
+        let mut ending = Ending {
+            done_reason: reason,
+            total_duration: total,
+            counts: None,
+        };
         if let Some(usage) = &self.usage {
             let prompt = nanos(usage.prompt_ms);
             let eval = nanos(usage.generation_ms);
-            last["load_duration"] = json!(total.saturating_sub(prompt + eval));
-            last["prompt_eval_count"] = json!(usage.prompt_tokens);
-            last["prompt_eval_duration"] = json!(prompt);
-            last["eval_count"] = json!(usage.generated_tokens);
-            last["eval_duration"] = json!(eval);
+            ending.counts = Some(Counts {
+                load_duration: total.saturating_sub(prompt + eval),
+                prompt_eval_count: usage.prompt_tokens,
+                prompt_eval_duration: prompt,
+                eval_count: usage.generated_tokens,
+                eval_duration: eval,
+            });
         }
-        last
+        if whole {
+            self.object(
+                &self.content,
+                &self.thinking,
+                &self.tool_calls,
+                Some(ending),
+            )
+        } else {
+            self.object("", "", &[], Some(ending))
+        }
     }
+}
+
+/// One object of an answer: a piece of it, or (`done`) its end.
+#[derive(Debug, Serialize)]
+struct ObjectOut<'a> {
+    model: &'a str,
+    created_at: String,
+    done: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<MessageOut<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<&'a str>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    ending: Option<Ending>,
+}
+
+#[derive(Debug, Serialize)]
+struct MessageOut<'a> {
+    role: &'static str,
+    content: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thinking: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<&'a [CallOut]>,
+}
+
+/// A tool call as Ollama sends it: arguments as an object.
+#[derive(Debug, Clone, Serialize)]
+struct CallOut {
+    function: FunctionOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct FunctionOut {
+    name: String,
+    arguments: Value,
+}
+
+/// Why an answer ended and what it took, in the last object.
+#[derive(Debug, Serialize)]
+struct Ending {
+    done_reason: &'static str,
+    total_duration: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    counts: Option<Counts>,
+}
+
+/// Ollama's counts and durations (nanoseconds).
+#[derive(Debug, Serialize)]
+struct Counts {
+    load_duration: u64,
+    prompt_eval_count: usize,
+    prompt_eval_duration: u64,
+    eval_count: usize,
+    eval_duration: u64,
+}
+
+/// An error in the middle of a stream.
+#[derive(Debug, Serialize)]
+struct StreamError {
+    error: String,
 }
 
 use rusty_genius::core::protocol::{AssetEvent, FinishReason};
@@ -525,7 +611,8 @@ impl chat::Frames for Answer {
 
     fn error_frames(&mut self, err: &ErrorReport) -> String {
         let message = ApiError::from_report(err).body().error.message;
-        format!("{}\n", json!({"error": message}))
+        let error = StreamError { error: message };
+        format!("{}\n", serde_json::to_string(&error).unwrap_or_default())
     }
 }
 
@@ -710,12 +797,12 @@ async fn embed(
         .await
         .map_err(|err| ApiError::from_report(&err))?;
     let tokens: usize = embeddings.tokens.iter().sum();
-    Ok(axum::Json(json!({
-        "model": model.id,
-        "embeddings": embeddings.vectors,
-        "total_duration": started.elapsed().as_nanos() as u64,
-        "prompt_eval_count": tokens,
-    }))
+    Ok(axum::Json(EmbedOut {
+        model: model.id,
+        embeddings: embeddings.vectors.iter().map(|v| widen(v)).collect(),
+        total_duration: started.elapsed().as_nanos() as u64,
+        prompt_eval_count: tokens,
+    })
     .into_response())
 }
 
@@ -747,11 +834,14 @@ async fn embeddings(
         .await
         .map_err(|err| ApiError::from_report(&err))?;
     let vector = embeddings.vectors.pop().unwrap_or_default();
-    Ok(axum::Json(json!({"embedding": vector})).into_response())
+    Ok(axum::Json(EmbeddingOut {
+        embedding: widen(&vector),
+    })
+    .into_response())
 }
 
 /// A model as `/api/tags` and `/api/ps` list it.
-fn model_entry(model: &Served) -> Value {
+fn model_entry(model: &Served) -> ModelEntry {
     let path = model
         .path
         .clone()
@@ -782,60 +872,61 @@ fn model_entry(model: &Served) -> Value {
         })
         .map(str::to_ascii_uppercase)
         .unwrap_or_default();
-    json!({
-        "name": name,
-        "model": name,
-        "modified_at": modified.unwrap_or_else(now),
-        "size": size,
-        "digest": "",
-        "details": {
-            "format": "gguf",
-            "family": "",
-            "families": null,
-            "parameter_size": "",
-            "quantization_level": quantization,
+    ModelEntry {
+        model: name.clone(),
+        name,
+        modified_at: modified.unwrap_or_else(now),
+        size,
+        digest: "",
+        details: Details {
+            format: "gguf",
+            family: "",
+            families: None,
+            parameter_size: "",
+            quantization_level: quantization,
         },
-    })
+        size_vram: None,
+        context_length: None,
+        expires_at: None,
+    }
 }
 
 async fn tags(State(state): State<Arc<AppState>>) -> Response {
     let served = state.served();
-    let models: Vec<Value> = served.iter().map(model_entry).collect();
-    axum::Json(json!({"models": models})).into_response()
+    let models: Vec<ModelEntry> = served.iter().map(model_entry).collect();
+    axum::Json(ModelsOut { models }).into_response()
 }
 
 async fn ps(State(state): State<Arc<AppState>>) -> Response {
     let served = state.served();
     let statuses = state.genius.models().await.unwrap_or_default();
-    let models: Vec<Value> = served
+    let models: Vec<ModelEntry> = served
         .iter()
         .filter_map(|model| {
             let status = statuses
                 .iter()
                 .find(|s| s.name == model.name && s.state == ModelState::Loaded)?;
             let mut entry = model_entry(model);
-            entry["size_vram"] = json!(status.device_bytes);
-            entry["size"] = json!(status.memory_bytes + status.device_bytes);
-            if let Some(info) = &status.info {
-                entry["context_length"] = json!(info.context_size);
-            }
+            entry.size_vram = Some(status.device_bytes);
+            entry.size = status.memory_bytes + status.device_bytes;
+            entry.context_length = status.info.as_ref().map(|info| info.context_size);
             let left = status
                 .keep_alive
                 .zip(status.idle_for)
                 .map(|(keep, idle)| keep.saturating_sub(idle));
-            entry["expires_at"] = match left {
+            entry.expires_at = Some(match left {
                 Some(left) if left < Duration::from_secs(100 * 365 * 86_400) => {
                     let at = jiff::Timestamp::now()
                         .checked_add(jiff::SignedDuration::try_from(left).unwrap_or_default())
                         .unwrap_or_else(|_| jiff::Timestamp::now());
-                    json!(at.to_string())
+                    at.to_string()
                 }
-                _ => json!("2318-01-01T00:00:00Z"),
-            };
+                _ => "2318-01-01T00:00:00Z".to_owned(),
+            });
             Some(entry)
         })
         .collect();
-    axum::Json(json!({"models": models})).into_response()
+    axum::Json(ModelsOut { models }).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -854,21 +945,21 @@ async fn show(
         .clone()
         .unwrap_or_else(|| std::path::PathBuf::from(&model.name));
     let embeds = state.embeds(&path).await;
-    let capabilities = if embeds {
-        json!(["embedding"])
+    let capabilities: &[&str] = if embeds {
+        &["embedding"]
     } else {
-        json!(["completion", "tools"])
+        &["completion", "tools"]
     };
     let entry = model_entry(&model);
-    Ok(axum::Json(json!({
-        "modelfile": "",
-        "parameters": "",
-        "template": "",
-        "details": entry["details"],
-        "model_info": {},
-        "capabilities": capabilities,
-        "modified_at": entry["modified_at"],
-    }))
+    Ok(axum::Json(ShowOut {
+        modelfile: "",
+        parameters: "",
+        template: "",
+        details: entry.details,
+        model_info: Empty {},
+        capabilities,
+        modified_at: entry.modified_at,
+    })
     .into_response())
 }
 
@@ -897,22 +988,31 @@ async fn pull(
     let events = state.authority.ensure_model_stream(&name);
     let label = format!("pulling {name}");
     let statuses = events.flat_map(move |event| {
-        let lines: Vec<Value> = match event {
-            AssetEvent::Started(_) => vec![json!({"status": "pulling manifest"})],
-            AssetEvent::Progress(done, total) => vec![json!({
-                "status": label,
-                "digest": label,
-                "total": total,
-                "completed": done,
-            })],
+        let status = |status: &str| PullLine::Status {
+            status: status.to_owned(),
+        };
+        let lines: Vec<PullLine> = match event {
+            AssetEvent::Started(_) => vec![status("pulling manifest")],
+            AssetEvent::Progress(done, total) => vec![PullLine::Progress {
+                status: label.clone(),
+                digest: label.clone(),
+                total,
+                completed: done,
+            }],
             AssetEvent::Complete(_) => vec![
-                json!({"status": "verifying sha256 digest"}),
-                json!({"status": "writing manifest"}),
-                json!({"status": "success"}),
+                status("verifying sha256 digest"),
+                status("writing manifest"),
+                status("success"),
             ],
-            AssetEvent::Error(message) => vec![json!({"error": errors::without_paths(&message)})],
+            AssetEvent::Error(message) => vec![PullLine::Error {
+                error: errors::without_paths(&message),
+            }],
             _ => Vec::new(),
         };
+        let lines: Vec<Value> = lines
+            .iter()
+            .map(|line| serde_json::to_value(line).unwrap_or(Value::Null))
+            .collect();
         futures::stream::iter(lines)
     });
     if !request.stream.unwrap_or(true) {
@@ -998,7 +1098,121 @@ async fn delete(
 }
 
 async fn version() -> Response {
-    axum::Json(json!({"version": API_VERSION})).into_response()
+    axum::Json(VersionOut {
+        version: API_VERSION,
+    })
+    .into_response()
+}
+
+/// A vector as f64, the width JSON numbers are read at (as before: the
+/// digits clients see do not change).
+fn widen(vector: &[f32]) -> Vec<f64> {
+    vector.iter().map(|&x| f64::from(x)).collect()
+}
+
+/// The answer to a request that only loads or unloads a model.
+#[derive(Debug, Serialize)]
+struct LoadOut {
+    model: String,
+    created_at: String,
+    done: bool,
+    done_reason: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<EmptyMessage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    response: Option<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+struct EmptyMessage {
+    role: &'static str,
+    content: &'static str,
+}
+
+/// `/api/embed`'s answer.
+#[derive(Debug, Serialize)]
+struct EmbedOut {
+    model: String,
+    embeddings: Vec<Vec<f64>>,
+    total_duration: u64,
+    prompt_eval_count: usize,
+}
+
+/// `/api/embeddings`' answer.
+#[derive(Debug, Serialize)]
+struct EmbeddingOut {
+    embedding: Vec<f64>,
+}
+
+/// `/api/tags` and `/api/ps`.
+#[derive(Debug, Serialize)]
+struct ModelsOut {
+    models: Vec<ModelEntry>,
+}
+
+/// A model as `/api/tags` lists it; `/api/ps` adds what it holds.
+#[derive(Debug, Serialize)]
+struct ModelEntry {
+    name: String,
+    model: String,
+    modified_at: String,
+    size: u64,
+    digest: &'static str,
+    details: Details,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size_vram: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context_length: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Details {
+    format: &'static str,
+    family: &'static str,
+    families: Option<Vec<String>>,
+    parameter_size: &'static str,
+    quantization_level: String,
+}
+
+/// `/api/show`'s answer.
+#[derive(Debug, Serialize)]
+struct ShowOut {
+    modelfile: &'static str,
+    parameters: &'static str,
+    template: &'static str,
+    details: Details,
+    model_info: Empty,
+    capabilities: &'static [&'static str],
+    modified_at: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Empty {}
+
+/// A line of `/api/pull`'s progress.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum PullLine {
+    Status {
+        status: String,
+    },
+    Progress {
+        status: String,
+        digest: String,
+        total: u64,
+        completed: u64,
+    },
+    Error {
+        error: String,
+    },
+}
+
+/// `/api/version`'s answer.
+#[derive(Debug, Serialize)]
+struct VersionOut {
+    version: &'static str,
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use rusty_genius::core::protocol::{FinishReason, InferenceEvent, Usage};
 use rusty_genius::core::ErrorReport;
 use rusty_genius::core::{ChatMessage, InferenceConfig};
 use rusty_genius::RequestStream;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use super::chat::{answer_frames, event_stream, first_event, Frames};
@@ -185,10 +185,12 @@ pub(super) async fn delete(
     if !removed {
         return Err(not_found(&id));
     }
-    Ok(
-        axum::Json(json!({"id": id, "object": "response.deleted", "deleted": true}))
-            .into_response(),
-    )
+    Ok(axum::Json(Deleted {
+        id,
+        object: "response.deleted",
+        deleted: true,
+    })
+    .into_response())
 }
 
 /// `POST /v1/responses`.
@@ -440,8 +442,8 @@ struct Answer {
     created: u64,
     model: String,
     /// The request's settings, echoed in the response object.
-    echo: Map<String, Value>,
-    output: Vec<Value>,
+    echo: Echo,
+    output: Vec<OutputItem>,
     /// The index in `output` of the message being written, if any.
     open_message: Option<usize>,
     usage: Option<Usage>,
@@ -452,37 +454,32 @@ struct Answer {
 
 impl Answer {
     fn new(request: &ResponsesRequest, model: String) -> Self {
-        let mut echo = Map::new();
-        echo.insert("instructions".into(), json!(request.instructions));
-        echo.insert("max_output_tokens".into(), json!(request.max_output_tokens));
-        echo.insert("temperature".into(), json!(request.temperature));
-        echo.insert("top_p".into(), json!(request.top_p));
-        echo.insert(
-            "previous_response_id".into(),
-            json!(request.previous_response_id),
-        );
-        echo.insert("tools".into(), json!(request.tools));
-        echo.insert(
-            "tool_choice".into(),
-            request.tool_choice.clone().unwrap_or_else(|| json!("auto")),
-        );
-        echo.insert(
-            "text".into(),
-            json!({"format": request
-                .text
-                .as_ref()
-                .and_then(|text| text.format.clone())
-                .unwrap_or_else(|| json!({"type": "text"}))}),
-        );
-        echo.insert(
-            "parallel_tool_calls".into(),
-            json!(request.parallel_tool_calls.unwrap_or(true)),
-        );
-        echo.insert("store".into(), json!(request.store));
-        echo.insert(
-            "metadata".into(),
-            request.metadata.clone().unwrap_or_else(|| json!({})),
-        );
+        let echo = Echo {
+            instructions: request.instructions.clone(),
+            max_output_tokens: request.max_output_tokens,
+            // As f64, the width JSON numbers are read at.
+            temperature: request.temperature.map(f64::from),
+            top_p: request.top_p.map(f64::from),
+            previous_response_id: request.previous_response_id.clone(),
+            tools: request.tools.clone(),
+            tool_choice: request
+                .tool_choice
+                .clone()
+                .unwrap_or_else(|| Value::from("auto")),
+            text: TextEcho {
+                format: request
+                    .text
+                    .as_ref()
+                    .and_then(|text| text.format.clone())
+                    .unwrap_or_else(|| to_value(&TextFormat { kind: "text" })),
+            },
+            parallel_tool_calls: request.parallel_tool_calls.unwrap_or(true),
+            store: request.store,
+            metadata: request
+                .metadata
+                .clone()
+                .unwrap_or_else(|| Value::Object(Map::new())),
+        };
         Self {
             id: format!("resp_{}", unique_id()),
             created: unix_now(),
@@ -497,7 +494,7 @@ impl Answer {
     }
 
     /// The response object, `status` as given or as the answer ended.
-    fn response(&self, status: Option<&str>) -> Value {
+    fn response(&self, status: Option<&'static str>) -> Value {
         let incomplete = self.usage.as_ref().is_some_and(|usage| {
             matches!(
                 usage.finish_reason,
@@ -509,38 +506,41 @@ impl Answer {
         } else {
             "completed"
         });
-        let mut response = json!({
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created,
-            "status": status,
-            "model": self.model,
-            "output": self.output,
-            "error": null,
-            "incomplete_details": if incomplete && status == "incomplete" {
-                json!({"reason": "max_output_tokens"})
-            } else {
-                Value::Null
-            },
-            "usage": self.usage.as_ref().map(|usage| json!({
-                "input_tokens": usage.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-                "output_tokens": usage.generated_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": usage.prompt_tokens + usage.generated_tokens,
-            })),
-        });
-        if let Value::Object(object) = &mut response {
-            object.extend(self.echo.clone());
-        }
-        response
+        to_value(&ResponseOut {
+            id: &self.id,
+            object: "response",
+            created_at: self.created,
+            status,
+            model: &self.model,
+            output: &self.output,
+            error: None,
+            incomplete_details: (incomplete && status == "incomplete").then_some(Incomplete {
+                reason: "max_output_tokens",
+            }),
+            usage: self.usage.as_ref().map(|usage| UsageOut {
+                input_tokens: usage.prompt_tokens,
+                input_tokens_details: CachedTokens {
+                    cached_tokens: usage.cached_tokens,
+                },
+                output_tokens: usage.generated_tokens,
+                output_tokens_details: ReasoningTokens {
+                    reasoning_tokens: 0,
+                },
+                total_tokens: usage.prompt_tokens + usage.generated_tokens,
+            }),
+            echo: &self.echo,
+        })
     }
 
-    fn event(&mut self, kind: &str, mut body: Value) -> (String, Value) {
-        body["type"] = json!(kind);
-        body["sequence_number"] = json!(self.sequence);
+    /// An event of `kind` with `body`, numbered.
+    fn event(&mut self, kind: &'static str, body: &impl Serialize) -> (String, Value) {
+        let event = EventOut {
+            body,
+            kind,
+            sequence_number: self.sequence,
+        };
         self.sequence += 1;
-        (kind.to_owned(), body)
+        (kind.to_owned(), to_value(&event))
     }
 
     /// Takes in one event; returns the API events it makes.
@@ -552,50 +552,59 @@ impl Answer {
                     Some(index) => index,
                     None => {
                         let index = self.output.len();
-                        let item = json!({
-                            "type": "message",
-                            "id": format!("msg_{}", unique_id()),
-                            "status": "in_progress",
-                            "role": "assistant",
-                            "content": [],
-                        });
-                        self.output.push(item.clone());
-                        self.open_message = Some(index);
+                        let item_id = format!("msg_{}", unique_id());
+                        let item = OutputItem::Message {
+                            id: item_id.clone(),
+                            status: "in_progress",
+                            role: "assistant",
+                            content: Vec::new(),
+                        };
                         events.push(self.event(
                             "response.output_item.added",
-                            json!({"output_index": index, "item": item}),
+                            &ItemEvent {
+                                output_index: index,
+                                item: &item,
+                            },
                         ));
-                        let item_id = self.output[index]["id"].clone();
+                        self.output.push(item);
+                        self.open_message = Some(index);
                         events.push(self.event(
                             "response.content_part.added",
-                            json!({
-                                "item_id": item_id,
-                                "output_index": index,
-                                "content_index": 0,
-                                "part": {"type": "output_text", "text": "", "annotations": []},
-                            }),
+                            &PartEvent {
+                                item_id: &item_id,
+                                output_index: index,
+                                content_index: 0,
+                                part: PartOut {
+                                    kind: "output_text",
+                                    text: "",
+                                    annotations: [],
+                                },
+                            },
                         ));
-                        self.output[index]["content"] = json!([{"type": "output_text", "text": "", "annotations": [], "logprobs": []}]);
+                        if let Some(OutputItem::Message { content, .. }) =
+                            self.output.get_mut(index)
+                        {
+                            content.push(OutputText::default());
+                        }
                         index
                     }
                 };
-                let joined = format!(
-                    "{}{text}",
-                    self.output[index]["content"][0]["text"]
-                        .as_str()
-                        .unwrap_or("")
-                );
-                self.output[index]["content"][0]["text"] = json!(joined);
-                let item_id = self.output[index]["id"].clone();
+                let mut item_id = String::new();
+                if let Some(OutputItem::Message { id, content, .. }) = self.output.get_mut(index) {
+                    if let Some(part) = content.first_mut() {
+                        part.text.push_str(&text);
+                    }
+                    item_id.clone_from(id);
+                }
                 events.push(self.event(
                     "response.output_text.delta",
-                    json!({
-                        "item_id": item_id,
-                        "output_index": index,
-                        "content_index": 0,
-                        "delta": text,
-                        "logprobs": [],
-                    }),
+                    &TextDelta {
+                        item_id: &item_id,
+                        output_index: index,
+                        content_index: 0,
+                        delta: &text,
+                        logprobs: [],
+                    },
                 ));
             }
             InferenceEvent::ToolCall {
@@ -606,7 +615,7 @@ impl Answer {
                 let called = self
                     .output
                     .iter()
-                    .any(|item| item["type"] == "function_call");
+                    .any(|item| matches!(item, OutputItem::FunctionCall { .. }));
                 if self.one_call && called {
                     log::debug!("parallel_tool_calls false: a further call of `{name}` left out");
                     return events;
@@ -615,34 +624,53 @@ impl Answer {
                 let index = self.output.len();
                 let item_id = format!("fc_{}", unique_id());
                 let arguments = arguments.to_string();
-                let item = json!({
-                    "type": "function_call",
-                    "id": item_id,
-                    "call_id": id,
-                    "name": name,
-                    "arguments": "",
-                    "status": "in_progress",
-                });
-                self.output.push(item.clone());
+                let mut item = OutputItem::FunctionCall {
+                    id: item_id.clone(),
+                    call_id: id,
+                    name,
+                    arguments: String::new(),
+                    status: "in_progress",
+                };
                 events.push(self.event(
                     "response.output_item.added",
-                    json!({"output_index": index, "item": item}),
+                    &ItemEvent {
+                        output_index: index,
+                        item: &item,
+                    },
                 ));
                 events.push(self.event(
                     "response.function_call_arguments.delta",
-                    json!({"item_id": item_id, "output_index": index, "delta": arguments}),
+                    &ArgumentsDelta {
+                        item_id: &item_id,
+                        output_index: index,
+                        delta: &arguments,
+                    },
                 ));
                 events.push(self.event(
                     "response.function_call_arguments.done",
-                    json!({"item_id": item_id, "output_index": index, "arguments": arguments}),
+                    &ArgumentsDone {
+                        item_id: &item_id,
+                        output_index: index,
+                        arguments: &arguments,
+                    },
                 ));
-                self.output[index]["arguments"] = json!(arguments);
-                self.output[index]["status"] = json!("completed");
-                let done = self.output[index].clone();
+                if let OutputItem::FunctionCall {
+                    arguments: given,
+                    status,
+                    ..
+                } = &mut item
+                {
+                    *given = arguments;
+                    *status = "completed";
+                }
                 events.push(self.event(
                     "response.output_item.done",
-                    json!({"output_index": index, "item": done}),
+                    &ItemEvent {
+                        output_index: index,
+                        item: &item,
+                    },
                 ));
+                self.output.push(item);
             }
             InferenceEvent::Usage(usage) => self.usage = Some(usage),
             _ => {}
@@ -655,23 +683,45 @@ impl Answer {
         let Some(index) = self.open_message.take() else {
             return Vec::new();
         };
-        self.output[index]["status"] = json!("completed");
-        let item_id = self.output[index]["id"].clone();
-        let part = self.output[index]["content"][0].clone();
-        let text = part["text"].clone();
+        let Some(OutputItem::Message {
+            id,
+            status,
+            content,
+            ..
+        }) = self.output.get_mut(index)
+        else {
+            return Vec::new();
+        };
+        *status = "completed";
+        let item_id = id.clone();
+        let part = content.first().cloned().unwrap_or_default();
         let item = self.output[index].clone();
         vec![
             self.event(
                 "response.output_text.done",
-                json!({"item_id": item_id, "output_index": index, "content_index": 0, "text": text, "logprobs": []}),
+                &TextDone {
+                    item_id: &item_id,
+                    output_index: index,
+                    content_index: 0,
+                    text: &part.text,
+                    logprobs: [],
+                },
             ),
             self.event(
                 "response.content_part.done",
-                json!({"item_id": item_id, "output_index": index, "content_index": 0, "part": part}),
+                &PartDoneEvent {
+                    item_id: &item_id,
+                    output_index: index,
+                    content_index: 0,
+                    part: &part,
+                },
             ),
             self.event(
                 "response.output_item.done",
-                json!({"output_index": index, "item": item}),
+                &ItemEvent {
+                    output_index: index,
+                    item: &item,
+                },
             ),
         ]
     }
@@ -681,22 +731,25 @@ impl Answer {
         let mut said = Vec::new();
         let mut calls = Vec::new();
         for item in &self.output {
-            match item["type"].as_str() {
-                Some("message") => {
-                    let text = item["content"][0]["text"].as_str().unwrap_or("").to_owned();
-                    said.push(ChatMessage::assistant(text));
+            match item {
+                OutputItem::Message { content, .. } => {
+                    let text = content.first().map_or("", |part| part.text.as_str());
+                    said.push(ChatMessage::assistant(text.to_owned()));
                 }
-                Some("function_call") => {
-                    let arguments: Value =
-                        serde_json::from_str(item["arguments"].as_str().unwrap_or("{}"))
-                            .unwrap_or_else(|_| json!({}));
+                OutputItem::FunctionCall {
+                    call_id,
+                    name,
+                    arguments,
+                    ..
+                } => {
+                    let arguments: Value = serde_json::from_str(arguments)
+                        .unwrap_or_else(|_| Value::Object(Map::new()));
                     calls.push(rusty_genius::core::ToolCall::new(
-                        item["call_id"].as_str().unwrap_or(""),
-                        item["name"].as_str().unwrap_or(""),
+                        call_id.as_str(),
+                        name.as_str(),
                         &arguments,
                     ));
                 }
-                _ => {}
             }
         }
         if !calls.is_empty() {
@@ -757,11 +810,12 @@ async fn stream_answer(
     let mut opening = String::new();
     let created = answer.response(Some("in_progress"));
     opening.push_str(&frame(
-        &answer.event("response.created", json!({"response": created.clone()})),
+        &answer.event("response.created", &ResponseEvent { response: &created }),
     ));
-    opening.push_str(&frame(
-        &answer.event("response.in_progress", json!({"response": created})),
-    ));
+    opening.push_str(&frame(&answer.event(
+        "response.in_progress",
+        &ResponseEvent { response: &created },
+    )));
     let events = Watched::new(stream, answer.id.clone());
     let rest = answer_frames(Streamed { answer, keep }, first, events);
     let frames = futures::stream::once(async move { Ok(Bytes::from(opening)) }).chain(rest);
@@ -789,19 +843,228 @@ impl Frames for Streamed {
         } else {
             "response.completed"
         };
-        text.push_str(&frame(
-            &self.answer.event(kind, json!({"response": response})),
-        ));
+        text.push_str(&frame(&self.answer.event(
+            kind,
+            &ResponseEvent {
+                response: &response,
+            },
+        )));
         text
     }
 
     fn error_frames(&mut self, err: &ErrorReport) -> String {
         let error = ApiError::from_report(err).body();
-        let body = json!({
-            "code": error.error.code,
-            "message": error.error.message,
-            "param": error.error.param,
-        });
-        frame(&self.answer.event("error", body))
+        let body = ErrorEvent {
+            code: error.error.code,
+            message: error.error.message,
+            param: error.error.param,
+        };
+        frame(&self.answer.event("error", &body))
     }
+}
+
+/// `value` as JSON (a reply's types always are).
+fn to_value(value: &impl Serialize) -> Value {
+    serde_json::to_value(value).unwrap_or(Value::Null)
+}
+
+// ---- the replies' shapes ------------------------------------------------
+
+#[derive(Debug, Serialize)]
+struct Deleted {
+    id: String,
+    object: &'static str,
+    deleted: bool,
+}
+
+/// The request's settings, as the response object repeats them.
+#[derive(Debug, Serialize)]
+struct Echo {
+    instructions: Option<String>,
+    max_output_tokens: Option<u32>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    previous_response_id: Option<String>,
+    tools: Vec<Value>,
+    tool_choice: Value,
+    text: TextEcho,
+    parallel_tool_calls: bool,
+    store: bool,
+    metadata: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct TextEcho {
+    format: Value,
+}
+
+#[derive(Debug, Serialize)]
+struct TextFormat {
+    #[serde(rename = "type")]
+    kind: &'static str,
+}
+
+/// The response object.
+#[derive(Debug, Serialize)]
+struct ResponseOut<'a> {
+    id: &'a str,
+    object: &'static str,
+    created_at: u64,
+    status: &'static str,
+    model: &'a str,
+    output: &'a [OutputItem],
+    error: Option<()>,
+    incomplete_details: Option<Incomplete>,
+    usage: Option<UsageOut>,
+    #[serde(flatten)]
+    echo: &'a Echo,
+}
+
+#[derive(Debug, Serialize)]
+struct Incomplete {
+    reason: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct UsageOut {
+    input_tokens: usize,
+    input_tokens_details: CachedTokens,
+    output_tokens: usize,
+    output_tokens_details: ReasoningTokens,
+    total_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct CachedTokens {
+    cached_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct ReasoningTokens {
+    reasoning_tokens: usize,
+}
+
+/// An output item: a message, or a function call.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum OutputItem {
+    Message {
+        id: String,
+        status: &'static str,
+        role: &'static str,
+        content: Vec<OutputText>,
+    },
+    FunctionCall {
+        id: String,
+        call_id: String,
+        name: String,
+        arguments: String,
+        status: &'static str,
+    },
+}
+
+/// A message's text.
+#[derive(Debug, Clone, Serialize)]
+struct OutputText {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: String,
+    annotations: [(); 0],
+    logprobs: [(); 0],
+}
+
+impl Default for OutputText {
+    fn default() -> Self {
+        Self {
+            kind: "output_text",
+            text: String::new(),
+            annotations: [],
+            logprobs: [],
+        }
+    }
+}
+
+/// A content part as it opens (no log-probabilities yet).
+#[derive(Debug, Serialize)]
+struct PartOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [(); 0],
+}
+
+/// An event: its body, then its type and number.
+#[derive(Debug, Serialize)]
+struct EventOut<'a, T> {
+    #[serde(flatten)]
+    body: &'a T,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    sequence_number: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct ResponseEvent<'a> {
+    response: &'a Value,
+}
+
+#[derive(Debug, Serialize)]
+struct ItemEvent<'a> {
+    output_index: usize,
+    item: &'a OutputItem,
+}
+
+#[derive(Debug, Serialize)]
+struct PartEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    part: PartOut<'a>,
+}
+
+#[derive(Debug, Serialize)]
+struct PartDoneEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    part: &'a OutputText,
+}
+
+#[derive(Debug, Serialize)]
+struct TextDelta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    delta: &'a str,
+    logprobs: [(); 0],
+}
+
+#[derive(Debug, Serialize)]
+struct TextDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: usize,
+    text: &'a str,
+    logprobs: [(); 0],
+}
+
+#[derive(Debug, Serialize)]
+struct ArgumentsDelta<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    delta: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct ArgumentsDone<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    arguments: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct ErrorEvent {
+    code: Option<&'static str>,
+    message: String,
+    param: Option<String>,
 }

@@ -10,7 +10,7 @@ use rusty_genius::core::chat::{ResponseFormat, Tool, ToolChoice};
 use rusty_genius::core::protocol::{FinishReason, Usage};
 use rusty_genius::core::{ChatMessage, InferenceConfig, Infill, Prompt, PromptFormat};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
@@ -408,22 +408,45 @@ pub(crate) fn finish_reason(reason: FinishReason) -> &'static str {
 /// The API's `usage` object. The prediction counts are those of every
 /// guess ahead (the prediction's and the engine's own): kept, or thrown
 /// away.
-pub(crate) fn usage(usage: &Usage) -> Value {
-    json!({
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.generated_tokens,
-        "total_tokens": usage.prompt_tokens + usage.generated_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-        "completion_tokens_details": {
-            "accepted_prediction_tokens": usage.accepted_draft_tokens,
-            "rejected_prediction_tokens": usage.draft_tokens - usage.accepted_draft_tokens,
+pub(crate) fn usage(usage: &Usage) -> UsageOut {
+    UsageOut {
+        prompt_tokens: usage.prompt_tokens,
+        completion_tokens: usage.generated_tokens,
+        total_tokens: usage.prompt_tokens + usage.generated_tokens,
+        prompt_tokens_details: PromptDetails {
+            cached_tokens: usage.cached_tokens,
         },
-    })
+        completion_tokens_details: CompletionDetails {
+            accepted_prediction_tokens: usage.accepted_draft_tokens,
+            rejected_prediction_tokens: usage.draft_tokens - usage.accepted_draft_tokens,
+        },
+    }
+}
+
+/// The API's `usage` object.
+#[derive(Debug, Serialize)]
+pub(crate) struct UsageOut {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    total_tokens: usize,
+    prompt_tokens_details: PromptDetails,
+    completion_tokens_details: CompletionDetails,
+}
+
+#[derive(Debug, Serialize)]
+struct PromptDetails {
+    cached_tokens: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct CompletionDetails {
+    accepted_prediction_tokens: usize,
+    rejected_prediction_tokens: usize,
 }
 
 /// llama.cpp's server's `timings` object (its web page and tools read
 /// it): what the prompt and the answer took, and the guesses ahead.
-pub(crate) fn timings(usage: &Usage) -> Value {
+pub(crate) fn timings(usage: &Usage) -> Timings {
     let rate = |tokens: usize, ms: f64| {
         if ms > 0.0 {
             tokens as f64 * 1000.0 / ms
@@ -432,17 +455,31 @@ pub(crate) fn timings(usage: &Usage) -> Value {
         }
     };
     let decoded = usage.prompt_tokens.saturating_sub(usage.cached_tokens);
-    json!({
-        "cache_n": usage.cached_tokens,
-        "prompt_n": decoded,
-        "prompt_ms": usage.prompt_ms,
-        "prompt_per_second": rate(decoded, usage.prompt_ms),
-        "predicted_n": usage.generated_tokens,
-        "predicted_ms": usage.generation_ms,
-        "predicted_per_second": rate(usage.generated_tokens, usage.generation_ms),
-        "draft_n": usage.draft_tokens,
-        "draft_n_accepted": usage.accepted_draft_tokens,
-    })
+    Timings {
+        cache_n: usage.cached_tokens,
+        prompt_n: decoded,
+        prompt_ms: usage.prompt_ms,
+        prompt_per_second: rate(decoded, usage.prompt_ms),
+        predicted_n: usage.generated_tokens,
+        predicted_ms: usage.generation_ms,
+        predicted_per_second: rate(usage.generated_tokens, usage.generation_ms),
+        draft_n: usage.draft_tokens,
+        draft_n_accepted: usage.accepted_draft_tokens,
+    }
+}
+
+/// llama.cpp's server's `timings` object.
+#[derive(Debug, Serialize)]
+pub(crate) struct Timings {
+    cache_n: usize,
+    prompt_n: usize,
+    prompt_ms: f64,
+    prompt_per_second: f64,
+    predicted_n: usize,
+    predicted_ms: f64,
+    predicted_per_second: f64,
+    draft_n: usize,
+    draft_n_accepted: usize,
 }
 
 /// The text of a `prediction` (Predicted Outputs): `{"type": "content",

@@ -390,9 +390,9 @@ struct Envelope<'a> {
     system_fingerprint: &'static str,
     choices: Vec<Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Value>,
+    usage: Option<openai::UsageOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    timings: Option<Value>,
+    timings: Option<openai::Timings>,
 }
 
 /// A whole chat completion's choice.

@@ -493,7 +493,7 @@ impl Reply {
                 let index = self.blocks.len() - 1;
                 events.push(sse_event(&StreamEvent::ContentBlockDelta {
                     index,
-                    delta: DeltaOut::TextDelta { text: &text },
+                    delta: DeltaOut::Text { text: &text },
                 }));
             }
             InferenceEvent::Thought(ThoughtEvent::Delta(text)) => {
@@ -506,7 +506,7 @@ impl Reply {
                 let index = self.blocks.len() - 1;
                 events.push(sse_event(&StreamEvent::ContentBlockDelta {
                     index,
-                    delta: DeltaOut::ThinkingDelta { thinking: &text },
+                    delta: DeltaOut::Thinking { thinking: &text },
                 }));
             }
             InferenceEvent::ToolCall {
@@ -535,7 +535,7 @@ impl Reply {
                 let index = self.blocks.len() - 1;
                 events.push(sse_event(&StreamEvent::ContentBlockDelta {
                     index,
-                    delta: DeltaOut::InputJsonDelta {
+                    delta: DeltaOut::InputJson {
                         partial_json: &partial,
                     },
                 }));
@@ -724,9 +724,12 @@ enum StreamEvent<'a> {
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum DeltaOut<'a> {
-    TextDelta { text: &'a str },
-    ThinkingDelta { thinking: &'a str },
-    InputJsonDelta { partial_json: &'a str },
+    #[serde(rename = "text_delta")]
+    Text { text: &'a str },
+    #[serde(rename = "thinking_delta")]
+    Thinking { thinking: &'a str },
+    #[serde(rename = "input_json_delta")]
+    InputJson { partial_json: &'a str },
 }
 
 #[derive(Debug, Serialize)]

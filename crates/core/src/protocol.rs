@@ -253,6 +253,22 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The usage of a request that read and generated nothing (refused
+    /// work, a question answered without decoding, a request given up
+    /// while it waited), ended for `finish_reason`.
+    pub fn nothing(finish_reason: FinishReason) -> Self {
+        Self {
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            generated_tokens: 0,
+            draft_tokens: 0,
+            accepted_draft_tokens: 0,
+            prompt_ms: 0.0,
+            generation_ms: 0.0,
+            finish_reason,
+        }
+    }
+
     /// Generated tokens per second (0 when nothing was generated).
     pub fn generation_tokens_per_second(&self) -> f64 {
         if self.generation_ms > 0.0 {

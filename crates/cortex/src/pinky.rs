@@ -307,6 +307,20 @@ impl Pinky {
     }
 }
 
+/// A conversation as Pinky reads it: one `role: content` line per message.
+fn transcript(messages: &[rusty_genius_core::ChatMessage]) -> String {
+    messages
+        .iter()
+        .map(|m| {
+            format!(
+                "{}: {}\n",
+                m.role.as_str(),
+                m.content.as_deref().unwrap_or("")
+            )
+        })
+        .collect()
+}
+
 impl Engine for Pinky {
     fn load(&mut self, name: &str, path: &Path) -> Result<ModelInfo, GeniusError> {
         check_gguf(path)?;
@@ -371,16 +385,7 @@ impl Engine for Pinky {
                 (typed.clone(), typed)
             }
             Prompt::Chat(messages) => {
-                let text: String = messages
-                    .iter()
-                    .map(|m| {
-                        format!(
-                            "{}: {}\n",
-                            m.role.as_str(),
-                            m.content.as_deref().unwrap_or("")
-                        )
-                    })
-                    .collect();
+                let text = transcript(messages);
                 let said = messages
                     .iter()
                     .rev()
@@ -490,18 +495,7 @@ impl Engine for Pinky {
                     .collect::<Result<Vec<u8>, _>>()?;
                 TokenAnswer::Text(String::from_utf8_lossy(&bytes).into_owned())
             }
-            TokenQuery::Render { messages } => TokenAnswer::Text(
-                messages
-                    .iter()
-                    .map(|m| {
-                        format!(
-                            "{}: {}\n",
-                            m.role.as_str(),
-                            m.content.as_deref().unwrap_or("")
-                        )
-                    })
-                    .collect(),
-            ),
+            TokenQuery::Render { messages } => TokenAnswer::Text(transcript(messages)),
         })
     }
 

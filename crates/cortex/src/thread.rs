@@ -391,7 +391,7 @@ impl Serving {
         match answer {
             Ok(answer) => {
                 output.send(InferenceEvent::Tokens(answer));
-                output.end(Ok(nothing_done(FinishReason::EndOfGeneration)));
+                output.end(Ok(Usage::nothing(FinishReason::EndOfGeneration)));
             }
             Err(err) => output.end(Err(err)),
         }
@@ -416,7 +416,7 @@ impl Serving {
                 // Cancelled while it waited: it ends without running.
                 request
                     .output
-                    .end(Ok(nothing_done(FinishReason::Cancelled)));
+                    .end(Ok(Usage::nothing(FinishReason::Cancelled)));
                 self.report(EngineReport::Ended(id));
                 continue;
             }
@@ -537,20 +537,6 @@ impl Serving {
 
     fn report(&self, report: EngineReport) {
         let _ = self.reports.unbounded_send(report);
-    }
-}
-
-/// The usage of a request that did nothing.
-fn nothing_done(finish_reason: FinishReason) -> Usage {
-    Usage {
-        prompt_tokens: 0,
-        cached_tokens: 0,
-        generated_tokens: 0,
-        draft_tokens: 0,
-        accepted_draft_tokens: 0,
-        prompt_ms: 0.0,
-        generation_ms: 0.0,
-        finish_reason,
     }
 }
 

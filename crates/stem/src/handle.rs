@@ -71,16 +71,9 @@ impl Submission {
     /// nothing, and says so.
     pub(crate) fn cancelled(mut self) {
         log::debug!("request {}: cancelled while queued", self.id);
-        self.sink.send(Ok(InferenceEvent::Usage(Usage {
-            prompt_tokens: 0,
-            cached_tokens: 0,
-            generated_tokens: 0,
-            draft_tokens: 0,
-            accepted_draft_tokens: 0,
-            prompt_ms: 0.0,
-            generation_ms: 0.0,
-            finish_reason: FinishReason::Cancelled,
-        })));
+        self.sink.send(Ok(InferenceEvent::Usage(Usage::nothing(
+            FinishReason::Cancelled,
+        ))));
         self.sink.send(Ok(InferenceEvent::Complete));
     }
 

@@ -220,19 +220,24 @@ impl Histogram {
         self.counts.iter().sum()
     }
 
-    /// Each bound with the observations at or below it (cumulative, as
-    /// Prometheus' buckets count), the last bound `+Inf`.
-    pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
-        let mut total = 0;
+    /// Each bucket's upper bound and its own observations, the last
+    /// bound `+Inf`.
+    pub fn buckets(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
         self.bounds
             .iter()
             .copied()
             .chain(std::iter::once(f64::INFINITY))
-            .zip(&self.counts)
-            .map(move |(bound, count)| {
-                total += count;
-                (bound, total)
-            })
+            .zip(self.counts.iter().copied())
+    }
+
+    /// Each bound with the observations at or below it (cumulative, as
+    /// Prometheus' buckets count), the last bound `+Inf`.
+    pub fn cumulative(&self) -> impl Iterator<Item = (f64, u64)> + '_ {
+        let mut total = 0;
+        self.buckets().map(move |(bound, count)| {
+            total += count;
+            (bound, total)
+        })
     }
 }
 
@@ -249,6 +254,8 @@ mod tests {
         assert_eq!(histogram.counts, vec![1, 1, 1]);
         assert_eq!(histogram.count(), 3);
         assert!((histogram.sum - 7.6).abs() < 1e-9);
+        let buckets: Vec<(f64, u64)> = histogram.buckets().collect();
+        assert_eq!(buckets, vec![(0.1, 1), (1.0, 1), (f64::INFINITY, 1)]);
         let cumulative: Vec<(f64, u64)> = histogram.cumulative().collect();
         assert_eq!(cumulative, vec![(0.1, 1), (1.0, 2), (f64::INFINITY, 3)]);
     }

@@ -77,19 +77,9 @@ fn given_id(value: &HeaderValue) -> Option<&str> {
     fits.then_some(text)
 }
 
-/// A new id: unique within this process, hard to guess across restarts.
-fn new_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    format!(
-        "req-{:x}{:06x}",
-        (nanos as u64) ^ (u64::from(std::process::id()) << 40),
-        n & 0xff_ffff
-    )
+/// An id for a request that came without one.
+fn made_id() -> Arc<str> {
+    Arc::from(format!("req-{}", super::unique_id()))
 }
 
 /// The outermost layer: gives the request its id and API for its
@@ -104,7 +94,7 @@ pub(super) async fn layer(
 ) -> Response {
     let id: Arc<str> = match request.headers().get(&REQUEST_ID).and_then(given_id) {
         Some(given) => Arc::from(given),
-        None => Arc::from(new_id()),
+        None => made_id(),
     };
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -159,7 +149,7 @@ mod tests {
 
     #[test]
     fn ids_made_here_differ() {
-        assert_ne!(new_id(), new_id());
+        assert_ne!(made_id(), made_id());
     }
 
     #[test]

@@ -116,14 +116,8 @@ pub(super) async fn tokenize(
             add_special: request.add_special,
             parse_special: request.parse_special,
         };
-        match ask(
-            &state,
-            request.model.as_deref(),
-            query,
-            InferenceConfig::default(),
-        )
-        .await?
-        {
+        let model = request.model.as_deref();
+        match ask(&state, model, query, InferenceConfig::default()).await? {
             TokenAnswer::Tokens(pieces) => pieces,
             TokenAnswer::Text(_) => return Err(ApiError::internal()),
         }
@@ -152,17 +146,8 @@ pub(super) async fn detokenize(
         let query = TokenQuery::Detokenize {
             tokens: request.tokens,
         };
-        match ask(
-            &state,
-            request.model.as_deref(),
-            query,
-            InferenceConfig::default(),
-        )
-        .await?
-        {
-            TokenAnswer::Text(text) => text,
-            TokenAnswer::Tokens(_) => return Err(ApiError::internal()),
-        }
+        let model = request.model.as_deref();
+        ask_text(&state, model, query, InferenceConfig::default()).await?
     };
     Ok(axum::Json(Detokenized { content }).into_response())
 }
@@ -183,8 +168,19 @@ pub(super) async fn apply_template(
     let query = TokenQuery::Render {
         messages: request.messages,
     };
-    match ask(&state, request.model.as_deref(), query, config).await? {
-        TokenAnswer::Text(prompt) => Ok(axum::Json(Rendered { prompt }).into_response()),
+    let prompt = ask_text(&state, request.model.as_deref(), query, config).await?;
+    Ok(axum::Json(Rendered { prompt }).into_response())
+}
+
+/// Asks a question whose answer is a text.
+async fn ask_text(
+    state: &AppState,
+    requested: Option<&str>,
+    query: TokenQuery,
+    config: InferenceConfig,
+) -> Result<String, ApiError> {
+    match ask(state, requested, query, config).await? {
+        TokenAnswer::Text(text) => Ok(text),
         TokenAnswer::Tokens(_) => Err(ApiError::internal()),
     }
 }

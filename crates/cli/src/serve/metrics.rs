@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use rusty_genius::core::metrics::{Histogram as Spread, Metrics, LATENCY_BOUNDS};
+use rusty_genius::core::metrics::{Histogram as Spread, Metrics, ModelMetrics, LATENCY_BOUNDS};
 
 use super::*;
 
@@ -118,290 +118,263 @@ pub(super) async fn metrics(State(state): State<Arc<AppState>>) -> Result<Respon
 struct Figures(Metrics);
 
 /// A model's figure for one series.
-type Of = fn(&rusty_genius::core::metrics::ModelMetrics) -> f64;
+type Of = fn(&ModelMetrics) -> f64;
 
-impl Figures {
-    /// One series per model, of `kind`.
-    fn per_model(
-        &self,
-        encoder: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        kind: MetricType,
-        value: Of,
-    ) -> Result<(), std::fmt::Error> {
-        let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
-        for model in &self.0.models {
-            let labels = [("model", model.name.as_str())];
-            let mut family = metric.encode_family(&labels)?;
-            let value = value(model);
-            match kind {
-                MetricType::Counter => family.encode_counter::<NoLabelSet, _, f64>(&value, None)?,
-                _ => family.encode_gauge(&value)?,
+/// The series with one value per model: name, help, type, value.
+const PER_MODEL: &[(&str, &str, MetricType, Of)] = &[
+    (
+        "genius_requests_running",
+        "Requests being answered now",
+        MetricType::Gauge,
+        |m| m.running as f64,
+    ),
+    (
+        "genius_requests_queued",
+        "Requests waiting for their model or for a place in its batch",
+        MetricType::Gauge,
+        |m| m.queued as f64,
+    ),
+    (
+        "genius_prompt_tokens",
+        "Prompt tokens of ended requests, read from the cache or decoded",
+        MetricType::Counter,
+        |m| m.prompt_tokens as f64,
+    ),
+    (
+        "genius_prompt_cached_tokens",
+        "Prompt tokens served from the KV cache instead of being decoded",
+        MetricType::Counter,
+        |m| m.cached_prompt_tokens as f64,
+    ),
+    (
+        "genius_prompt_decoded_tokens",
+        "Prompt tokens decoded (not found in the cache)",
+        MetricType::Counter,
+        |m| m.prompt_tokens.saturating_sub(m.cached_prompt_tokens) as f64,
+    ),
+    (
+        "genius_generated_tokens",
+        "Tokens generated",
+        MetricType::Counter,
+        |m| m.generated_tokens as f64,
+    ),
+    (
+        "genius_draft_tokens",
+        "Tokens guessed ahead and checked (speculative decoding)",
+        MetricType::Counter,
+        |m| m.draft_tokens as f64,
+    ),
+    (
+        "genius_draft_accepted_tokens",
+        "Tokens guessed ahead that the model chose too",
+        MetricType::Counter,
+        |m| m.accepted_draft_tokens as f64,
+    ),
+    (
+        "genius_embedded_inputs",
+        "Texts embedded",
+        MetricType::Counter,
+        |m| m.embedded_inputs as f64,
+    ),
+    (
+        "genius_prompt_seconds",
+        "Seconds spent decoding prompts",
+        MetricType::Counter,
+        |m| m.prompt_seconds,
+    ),
+    (
+        "genius_generation_seconds",
+        "Seconds spent generating",
+        MetricType::Counter,
+        |m| m.generation_seconds,
+    ),
+    (
+        "genius_model_loads",
+        "Completed model loads",
+        MetricType::Counter,
+        |m| m.loads as f64,
+    ),
+    (
+        "genius_model_load_failures",
+        "Model loads that failed",
+        MetricType::Counter,
+        |m| m.load_failures as f64,
+    ),
+    (
+        "genius_model_evictions",
+        "Unloads to make room for another model",
+        MetricType::Counter,
+        |m| m.evictions as f64,
+    ),
+    (
+        "genius_model_hibernations",
+        "Unloads after the model's idle time",
+        MetricType::Counter,
+        |m| m.hibernations as f64,
+    ),
+    (
+        "genius_model_releases",
+        "Unloads asked for",
+        MetricType::Counter,
+        |m| m.releases as f64,
+    ),
+    (
+        "genius_model_resident",
+        "Whether the model is in memory (1) or not (0)",
+        MetricType::Gauge,
+        |m| f64::from(u8::from(m.resident)),
+    ),
+    (
+        "genius_model_memory_bytes",
+        "The estimated host memory of the model while it is in memory",
+        MetricType::Gauge,
+        |m| m.memory_bytes as f64,
+    ),
+    (
+        "genius_kv_cells_used",
+        "KV cache cells holding a token",
+        MetricType::Gauge,
+        |m| m.engine.kv_cells_used as f64,
+    ),
+    (
+        "genius_kv_cells",
+        "KV cache cells of the context",
+        MetricType::Gauge,
+        |m| m.engine.kv_cells_total as f64,
+    ),
+    (
+        "genius_kv_cache_usage_ratio",
+        "The share of KV cache cells holding a token",
+        MetricType::Gauge,
+        |m| {
+            if m.engine.kv_cells_total == 0 {
+                0.0
+            } else {
+                m.engine.kv_cells_used as f64 / m.engine.kv_cells_total as f64
             }
-        }
-        Ok(())
-    }
+        },
+    ),
+    (
+        "genius_ram_tier_bytes",
+        "Bytes of slot caches kept in RAM for later prompts",
+        MetricType::Gauge,
+        |m| m.engine.ram_tier_bytes as f64,
+    ),
+    (
+        "genius_cache_restore_misses",
+        "Saved KV caches that could not be read back (the prompt was decoded instead)",
+        MetricType::Counter,
+        |m| m.engine.restore_misses as f64,
+    ),
+    (
+        "genius_engine_steps",
+        "Engine steps taken",
+        MetricType::Counter,
+        |m| m.engine.steps as f64,
+    ),
+    (
+        "genius_engine_step_seconds",
+        "Seconds spent in engine steps (decoding prompts, generating, embedding)",
+        MetricType::Counter,
+        |m| m.engine.step_micros as f64 / 1e6,
+    ),
+];
 
-    fn histogram(
-        &self,
-        encoder: &mut DescriptorEncoder,
-        name: &str,
-        help: &str,
-        spread: fn(&rusty_genius::core::metrics::ModelMetrics) -> &Spread,
-    ) -> Result<(), std::fmt::Error> {
-        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
-        for model in &self.0.models {
-            let labels = [("model", model.name.as_str())];
-            let mut family = metric.encode_family(&labels)?;
-            let spread = spread(model);
-            let buckets: Vec<(f64, u64)> = spread
-                .bounds
-                .iter()
-                .copied()
-                .chain(std::iter::once(f64::INFINITY))
-                .zip(spread.counts.iter().copied())
-                .collect();
-            family.encode_histogram::<NoLabelSet>(spread.sum, spread.count(), &buckets, None)?;
-        }
-        Ok(())
-    }
-}
+/// Which of a model's histograms.
+type Which = fn(&ModelMetrics) -> &Spread;
+
+/// The histograms, one per model: name, help, which.
+const HISTOGRAMS: &[(&str, &str, Which)] = &[
+    (
+        "genius_time_to_first_token_seconds",
+        "Seconds from a request's arrival to its first token",
+        |m| &m.time_to_first_token,
+    ),
+    (
+        "genius_time_per_output_token_seconds",
+        "Seconds per generated token after the first",
+        |m| &m.time_per_output_token,
+    ),
+    (
+        "genius_request_duration_seconds",
+        "Seconds from a request's arrival to its end",
+        |m| &m.request_duration,
+    ),
+];
+
+/// A model's counts for a counter split by a second label.
+type Split = fn(&ModelMetrics) -> Vec<(&'static str, u64)>;
+
+/// The counters split by a second label: name, help, label, the counts.
+const SPLIT: &[(&str, &str, &str, Split)] = &[
+    ("genius_requests", "Generation and embedding requests that ended, by model and outcome (completed, failed, cancelled)", "outcome", |m| vec![
+        ("completed", m.requests_completed),
+        ("failed", m.requests_failed),
+        ("cancelled", m.requests_cancelled),
+    ]),
+    ("genius_cache_restores", "Saved KV caches read back into a slot, by where they were kept (ram, disk)", "tier", |m| vec![
+        ("ram", m.engine.restores_ram),
+        ("disk", m.engine.restores_disk),
+    ]),
+];
 
 impl Collector for Figures {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use MetricType::{Counter as C, Gauge as G};
-        let e = &mut encoder;
-        let mut requests = e.encode_descriptor(
-            "genius_requests",
-            "Generation and embedding requests that ended, by model and outcome (completed, failed, cancelled)",
-            None,
-            C,
-        )?;
-        for model in &self.0.models {
-            for (outcome, count) in [
-                ("completed", model.requests_completed),
-                ("failed", model.requests_failed),
-                ("cancelled", model.requests_cancelled),
-            ] {
-                let labels = [("model", model.name.as_str()), ("outcome", outcome)];
-                requests
-                    .encode_family(&labels)?
-                    .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
-            }
-        }
-        self.per_model(
-            e,
-            "genius_requests_running",
-            "Requests being answered now",
-            G,
-            |m| m.running as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_requests_queued",
-            "Requests waiting for their model or for a place in its batch",
-            G,
-            |m| m.queued as f64,
-        )?;
-        let mut rejected = e.encode_descriptor(
-            "genius_queue_rejected_requests",
-            "Requests refused because the queue was full (--max-queue)",
-            None,
-            C,
-        )?;
-        rejected.encode_counter::<NoLabelSet, _, u64>(&self.0.rejected_queue_full, None)?;
-        if let Some(limit) = self.0.max_queue {
-            e.encode_descriptor(
-                "genius_queue_limit_requests",
-                "The most requests that may wait (--max-queue)",
-                None,
-                G,
-            )?
-            .encode_gauge(&(limit as u64))?;
-        }
-        self.per_model(
-            e,
-            "genius_prompt_tokens",
-            "Prompt tokens of ended requests, read from the cache or decoded",
-            C,
-            |m| m.prompt_tokens as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_prompt_cached_tokens",
-            "Prompt tokens served from the KV cache instead of being decoded",
-            C,
-            |m| m.cached_prompt_tokens as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_prompt_decoded_tokens",
-            "Prompt tokens decoded (not found in the cache)",
-            C,
-            |m| m.prompt_tokens.saturating_sub(m.cached_prompt_tokens) as f64,
-        )?;
-        self.per_model(e, "genius_generated_tokens", "Tokens generated", C, |m| {
-            m.generated_tokens as f64
-        })?;
-        self.per_model(
-            e,
-            "genius_draft_tokens",
-            "Tokens guessed ahead and checked (speculative decoding)",
-            C,
-            |m| m.draft_tokens as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_draft_accepted_tokens",
-            "Tokens guessed ahead that the model chose too",
-            C,
-            |m| m.accepted_draft_tokens as f64,
-        )?;
-        self.per_model(e, "genius_embedded_inputs", "Texts embedded", C, |m| {
-            m.embedded_inputs as f64
-        })?;
-        self.per_model(
-            e,
-            "genius_prompt_seconds",
-            "Seconds spent decoding prompts",
-            C,
-            |m| m.prompt_seconds,
-        )?;
-        self.per_model(
-            e,
-            "genius_generation_seconds",
-            "Seconds spent generating",
-            C,
-            |m| m.generation_seconds,
-        )?;
-        self.histogram(
-            e,
-            "genius_time_to_first_token_seconds",
-            "Seconds from a request's arrival to its first token",
-            |m| &m.time_to_first_token,
-        )?;
-        self.histogram(
-            e,
-            "genius_time_per_output_token_seconds",
-            "Seconds per generated token after the first",
-            |m| &m.time_per_output_token,
-        )?;
-        self.histogram(
-            e,
-            "genius_request_duration_seconds",
-            "Seconds from a request's arrival to its end",
-            |m| &m.request_duration,
-        )?;
-        self.per_model(e, "genius_model_loads", "Completed model loads", C, |m| {
-            m.loads as f64
-        })?;
-        self.per_model(
-            e,
-            "genius_model_load_failures",
-            "Model loads that failed",
-            C,
-            |m| m.load_failures as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_model_evictions",
-            "Unloads to make room for another model",
-            C,
-            |m| m.evictions as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_model_hibernations",
-            "Unloads after the model's idle time",
-            C,
-            |m| m.hibernations as f64,
-        )?;
-        self.per_model(e, "genius_model_releases", "Unloads asked for", C, |m| {
-            m.releases as f64
-        })?;
-        self.per_model(
-            e,
-            "genius_model_resident",
-            "Whether the model is in memory (1) or not (0)",
-            G,
-            |m| f64::from(u8::from(m.resident)),
-        )?;
-        self.per_model(
-            e,
-            "genius_model_memory_bytes",
-            "The estimated host memory of the model while it is in memory",
-            G,
-            |m| m.memory_bytes as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_kv_cells_used",
-            "KV cache cells holding a token",
-            G,
-            |m| m.engine.kv_cells_used as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_kv_cells",
-            "KV cache cells of the context",
-            G,
-            |m| m.engine.kv_cells_total as f64,
-        )?;
-        self.per_model(
-            e,
-            "genius_kv_cache_usage_ratio",
-            "The share of KV cache cells holding a token",
-            G,
-            |m| {
-                if m.engine.kv_cells_total == 0 {
-                    0.0
-                } else {
-                    m.engine.kv_cells_used as f64 / m.engine.kv_cells_total as f64
+        let models = &self.0.models;
+        for &(name, help, kind, value) in PER_MODEL {
+            let mut metric = encoder.encode_descriptor(name, help, None, kind)?;
+            for model in models {
+                let labels = [("model", model.name.as_str())];
+                let mut family = metric.encode_family(&labels)?;
+                let value = value(model);
+                match kind {
+                    MetricType::Counter => {
+                        family.encode_counter::<NoLabelSet, _, f64>(&value, None)?;
+                    }
+                    _ => family.encode_gauge(&value)?,
                 }
-            },
-        )?;
-        self.per_model(
-            e,
-            "genius_ram_tier_bytes",
-            "Bytes of slot caches kept in RAM for later prompts",
-            G,
-            |m| m.engine.ram_tier_bytes as f64,
-        )?;
-        let mut restores = e.encode_descriptor(
-            "genius_cache_restores",
-            "Saved KV caches read back into a slot, by where they were kept (ram, disk)",
-            None,
-            C,
-        )?;
-        for model in &self.0.models {
-            for (tier, count) in [
-                ("ram", model.engine.restores_ram),
-                ("disk", model.engine.restores_disk),
-            ] {
-                let labels = [("model", model.name.as_str()), ("tier", tier)];
-                restores
-                    .encode_family(&labels)?
-                    .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
             }
         }
-        self.per_model(
-            e,
-            "genius_cache_restore_misses",
-            "Saved KV caches that could not be read back (the prompt was decoded instead)",
-            C,
-            |m| m.engine.restore_misses as f64,
-        )?;
-        self.per_model(e, "genius_engine_steps", "Engine steps taken", C, |m| {
-            m.engine.steps as f64
-        })?;
-        self.per_model(
-            e,
-            "genius_engine_step_seconds",
-            "Seconds spent in engine steps (decoding prompts, generating, embedding)",
-            C,
-            |m| m.engine.step_micros as f64 / 1e6,
-        )?;
+        for &(name, help, spread) in HISTOGRAMS {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for model in models {
+                let labels = [("model", model.name.as_str())];
+                let spread = spread(model);
+                let buckets: Vec<(f64, u64)> = spread.buckets().collect();
+                metric
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(spread.sum, spread.count(), &buckets, None)?;
+            }
+        }
+        for &(name, help, label, counts) in SPLIT {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for model in models {
+                for (value, count) in counts(model) {
+                    let labels = [("model", model.name.as_str()), (label, value)];
+                    metric
+                        .encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, _, u64>(&count, None)?;
+                }
+            }
+        }
+        encoder
+            .encode_descriptor(
+                "genius_queue_rejected_requests",
+                "Requests refused because the queue was full (--max-queue)",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&self.0.rejected_queue_full, None)?;
+        if let Some(limit) = self.0.max_queue {
+            encoder
+                .encode_descriptor(
+                    "genius_queue_limit_requests",
+                    "The most requests that may wait (--max-queue)",
+                    None,
+                    MetricType::Gauge,
+                )?
+                .encode_gauge(&(limit as u64))?;
+        }
         Ok(())
     }
 }

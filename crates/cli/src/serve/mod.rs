@@ -520,8 +520,8 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// An id for an object of an answer (a completion, a message, a call):
-/// unique within this process.
+/// An id for a request that came without one, or for an object of an
+/// answer (a completion, a message, a call): unique within this process.
 fn unique_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);

@@ -13,15 +13,7 @@ use rusty_genius::facecrab::testing::TempDir;
 use serde_json::{json, Value};
 
 fn pinky(dir: &TempDir, extra: &[&str]) -> Server {
-    let model = common::pinky_model(dir.path());
-    let mut args = vec!["--engine", "pinky", "--model", model.as_str()];
-    args.extend_from_slice(extra);
-    let server = Server::start(
-        &args,
-        &[("GENIUS_HOME", &dir.join("home").display().to_string())],
-    );
-    server.wait_healthy();
-    server
+    common::pinky_server(dir.path(), extra)
 }
 
 fn chat(text: &str) -> Value {

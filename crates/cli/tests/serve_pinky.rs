@@ -15,22 +15,7 @@ use serde_json::{json, Value};
 const KEY: &str = "sk-test-key";
 
 fn pinky_server(dir: &TempDir, extra: &[&str]) -> Server {
-    let model = common::pinky_model(dir.path());
-    let mut args = vec![
-        "--engine",
-        "pinky",
-        "--model",
-        model.as_str(),
-        "--api-key",
-        KEY,
-    ];
-    args.extend_from_slice(extra);
-    let server = Server::start(
-        &args,
-        &[("GENIUS_HOME", &dir.join("home").display().to_string())],
-    );
-    server.wait_healthy();
-    server
+    common::pinky_server(dir.path(), &[&["--api-key", KEY][..], extra].concat())
 }
 
 const AUTH: (&str, &str) = ("Authorization", "Bearer sk-test-key");

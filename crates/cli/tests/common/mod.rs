@@ -354,6 +354,20 @@ pub(crate) fn pinky_model(dir: &Path) -> String {
     path.display().to_string()
 }
 
+/// `genius serve` on the Pinky stub engine, its stand-in model written in
+/// `dir` and its home there, with `extra` arguments; healthy.
+pub(crate) fn pinky_server(dir: &Path, extra: &[&str]) -> Server {
+    let model = pinky_model(dir);
+    let mut args = vec!["--engine", "pinky", "--model", model.as_str()];
+    args.extend_from_slice(extra);
+    let server = Server::start(
+        &args,
+        &[("GENIUS_HOME", &dir.join("home").display().to_string())],
+    );
+    server.wait_healthy();
+    server
+}
+
 /// A Python that imports every one of `modules`, or `None` with a note
 /// (under CI, a failure: CI must run the client tests). `pip` is what to
 /// install for them.
